@@ -1,0 +1,158 @@
+//! The command line (DESIGN.md "CLI"): clap definitions only; `commands` carries them out.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Learns what normal images look like (an explicit density model p(x)) and flags the ones
+/// that are not: per-image log-likelihood scores, anomaly flags and per-pixel maps, written as
+/// Parquet tables.
+///
+/// Exit codes: 0 success (anomalies found is still success), 64 usage, 65 bad input data,
+/// 66 no input files, 70 internal error, 74 I/O error, 75 transient storage failure (retry),
+/// 77 permission denied, 78 configuration error.
+#[derive(Debug, Parser)]
+#[command(name = "pipeline", version, max_term_width = 100)]
+pub struct Cli {
+    /// Log format: `human` on a terminal, `json` (one object per line) otherwise.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+
+    /// More detail in the logs (-v debug, -vv trace); `PIPELINE_LOG` takes a full filter.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Only warnings and errors in the logs.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `human` when stderr is a terminal, else `json`.
+    Auto,
+    /// Readable lines, with progress bars on a terminal.
+    Human,
+    /// JSON lines, for log collectors.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fit (or load) the model, score the source, and write the tables: the nightly job.
+    Run(RunArgs),
+    /// Fit the model on the source and write models/<model_id>/ under the sink.
+    Fit(ConfigArgs),
+    /// Score the source with a fitted model and write the tables.
+    Score(ScoreArgs),
+    /// Check a pipeline file (every problem at once) and that its source is readable.
+    Validate(ConfigArgs),
+    /// Show a Parquet source's schema, row count, image shape and pixel statistics.
+    Inspect(InspectArgs),
+    /// Draw images from a fitted model into a PNG grid.
+    Sample(SampleArgs),
+    /// Write the pipeline TOML reference (JSON Schema and Markdown).
+    Schema(SchemaArgs),
+}
+
+/// A pipeline file and its overrides.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The pipeline TOML file.
+    pub file: String,
+
+    /// Override a key of the file, e.g. `--set model.alpha=0.5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+
+    /// The run's id (overrides `pipeline.run_id`); a rerun with the same id replaces its rows.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+}
+
+/// `pipeline run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file and overrides.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `pipeline score`.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// The pipeline file and overrides.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// The fitted model: a models/<model_id>/ directory (default: `model.uri` in the file).
+    #[arg(long, value_name = "URI")]
+    pub model: Option<String>,
+}
+
+/// `pipeline inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A Parquet file, directory or glob.
+    pub uri: String,
+
+    /// The image column.
+    #[arg(long, default_value = "image")]
+    pub image_column: String,
+
+    /// The id column (default `id`; without one, rows are numbered).
+    #[arg(long)]
+    pub id_column: Option<String>,
+
+    /// Image shape for list or binary columns, e.g. `28,28` or `32,32,3`.
+    #[arg(long, value_delimiter = ',')]
+    pub shape: Vec<usize>,
+
+    /// Rows to decode for the pixel statistics.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: u64,
+
+    /// Draw the first `-n` images into this PNG.
+    #[arg(long, value_name = "PNG")]
+    pub out: Option<String>,
+
+    /// How many images to draw with `--out`.
+    #[arg(short = 'n', long, default_value_t = 16)]
+    pub count: usize,
+}
+
+/// `pipeline sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// The fitted model: a models/<model_id>/ directory.
+    pub model: String,
+
+    /// How many images to draw.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub count: usize,
+
+    /// The PNG file to write.
+    #[arg(long, value_name = "PNG")]
+    pub out: String,
+
+    /// Random seed; the same seed draws the same images.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Each pixel is drawn as a scale×scale block.
+    #[arg(long, default_value_t = 2)]
+    pub scale: usize,
+}
+
+/// `pipeline schema`.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Write `pipeline.schema.json` and `pipeline-toml.md` here instead of printing the
+    /// Markdown.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<String>,
+}

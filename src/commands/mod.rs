@@ -1,0 +1,149 @@
+//! Carries out each subcommand and prints its summary on stdout (logs go to stderr).
+
+mod inspect;
+mod sample;
+
+use std::io::Write;
+
+use crate::cli::{Command, ConfigArgs};
+use crate::config::{self, LoadOptions, PipelineConfig, reference};
+use crate::error::{Error, Result};
+use crate::io::source::Source;
+use crate::models::artifact;
+use crate::pipeline::{self, Context, ModelSource, RunSummary, read};
+
+/// Runs one subcommand.
+pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
+    match command {
+        Command::Run(a) => {
+            let config = load(&a.config)?;
+            let source = if config.model.uri.is_empty() {
+                ModelSource::Fit
+            } else {
+                ModelSource::Load(config.model.uri.clone())
+            };
+            let summary = pipeline::run(ctx, &config, source, "run")?;
+            print_run(&summary);
+        }
+        Command::Fit(a) => {
+            let config = load(a)?;
+            let model = pipeline::fit_only(ctx, &config)?;
+            let t = &model.meta.training;
+            out(format_args!(
+                "fitted {} on {} images ({} held out): validation NLL {} nats, threshold {:.3} nats\nmodel: {}\n",
+                model.meta.kind.name(),
+                t.images,
+                t.validation_images,
+                t.validation_nll
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_else(|| "n/a".into()),
+                model.meta.threshold.value,
+                model.uri
+            ));
+        }
+        Command::Score(a) => {
+            let config = load(&a.config)?;
+            let uri = a
+                .model
+                .clone()
+                .or_else(|| (!config.model.uri.is_empty()).then(|| config.model.uri.clone()))
+                .ok_or_else(|| {
+                    Error::Usage(
+                        "score needs a fitted model: pass --model models/<model_id>/ or set model.uri"
+                            .into(),
+                    )
+                })?;
+            let summary = pipeline::run(ctx, &config, ModelSource::Load(uri), "score")?;
+            print_run(&summary);
+        }
+        Command::Validate(a) => validate(a, ctx)?,
+        Command::Inspect(a) => inspect::inspect(a, ctx)?,
+        Command::Sample(a) => sample::sample(a, ctx)?,
+        Command::Schema(a) => match &a.out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| crate::error::from_io(dir, e))?;
+                for (name, text) in [
+                    ("pipeline.schema.json", reference::json_schema_text()),
+                    ("pipeline-toml.md", reference::markdown()),
+                ] {
+                    let path = format!("{}/{name}", dir.trim_end_matches('/'));
+                    std::fs::write(&path, text).map_err(|e| crate::error::from_io(&path, e))?;
+                    out(format_args!("wrote {path}\n"));
+                }
+            }
+            None => out(format_args!("{}", reference::markdown())),
+        },
+    }
+    Ok(())
+}
+
+fn load(a: &ConfigArgs) -> Result<PipelineConfig> {
+    config::load_file(
+        &a.file,
+        &LoadOptions {
+            overrides: a.overrides.clone(),
+            run_id: a.run_id.clone(),
+        },
+    )
+}
+
+fn validate(a: &ConfigArgs, ctx: &Context) -> Result<()> {
+    let config = load(a)?;
+    let source = Source::open(&config.source.uri, &ctx.rt)?;
+    let decoders = read::decoders(&source, &config.source, None)?;
+    let shape = decoders
+        .iter()
+        .find_map(|d| d.fixed_shape())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "per row".into());
+    if !config.model.uri.is_empty() {
+        artifact::load(&config.model.uri, &ctx.rt)?;
+    }
+    out(format_args!(
+        "{} is valid: source {} ({} files, {} rows, images {shape}), model {}, sink {}\n",
+        a.file,
+        config.source.uri,
+        source.files().len(),
+        source.total_rows(),
+        if config.model.uri.is_empty() {
+            config.model.kind.name().to_string()
+        } else {
+            config.model.uri.clone()
+        },
+        config.sink.uri
+    ));
+    Ok(())
+}
+
+fn print_run(s: &RunSummary) {
+    let m = &s.manifest;
+    let sink = s.sink.trim_end_matches('/');
+    let tables = |name: &str| m.tables.get(name).map(|f| f.len()).unwrap_or_default();
+    out(format_args!(
+        "run {} of pipeline {:?}: {} images scored, {} anomalies (threshold {:.3} nats), {} rows rejected\n\
+         results under {sink}/:\n  \
+         scores     {sink}/scores/      ({} file(s), one row per image)\n  \
+         anomalies  {sink}/anomalies/   ({} file(s), flagged images with per-pixel maps)\n  \
+         rejects    {sink}/rejects/     ({} file(s))\n  \
+         model      {}\n  \
+         manifest   {sink}/{}\n\
+         read them: duckdb -c \"SELECT id, score, is_anomaly FROM read_parquet('{sink}/scores/*.parquet') WHERE run_id = '{}' ORDER BY score DESC LIMIT 10\"\n",
+        m.run_id,
+        m.pipeline,
+        m.rows.scored,
+        m.rows.anomalies,
+        m.threshold.value,
+        m.rows.rejected,
+        tables("scores"),
+        tables("anomalies"),
+        tables("rejects"),
+        s.model_uri,
+        s.manifest_path,
+        m.run_id,
+    ));
+}
+
+/// Prints to stdout; a closed pipe (`pipeline … | head`) is not an error.
+fn out(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stdout().lock().write_fmt(args);
+}

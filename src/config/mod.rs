@@ -1,0 +1,334 @@
+//! The pipeline TOML: one struct per table, deserialized with serde.
+//!
+//! The doc comment on each field is the user reference: `schemas/pipeline.schema.json` and
+//! `schemas/pipeline-toml.md` are generated from these structs (see [`reference`]) and a test
+//! checks that the committed copies are current. Unknown keys are rejected by
+//! [`load`](crate::config::load), which reports every problem at once with its line.
+
+pub mod interpolate;
+pub mod load;
+pub mod reference;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use load::{LoadOptions, load_file, load_str};
+
+/// A whole pipeline file, as written by the user (before validation).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct PipelineConfig {
+    /// What the pipeline is called and which run this is.
+    #[serde(default)]
+    pub pipeline: PipelineSection,
+    /// Where the images come from.
+    #[serde(default)]
+    pub source: SourceConfig,
+    /// How pixels are turned into model inputs.
+    #[serde(default)]
+    pub preprocess: PreprocessConfig,
+    /// Which density model p(x) to fit, and its hyper-parameters.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// How the model is fitted.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// How a log-likelihood becomes an anomaly score.
+    #[serde(default)]
+    pub score: ScoreConfig,
+    /// How a score becomes a decision.
+    #[serde(default)]
+    pub threshold: ThresholdConfig,
+    /// Retries and timeouts for object stores.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Where the tables are written.
+    #[serde(default)]
+    pub sink: SinkConfig,
+}
+
+/// `[pipeline]`: names.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct PipelineSection {
+    /// A name for logs and the run manifest.
+    pub name: String,
+    /// The run's identifier, written to every row. Empty means: `--run-id` if given, else the
+    /// UTC start time (`20261128T021500Z`). Letters, digits, `.`, `_` and `-` only. A rerun with
+    /// the same run_id replaces that run's rows.
+    pub run_id: String,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            name: "pipeline".into(),
+            run_id: String::new(),
+        }
+    }
+}
+
+/// `[source]`: Parquet files with one image per row.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct SourceConfig {
+    /// A Parquet file, a directory (every `*.parquet` below it), or a glob (`data/*.parquet`).
+    /// A path or `file://` URI. Relative paths are relative to the working directory.
+    pub uri: String,
+    /// The image column: an `arrow.fixed_shape_tensor` (uint8 or float32), a `list<uint8>` or
+    /// binary column with `shape` (or height/width/channels columns), or a struct
+    /// `{bytes, path}` of PNG-encoded images.
+    pub image_column: String,
+    /// The column that identifies each image (any type; written as a string).
+    pub id_column: String,
+    /// Columns copied unchanged into the score tables.
+    pub passthrough: Vec<String>,
+    /// One model per value of these columns (not yet supported: leave empty).
+    pub partition_by: Vec<String>,
+    /// The largest fraction of rows that may be unusable (null, wrong length, NaN, undecodable)
+    /// before the run fails with exit 65 and publishes nothing.
+    pub max_reject_fraction: f64,
+    /// Image shape `[height, width]` or `[height, width, channels]` for list or binary image
+    /// columns without height/width/channels columns. Ignored for tensors and PNG.
+    pub shape: Vec<usize>,
+    /// Per-row height column for list or binary images (used when present in the file).
+    pub height_column: String,
+    /// Per-row width column for list or binary images (used when present in the file).
+    pub width_column: String,
+    /// Per-row channels column for list or binary images (used when present in the file).
+    pub channels_column: String,
+    /// The value that float32 tensor pixels take at full intensity; values are mapped linearly
+    /// to 0..255, and values outside `[0, float_max]` reject the row.
+    pub float_max: f64,
+    /// Rows decoded per batch; memory use grows with this, never with the file size.
+    pub batch_size: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            image_column: "image".into(),
+            id_column: "id".into(),
+            passthrough: Vec::new(),
+            partition_by: Vec::new(),
+            max_reject_fraction: 0.01,
+            shape: Vec::new(),
+            height_column: "height".into(),
+            width_column: "width".into(),
+            channels_column: "channels".into(),
+            float_max: 1.0,
+            batch_size: 4096,
+        }
+    }
+}
+
+/// How 8-bit intensities become model inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Binarize {
+    /// Pixel = 1 where intensity ≥ `threshold`, else 0.
+    Threshold,
+    /// Pixel ~ Bernoulli(intensity / 255), seeded per image id so that every run agrees.
+    Stochastic,
+    /// Keep the 8-bit values (256 levels).
+    None,
+}
+
+/// `[preprocess]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct PreprocessConfig {
+    /// `"threshold"`, `"stochastic"` or `"none"`.
+    pub binarize: Binarize,
+    /// Intensity at or above which a pixel is 1 (`binarize = "threshold"`).
+    pub threshold: u8,
+    /// Seed for stochastic binarization (combined with each image's id).
+    pub seed: u64,
+}
+
+impl Default for PreprocessConfig {
+    fn default() -> Self {
+        Self {
+            binarize: Binarize::Threshold,
+            threshold: 128,
+            seed: 0,
+        }
+    }
+}
+
+/// The model families, by their `model.kind` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Independent binary pixels: p(x) = Π Bernoulli(x_d; p_d). D parameters.
+    Bernoulli,
+    /// Independent discrete pixels: p(x) = Π Categorical(x_d; π_d) over 2 or 256 levels.
+    Categorical,
+}
+
+impl ModelKind {
+    /// The name used in TOML, tables and artifacts.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Bernoulli => "bernoulli",
+            ModelKind::Categorical => "categorical",
+        }
+    }
+}
+
+/// `[model]`: the density model. Keys that a kind does not use are ignored by it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// The model family.
+    pub kind: ModelKind,
+    /// Laplace (add-alpha) smoothing for counting models: every value is seen `alpha` extra
+    /// times, so no pixel value has probability zero.
+    pub alpha: f64,
+    /// Score with this fitted model (a `models/<model_id>/` directory or its `model.json`)
+    /// instead of fitting one. Empty: `pipeline run` fits a model on the source.
+    pub uri: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::Bernoulli,
+            alpha: 1.0,
+            uri: String::new(),
+        }
+    }
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Passes over the training data (models trained by gradient).
+    pub epochs: u32,
+    /// Images per gradient step (models trained by gradient).
+    pub batch_size: usize,
+    /// Step size (models trained by gradient).
+    pub learning_rate: f64,
+    /// Fraction of the source's images held out from fitting; their scores set the quantile
+    /// threshold. Chosen by a hash of the image id and `seed`, so the split is stable.
+    pub validation_fraction: f64,
+    /// Seed for the validation split and for training.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            batch_size: 100,
+            learning_rate: 0.001,
+            validation_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// How a score is computed from the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreMethod {
+    /// score = −log p(x) in nats.
+    Nll,
+    /// Against a background model (not yet supported).
+    LikelihoodRatio,
+    /// NLL minus PNG-compressed length (not yet supported).
+    Complexity,
+}
+
+/// `[score]`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct ScoreConfig {
+    /// `"nll"`; `"likelihood_ratio"` and `"complexity"` are planned.
+    pub method: ScoreMethod,
+}
+
+impl Default for ScoreConfig {
+    fn default() -> Self {
+        Self {
+            method: ScoreMethod::Nll,
+        }
+    }
+}
+
+/// How the anomaly threshold is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ThresholdMethod {
+    /// The `quantile` of the held-out validation scores.
+    Quantile,
+    /// Conformal p-values with FDR control (not yet supported).
+    Conformal,
+    /// A fixed score `value`.
+    Fixed,
+}
+
+/// `[threshold]`: an image is an anomaly when its score is above the threshold.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct ThresholdConfig {
+    /// `"quantile"`, `"fixed"` (or `"conformal"`, planned).
+    pub method: ThresholdMethod,
+    /// For `quantile`: the fraction of normal images expected below the threshold, in (0, 1).
+    pub quantile: f64,
+    /// For `fixed`: the score (nats) above which an image is an anomaly.
+    pub value: Option<f64>,
+    /// For `conformal`: the false discovery rate.
+    pub fdr: f64,
+}
+
+impl Default for ThresholdConfig {
+    fn default() -> Self {
+        Self {
+            method: ThresholdMethod::Quantile,
+            quantile: 0.99,
+            value: None,
+            fdr: 0.01,
+        }
+    }
+}
+
+/// `[storage]`: object-store behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// Retries of a failed object-store request before the run fails with exit 75.
+    pub max_retries: usize,
+    /// Seconds after which a single request is abandoned (and retried).
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 10,
+            request_timeout_seconds: 30,
+        }
+    }
+}
+
+/// `[sink]`: where the tables go.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default)]
+pub struct SinkConfig {
+    /// A directory (path or `file://` URI) under which `scores/`, `anomalies/`, `rejects/`,
+    /// `models/` and `runs/` are written.
+    pub uri: String,
+    /// Rows per Parquet file before a new part file is started.
+    pub max_rows_per_file: usize,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            max_rows_per_file: 1_000_000,
+        }
+    }
+}

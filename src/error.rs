@@ -1,0 +1,280 @@
+//! The library's one error type and its mapping to the process exit codes of DESIGN.md.
+//!
+//! Every error names the thing it is about (a file URI, a row, a TOML key) and says what to do.
+//! Exit codes follow sysexits.h so that a Kubernetes `podFailurePolicy` can tell a retriable
+//! failure (75) from one that will fail again (64, 65, 78, …).
+
+use std::fmt;
+
+/// A convenient alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can make a command fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad command-line usage that clap could not catch (exit 64).
+    #[error("{0}")]
+    Usage(String),
+
+    /// One or more problems with the pipeline TOML or its overrides (exit 78).
+    #[error("{0}")]
+    Config(ConfigProblems),
+
+    /// Input data that cannot be used: not Parquet, wrong schema or shape, too many bad rows
+    /// (exit 65).
+    #[error("{uri}{}: {message}", row.map(|r| format!(" (row {r})")).unwrap_or_default())]
+    Data {
+        /// The file the problem is in.
+        uri: String,
+        /// The row (0-based index within the file), where the problem is one row.
+        row: Option<u64>,
+        /// What is wrong and what to do about it.
+        message: String,
+    },
+
+    /// The source URI matched no files (exit 66).
+    #[error("no input files at {uri}: {hint}")]
+    InputMissing {
+        /// The URI (or glob) that matched nothing.
+        uri: String,
+        /// What to check.
+        hint: String,
+    },
+
+    /// A bug: something the code assumes never happens did (exit 70).
+    #[error(
+        "internal error: {0} (this is a bug in anomaly-pipeline; please report it with the command line)"
+    )]
+    Internal(String),
+
+    /// A local I/O failure that retrying will not fix: disk full, write refused (exit 74).
+    #[error("I/O error at {uri}: {message}")]
+    Io {
+        /// The path or URI being read or written.
+        uri: String,
+        /// The underlying error.
+        message: String,
+    },
+
+    /// Storage unreachable or throttled after the in-process retries (exit 75; retry later).
+    #[error(
+        "storage unavailable at {uri}: {message} (transient: retrying the run later may succeed)"
+    )]
+    Transient {
+        /// The URI being accessed.
+        uri: String,
+        /// The underlying error.
+        message: String,
+    },
+
+    /// Permission denied or not authenticated (exit 77).
+    #[error(
+        "permission denied at {uri}: {message} (check the credentials in the environment and the access policy)"
+    )]
+    Permission {
+        /// The URI being accessed.
+        uri: String,
+        /// The underlying error.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The process exit code for this error (DESIGN.md, "Exit codes").
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 64,
+            Error::Data { .. } => 65,
+            Error::InputMissing { .. } => 66,
+            Error::Internal(_) => 70,
+            Error::Io { .. } => 74,
+            Error::Transient { .. } => 75,
+            Error::Permission { .. } => 77,
+            Error::Config(_) => 78,
+        }
+    }
+
+    /// A data error about a whole file.
+    pub fn data(uri: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Data {
+            uri: uri.into(),
+            row: None,
+            message: message.into(),
+        }
+    }
+
+    /// A configuration error with a single problem not tied to a line.
+    pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config(ConfigProblems {
+            file: file.into(),
+            problems: vec![ConfigProblem {
+                line: None,
+                message: message.into(),
+            }],
+        })
+    }
+}
+
+/// One problem found in a pipeline TOML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// 1-based line in the file, where the problem has one.
+    pub line: Option<usize>,
+    /// What is wrong, naming the key, and what to do.
+    pub message: String,
+}
+
+/// All the problems found in one pipeline TOML, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblems {
+    /// The file the problems are in (as given on the command line).
+    pub file: String,
+    /// The problems, in the order found; never empty when returned as an error.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{} has {} problem{}:",
+            self.file,
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => write!(f, "\n  {}:{}: {}", self.file, line, p.message)?,
+                None => write!(f, "\n  {}: {}", self.file, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Maps an `object_store` error at `uri` to the error kind (and so exit code) it deserves.
+pub fn from_store(uri: &str, err: object_store::Error) -> Error {
+    use object_store::Error as S;
+    let message = err.to_string();
+    match &err {
+        S::NotFound { .. } => Error::InputMissing {
+            uri: uri.to_string(),
+            hint: "the object does not exist; check the URI".into(),
+        },
+        S::PermissionDenied { .. } | S::Unauthenticated { .. } => Error::Permission {
+            uri: uri.to_string(),
+            message,
+        },
+        S::InvalidPath { .. } | S::NotSupported { .. } | S::NotImplemented { .. } => {
+            Error::Usage(format!("{uri}: {message}"))
+        }
+        _ => match io_kind(&err) {
+            // A local filesystem error that retrying cannot fix.
+            Some(kind) if !is_transient_io(kind) => Error::Io {
+                uri: uri.to_string(),
+                message,
+            },
+            _ => Error::Transient {
+                uri: uri.to_string(),
+                message,
+            },
+        },
+    }
+}
+
+/// The `std::io::ErrorKind` at the bottom of an error chain, if there is one.
+fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn is_transient_io(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        kind,
+        K::ConnectionReset
+            | K::ConnectionAborted
+            | K::ConnectionRefused
+            | K::TimedOut
+            | K::Interrupted
+            | K::WouldBlock
+            | K::BrokenPipe
+            | K::NotConnected
+    )
+}
+
+/// Maps a local `std::io::Error` at `path` to an error kind.
+pub fn from_io(path: &str, err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::PermissionDenied => Error::Permission {
+            uri: path.to_string(),
+            message: err.to_string(),
+        },
+        k if is_transient_io(k) => Error::Transient {
+            uri: path.to_string(),
+            message: err.to_string(),
+        },
+        _ => Error::Io {
+            uri: path.to_string(),
+            message: err.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_design_table() {
+        assert_eq!(Error::Usage("x".into()).exit_code(), 64);
+        assert_eq!(Error::data("f", "m").exit_code(), 65);
+        assert_eq!(
+            Error::InputMissing {
+                uri: "u".into(),
+                hint: "h".into()
+            }
+            .exit_code(),
+            66
+        );
+        assert_eq!(Error::Internal("x".into()).exit_code(), 70);
+        assert_eq!(Error::config("f", "m").exit_code(), 78);
+    }
+
+    #[test]
+    fn config_problems_list_every_line() {
+        let e = ConfigProblems {
+            file: "a.toml".into(),
+            problems: vec![
+                ConfigProblem {
+                    line: Some(3),
+                    message: "unknown key `x`".into(),
+                },
+                ConfigProblem {
+                    line: None,
+                    message: "missing `sink.uri`".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "a.toml has 2 problems:\n  a.toml:3: unknown key `x`\n  a.toml: missing `sink.uri`"
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_not_transient() {
+        let e = from_io("/x", std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert_eq!(e.exit_code(), 74);
+        let e = from_io("/x", std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(e.exit_code(), 75);
+    }
+}

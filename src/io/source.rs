@@ -1,0 +1,304 @@
+//! The source stage: find the Parquet files behind a URI and stream their record batches.
+//!
+//! Opening a [`Source`] lists the files (a file, a directory, or a glob) and reads every
+//! footer up front, so a corrupt or non-Parquet file fails the run before any work, naming the
+//! file. Streaming then runs on the IO runtime and hands record batches to the caller's thread
+//! over a bounded channel: memory holds a few batches, never a whole file.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use parquet::errors::ParquetError;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use super::storage::{list_sorted, resolve};
+use super::store_reader::StoreReader;
+use crate::error::{Error, Result, from_store};
+
+/// How many record batches may wait between the reader and the compute thread.
+const CHANNEL_DEPTH: usize = 2;
+/// How many footers are fetched at once when opening a source.
+const FOOTER_CONCURRENCY: usize = 16;
+
+/// One Parquet file of a source, with its footer already read.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The file's URI, as shown to users.
+    pub uri: Arc<str>,
+    /// Its path in the store.
+    pub path: Path,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its Parquet and Arrow metadata.
+    pub metadata: ArrowReaderMetadata,
+}
+
+impl SourceFile {
+    /// The file's Arrow schema (with field metadata, so extension types are visible).
+    pub fn schema(&self) -> &SchemaRef {
+        self.metadata.schema()
+    }
+
+    /// Rows in the file, from its footer.
+    pub fn rows(&self) -> u64 {
+        self.metadata.metadata().file_metadata().num_rows().max(0) as u64
+    }
+}
+
+/// The files behind a source URI, in a stable order.
+#[derive(Debug, Clone)]
+pub struct Source {
+    uri: String,
+    store: Arc<dyn ObjectStore>,
+    files: Vec<SourceFile>,
+    rt: Handle,
+}
+
+/// One record batch of one file.
+#[derive(Debug)]
+pub struct SourceBatch {
+    /// Index of the file in [`Source::files`].
+    pub file: usize,
+    /// Row index within the file of the batch's first row.
+    pub first_row: u64,
+    /// The rows, with only the requested columns.
+    pub batch: RecordBatch,
+}
+
+impl Source {
+    /// Lists the files at `uri` and reads their footers.
+    ///
+    /// Errors: 66 when nothing matches, 65 for a file that is not readable Parquet.
+    pub fn open(uri: &str, rt: &Handle) -> Result<Self> {
+        let (store, files) = rt.block_on(find_files(uri))?;
+        let files = rt.block_on(read_footers(&store, files))?;
+        Ok(Self {
+            uri: uri.to_string(),
+            store,
+            files,
+            rt: rt.clone(),
+        })
+    }
+
+    /// The URI the source was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The files, sorted by path.
+    pub fn files(&self) -> &[SourceFile] {
+        &self.files
+    }
+
+    /// Total rows over all files, from their footers.
+    pub fn total_rows(&self) -> u64 {
+        self.files.iter().map(SourceFile::rows).sum()
+    }
+
+    /// Streams every file's record batches, in file order, projected to `columns` (names not in
+    /// a file are skipped; the decoder reports missing required ones). The returned iterator
+    /// blocks the calling thread, which must not be a runtime thread.
+    pub fn stream(&self, columns: &[String], batch_size: usize) -> BatchStream {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let store = Arc::clone(&self.store);
+        let files = self.files.clone();
+        let columns = columns.to_vec();
+        self.rt.spawn(async move {
+            for (index, file) in files.iter().enumerate() {
+                let result = stream_file(&store, index, file, &columns, batch_size, &tx).await;
+                if let Err(e) = result {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        BatchStream { rx }
+    }
+}
+
+/// Record batches arriving from the reader task.
+pub struct BatchStream {
+    rx: mpsc::Receiver<Result<SourceBatch>>,
+}
+
+impl Iterator for BatchStream {
+    type Item = Result<SourceBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.blocking_recv()
+    }
+}
+
+async fn stream_file(
+    store: &Arc<dyn ObjectStore>,
+    index: usize,
+    file: &SourceFile,
+    columns: &[String],
+    batch_size: usize,
+    tx: &mpsc::Sender<Result<SourceBatch>>,
+) -> Result<()> {
+    let reader = StoreReader::new(Arc::clone(store), file.path.clone(), file.size);
+    let schema = file.schema();
+    let roots: Vec<usize> = columns
+        .iter()
+        .filter_map(|c| schema.index_of(c).ok())
+        .collect();
+    let mask = ProjectionMask::roots(file.metadata.parquet_schema(), roots);
+    let mut stream =
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
+            .with_batch_size(batch_size)
+            .with_projection(mask)
+            .build()
+            .map_err(|e| from_parquet(&file.uri, e))?;
+    let mut first_row = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| from_parquet(&file.uri, e))?;
+        let n = batch.num_rows() as u64;
+        let message = SourceBatch {
+            file: index,
+            first_row,
+            batch,
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return Ok(()); // The consumer stopped early: nothing more to do.
+        }
+        first_row += n;
+    }
+    Ok(())
+}
+
+/// Lists what `uri` names: one file, every `*.parquet` below a directory, or a glob's matches.
+async fn find_files(uri: &str) -> Result<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)> {
+    let glob_at = uri.find(['*', '?', '[']);
+    let (base, pattern) = match glob_at {
+        Some(i) => {
+            let cut = uri[..i].rfind('/').map(|j| j + 1).unwrap_or(0);
+            (&uri[..cut], Some(&uri[cut..]))
+        }
+        None => (uri, None),
+    };
+    let (store, base_path) = resolve(if base.is_empty() { "." } else { base })?;
+    let display_base = base.trim_end_matches('/');
+    let show = |p: &Path| -> Arc<str> {
+        let rel: Vec<String> = p
+            .prefix_match(&base_path)
+            .map(|parts| parts.map(|x| x.as_ref().to_string()).collect())
+            .unwrap_or_default();
+        if display_base.is_empty() {
+            rel.join("/").into()
+        } else if rel.is_empty() {
+            display_base.into()
+        } else {
+            format!("{display_base}/{}", rel.join("/")).into()
+        }
+    };
+
+    if pattern.is_none() && !uri.ends_with('/') {
+        match store.head(&base_path).await {
+            Ok(meta) => return Ok((store, vec![(uri.into(), meta.location, meta.size)])),
+            Err(object_store::Error::NotFound { .. }) => {}
+            // A local directory answers `head` with an error of its own; listing decides.
+            Err(_) if std::path::Path::new(uri).is_dir() => {}
+            Err(e) => return Err(from_store(uri, e)),
+        }
+    }
+
+    let matcher = match pattern {
+        Some(p) => Some(
+            globset::GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::Usage(format!("{uri}: not a valid glob: {e}")))?
+                .compile_matcher(),
+        ),
+        None => None,
+    };
+    let listed = match list_sorted(&store, &base_path).await {
+        Ok(l) => l,
+        Err(object_store::Error::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(from_store(uri, e)),
+    };
+    let files: Vec<_> = listed
+        .into_iter()
+        .filter(|m| {
+            let rel: Vec<String> = m
+                .location
+                .prefix_match(&base_path)
+                .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
+                .unwrap_or_default();
+            let hidden = rel.iter().any(|s| s.starts_with(['_', '.']));
+            let wanted = match &matcher {
+                Some(g) => g.is_match(rel.join("/")),
+                None => rel.last().is_some_and(|n| n.ends_with(".parquet")),
+            };
+            wanted && !hidden
+        })
+        .map(|m| (show(&m.location), m.location, m.size))
+        .collect();
+    if files.is_empty() {
+        return Err(Error::InputMissing {
+            uri: uri.to_string(),
+            hint: "no Parquet file matched; check source.uri (a file, a directory of *.parquet files, or a glob)".into(),
+        });
+    }
+    Ok((store, files))
+}
+
+async fn read_footers(
+    store: &Arc<dyn ObjectStore>,
+    files: Vec<(Arc<str>, Path, u64)>,
+) -> Result<Vec<SourceFile>> {
+    futures::stream::iter(files)
+        .map(|(uri, path, size)| async move {
+            let mut reader = StoreReader::new(Arc::clone(store), path.clone(), size);
+            let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
+                .await
+                .map_err(|e| from_parquet(&uri, e))?;
+            Ok(SourceFile {
+                uri,
+                path,
+                size,
+                metadata,
+            })
+        })
+        .buffered(FOOTER_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Maps a Parquet error on `uri`: a storage failure underneath keeps its own kind; anything
+/// else means the file is not readable Parquet (65).
+pub fn from_parquet(uri: &str, err: ParquetError) -> Error {
+    if let ParquetError::External(inner) = &err
+        && let Some(store_err) = inner.downcast_ref::<object_store::Error>()
+    {
+        let message = store_err.to_string();
+        return match store_err {
+            object_store::Error::NotFound { .. } => Error::InputMissing {
+                uri: uri.to_string(),
+                hint: format!("the file disappeared while reading: {message}"),
+            },
+            _ => Error::Transient {
+                uri: uri.to_string(),
+                message,
+            },
+        };
+    }
+    Error::data(
+        uri,
+        format!(
+            "not a readable Parquet file ({err}); check that it is complete and really Parquet"
+        ),
+    )
+}

@@ -1,0 +1,440 @@
+//! The output tables' schemas (DESIGN.md "Tables") and a writer that stages Parquet part files.
+//!
+//! Each table is a directory of Parquet files that polars, DuckDB, pyarrow and Spark read as
+//! one dataset. Part files are named `part-<run_id>-<shard>-<seq>.parquet`, so a rerun can find
+//! and replace exactly its own files. Writers put parts under `_staging/<run_id>/` (ignored by
+//! readers, which skip `_`-prefixed paths) and the commit moves them into place.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, ListArray, StringArray,
+    UInt64Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::compute::{cast, filter, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use object_store::buffered::BufWriter;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::storage::Storage;
+use crate::data::{ImageShape, Reject};
+use crate::error::{Error, Result};
+
+/// Column names the score tables define; a passthrough column may not reuse one.
+pub const RESERVED_COLUMNS: &[&str] = &[
+    "run_id",
+    "id",
+    "model",
+    "model_id",
+    "log_likelihood",
+    "bits_per_dim",
+    "score",
+    "threshold",
+    "is_anomaly",
+    "p_value",
+    "pixel_nll",
+    "height",
+    "width",
+    "channels",
+    "source",
+    "row",
+    "reason",
+];
+
+/// The three tables a run writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// One row per scored image.
+    Scores,
+    /// The flagged rows, with per-pixel maps.
+    Anomalies,
+    /// Rows that could not be used.
+    Rejects,
+}
+
+impl Table {
+    /// Every table, in commit order.
+    pub const ALL: [Table; 3] = [Table::Scores, Table::Anomalies, Table::Rejects];
+
+    /// The table's directory name under the sink.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Table::Scores => "scores",
+            Table::Anomalies => "anomalies",
+            Table::Rejects => "rejects",
+        }
+    }
+}
+
+/// The passthrough columns' fields, as plain types: extension metadata is dropped so that the
+/// score tables hold plain Parquet types only.
+pub fn passthrough_fields(schema: &Schema, names: &[String]) -> Vec<Field> {
+    names
+        .iter()
+        .filter_map(|n| schema.field_with_name(n).ok())
+        .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+        .collect()
+}
+
+/// `scores/`: run_id, id, the passthrough columns, model, model_id, log_likelihood,
+/// bits_per_dim, score, threshold, is_anomaly, p_value.
+pub fn scores_schema(passthrough: &[Field]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, false),
+    ];
+    fields.extend(passthrough.iter().cloned());
+    fields.extend([
+        Field::new("model", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("log_likelihood", DataType::Float64, false),
+        Field::new("bits_per_dim", DataType::Float64, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("threshold", DataType::Float64, false),
+        Field::new("is_anomaly", DataType::Boolean, false),
+        Field::new("p_value", DataType::Float64, true),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// `anomalies/`: the scores columns plus pixel_nll (list<float32>, row-major), height, width,
+/// channels.
+pub fn anomalies_schema(passthrough: &[Field]) -> SchemaRef {
+    let mut fields: Vec<Field> = scores_schema(passthrough)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend([
+        Field::new(
+            "pixel_nll",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
+        Field::new("height", DataType::Int32, false),
+        Field::new("width", DataType::Int32, false),
+        Field::new("channels", DataType::Int32, false),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// `rejects/`: run_id, id (null where unknown), source, row, reason.
+pub fn rejects_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, true),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("row", DataType::UInt64, false),
+        Field::new("reason", DataType::Utf8, false),
+    ]))
+}
+
+/// Per-image results of scoring one batch, ready to become table rows.
+#[derive(Debug, Clone)]
+pub struct ScoredRows<'a> {
+    /// The run's id.
+    pub run_id: &'a str,
+    /// The model kind's name.
+    pub model: &'a str,
+    /// The fitted artifact's id.
+    pub model_id: &'a str,
+    /// Image ids.
+    pub ids: &'a [String],
+    /// Passthrough columns for these rows.
+    pub passthrough: &'a [ArrayRef],
+    /// log p(x) in nats.
+    pub log_likelihood: &'a [f64],
+    /// D, to compute bits per dimension.
+    pub dims: usize,
+    /// The anomaly scores.
+    pub score: &'a [f64],
+    /// The threshold in force.
+    pub threshold: f64,
+    /// The decisions.
+    pub is_anomaly: &'a [bool],
+}
+
+/// Builds a `scores` record batch.
+pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordBatch> {
+    let n = rows.ids.len();
+    let bits = 1.0 / (rows.dims as f64 * std::f64::consts::LN_2);
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![rows.run_id; n])),
+        Arc::new(StringArray::from_iter_values(rows.ids.iter())),
+    ];
+    let passthrough_fields = &schema.fields()[2..2 + rows.passthrough.len()];
+    for (array, field) in rows.passthrough.iter().zip(passthrough_fields) {
+        let array = if array.data_type() == field.data_type() {
+            Arc::clone(array)
+        } else {
+            cast(array, field.data_type()).map_err(|e| {
+                Error::data(
+                    "source",
+                    format!(
+                        "passthrough column `{}` changes type between files ({} vs {}): {e}",
+                        field.name(),
+                        array.data_type(),
+                        field.data_type()
+                    ),
+                )
+            })?
+        };
+        columns.push(array);
+    }
+    columns.extend([
+        Arc::new(StringArray::from(vec![rows.model; n])) as ArrayRef,
+        Arc::new(StringArray::from(vec![rows.model_id; n])),
+        Arc::new(Float64Array::from(rows.log_likelihood.to_vec())),
+        Arc::new(Float64Array::from_iter_values(
+            rows.log_likelihood.iter().map(|ll| -ll * bits),
+        )),
+        Arc::new(Float64Array::from(rows.score.to_vec())),
+        Arc::new(Float64Array::from(vec![rows.threshold; n])),
+        Arc::new(BooleanArray::from(rows.is_anomaly.to_vec())),
+        Arc::new(Float64Array::new_null(n)),
+    ]);
+    RecordBatch::try_new(Arc::clone(schema), columns)
+        .map_err(|e| Error::Internal(format!("building a scores batch: {e}")))
+}
+
+/// Builds an `anomalies` batch from a scores batch: its flagged rows plus their per-pixel
+/// negative log-likelihood maps (`maps[k]` for the k-th flagged row, each `shape.dims()` long).
+pub fn anomalies_batch(
+    schema: &SchemaRef,
+    scores: &RecordBatch,
+    is_anomaly: &[bool],
+    maps: &[Vec<f32>],
+    shape: ImageShape,
+) -> Result<RecordBatch> {
+    let mask = BooleanArray::from(is_anomaly.to_vec());
+    let flagged = filter_record_batch(scores, &mask)
+        .map_err(|e| Error::Internal(format!("selecting anomalies: {e}")))?;
+    let n = flagged.num_rows();
+    debug_assert_eq!(n, maps.len());
+    let values = Float32Array::from_iter_values(maps.iter().flatten().copied());
+    let offsets = OffsetBuffer::from_lengths(maps.iter().map(Vec::len));
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let pixel_nll = ListArray::try_new(item, offsets, Arc::new(values), None)
+        .map_err(|e| Error::Internal(format!("building pixel_nll: {e}")))?;
+    let dim = |v: usize| Arc::new(Int32Array::from(vec![v as i32; n])) as ArrayRef;
+    let mut columns = flagged.columns().to_vec();
+    columns.extend([
+        Arc::new(pixel_nll) as ArrayRef,
+        dim(shape.height),
+        dim(shape.width),
+        dim(shape.channels),
+    ]);
+    RecordBatch::try_new(Arc::clone(schema), columns)
+        .map_err(|e| Error::Internal(format!("building an anomalies batch: {e}")))
+}
+
+/// Builds a `rejects` batch.
+pub fn rejects_batch(run_id: &str, rejects: &[Reject]) -> Result<RecordBatch> {
+    let n = rejects.len();
+    RecordBatch::try_new(
+        rejects_schema(),
+        vec![
+            Arc::new(StringArray::from(vec![run_id; n])),
+            Arc::new(StringArray::from_iter(
+                rejects.iter().map(|r| r.id.as_deref()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rejects.iter().map(|r| r.source.as_ref()),
+            )),
+            Arc::new(UInt64Array::from_iter_values(rejects.iter().map(|r| r.row))),
+            Arc::new(StringArray::from_iter_values(
+                rejects.iter().map(|r| r.reason.as_str()),
+            )),
+        ],
+    )
+    .map_err(|e| Error::Internal(format!("building a rejects batch: {e}")))
+}
+
+/// Keeps the rows of `values` where `mask` is true (for a plain slice).
+pub fn select<T: Copy>(values: &[T], mask: &[bool]) -> Vec<T> {
+    values
+        .iter()
+        .zip(mask)
+        .filter_map(|(v, &m)| m.then_some(*v))
+        .collect()
+}
+
+/// Filters an Arrow array by a boolean mask.
+pub fn select_array(array: &ArrayRef, mask: &[bool]) -> Result<ArrayRef> {
+    filter(array, &BooleanArray::from(mask.to_vec()))
+        .map_err(|e| Error::Internal(format!("filtering: {e}")))
+}
+
+/// The file name of part `seq` of shard `shard` of run `run_id`.
+pub fn part_name(run_id: &str, shard: u32, seq: u32) -> String {
+    format!("part-{run_id}-{shard:04}-{seq:05}.parquet")
+}
+
+/// The run id a part file name belongs to, if it is one of ours.
+pub fn run_of_part(name: &str) -> Option<&str> {
+    let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let mut parts = stem.rsplitn(3, '-');
+    let seq = parts.next()?;
+    let shard = parts.next()?;
+    let run = parts.next()?;
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(seq, 5) && digits(shard, 4)).then_some(run)
+}
+
+/// What a finished [`TableWriter`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct WrittenTable {
+    /// The staged files, relative to the sink root.
+    pub staged: Vec<String>,
+    /// Rows written.
+    pub rows: u64,
+}
+
+/// Writes one table's rows as Parquet part files under the run's staging directory, starting a
+/// new file every `max_rows` rows. At least one file is written, so that a table with no rows
+/// still has a schema for readers.
+pub struct TableWriter {
+    storage: Storage,
+    table: Table,
+    run_id: String,
+    shard: u32,
+    schema: SchemaRef,
+    max_rows: usize,
+    current: Option<AsyncArrowWriter<BufWriter>>,
+    rows_in_file: usize,
+    written: WrittenTable,
+}
+
+impl TableWriter {
+    /// A writer for `table` of run `run_id` under `storage` (the sink root).
+    pub fn new(
+        storage: &Storage,
+        table: Table,
+        run_id: &str,
+        shard: u32,
+        schema: SchemaRef,
+        max_rows: usize,
+    ) -> Self {
+        Self {
+            storage: storage.clone(),
+            table,
+            run_id: run_id.to_string(),
+            shard,
+            schema,
+            max_rows: max_rows.max(1),
+            current: None,
+            rows_in_file: 0,
+            written: WrittenTable::default(),
+        }
+    }
+
+    /// The table's schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Appends rows, splitting them across part files as needed.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if self.current.is_none() {
+                self.open_part()?;
+            }
+            let room = self.max_rows - self.rows_in_file;
+            let take = room.min(batch.num_rows() - offset);
+            let slice = batch.slice(offset, take);
+            let rt = self.storage.runtime().clone();
+            let writer = self.current.as_mut().expect("opened above");
+            rt.block_on(writer.write(&slice))
+                .map_err(|e| self.write_error(e))?;
+            self.rows_in_file += take;
+            self.written.rows += take as u64;
+            offset += take;
+            if self.rows_in_file == self.max_rows {
+                self.close_part()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the last part (writing an empty one if there were no rows) and says what was
+    /// staged.
+    pub fn finish(mut self) -> Result<WrittenTable> {
+        if self.written.staged.is_empty() {
+            self.open_part()?;
+        }
+        self.close_part()?;
+        Ok(self.written)
+    }
+
+    fn open_part(&mut self) -> Result<()> {
+        let seq = self.written.staged.len() as u32;
+        let rel = format!(
+            "_staging/{}/{}/{}",
+            self.run_id,
+            self.table.dir(),
+            part_name(&self.run_id, self.shard, seq)
+        );
+        let sink = BufWriter::new(Arc::clone(self.storage.store()), self.storage.path(&rel));
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))
+            .map_err(|e| Error::Internal(format!("opening a Parquet writer: {e}")))?;
+        self.current = Some(writer);
+        self.rows_in_file = 0;
+        self.written.staged.push(rel);
+        Ok(())
+    }
+
+    fn close_part(&mut self) -> Result<()> {
+        if let Some(writer) = self.current.take() {
+            self.storage
+                .runtime()
+                .block_on(writer.close())
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: parquet::errors::ParquetError) -> Error {
+        let uri = self.storage.display(
+            self.written
+                .staged
+                .last()
+                .map(String::as_str)
+                .unwrap_or(self.table.dir()),
+        );
+        match super::source::from_parquet(&uri, e) {
+            Error::Data { message, .. } => Error::Io { uri, message },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_names_round_trip_even_with_dashes_in_the_run_id() {
+        let name = part_name("2026-11-28-a", 3, 12);
+        assert_eq!(name, "part-2026-11-28-a-0003-00012.parquet");
+        assert_eq!(run_of_part(&name), Some("2026-11-28-a"));
+        assert_eq!(run_of_part("part-x-1-2.parquet"), None);
+        assert_eq!(run_of_part("other.parquet"), None);
+    }
+
+    #[test]
+    fn anomalies_extend_the_scores_schema() {
+        let pass = vec![Field::new("label", DataType::UInt8, true)];
+        let s = scores_schema(&pass);
+        let a = anomalies_schema(&pass);
+        assert_eq!(&a.fields()[..s.fields().len()], &s.fields()[..]);
+        assert_eq!(a.field(a.fields().len() - 4).name(), "pixel_nll");
+    }
+}

@@ -1,0 +1,59 @@
+//! `pipeline`: parse the command line, set up logging and the IO runtime, run the command, and
+//! map its error to an exit code (DESIGN.md). No error ends in a panic message or backtrace.
+
+use std::process::ExitCode;
+
+use anomaly_pipeline::cli::{Cli, LogFormat};
+use anomaly_pipeline::error::Error;
+use anomaly_pipeline::pipeline::Context;
+use anomaly_pipeline::{commands, logging};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are successes; anything else is a usage error.
+            return ExitCode::from(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
+    let human = logging::init(cli.log_format, cli.verbose, cli.quiet);
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "Internal error.");
+    }));
+    let result = std::panic::catch_unwind(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pipeline-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("starting the IO runtime: {e}")))?;
+        let ctx = Context {
+            rt: rt.handle().clone(),
+            progress: human,
+        };
+        let result = commands::dispatch(&cli.command, &ctx);
+        rt.shutdown_background();
+        result
+    })
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Err(Error::Internal(what.to_string()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            if cli.log_format == LogFormat::Json || !human {
+                tracing::error!(exit_code = code, error = %e, "Failed.");
+            }
+            eprintln!("error: {e}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! `categorical`: every pixel independent with its own distribution over the K levels
+//! (K = 256 for 8-bit pixels, 2 after binarization): p(x) = Π_d π_{d, x_d}.
+//!
+//! D·(K − 1) free parameters, fitted in one pass by counting with Laplace (add-alpha)
+//! smoothing: π_{d,v} = (n_{d,v} + α) / (n + Kα). The 8-bit baseline.
+
+use rand::RngCore;
+use rayon::prelude::*;
+use serde_json::json;
+
+use super::bernoulli::uniform;
+use super::{DensityModel, NamedTensor, TrainingSet, tensor};
+use crate::config::ModelKind;
+use crate::data::ImageShape;
+use crate::error::Result;
+
+/// Independent categorical pixels.
+#[derive(Debug, Clone)]
+pub struct Categorical {
+    shape: ImageShape,
+    levels: u16,
+    alpha: f64,
+    /// log π_{d,v} at `d * levels + v`.
+    log_prob: Vec<f64>,
+}
+
+impl Categorical {
+    /// Fits by counting, in parallel over images.
+    pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Result<Self> {
+        let dims = data.shape.dims();
+        let k = data.levels as usize;
+        let n = data.pixels.nrows();
+        let counts = data
+            .pixels
+            .axis_iter(ndarray::Axis(0))
+            .into_par_iter()
+            .fold(
+                || vec![0u64; dims * k],
+                |mut acc, row| {
+                    for (d, &x) in row.iter().enumerate() {
+                        acc[d * k + usize::from(x).min(k - 1)] += 1;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0u64; dims * k],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        let denominator = (n as f64 + k as f64 * alpha).ln();
+        let log_prob = counts
+            .iter()
+            .map(|&c| (c as f64 + alpha).ln() - denominator)
+            .collect();
+        Ok(Self {
+            shape: data.shape,
+            levels: data.levels,
+            alpha,
+            log_prob,
+        })
+    }
+
+    /// Rebuilds the model from model.safetensors.
+    pub fn from_tensors(
+        shape: ImageShape,
+        levels: u16,
+        hyperparameters: &serde_json::Value,
+        tensors: &[NamedTensor],
+    ) -> std::result::Result<Self, String> {
+        if !matches!(levels, 2..=256) {
+            return Err(format!("levels is {levels}, expected 2 to 256"));
+        }
+        let k = levels as usize;
+        let log_prob = tensor(tensors, "log_prob", shape.dims() * k)?;
+        for (d, row) in log_prob.chunks(k).enumerate() {
+            let total: f64 = row.iter().map(|l| l.exp()).sum();
+            if !(total - 1.0).abs().lt(&1e-6) || row.iter().any(|l| l.is_nan()) {
+                return Err(format!(
+                    "tensor `log_prob`: the distribution of pixel {d} sums to {total}, not 1"
+                ));
+            }
+        }
+        let alpha = hyperparameters["alpha"].as_f64().unwrap_or(1.0);
+        Ok(Self {
+            shape,
+            levels,
+            alpha,
+            log_prob: log_prob.to_vec(),
+        })
+    }
+
+    fn log_p(&self, d: usize, x: u8) -> f64 {
+        let k = self.levels as usize;
+        self.log_prob[d * k + usize::from(x).min(k - 1)]
+    }
+}
+
+impl DensityModel for Categorical {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Categorical
+    }
+
+    fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    fn levels(&self) -> u16 {
+        self.levels
+    }
+
+    fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
+        let mut total = 0.0;
+        for (d, (&x, o)) in image.iter().zip(out.iter_mut()).enumerate() {
+            let ll = self.log_p(d, x);
+            *o = ll as f32;
+            total += ll;
+        }
+        total
+    }
+
+    fn log_likelihood(&self, image: &[u8]) -> f64 {
+        image
+            .iter()
+            .enumerate()
+            .map(|(d, &x)| self.log_p(d, x))
+            .sum()
+    }
+
+    fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {
+        let k = self.levels as usize;
+        for (d, o) in out.iter_mut().enumerate() {
+            // Inverse CDF; the last level takes whatever rounding leaves over.
+            let u = uniform(rng);
+            let mut cdf = 0.0;
+            *o = (k - 1) as u8;
+            for v in 0..k {
+                cdf += self.log_prob[d * k + v].exp();
+                if u < cdf {
+                    *o = v as u8;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn hyperparameters(&self) -> serde_json::Value {
+        json!({ "alpha": self.alpha })
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor> {
+        vec![NamedTensor {
+            name: "log_prob".into(),
+            shape: vec![self.shape.dims(), self.levels as usize],
+            data: self.log_prob.clone(),
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::testing::*;
+    use ndarray::Array2;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn fitted_1x2(levels: u16) -> Categorical {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let flat: Vec<u8> = (0..200)
+            .map(|_| (rng.next_u32() % u32::from(levels)) as u8 / 3)
+            .collect();
+        let pixels = Array2::from_shape_vec((100, 2), flat).unwrap();
+        let data = TrainingSet {
+            shape: ImageShape::new(1, 2, 1),
+            levels,
+            pixels: pixels.view(),
+        };
+        Categorical::fit(0.7, &data).unwrap()
+    }
+
+    #[test]
+    fn all_65536_images_of_1x2_with_256_levels_sum_to_one() {
+        let m = fitted_1x2(256);
+        let total = total_probability(&m);
+        assert!((total - 1.0).abs() < 1e-9, "Σ p(x) = {total}");
+        assert_maps_sum_to_likelihood(&m, &all_images(2, 256)[..500]);
+    }
+
+    #[test]
+    fn binary_levels_normalize_too() {
+        let m = fitted_1x2(2);
+        assert!((total_probability(&m) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn smoothing_follows_the_formula() {
+        let pixels = Array2::from_shape_vec((3, 1), vec![0u8, 0, 255]).unwrap();
+        let data = TrainingSet {
+            shape: ImageShape::new(1, 1, 1),
+            levels: 256,
+            pixels: pixels.view(),
+        };
+        let m = Categorical::fit(1.0, &data).unwrap();
+        let p = |v: u8| m.log_likelihood(&[v]).exp();
+        assert!((p(0) - 3.0 / 259.0).abs() < 1e-15);
+        assert!((p(255) - 2.0 / 259.0).abs() < 1e-15);
+        assert!((p(7) - 1.0 / 259.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn sample_frequencies_match_the_distribution() {
+        let m = fitted_1x2(4);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let n = 20_000;
+        let mut counts = [[0u32; 4]; 2];
+        let mut img = [0u8; 2];
+        for _ in 0..n {
+            m.sample(&mut rng, &mut img);
+            counts[0][img[0] as usize] += 1;
+            counts[1][img[1] as usize] += 1;
+        }
+        for d in 0..2 {
+            for v in 0..4u8 {
+                let q = m.log_p(d, v).exp();
+                let freq = f64::from(counts[d][v as usize]) / f64::from(n);
+                let tol = 4.0 * (q * (1.0 - q) / f64::from(n)).sqrt() + 1e-12;
+                assert!((freq - q).abs() < tol, "pixel {d} value {v}: {freq} vs {q}");
+            }
+        }
+    }
+}

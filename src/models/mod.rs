@@ -1,0 +1,185 @@
+//! Density models p(x) behind one trait, and the registry that fits or loads them by kind.
+//!
+//! A model scores an image by its exact log-likelihood log p(x) = Σ_d log p(x_d | x_<d) (in
+//! nats), explains the score pixel by pixel, and can draw new images. Adding a model is adding a
+//! file here and a line in [`fit`] and [`from_tensors`].
+
+pub mod artifact;
+pub mod bernoulli;
+pub mod categorical;
+
+use ndarray::ArrayView2;
+use rand::RngCore;
+use rayon::prelude::*;
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::data::ImageShape;
+use crate::error::{Error, Result};
+
+/// A fitted density model over images of one shape whose pixels take `levels()` values.
+///
+/// Invariants: `shape().dims()` is D for every image passed in; pixel values are below
+/// `levels()`; the per-pixel log-likelihoods sum to the image's log-likelihood; Σ_x p(x) = 1 over
+/// all `levels()^D` images.
+pub trait DensityModel: Send + Sync + std::fmt::Debug {
+    /// The model family.
+    fn kind(&self) -> ModelKind;
+
+    /// The image shape the model was fitted on.
+    fn shape(&self) -> ImageShape;
+
+    /// Values a pixel takes: 2 (binary) or 256 (8-bit).
+    fn levels(&self) -> u16;
+
+    /// Writes log p(x_d | x_<d) for every value of `image` into `out` (both D long), and returns
+    /// their sum, log p(x), accumulated in f64.
+    fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64;
+
+    /// log p(x) in nats for one image of D values.
+    fn log_likelihood(&self, image: &[u8]) -> f64;
+
+    /// Draws one image from p(x) into `out` (D values).
+    fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]);
+
+    /// The hyper-parameters the model was fitted with, for model.json.
+    fn hyperparameters(&self) -> serde_json::Value;
+
+    /// The learned parameters, by name, for model.safetensors.
+    fn tensors(&self) -> Vec<NamedTensor>;
+
+    /// log p(x) for each row of `images` into `out`; parallel over images.
+    fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
+        out.par_iter_mut()
+            .zip(images.axis_iter(ndarray::Axis(0)).into_par_iter())
+            .for_each(|(o, row)| {
+                *o = self.log_likelihood(row.as_slice().expect("rows are contiguous"));
+            });
+    }
+}
+
+/// A named f64 tensor of model parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// Its name in the safetensors file.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f64>,
+}
+
+/// The images a model is fitted on: preprocessed pixels, one row per image.
+#[derive(Debug, Clone)]
+pub struct TrainingSet<'a> {
+    /// Shape of every image.
+    pub shape: ImageShape,
+    /// Values a pixel takes after preprocessing.
+    pub levels: u16,
+    /// One row per image.
+    pub pixels: ArrayView2<'a, u8>,
+}
+
+/// Fits the model `config.kind` on `data`.
+pub fn fit(config: &ModelConfig, data: &TrainingSet<'_>) -> Result<Box<dyn DensityModel>> {
+    if data.pixels.nrows() == 0 {
+        return Err(Error::data(
+            "source",
+            "no images to fit on: every row was rejected or held out",
+        ));
+    }
+    Ok(match config.kind {
+        ModelKind::Bernoulli => Box::new(bernoulli::Bernoulli::fit(config.alpha, data)?),
+        ModelKind::Categorical => Box::new(categorical::Categorical::fit(config.alpha, data)?),
+    })
+}
+
+/// Rebuilds a model of `kind` from its stored parameters; errors describe what does not fit.
+pub fn from_tensors(
+    kind: ModelKind,
+    shape: ImageShape,
+    levels: u16,
+    hyperparameters: &serde_json::Value,
+    tensors: &[NamedTensor],
+) -> std::result::Result<Box<dyn DensityModel>, String> {
+    Ok(match kind {
+        ModelKind::Bernoulli => Box::new(bernoulli::Bernoulli::from_tensors(
+            shape,
+            hyperparameters,
+            tensors,
+        )?),
+        ModelKind::Categorical => Box::new(categorical::Categorical::from_tensors(
+            shape,
+            levels,
+            hyperparameters,
+            tensors,
+        )?),
+    })
+}
+
+/// Finds tensor `name` with `len` values.
+fn tensor<'a>(
+    tensors: &'a [NamedTensor],
+    name: &str,
+    len: usize,
+) -> std::result::Result<&'a [f64], String> {
+    let t = tensors
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| format!("tensor `{name}` is missing"))?;
+    if t.data.len() != len || t.shape.iter().product::<usize>() != len {
+        return Err(format!(
+            "tensor `{name}` has shape {:?} ({} values), expected {len} values",
+            t.shape,
+            t.data.len()
+        ));
+    }
+    Ok(&t.data)
+}
+
+/// Test helpers shared by every model's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Every image of D pixels with `levels` values, in lexicographic order.
+    pub fn all_images(dims: usize, levels: u16) -> Vec<Vec<u8>> {
+        let total = (levels as usize).pow(dims as u32);
+        (0..total)
+            .map(|mut k| {
+                (0..dims)
+                    .map(|_| {
+                        let v = (k % levels as usize) as u8;
+                        k /= levels as usize;
+                        v
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Σ over all images of p(x), summed in f64.
+    pub fn total_probability(model: &dyn DensityModel) -> f64 {
+        all_images(model.shape().dims(), model.levels())
+            .iter()
+            .map(|x| model.log_likelihood(x).exp())
+            .sum()
+    }
+
+    /// Checks that the per-pixel map sums to the log-likelihood on a few images.
+    pub fn assert_maps_sum_to_likelihood(model: &dyn DensityModel, images: &[Vec<u8>]) {
+        for x in images {
+            let mut map = vec![0f32; x.len()];
+            let total = model.pixel_log_likelihood(x, &mut map);
+            let ll = model.log_likelihood(x);
+            assert!(
+                (total - ll).abs() < 1e-9 * ll.abs().max(1.0),
+                "{total} vs {ll}"
+            );
+            let summed: f64 = map.iter().map(|&v| f64::from(v)).sum();
+            assert!(
+                (summed - ll).abs() < 1e-4 * ll.abs().max(1.0),
+                "{summed} vs {ll}"
+            );
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! `runs/<run_id>/manifest.json`: what a run read, which model it used, what it wrote.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PipelineConfig;
+use crate::models::artifact::StoredThreshold;
+
+/// The run manifest, written after every table is in place and before `_SUCCESS`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The run's id.
+    pub run_id: String,
+    /// `[pipeline] name`.
+    pub pipeline: String,
+    /// The subcommand that ran (`run` or `score`).
+    pub command: String,
+    /// The program and version.
+    pub created_by: String,
+    /// UTC start time, RFC 3339.
+    pub started_at: String,
+    /// UTC time the tables were committed, RFC 3339.
+    pub finished_at: String,
+    /// The source files read, in order.
+    pub source_files: Vec<String>,
+    /// Row counts.
+    pub rows: RowCounts,
+    /// The model used.
+    pub model: ModelRef,
+    /// The threshold in force.
+    pub threshold: StoredThreshold,
+    /// Final part files per table, relative to the sink.
+    pub tables: BTreeMap<String, Vec<String>>,
+    /// The resolved configuration (after `${VAR}` and `--set`).
+    pub config: PipelineConfig,
+}
+
+/// Row counts of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RowCounts {
+    /// Rows read from the source.
+    pub read: u64,
+    /// Images scored (one `scores` row each).
+    pub scored: u64,
+    /// Rows rejected (one `rejects` row each).
+    pub rejected: u64,
+    /// Images flagged (one `anomalies` row each).
+    pub anomalies: u64,
+}
+
+/// Which fitted model a run used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// `models/<model_id>/`.
+    pub model_id: String,
+    /// The model kind.
+    pub kind: String,
+    /// Where it was loaded from or written to.
+    pub uri: String,
+    /// Whether this run fitted it.
+    pub fitted_by_this_run: bool,
+}

@@ -1,0 +1,138 @@
+//! Stage orchestration: `run` (fit or load, then score and commit), `fit`, and `score`.
+//!
+//! ```text
+//! source ─► decode ─► preprocess ─► fit (or load model) ─► score ─► decide ─► sink
+//! read.rs   io/decode  data/         fit.rs                score.rs  decide/   commit.rs
+//! ```
+
+pub mod commit;
+pub mod fit;
+pub mod manifest;
+pub mod progress;
+pub mod read;
+pub mod score;
+
+use tokio::runtime::Handle;
+
+use crate::config::PipelineConfig;
+use crate::config::load::check_run_id;
+use crate::error::{Error, Result};
+use crate::io::storage::Storage;
+use crate::models::artifact::{self, LoadedModel};
+use manifest::{Manifest, ModelRef, RowCounts};
+
+/// What every stage needs from the program around it.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The IO runtime; stages call into it from their own threads.
+    pub rt: Handle,
+    /// Whether to draw progress bars (a terminal with human-readable logs).
+    pub progress: bool,
+}
+
+/// Where the model for scoring comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// Fit one on the source first.
+    Fit,
+    /// Load a fitted one from this URI.
+    Load(String),
+}
+
+/// The outcome of a run, for the summary printed at the end.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run's manifest as written.
+    pub manifest: Manifest,
+    /// The sink root as the user named it.
+    pub sink: String,
+    /// Where the manifest is, relative to the sink.
+    pub manifest_path: String,
+    /// The model's directory URI.
+    pub model_uri: String,
+}
+
+/// The run id to use: the config's (which `--run-id` has already overridden), else the UTC
+/// start time.
+pub fn run_id(config: &PipelineConfig, started: &chrono::DateTime<chrono::Utc>) -> Result<String> {
+    let id = if config.pipeline.run_id.is_empty() {
+        started.format("%Y%m%dT%H%M%SZ").to_string()
+    } else {
+        config.pipeline.run_id.clone()
+    };
+    check_run_id(&id).map_err(|m| Error::config("pipeline.run_id", m))?;
+    Ok(id)
+}
+
+/// Fits the configured model and writes its artifact under the sink.
+pub fn fit_only(ctx: &Context, config: &PipelineConfig) -> Result<LoadedModel> {
+    let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
+    fit::fit(ctx, config, &sink)
+}
+
+/// Fits (or loads) a model, scores the source, and commits run tables and manifest.
+pub fn run(
+    ctx: &Context,
+    config: &PipelineConfig,
+    model_source: ModelSource,
+    command: &str,
+) -> Result<RunSummary> {
+    let started = chrono::Utc::now();
+    let run_id = run_id(config, &started)?;
+    let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
+    let span = tracing::info_span!("run", run_id = %run_id, pipeline = %config.pipeline.name);
+    let _enter = span.enter();
+
+    let fitted = matches!(model_source, ModelSource::Fit);
+    let model = match model_source {
+        ModelSource::Fit => fit::fit(ctx, config, &sink)?,
+        ModelSource::Load(uri) => artifact::load(&uri, &ctx.rt)?,
+    };
+    commit::discard_staging(&sink, &run_id)?;
+    let scored = match score::score(ctx, config, &model, &sink, &run_id) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Err(cleanup) = commit::discard_staging(&sink, &run_id) {
+                tracing::warn!(error = %cleanup, "Could not remove the failed run's staged files.");
+            }
+            return Err(e);
+        }
+    };
+    let mut manifest = Manifest {
+        run_id: run_id.clone(),
+        pipeline: config.pipeline.name.clone(),
+        command: command.to_string(),
+        created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        finished_at: String::new(),
+        source_files: scored.source_files.clone(),
+        rows: RowCounts {
+            read: scored.counts.rows,
+            scored: scored.scored,
+            rejected: scored.counts.rejected,
+            anomalies: scored.anomalies,
+        },
+        model: ModelRef {
+            model_id: model.meta.model_id.clone(),
+            kind: model.meta.kind.name().to_string(),
+            uri: model.uri.clone(),
+            fitted_by_this_run: fitted,
+        },
+        threshold: scored.threshold.clone(),
+        tables: Default::default(),
+        config: config.clone(),
+    };
+    let committed = commit::commit(&sink, &run_id, &scored.tables, &mut manifest)?;
+    tracing::info!(
+        scored = scored.scored,
+        anomalies = scored.anomalies,
+        rejected = scored.counts.rejected,
+        "Run committed."
+    );
+    Ok(RunSummary {
+        manifest,
+        sink: config.sink.uri.clone(),
+        manifest_path: committed.manifest,
+        model_uri: model.uri,
+    })
+}

@@ -1,0 +1,113 @@
+//! Source → decode → preprocess, batch by batch, for the fit, score and inspect stages.
+
+use crate::config::SourceConfig;
+use crate::data::preprocess::Preprocessor;
+use crate::data::{ImageBatch, ImageShape, Reject};
+use crate::error::{Error, Result};
+use crate::io::decode::Decoder;
+use crate::io::source::Source;
+
+use super::progress::Progress;
+
+/// How many reject reasons are kept to quote in an error.
+const QUOTED_REJECTS: usize = 5;
+
+/// Row counts of one pass over a source.
+#[derive(Debug, Clone, Default)]
+pub struct ReadCounts {
+    /// Rows read from the files.
+    pub rows: u64,
+    /// Rows that could not be used.
+    pub rejected: u64,
+    /// The first few rejects, to quote in messages.
+    pub examples: Vec<Reject>,
+}
+
+impl ReadCounts {
+    /// Fails with exit 65 when more than `max_fraction` of the rows were rejected.
+    pub fn check(&self, uri: &str, max_fraction: f64) -> Result<()> {
+        if self.rows == 0 {
+            return Err(Error::data(
+                uri,
+                "the source has no rows: there is nothing to fit or score; check that the right files were written",
+            ));
+        }
+        let fraction = self.rejected as f64 / self.rows as f64;
+        if fraction > max_fraction {
+            let examples: Vec<String> = self
+                .examples
+                .iter()
+                .map(|r| format!("{} row {}: {}", r.source, r.row, r.reason))
+                .collect();
+            return Err(Error::data(
+                uri,
+                format!(
+                    "{} of {} rows ({:.2}%) could not be used, more than source.max_reject_fraction = {}; nothing was published. First problems:\n    {}",
+                    self.rejected,
+                    self.rows,
+                    100.0 * fraction,
+                    max_fraction,
+                    examples.join("\n    ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds one decoder per file, checking every file's schema (and, when `expected` is given,
+/// its fixed image shape) before any row is read.
+pub fn decoders(
+    source: &Source,
+    config: &SourceConfig,
+    expected: Option<ImageShape>,
+) -> Result<Vec<Decoder>> {
+    source
+        .files()
+        .iter()
+        .map(|f| {
+            let d = Decoder::new(f.schema(), config, &f.uri)?;
+            if let (Some(e), Some(s)) = (expected, d.fixed_shape())
+                && e != s
+            {
+                return Err(Error::data(
+                    f.uri.to_string(),
+                    format!("holds {s} images, but the model was fitted on {e} images"),
+                ));
+            }
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Streams the source and calls `each` with every decoded, preprocessed batch and its rejects.
+///
+/// `shape` starts as the shape images must have (the model's), or `None` to take the first
+/// image's; rows of any other shape are rejected.
+pub fn for_each_batch(
+    source: &Source,
+    config: &SourceConfig,
+    preprocess: &Preprocessor,
+    mut shape: Option<ImageShape>,
+    progress: &Progress,
+    mut each: impl FnMut(ImageBatch, Vec<Reject>) -> Result<()>,
+) -> Result<ReadCounts> {
+    let decoders = decoders(source, config, shape)?;
+    let mut columns: Vec<String> = decoders.iter().flat_map(Decoder::columns).collect();
+    columns.sort();
+    columns.dedup();
+    let mut counts = ReadCounts::default();
+    for item in source.stream(&columns, config.batch_size) {
+        let item = item?;
+        let (mut batch, rejects) =
+            decoders[item.file].decode(&item.batch, item.first_row, &mut shape)?;
+        counts.rows += item.batch.num_rows() as u64;
+        counts.rejected += rejects.len() as u64;
+        let room = QUOTED_REJECTS.saturating_sub(counts.examples.len());
+        counts.examples.extend(rejects.iter().take(room).cloned());
+        preprocess.apply(&mut batch);
+        progress.inc(item.batch.num_rows() as u64);
+        each(batch, rejects)?;
+    }
+    Ok(counts)
+}

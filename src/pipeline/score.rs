@@ -1,0 +1,171 @@
+//! The score and decide stages, streaming: every batch of the source is scored by the model,
+//! compared with the threshold, and written to the staged `scores`, `anomalies` and `rejects`
+//! tables. Memory is bounded by the batch size.
+
+use rayon::prelude::*;
+
+use super::Context;
+use super::fit::nll_scores;
+use super::progress::Progress;
+use super::read::{ReadCounts, for_each_batch};
+use crate::config::PipelineConfig;
+use crate::data::preprocess::Preprocessor;
+use crate::decide;
+use crate::error::{Error, Result};
+use crate::io::source::Source;
+use crate::io::storage::Storage;
+use crate::io::tables::{
+    self, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema, passthrough_fields,
+    rejects_schema, scores_schema,
+};
+use crate::models::artifact::{LoadedModel, StoredThreshold};
+
+/// What scoring staged, ready to commit.
+#[derive(Debug)]
+pub struct Scored {
+    /// Rows read and rejected.
+    pub counts: ReadCounts,
+    /// Images scored.
+    pub scored: u64,
+    /// Images flagged.
+    pub anomalies: u64,
+    /// The threshold in force.
+    pub threshold: StoredThreshold,
+    /// Each table's staged files.
+    pub tables: Vec<(Table, WrittenTable)>,
+    /// The source's files.
+    pub source_files: Vec<String>,
+}
+
+/// Scores the source with `model`, staging the tables of run `run_id` under `sink`.
+pub fn score(
+    ctx: &Context,
+    config: &PipelineConfig,
+    model: &LoadedModel,
+    sink: &Storage,
+    run_id: &str,
+) -> Result<Scored> {
+    let meta = &model.meta;
+    let threshold = decide::threshold(&config.threshold, &meta.calibration_scores)?;
+    if meta.preprocess != config.preprocess {
+        tracing::warn!(
+            model = %meta.model_id,
+            "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
+        );
+    }
+    let preprocess = Preprocessor::new(meta.preprocess.clone());
+    let source = Source::open(&config.source.uri, &ctx.rt)?;
+    tracing::info!(
+        files = source.files().len(),
+        rows = source.total_rows(),
+        model = %meta.model_id,
+        threshold = threshold.value,
+        "Scoring."
+    );
+
+    let passthrough = passthrough_fields(source.files()[0].schema(), &config.source.passthrough);
+    let max_rows = config.sink.max_rows_per_file;
+    let mut scores = TableWriter::new(
+        sink,
+        Table::Scores,
+        run_id,
+        0,
+        scores_schema(&passthrough),
+        max_rows,
+    );
+    let mut anomalies = TableWriter::new(
+        sink,
+        Table::Anomalies,
+        run_id,
+        0,
+        anomalies_schema(&passthrough),
+        max_rows,
+    );
+    let mut rejects = TableWriter::new(sink, Table::Rejects, run_id, 0, rejects_schema(), max_rows);
+    let (mut scored, mut flagged) = (0u64, 0u64);
+    let kind = meta.kind.name();
+
+    let progress = Progress::new(ctx.progress, source.total_rows(), "scoring");
+    let counts = for_each_batch(
+        &source,
+        &config.source,
+        &preprocess,
+        Some(meta.shape),
+        &progress,
+        |batch, batch_rejects| {
+            if !batch_rejects.is_empty() {
+                rejects.write(&tables::rejects_batch(run_id, &batch_rejects)?)?;
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let nll = nll_scores(model.model.as_ref(), batch.pixels.view())?;
+            let ll: Vec<f64> = nll.iter().map(|s| -s).collect();
+            let is_anomaly: Vec<bool> = nll
+                .iter()
+                .map(|&s| decide::is_anomaly(s, threshold.value))
+                .collect();
+            let rows = ScoredRows {
+                run_id,
+                model: kind,
+                model_id: &meta.model_id,
+                ids: &batch.ids,
+                passthrough: &batch.passthrough,
+                log_likelihood: &ll,
+                dims: batch.shape.dims(),
+                score: &nll,
+                threshold: threshold.value,
+                is_anomaly: &is_anomaly,
+            };
+            let scores_batch = tables::scores_batch(scores.schema(), &rows)?;
+            scores.write(&scores_batch)?;
+            scored += batch.len() as u64;
+
+            let flagged_rows: Vec<usize> = (0..batch.len()).filter(|&i| is_anomaly[i]).collect();
+            if !flagged_rows.is_empty() {
+                let maps: Vec<Vec<f32>> = flagged_rows
+                    .par_iter()
+                    .map(|&i| {
+                        let image = batch.pixels.row(i);
+                        let mut map = vec![0f32; image.len()];
+                        model
+                            .model
+                            .pixel_log_likelihood(image.as_slice().expect("contiguous"), &mut map);
+                        map.iter_mut().for_each(|v| *v = -*v);
+                        map
+                    })
+                    .collect();
+                let a = tables::anomalies_batch(
+                    anomalies.schema(),
+                    &scores_batch,
+                    &is_anomaly,
+                    &maps,
+                    batch.shape,
+                )?;
+                anomalies.write(&a)?;
+                flagged += flagged_rows.len() as u64;
+            }
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    counts.check(&config.source.uri, config.source.max_reject_fraction)?;
+    if scored == 0 {
+        return Err(Error::data(
+            &config.source.uri,
+            "no image could be scored: every row was rejected",
+        ));
+    }
+    Ok(Scored {
+        counts,
+        scored,
+        anomalies: flagged,
+        threshold,
+        tables: vec![
+            (Table::Scores, scores.finish()?),
+            (Table::Anomalies, anomalies.finish()?),
+            (Table::Rejects, rejects.finish()?),
+        ],
+        source_files: source.files().iter().map(|f| f.uri.to_string()).collect(),
+    })
+}
