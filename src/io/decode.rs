@@ -20,7 +20,6 @@ use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, StringArray, UI
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Float32Type, Schema, UInt8Type};
 use arrow::record_batch::RecordBatch;
-use arrow_schema::extension::{ExtensionType, FixedShapeTensor};
 use ndarray::Array2;
 use rayon::prelude::*;
 
@@ -502,6 +501,17 @@ impl Decoder {
     }
 }
 
+/// The `arrow.fixed_shape_tensor` metadata, read per the Arrow canonical extension spec.
+///
+/// Not arrow-rs's `FixedShapeTensor` (arrow 60): it refuses the nullable child field pyarrow
+/// writes, and its own serializer writes `"permutations": null`, which its deserializer rejects.
+#[derive(Debug, serde::Deserialize)]
+struct TensorMetadata {
+    shape: Vec<usize>,
+    #[serde(default)]
+    permutation: Option<Vec<usize>>,
+}
+
 /// Checks a tensor column's metadata against its storage and returns its image shape and
 /// value type. The storage's child field may be nullable (pyarrow writes it so); null values
 /// are caught per row.
@@ -509,20 +519,18 @@ fn tensor_layout(
     image: &arrow::datatypes::Field,
     name: &str,
 ) -> std::result::Result<(ImageShape, Values), String> {
-    // Arrow's canonical type parses the metadata; its storage check is not used because it
-    // refuses the nullable child field that pyarrow writes.
-    let raw = image.extension_type_metadata();
-    let meta = FixedShapeTensor::deserialize_metadata(raw).map_err(|e| {
+    let raw = image.extension_type_metadata().unwrap_or("{}");
+    let meta: TensorMetadata = serde_json::from_str(raw).map_err(|e| {
         format!("column `{name}`: unreadable arrow.fixed_shape_tensor metadata {raw:?}: {e}")
     })?;
-    if let Some(p) = meta.permutations()
+    if let Some(p) = &meta.permutation
         && p.iter().enumerate().any(|(i, &j)| i != j)
     {
         return Err(format!(
             "column `{name}`: permuted tensors ({p:?}) are not supported; write the images in row-major [height, width, channels] order"
         ));
     }
-    let shape = match meta.shape() {
+    let shape = match meta.shape.as_slice() {
         [h, w] => ImageShape::new(*h, *w, 1),
         [h, w, c] if matches!(c, 1 | 3) => ImageShape::new(*h, *w, *c),
         other => {
@@ -537,14 +545,11 @@ fn tensor_layout(
             image.data_type()
         ));
     };
-    let dims = meta
-        .shape()
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d));
+    let dims = meta.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if dims != Some(*size as usize) {
         return Err(format!(
             "column `{name}`: tensor shape {:?} disagrees with its storage of {size} values per row",
-            meta.shape()
+            meta.shape
         ));
     }
     let values = value_kind(child.data_type()).ok_or_else(|| {

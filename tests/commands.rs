@@ -1,0 +1,147 @@
+//! validate, inspect, sample, schema, and the bundled pipeline files.
+
+use crate::common::*;
+
+#[test]
+fn validate_accepts_the_demo_and_describes_it() {
+    let out = pipeline(&repo(), &["validate", "pipelines/demo.toml"], &[]);
+    out.expect(0);
+    assert!(out.stdout.contains("is valid"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("2000 rows, images 28x28"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn the_nightly_pipeline_validates_when_its_variables_are_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = dir.path().join("frames/date=2026-11-28");
+    std::fs::create_dir_all(&day).unwrap();
+    write_camera_frames(&day.join("part-0.parquet"), 10);
+    let nightly = repo().join("pipelines/nightly.toml");
+    let nightly = nightly.to_str().unwrap();
+    let frames = dir.path().join("frames");
+    let env = [
+        ("RUN_DATE", "2026-11-28"),
+        ("FRAMES_URI", frames.to_str().unwrap()),
+        ("RESULTS_URI", dir.path().to_str().unwrap()),
+    ];
+    pipeline(dir.path(), &["validate", nightly], &env).expect(0);
+    // Without RUN_DATE the file says what is missing.
+    pipeline(dir.path(), &["validate", nightly], &env[1..])
+        .expect(78)
+        .mentions(&["RUN_DATE"]);
+}
+
+#[test]
+fn inspect_reports_the_shape_and_draws_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("look.png");
+    let out = pipeline(
+        &repo(),
+        &[
+            "inspect",
+            "data/demo/digits.parquet",
+            "--out",
+            png.to_str().unwrap(),
+            "-n",
+            "9",
+        ],
+        &[],
+    );
+    out.expect(0);
+    for needle in [
+        "2000 rows",
+        "arrow.fixed_shape_tensor",
+        "images: 28x28 (grayscale)",
+        "drew 9 image(s)",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "missing {needle:?} in\n{}",
+            out.stdout
+        );
+    }
+    let img = image::open(&png).unwrap();
+    assert!(img.width() > 3 * 28 && img.height() > 3 * 28);
+}
+
+#[test]
+fn sample_draws_a_reproducible_grid_from_a_fitted_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tensor_u8(
+        &dir.path().join("d.parquet"),
+        &ids(0, 300),
+        &images(300, 6, 6, 8),
+        &[6, 6],
+    );
+    write_config(dir.path(), "p.toml", "d.parquet", "out", "");
+    let fit = pipeline(dir.path(), &["fit", "p.toml"], &[]);
+    fit.expect(0);
+    let model = fit
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("model: "))
+        .unwrap();
+    for name in ["a.png", "b.png"] {
+        pipeline(
+            dir.path(),
+            &["sample", model, "-n", "16", "--out", name, "--seed", "3"],
+            &[],
+        )
+        .expect(0);
+    }
+    let a = std::fs::read(dir.path().join("a.png")).unwrap();
+    assert_eq!(
+        a,
+        std::fs::read(dir.path().join("b.png")).unwrap(),
+        "same seed, same grid"
+    );
+    pipeline(
+        dir.path(),
+        &["sample", model, "-n", "16", "--out", "c.png", "--seed", "4"],
+        &[],
+    )
+    .expect(0);
+    assert_ne!(a, std::fs::read(dir.path().join("c.png")).unwrap());
+    let img = image::load_from_memory(&a).unwrap().into_luma8();
+    // 4x4 tiles of 6x6 pixels at scale 2, with 2-pixel gaps.
+    assert_eq!(
+        (img.width(), img.height()),
+        (4 * 12 + 5 * 2, 4 * 12 + 5 * 2)
+    );
+    pipeline(
+        dir.path(),
+        &["sample", "nowhere/", "-n", "4", "--out", "x.png"],
+        &[],
+    )
+    .expect(66);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tensor_u8(
+        &dir.path().join("d.parquet"),
+        &ids(0, 50),
+        &images(50, 4, 4, 1),
+        &[4, 4],
+    );
+    write_config(
+        dir.path(),
+        "p.toml",
+        "d.parquet",
+        "out",
+        "[train]\nvalidation_fraction = 0.5\n",
+    );
+    let out = pipeline(dir.path(), &["run", "p.toml", "--log-format", "json"], &[]);
+    out.expect(0);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert!(lines.len() >= 3);
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{l}");
+    }
+}

@@ -1,0 +1,427 @@
+//! Shared helpers for the integration tests: run the real binary in a temp dir, write Parquet
+//! fixtures in each image layout, and read written tables back with the parquet crate.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, FixedSizeListArray, Float32Array, Float64Array,
+    ListArray, StringArray, StructArray, UInt8Array, UInt16Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The repository root (where `pipelines/` and `data/` are).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a run of the binary did.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Asserts the exit code, showing the output when it differs, and that nothing panicked.
+    pub fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        for leak in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+            assert!(
+                !self.stderr.contains(leak),
+                "panic text in stderr:\n{}",
+                self.stderr
+            );
+        }
+        self
+    }
+
+    /// Asserts that stderr mentions every needle.
+    pub fn mentions(&self, needles: &[&str]) -> &Self {
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "stderr does not mention {n:?}:\n{}",
+                self.stderr
+            );
+        }
+        self
+    }
+}
+
+/// Runs `pipeline ARGS` in `dir` with extra environment variables.
+pub fn pipeline(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+    cmd.args(args).current_dir(dir).env_remove("PIPELINE_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the binary runs");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes a pipeline file with the given source and sink and extra TOML.
+pub fn write_config(dir: &Path, name: &str, source: &str, sink: &str, extra: &str) -> PathBuf {
+    let path = dir.join(name);
+    let text = format!(
+        "[pipeline]\nname = \"test\"\n\n[source]\nuri = \"{source}\"\n\n[sink]\nuri = \"{sink}\"\n\n{extra}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Synthetic grayscale images: pixel d is bright with probability p_d, where p varies
+/// smoothly across the image, so a model has something to learn.
+pub fn images(n: usize, height: usize, width: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dims = height * width;
+    (0..n)
+        .map(|_| {
+            (0..dims)
+                .map(|d| {
+                    let p = 0.1 + 0.8 * (d as f64 / dims as f64);
+                    if rng.random::<f64>() < p {
+                        rng.random_range(140..=255)
+                    } else {
+                        rng.random_range(0..100)
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Ids `img-00000`, … for `n` images starting at `start`.
+pub fn ids(start: usize, n: usize) -> Vec<String> {
+    (start..start + n).map(|i| format!("img-{i:05}")).collect()
+}
+
+fn write(path: &Path, batch: RecordBatch) {
+    let file = File::create(path).unwrap();
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// A tensor column's field, with the extension metadata pyarrow writes.
+fn tensor_field(name: &str, value: DataType, shape: &[usize]) -> Field {
+    let size = shape.iter().product::<usize>() as i32;
+    let storage = DataType::FixedSizeList(Arc::new(Field::new("item", value, false)), size);
+    let metadata = HashMap::from([
+        (
+            "ARROW:extension:name".to_string(),
+            "arrow.fixed_shape_tensor".to_string(),
+        ),
+        (
+            "ARROW:extension:metadata".to_string(),
+            serde_json::json!({ "shape": shape }).to_string(),
+        ),
+    ]);
+    Field::new(name, storage, true).with_metadata(metadata)
+}
+
+/// Camera frames as the nightly pipeline expects them: frame_id, camera_id, captured_at, and
+/// a 28x28 uint8 tensor.
+pub fn write_camera_frames(path: &Path, n: usize) {
+    let imgs = images(n, 28, 28, 21);
+    let values = UInt8Array::from_iter_values(imgs.iter().flatten().copied());
+    let list = FixedSizeListArray::new(
+        Arc::new(Field::new("item", DataType::UInt8, false)),
+        784,
+        Arc::new(values),
+        None,
+    );
+    let schema = Schema::new(vec![
+        Field::new("frame_id", DataType::Utf8, false),
+        Field::new("camera_id", DataType::Utf8, false),
+        Field::new("captured_at", DataType::Int64, false),
+        tensor_field("image", DataType::UInt8, &[28, 28]),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(ids(0, n))),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("cam-{}", i % 3)),
+                )),
+                Arc::new(arrow::array::Int64Array::from_iter_values(
+                    (0..n as i64).map(|i| 1_764_300_000 + i),
+                )),
+                Arc::new(list),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// Layout (a): `arrow.fixed_shape_tensor<uint8>` of `shape`, with `id` and `label` columns.
+pub fn write_tensor_u8(path: &Path, ids: &[String], images: &[Vec<u8>], shape: &[usize]) {
+    let size = shape.iter().product::<usize>();
+    let values = UInt8Array::from_iter_values(images.iter().flatten().copied());
+    let list = FixedSizeListArray::new(
+        Arc::new(Field::new("item", DataType::UInt8, false)),
+        size as i32,
+        Arc::new(values),
+        None,
+    );
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::UInt16, false),
+        tensor_field("image", DataType::UInt8, shape),
+    ]);
+    let labels = UInt16Array::from_iter_values((0..ids.len()).map(|i| (i % 10) as u16));
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(ids)),
+                Arc::new(labels),
+                Arc::new(list),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// Layout (a) with float32 values on [0, 1].
+pub fn write_tensor_f32(path: &Path, ids: &[String], images: &[Vec<u8>], shape: &[usize]) {
+    let size = shape.iter().product::<usize>();
+    let values =
+        Float32Array::from_iter_values(images.iter().flatten().map(|&v| f32::from(v) / 255.0));
+    let list = FixedSizeListArray::new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        size as i32,
+        Arc::new(values),
+        None,
+    );
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        tensor_field("image", DataType::Float32, shape),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
+        )
+        .unwrap(),
+    );
+}
+
+/// Layout (b): `list<uint8>` with `Option` rows (None = null image), shape from the config.
+pub fn write_list_u8(path: &Path, ids: &[Option<String>], images: &[Option<Vec<u8>>]) {
+    let lengths = images.iter().map(|i| i.as_ref().map_or(0, Vec::len));
+    let values = UInt8Array::from_iter_values(images.iter().flatten().flatten().copied());
+    let nulls =
+        arrow::buffer::NullBuffer::from(images.iter().map(Option::is_some).collect::<Vec<_>>());
+    let list = ListArray::new(
+        Arc::new(Field::new("item", DataType::UInt8, true)),
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(values),
+        Some(nulls),
+    );
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("image", list.data_type().clone(), true),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter(ids.iter().map(|s| s.as_deref()))),
+                Arc::new(list),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// Layout (b'): float32 tensor rows written as `list<float32>`, for NaN and range tests.
+pub fn write_list_f32(path: &Path, ids: &[String], images: &[Vec<f32>]) {
+    let values = Float32Array::from_iter_values(images.iter().flatten().copied());
+    let list = ListArray::new(
+        Arc::new(Field::new("item", DataType::Float32, true)),
+        OffsetBuffer::from_lengths(images.iter().map(Vec::len)),
+        Arc::new(values),
+        None,
+    );
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("image", list.data_type().clone(), true),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
+        )
+        .unwrap(),
+    );
+}
+
+/// Layout (b''): raw pixels as binary, with `height` and `width` columns.
+pub fn write_binary_with_shape_columns(
+    path: &Path,
+    ids: &[String],
+    images: &[Vec<u8>],
+    height: usize,
+    width: usize,
+) {
+    let n = ids.len();
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, true),
+        Field::new("height", DataType::Int32, false),
+        Field::new("width", DataType::Int32, false),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(ids)),
+                Arc::new(BinaryArray::from_iter_values(images.iter())),
+                Arc::new(arrow::array::Int32Array::from(vec![height as i32; n])),
+                Arc::new(arrow::array::Int32Array::from(vec![width as i32; n])),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// Encodes a grayscale image as PNG.
+pub fn png(image: &[u8], height: usize, width: usize) -> Vec<u8> {
+    let img = image::GrayImage::from_raw(width as u32, height as u32, image.to_vec()).unwrap();
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Layout (c): a struct `{bytes, path}` of PNG images (the Hugging Face convention).
+pub fn write_png_struct(path: &Path, ids: &[String], pngs: &[Vec<u8>]) {
+    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(pngs.iter()));
+    let paths: ArrayRef = Arc::new(StringArray::from_iter_values(
+        ids.iter().map(|i| format!("{i}.png")),
+    ));
+    let image = StructArray::from(vec![
+        (Arc::new(Field::new("bytes", DataType::Binary, true)), bytes),
+        (Arc::new(Field::new("path", DataType::Utf8, true)), paths),
+    ]);
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("image", image.data_type().clone(), true),
+    ]);
+    write(
+        path,
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(ids)),
+                Arc::new(image),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// Every row of every Parquet file in `dir` (not recursive), read with the parquet crate.
+pub fn read_table(dir: &Path) -> Vec<RecordBatch> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            ParquetRecordBatchReaderBuilder::try_new(File::open(f).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Number of rows over batches.
+pub fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// A string column over batches.
+pub fn strings(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            let c = c.as_string::<i32>();
+            (0..c.len())
+                .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A float64 column over batches.
+pub fn floats(batches: &[RecordBatch], name: &str) -> Vec<f64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"))
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+/// A boolean column over batches.
+pub fn bools(batches: &[RecordBatch], name: &str) -> Vec<bool> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = b.column_by_name(name).unwrap().as_boolean();
+            c.iter().map(|v| v.unwrap()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// id → log-likelihood from a scores table.
+pub fn likelihoods(dir: &Path) -> HashMap<String, f64> {
+    let t = read_table(dir);
+    strings(&t, "id")
+        .into_iter()
+        .map(Option::unwrap)
+        .zip(floats(&t, "log_likelihood"))
+        .collect()
+}

@@ -1,0 +1,206 @@
+//! The demo and the fit → score path, end to end, with the written tables read back.
+
+use anomaly_pipeline::data::{id_hash, unit_interval};
+
+use crate::common::*;
+
+/// Runs the bundled demo into `out` with run id `run_id`.
+fn run_demo(dir: &std::path::Path, run_id: &str) -> Output {
+    let out = dir.join("out");
+    pipeline(
+        &repo(),
+        &[
+            "run",
+            "pipelines/demo.toml",
+            "--run-id",
+            run_id,
+            "--log-format",
+            "json",
+        ],
+        &[("DEMO_OUT", out.to_str().unwrap())],
+    )
+}
+
+#[test]
+fn the_demo_writes_every_table_and_reruns_replace_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = run_demo(dir.path(), "first");
+    result.expect(0);
+    assert!(result.stdout.contains("scores"), "{}", result.stdout);
+    assert!(
+        result.stdout.contains(out.to_str().unwrap()),
+        "the summary names the sink"
+    );
+
+    let scores = read_table(&out.join("scores"));
+    assert_eq!(rows(&scores), 2000, "one row per input image");
+    let ll = floats(&scores, "log_likelihood");
+    let bits = floats(&scores, "bits_per_dim");
+    let score = floats(&scores, "score");
+    for ((l, b), s) in ll.iter().zip(&bits).zip(&score) {
+        assert!(l.is_finite() && *l <= 0.0, "log-likelihood {l}");
+        let want = -l / (784.0 * std::f64::consts::LN_2);
+        assert!((b - want).abs() < 1e-12, "bits_per_dim {b} vs {want}");
+        assert_eq!(*s, -l, "score is the NLL");
+    }
+    let ids = strings(&scores, "id");
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 2000, "ids are unique");
+    assert!(
+        strings(&scores, "run_id")
+            .iter()
+            .all(|r| r.as_deref() == Some("first"))
+    );
+
+    // Every damaged frame is flagged, and the flags match the threshold.
+    let condition = strings(&scores, "condition");
+    let flags = bools(&scores, "is_anomaly");
+    let threshold = floats(&scores, "threshold")[0];
+    for i in 0..ids.len() {
+        assert_eq!(flags[i], score[i] > threshold);
+        if condition[i].as_deref() != Some("normal") {
+            assert!(flags[i], "{:?} ({:?}) not flagged", ids[i], condition[i]);
+        }
+    }
+    let anomalies = read_table(&out.join("anomalies"));
+    assert_eq!(rows(&anomalies), flags.iter().filter(|f| **f).count());
+    let maps = anomalies[0]
+        .column_by_name("pixel_nll")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::ListArray>()
+        .unwrap()
+        .clone();
+    assert_eq!(maps.value(0).len(), 784);
+
+    assert!(out.join("runs/first/_SUCCESS").exists());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("runs/first/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["rows"]["scored"], 2000);
+    assert!(!out.join("_staging").exists(), "staging is cleaned up");
+
+    // The same run id again: the same rows, not twice as many.
+    run_demo(dir.path(), "first").expect(0);
+    let again = read_table(&out.join("scores"));
+    assert_eq!(rows(&again), 2000);
+    assert_eq!(likelihoods(&out.join("scores")).len(), 2000);
+    assert_eq!(
+        floats(&again, "log_likelihood"),
+        ll,
+        "reruns are deterministic"
+    );
+
+    // Another run id adds its own rows beside the first run's.
+    run_demo(dir.path(), "second").expect(0);
+    assert_eq!(rows(&read_table(&out.join("scores"))), 4000);
+    assert!(out.join("runs/second/_SUCCESS").exists());
+}
+
+#[test]
+fn held_out_normal_images_are_flagged_at_about_one_minus_the_quantile() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = images(4000, 8, 8, 1);
+    let fresh = images(3000, 8, 8, 2);
+    write_tensor_u8(
+        &dir.path().join("train.parquet"),
+        &ids(0, 4000),
+        &train,
+        &[8, 8],
+    );
+    write_tensor_u8(
+        &dir.path().join("fresh.parquet"),
+        &ids(10_000, 3000),
+        &fresh,
+        &[8, 8],
+    );
+    let extra = "[threshold]\nquantile = 0.95\n\n[train]\nvalidation_fraction = 0.3\nseed = 4\n";
+    write_config(dir.path(), "fit.toml", "train.parquet", "out", extra);
+    write_config(dir.path(), "score.toml", "fresh.parquet", "out", extra);
+
+    let fit = pipeline(dir.path(), &["fit", "fit.toml"], &[]);
+    fit.expect(0);
+    let model_dir = fit
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("model: "))
+        .expect("fit prints the model's directory")
+        .to_string();
+    let model: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(&model_dir).join("model.json")).unwrap(),
+    )
+    .unwrap();
+    // The held-out split is the one the id hash picks.
+    let held_out = ids(0, 4000)
+        .iter()
+        .filter(|id| unit_interval(id_hash(4, id)) < 0.3)
+        .count();
+    assert_eq!(model["training"]["validation_images"], held_out as u64);
+    assert_eq!(
+        model["calibration_scores"].as_array().unwrap().len(),
+        held_out
+    );
+
+    pipeline(
+        dir.path(),
+        &[
+            "score",
+            "score.toml",
+            "--model",
+            &model_dir,
+            "--run-id",
+            "fresh",
+        ],
+        &[],
+    )
+    .expect(0);
+    let scores = read_table(&dir.path().join("out/scores"));
+    let flags = bools(&scores, "is_anomaly");
+    let fraction = flags.iter().filter(|f| **f).count() as f64 / flags.len() as f64;
+    // 1 - q = 0.05; the threshold's own sampling error (about 0.007 with ~1,200 calibration
+    // images) and the binomial error of 3,000 draws (0.004) allow ±0.03 at over 3 sigma.
+    assert!(
+        (fraction - 0.05).abs() < 0.03,
+        "flagged fraction {fraction}"
+    );
+}
+
+#[test]
+fn fit_then_score_gives_the_same_scores_as_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(500, 6, 5, 3);
+    write_tensor_u8(&dir.path().join("d.parquet"), &ids(0, 500), &imgs, &[6, 5]);
+    let extra = "[model]\nkind = \"categorical\"\n\n[preprocess]\nbinarize = \"none\"\n";
+    write_config(dir.path(), "p.toml", "d.parquet", "out", extra);
+    pipeline(dir.path(), &["run", "p.toml", "--run-id", "a"], &[]).expect(0);
+    let fit = pipeline(dir.path(), &["fit", "p.toml"], &[]);
+    fit.expect(0);
+    let model_dir = fit
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("model: "))
+        .unwrap();
+    let out2 = dir.path().join("out2");
+    pipeline(
+        dir.path(),
+        &[
+            "score",
+            "p.toml",
+            "--model",
+            model_dir,
+            "--set",
+            &format!("sink.uri={}", out2.display()),
+            "--run-id",
+            "b",
+        ],
+        &[],
+    )
+    .expect(0);
+    let a = likelihoods(&dir.path().join("out/scores"));
+    let b = likelihoods(&out2.join("scores"));
+    assert_eq!(a, b);
+    assert!(a.values().all(|v| *v < 0.0));
+}

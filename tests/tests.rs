@@ -1,0 +1,8 @@
+//! Integration tests: the real `pipeline` binary on real Parquet files in temp dirs.
+
+mod common;
+
+mod bad_inputs;
+mod commands;
+mod end_to_end;
+mod layouts;
