@@ -66,6 +66,9 @@ enum ShapeRule {
     Png,
 }
 
+/// One row's pixels with their shape, or why the row cannot be used.
+type RowPixels<'a> = std::result::Result<(ImageShape, Cow<'a, [u8]>), String>;
+
 /// Decodes the record batches of one source file; built from the file's schema.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -234,7 +237,7 @@ impl Decoder {
         if let Some(fast) = self.bulk_u8(&image, ids, shape) {
             return self.assemble_fast(batch, first_row, fast, ids);
         }
-        let decoded: Vec<Result<(ImageShape, Cow<'_, [u8]>), String>> = (0..n)
+        let decoded: Vec<RowPixels<'_>> = (0..n)
             .into_par_iter()
             .map(|i| {
                 if ids.is_null(i) {
@@ -323,7 +326,7 @@ impl Decoder {
         image: &'a ArrayRef,
         i: usize,
         row_shape: Option<Option<ImageShape>>,
-    ) -> std::result::Result<(ImageShape, Cow<'a, [u8]>), String> {
+    ) -> RowPixels<'a> {
         let expected = match (&self.shape, row_shape) {
             (ShapeRule::Fixed(s), _) => Some(*s),
             (ShapeRule::Columns { .. }, Some(Some(s))) => Some(s),

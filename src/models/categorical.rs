@@ -222,10 +222,10 @@ mod tests {
             counts[0][img[0] as usize] += 1;
             counts[1][img[1] as usize] += 1;
         }
-        for d in 0..2 {
+        for (d, pixel_counts) in counts.iter().enumerate() {
             for v in 0..4u8 {
                 let q = m.log_p(d, v).exp();
-                let freq = f64::from(counts[d][v as usize]) / f64::from(n);
+                let freq = f64::from(pixel_counts[v as usize]) / f64::from(n);
                 let tol = 4.0 * (q * (1.0 - q) / f64::from(n)).sqrt() + 1e-12;
                 assert!((freq - q).abs() < tol, "pixel {d} value {v}: {freq} vs {q}");
             }
