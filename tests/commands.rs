@@ -78,17 +78,11 @@ fn sample_draws_a_reproducible_grid_from_a_fitted_model() {
         &[6, 6],
     );
     write_config(dir.path(), "p.toml", "d.parquet", "out", "");
-    let fit = pipeline(dir.path(), &["fit", "p.toml"], &[]);
-    fit.expect(0);
-    let model = fit
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("model: "))
-        .unwrap();
+    let model = fit_model(dir.path(), "p.toml");
     for name in ["a.png", "b.png"] {
         pipeline(
             dir.path(),
-            &["sample", model, "-n", "16", "--out", name, "--seed", "3"],
+            &["sample", &model, "-n", "16", "--out", name, "--seed", "3"],
             &[],
         )
         .expect(0);
@@ -101,7 +95,9 @@ fn sample_draws_a_reproducible_grid_from_a_fitted_model() {
     );
     pipeline(
         dir.path(),
-        &["sample", model, "-n", "16", "--out", "c.png", "--seed", "4"],
+        &[
+            "sample", &model, "-n", "16", "--out", "c.png", "--seed", "4",
+        ],
         &[],
     )
     .expect(0);

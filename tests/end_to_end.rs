@@ -121,14 +121,7 @@ fn held_out_normal_images_are_flagged_at_about_one_minus_the_quantile() {
     write_config(dir.path(), "fit.toml", "train.parquet", "out", extra);
     write_config(dir.path(), "score.toml", "fresh.parquet", "out", extra);
 
-    let fit = pipeline(dir.path(), &["fit", "fit.toml"], &[]);
-    fit.expect(0);
-    let model_dir = fit
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("model: "))
-        .expect("fit prints the model's directory")
-        .to_string();
+    let model_dir = fit_model(dir.path(), "fit.toml");
     let model: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join(&model_dir).join("model.json")).unwrap(),
     )
@@ -176,13 +169,7 @@ fn fit_then_score_gives_the_same_scores_as_run() {
     let extra = "[model]\nkind = \"categorical\"\n\n[preprocess]\nbinarize = \"none\"\n";
     write_config(dir.path(), "p.toml", "d.parquet", "out", extra);
     pipeline(dir.path(), &["run", "p.toml", "--run-id", "a"], &[]).expect(0);
-    let fit = pipeline(dir.path(), &["fit", "p.toml"], &[]);
-    fit.expect(0);
-    let model_dir = fit
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("model: "))
-        .unwrap();
+    let model_dir = fit_model(dir.path(), "p.toml");
     let out2 = dir.path().join("out2");
     pipeline(
         dir.path(),
@@ -190,7 +177,7 @@ fn fit_then_score_gives_the_same_scores_as_run() {
             "score",
             "p.toml",
             "--model",
-            model_dir,
+            &model_dir,
             "--set",
             &format!("sink.uri={}", out2.display()),
             "--run-id",

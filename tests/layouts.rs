@@ -23,13 +23,7 @@ fn tensor_list_binary_and_png_layouts_score_identically() {
     // 8-bit values, so any difference in decoded pixels changes the scores.
     let extra = "[model]\nkind = \"categorical\"\n\n[preprocess]\nbinarize = \"none\"\n";
     write_config(d, "fit.toml", "tensor.parquet", "out", extra);
-    let fit = pipeline(d, &["fit", "fit.toml"], &[]);
-    fit.expect(0);
-    let model = fit
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("model: "))
-        .unwrap();
+    let model = fit_model(d, "fit.toml");
 
     let mut reference = None;
     for layout in ["tensor", "tensor_f32", "list", "binary", "png"] {
@@ -37,7 +31,7 @@ fn tensor_list_binary_and_png_layouts_score_identically() {
         let cfg = format!("{layout}.toml");
         write_config(d, &cfg, &format!("{layout}.parquet"), &sink, extra);
         let shape = format!("source.shape=[{h}, {w}]");
-        let mut args = vec!["score", &cfg, "--model", model, "--run-id", layout];
+        let mut args = vec!["score", &cfg, "--model", &model, "--run-id", layout];
         // Only the list layout needs a shape; the others carry their own.
         if layout == "list" {
             args.extend(["--set", &shape]);

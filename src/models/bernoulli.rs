@@ -5,10 +5,9 @@
 //! other model must beat.
 
 use rand::RngCore;
-use rayon::prelude::*;
 use serde_json::json;
 
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
+use super::{DensityModel, NamedTensor, TrainingSet, tensor, value_counts};
 use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
@@ -34,31 +33,11 @@ impl Bernoulli {
                 "`bernoulli` needs binary pixels: set preprocess.binarize to \"threshold\" or \"stochastic\"",
             ));
         }
-        let dims = data.shape.dims();
         let n = data.pixels.nrows();
-        let counts = data
-            .pixels
-            .axis_iter(ndarray::Axis(0))
-            .into_par_iter()
-            .fold(
-                || vec![0u64; dims],
-                |mut acc, row| {
-                    for (a, &x) in acc.iter_mut().zip(row.iter()) {
-                        *a += u64::from(x);
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0u64; dims],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        let counts = value_counts(data);
         let p = counts
-            .iter()
-            .map(|&c| (c as f64 + alpha) / (n as f64 + 2.0 * alpha))
+            .chunks_exact(2)
+            .map(|c| (c[1] as f64 + alpha) / (n as f64 + 2.0 * alpha))
             .collect();
         Ok(Self::from_probabilities(data.shape, alpha, p))
     }

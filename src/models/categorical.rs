@@ -5,11 +5,10 @@
 //! smoothing: π_{d,v} = (n_{d,v} + α) / (n + Kα). The 8-bit baseline.
 
 use rand::RngCore;
-use rayon::prelude::*;
 use serde_json::json;
 
 use super::bernoulli::uniform;
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
+use super::{DensityModel, NamedTensor, TrainingSet, tensor, value_counts};
 use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::error::Result;
@@ -27,29 +26,9 @@ pub struct Categorical {
 impl Categorical {
     /// Fits by counting, in parallel over images.
     pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Result<Self> {
-        let dims = data.shape.dims();
         let k = data.levels as usize;
         let n = data.pixels.nrows();
-        let counts = data
-            .pixels
-            .axis_iter(ndarray::Axis(0))
-            .into_par_iter()
-            .fold(
-                || vec![0u64; dims * k],
-                |mut acc, row| {
-                    for (d, &x) in row.iter().enumerate() {
-                        acc[d * k + usize::from(x).min(k - 1)] += 1;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0u64; dims * k],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        let counts = value_counts(data);
         let denominator = (n as f64 + k as f64 * alpha).ln();
         let log_prob = counts
             .iter()

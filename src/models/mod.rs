@@ -116,6 +116,32 @@ pub fn from_tensors(
     })
 }
 
+/// How often each pixel takes each value: `counts[d * levels + v]`, counted in parallel over
+/// images (values at or above `levels` count as `levels - 1`).
+pub fn value_counts(data: &TrainingSet<'_>) -> Vec<u64> {
+    let k = data.levels as usize;
+    let size = data.shape.dims() * k;
+    data.pixels
+        .axis_iter(ndarray::Axis(0))
+        .into_par_iter()
+        .fold(
+            || vec![0u64; size],
+            |mut acc, row| {
+                for (d, &x) in row.iter().enumerate() {
+                    acc[d * k + usize::from(x).min(k - 1)] += 1;
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0u64; size],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
 /// Finds tensor `name` with `len` values.
 fn tensor<'a>(
     tensors: &'a [NamedTensor],

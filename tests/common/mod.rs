@@ -79,6 +79,17 @@ pub fn pipeline(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
+/// Runs `pipeline fit CONFIG` in `dir` and returns the model directory it printed.
+pub fn fit_model(dir: &Path, config: &str) -> String {
+    let fit = pipeline(dir, &["fit", config], &[]);
+    fit.expect(0);
+    fit.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("model: "))
+        .expect("fit prints the model's directory")
+        .to_string()
+}
+
 /// Writes a pipeline file with the given source and sink and extra TOML.
 pub fn write_config(dir: &Path, name: &str, source: &str, sink: &str, extra: &str) -> PathBuf {
     let path = dir.join(name);
@@ -115,7 +126,10 @@ pub fn ids(start: usize, n: usize) -> Vec<String> {
     (start..start + n).map(|i| format!("img-{i:05}")).collect()
 }
 
-fn write(path: &Path, batch: RecordBatch) {
+/// Writes one record batch of the given columns.
+fn write_columns(path: &Path, columns: Vec<(Field, ArrayRef)>) {
+    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = columns.into_iter().unzip();
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap();
     let file = File::create(path).unwrap();
     let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
@@ -150,28 +164,30 @@ pub fn write_camera_frames(path: &Path, n: usize) {
         Arc::new(values),
         None,
     );
-    let schema = Schema::new(vec![
-        Field::new("frame_id", DataType::Utf8, false),
-        Field::new("camera_id", DataType::Utf8, false),
-        Field::new("captured_at", DataType::Int64, false),
-        tensor_field("image", DataType::UInt8, &[28, 28]),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
+        vec![
+            (
+                Field::new("frame_id", DataType::Utf8, false),
                 Arc::new(StringArray::from_iter_values(ids(0, n))),
+            ),
+            (
+                Field::new("camera_id", DataType::Utf8, false),
                 Arc::new(StringArray::from_iter_values(
                     (0..n).map(|i| format!("cam-{}", i % 3)),
                 )),
+            ),
+            (
+                Field::new("captured_at", DataType::Int64, false),
                 Arc::new(arrow::array::Int64Array::from_iter_values(
                     (0..n as i64).map(|i| 1_764_300_000 + i),
                 )),
+            ),
+            (
+                tensor_field("image", DataType::UInt8, &[28, 28]),
                 Arc::new(list),
-            ],
-        )
-        .unwrap(),
+            ),
+        ],
     );
 }
 
@@ -185,23 +201,23 @@ pub fn write_tensor_u8(path: &Path, ids: &[String], images: &[Vec<u8>], shape: &
         Arc::new(values),
         None,
     );
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("label", DataType::UInt16, false),
-        tensor_field("image", DataType::UInt8, shape),
-    ]);
     let labels = UInt16Array::from_iter_values((0..ids.len()).map(|i| (i % 10) as u16));
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
+        vec![
+            (
+                Field::new("id", DataType::Utf8, false),
                 Arc::new(StringArray::from_iter_values(ids)),
+            ),
+            (
+                Field::new("label", DataType::UInt16, false),
                 Arc::new(labels),
+            ),
+            (
+                tensor_field("image", DataType::UInt8, shape),
                 Arc::new(list),
-            ],
-        )
-        .unwrap(),
+            ),
+        ],
     );
 }
 
@@ -216,17 +232,18 @@ pub fn write_tensor_f32(path: &Path, ids: &[String], images: &[Vec<u8>], shape: 
         Arc::new(values),
         None,
     );
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        tensor_field("image", DataType::Float32, shape),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
-        )
-        .unwrap(),
+        vec![
+            (
+                Field::new("id", DataType::Utf8, false),
+                Arc::new(StringArray::from_iter_values(ids)),
+            ),
+            (
+                tensor_field("image", DataType::Float32, shape),
+                Arc::new(list),
+            ),
+        ],
     );
 }
 
@@ -242,20 +259,18 @@ pub fn write_list_u8(path: &Path, ids: &[Option<String>], images: &[Option<Vec<u
         Arc::new(values),
         Some(nulls),
     );
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, true),
-        Field::new("image", list.data_type().clone(), true),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
+        vec![
+            (
+                Field::new("id", DataType::Utf8, true),
                 Arc::new(StringArray::from_iter(ids.iter().map(|s| s.as_deref()))),
+            ),
+            (
+                Field::new("image", list.data_type().clone(), true),
                 Arc::new(list),
-            ],
-        )
-        .unwrap(),
+            ),
+        ],
     );
 }
 
@@ -268,17 +283,18 @@ pub fn write_list_f32(path: &Path, ids: &[String], images: &[Vec<f32>]) {
         Arc::new(values),
         None,
     );
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("image", list.data_type().clone(), true),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
-        )
-        .unwrap(),
+        vec![
+            (
+                Field::new("id", DataType::Utf8, false),
+                Arc::new(StringArray::from_iter_values(ids)),
+            ),
+            (
+                Field::new("image", list.data_type().clone(), true),
+                Arc::new(list),
+            ),
+        ],
     );
 }
 
@@ -291,24 +307,26 @@ pub fn write_binary_with_shape_columns(
     width: usize,
 ) {
     let n = ids.len();
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("image", DataType::Binary, true),
-        Field::new("height", DataType::Int32, false),
-        Field::new("width", DataType::Int32, false),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
+        vec![
+            (
+                Field::new("id", DataType::Utf8, false),
                 Arc::new(StringArray::from_iter_values(ids)),
+            ),
+            (
+                Field::new("image", DataType::Binary, true),
                 Arc::new(BinaryArray::from_iter_values(images.iter())),
+            ),
+            (
+                Field::new("height", DataType::Int32, false),
                 Arc::new(arrow::array::Int32Array::from(vec![height as i32; n])),
+            ),
+            (
+                Field::new("width", DataType::Int32, false),
                 Arc::new(arrow::array::Int32Array::from(vec![width as i32; n])),
-            ],
-        )
-        .unwrap(),
+            ),
+        ],
     );
 }
 
@@ -330,20 +348,18 @@ pub fn write_png_struct(path: &Path, ids: &[String], pngs: &[Vec<u8>]) {
         (Arc::new(Field::new("bytes", DataType::Binary, true)), bytes),
         (Arc::new(Field::new("path", DataType::Utf8, true)), paths),
     ]);
-    let schema = Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("image", image.data_type().clone(), true),
-    ]);
-    write(
+    write_columns(
         path,
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
+        vec![
+            (
+                Field::new("id", DataType::Utf8, false),
                 Arc::new(StringArray::from_iter_values(ids)),
+            ),
+            (
+                Field::new("image", image.data_type().clone(), true),
                 Arc::new(image),
-            ],
-        )
-        .unwrap(),
+            ),
+        ],
     );
 }
 
