@@ -170,6 +170,15 @@ fn fit_then_score_gives_the_same_scores_as_run() {
     write_config(dir.path(), "p.toml", "d.parquet", "out", extra);
     pipeline(dir.path(), &["run", "p.toml", "--run-id", "a"], &[]).expect(0);
     let model_dir = fit_model(dir.path(), "p.toml");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("out/runs/a/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let id = manifest["model"]["model_id"].as_str().unwrap();
+    assert!(
+        model_dir.ends_with(id),
+        "refitting the same data gives the same model id: {model_dir} vs {id}"
+    );
     let out2 = dir.path().join("out2");
     pipeline(
         dir.path(),

@@ -150,8 +150,11 @@ pub fn save(
 ) -> Result<(ModelMeta, String)> {
     let weights = to_safetensors(&model.tensors())?;
     meta.model_id = String::new();
+    // The id depends on what was learned, not on how long it took.
+    let mut identity = meta.clone();
+    identity.training.seconds = 0.0;
     let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?);
+    hasher.update(serde_json::to_vec(&identity).map_err(|e| Error::Internal(e.to_string()))?);
     hasher.update(&weights);
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();

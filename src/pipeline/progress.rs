@@ -15,7 +15,7 @@ impl Progress {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{msg:>9} [{bar:40}] {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+                    "{msg:>9} [{bar:40}] {human_pos}/{human_len} rows ({percent}%), {elapsed} elapsed, eta {eta}",
                 )
                 .expect("a valid template")
                 .progress_chars("=> "),
