@@ -35,6 +35,40 @@ fn the_demo_writes_every_table_and_reruns_replace_rows() {
 
     let scores = read_table(&out.join("scores"));
     assert_eq!(rows(&scores), 2000, "one row per input image");
+    // The written columns are the documented ones (schemas/tables.json), passthrough after id.
+    let documented: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("schemas/tables.json")).unwrap())
+            .unwrap();
+    for (table, batches) in [
+        ("scores", &scores),
+        ("anomalies", &read_table(&out.join("anomalies"))),
+    ] {
+        let mut want: Vec<(String, String)> = documented[table]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().into(),
+                    c["type"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        want.splice(
+            2..2,
+            [
+                ("label".into(), "UInt8".into()),
+                ("condition".into(), "Utf8".into()),
+            ],
+        );
+        let got: Vec<(String, String)> = batches[0]
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().to_string()))
+            .collect();
+        assert_eq!(got, want, "{table} columns");
+    }
     let ll = floats(&scores, "log_likelihood");
     let bits = floats(&scores, "bits_per_dim");
     let score = floats(&scores, "score");

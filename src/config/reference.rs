@@ -138,8 +138,11 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas");
         let json = std::fs::read_to_string(format!("{dir}/pipeline.schema.json")).unwrap();
         let md = std::fs::read_to_string(format!("{dir}/pipeline-toml.md")).unwrap();
+        let tables = std::fs::read_to_string(format!("{dir}/tables.json")).unwrap();
+        let want_tables =
+            serde_json::to_string_pretty(&crate::io::tables::tables_reference()).unwrap() + "\n";
         assert!(
-            json == json_schema_text() && md == markdown(),
+            json == json_schema_text() && md == markdown() && tables == want_tables,
             "schemas/ is stale: run `cargo run -- schema --out-dir schemas/`"
         );
     }
