@@ -199,10 +199,31 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ));
         }
     }
-    if c.model.kind == ModelKind::Bernoulli && c.preprocess.binarize == Binarize::None {
+    if matches!(c.model.kind, ModelKind::Bernoulli | ModelKind::Ar)
+        && c.preprocess.binarize == Binarize::None
+    {
         p.push((
             "model.kind",
-            "`model.kind = \"bernoulli\"` needs binary pixels: set `preprocess.binarize` to \"threshold\" or \"stochastic\", or use `kind = \"categorical\"`".to_string(),
+            format!(
+                "`model.kind = \"{}\"` needs binary pixels: set `preprocess.binarize` to \"threshold\" or \"stochastic\", or use `kind = \"categorical\"`",
+                c.model.kind.name()
+            ),
+        ));
+    }
+    if c.model.k > crate::models::logistic::MAX_FEATURES {
+        p.push((
+            "model.k",
+            format!(
+                "`model.k` must be at most {}, got {}",
+                crate::models::logistic::MAX_FEATURES,
+                c.model.k
+            ),
+        ));
+    }
+    if !(c.model.l2.is_finite() && c.model.l2 > 0.0) {
+        p.push((
+            "model.l2",
+            format!("`model.l2` must be a positive number, got {}", c.model.l2),
         ));
     }
     if !(c.model.alpha.is_finite() && c.model.alpha > 0.0) {

@@ -12,6 +12,8 @@ pub mod reference;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::models::ordering::{Context, Order};
+
 pub use load::{LoadOptions, load_file, load_str};
 
 /// A whole pipeline file, as written by the user (before validation).
@@ -164,6 +166,8 @@ pub enum ModelKind {
     Bernoulli,
     /// Independent discrete pixels: p(x) = Π Categorical(x_d; π_d) over 2 or 256 levels.
     Categorical,
+    /// AR-k: each binary sub-pixel a logistic regression on k earlier ones, fitted exactly.
+    Ar,
 }
 
 impl ModelKind {
@@ -172,6 +176,7 @@ impl ModelKind {
         match self {
             ModelKind::Bernoulli => "bernoulli",
             ModelKind::Categorical => "categorical",
+            ModelKind::Ar => "ar",
         }
     }
 }
@@ -185,6 +190,16 @@ pub struct ModelConfig {
     /// Laplace (add-alpha) smoothing for counting models: every value is seen `alpha` extra
     /// times, so no pixel value has probability zero.
     pub alpha: f64,
+    /// Context size of `ar`: how many earlier sub-pixels each conditional sees (0 to 64).
+    pub k: usize,
+    /// Pixel ordering of autoregressive models: `"raster"` or `"random"` (seeded by
+    /// `train.seed`). Colour channels always come R, G, B within a pixel.
+    pub order: Order,
+    /// Context of `ar`: `"previous"` (the k sub-pixels before in the ordering) or
+    /// `"neighbourhood"` (the k nearest already-seen sub-pixels in the image).
+    pub context: Context,
+    /// L2 penalty on the weights and bias of each `ar` conditional (keeps logits finite).
+    pub l2: f64,
     /// Score with this fitted model (a `models/<model_id>/` directory or its `model.json`)
     /// instead of fitting one. Empty: `pipeline run` fits a model on the source.
     pub uri: String,
@@ -195,6 +210,10 @@ impl Default for ModelConfig {
         Self {
             kind: ModelKind::Bernoulli,
             alpha: 1.0,
+            k: 1,
+            order: Order::Raster,
+            context: Context::Previous,
+            l2: 1.0,
             uri: String::new(),
         }
     }

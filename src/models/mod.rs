@@ -4,9 +4,12 @@
 //! nats), explains the score pixel by pixel, and can draw new images. Adding a model is adding a
 //! file here and a line in [`fit`] and [`from_tensors`].
 
+pub mod ar;
 pub mod artifact;
 pub mod bernoulli;
 pub mod categorical;
+pub mod logistic;
+pub mod ordering;
 
 use ndarray::ArrayView2;
 use rand::RngCore;
@@ -79,8 +82,12 @@ pub struct TrainingSet<'a> {
     pub pixels: ArrayView2<'a, u8>,
 }
 
-/// Fits the model `config.kind` on `data`.
-pub fn fit(config: &ModelConfig, data: &TrainingSet<'_>) -> Result<Box<dyn DensityModel>> {
+/// Fits the model `config.kind` on `data`; `seed` fixes anything random (a random ordering).
+pub fn fit(
+    config: &ModelConfig,
+    data: &TrainingSet<'_>,
+    seed: u64,
+) -> Result<Box<dyn DensityModel>> {
     if data.pixels.nrows() == 0 {
         return Err(Error::data(
             "source",
@@ -90,6 +97,16 @@ pub fn fit(config: &ModelConfig, data: &TrainingSet<'_>) -> Result<Box<dyn Densi
     Ok(match config.kind {
         ModelKind::Bernoulli => Box::new(bernoulli::Bernoulli::fit(config.alpha, data)?),
         ModelKind::Categorical => Box::new(categorical::Categorical::fit(config.alpha, data)?),
+        ModelKind::Ar => Box::new(ar::Ar::fit(
+            ar::ArParams {
+                k: config.k,
+                order: config.order,
+                context: config.context,
+                l2: config.l2,
+                seed,
+            },
+            data,
+        )?),
     })
 }
 
@@ -113,6 +130,7 @@ pub fn from_tensors(
             hyperparameters,
             tensors,
         )?),
+        ModelKind::Ar => Box::new(ar::Ar::from_tensors(shape, hyperparameters, tensors)?),
     })
 }
 

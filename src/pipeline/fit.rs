@@ -103,7 +103,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         "Fitting the model."
     );
     let started = Instant::now();
-    let model = models::fit(&config.model, &data)?;
+    let model = models::fit(&config.model, &data, config.train.seed)?;
     let seconds = started.elapsed().as_secs_f64();
 
     let train_nll = mean_nll(model.as_ref(), train.view())?;
