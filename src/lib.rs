@@ -21,3 +21,4 @@ pub mod io;
 pub mod logging;
 pub mod models;
 pub mod pipeline;
+pub mod train;

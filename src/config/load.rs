@@ -199,8 +199,10 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ));
         }
     }
-    if matches!(c.model.kind, ModelKind::Bernoulli | ModelKind::Ar)
-        && c.preprocess.binarize == Binarize::None
+    if matches!(
+        c.model.kind,
+        ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn
+    ) && c.preprocess.binarize == Binarize::None
     {
         p.push((
             "model.kind",

@@ -168,6 +168,8 @@ pub enum ModelKind {
     Categorical,
     /// AR-k: each binary sub-pixel a logistic regression on k earlier ones, fitted exactly.
     Ar,
+    /// FVSBN: a logistic regression on every earlier sub-pixel, trained by Adam.
+    Fvsbn,
 }
 
 impl ModelKind {
@@ -177,6 +179,7 @@ impl ModelKind {
             ModelKind::Bernoulli => "bernoulli",
             ModelKind::Categorical => "categorical",
             ModelKind::Ar => "ar",
+            ModelKind::Fvsbn => "fvsbn",
         }
     }
 }
@@ -229,6 +232,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Step size (models trained by gradient).
     pub learning_rate: f64,
+    /// Epochs without a better validation NLL before training stops (models trained by
+    /// gradient); the best epoch's parameters are kept.
+    pub patience: u32,
     /// Fraction of the source's images held out from fitting; their scores set the quantile
     /// threshold. Chosen by a hash of the image id and `seed`, so the split is stable.
     pub validation_fraction: f64,
@@ -242,6 +248,7 @@ impl Default for TrainConfig {
             epochs: 20,
             batch_size: 100,
             learning_rate: 0.001,
+            patience: 3,
             validation_fraction: 0.1,
             seed: 0,
         }

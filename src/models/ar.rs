@@ -117,16 +117,9 @@ impl Ar {
         let context_f = tensor(tensors, "context", d * k)?;
         let weights_f = tensor(tensors, "weights", d * k)?;
         let bias = tensor(tensors, "bias", d)?.to_vec();
-        let mut position = vec![usize::MAX; d];
-        let mut order = Vec::with_capacity(d);
-        for (i, &v) in order_f.iter().enumerate() {
-            let idx = v as usize;
-            if v.fract() != 0.0 || v < 0.0 || idx >= d || position[idx] != usize::MAX {
-                return Err("tensor `order` is not a permutation of the sub-pixels".into());
-            }
-            position[idx] = i;
-            order.push(idx);
-        }
+        let order = permutation(order_f)?;
+        let mut position = vec![0; d];
+        order.iter().enumerate().for_each(|(i, &o)| position[o] = i);
         let mut context = Vec::with_capacity(d);
         let mut weights = Vec::with_capacity(d);
         for i in 0..d {
@@ -182,6 +175,23 @@ impl Ar {
     fn conditional(&self, i: usize) -> (&[f64], f64) {
         (&self.weights[i], self.bias[i])
     }
+}
+
+/// Reads a stored ordering, checking that it is a permutation of 0..len.
+pub fn permutation(values: &[f64]) -> std::result::Result<Vec<usize>, String> {
+    let d = values.len();
+    let mut seen = vec![false; d];
+    values
+        .iter()
+        .map(|&v| {
+            let idx = v as usize;
+            if v.fract() != 0.0 || v < 0.0 || idx >= d || std::mem::replace(&mut seen[idx], true) {
+                Err("tensor `order` is not a permutation of the sub-pixels".to_string())
+            } else {
+                Ok(idx)
+            }
+        })
+        .collect()
 }
 
 impl DensityModel for Ar {
@@ -298,6 +308,7 @@ mod tests {
             shape,
             levels: 2,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         let params = ArParams {
             k,
@@ -357,6 +368,7 @@ mod tests {
             shape: ImageShape::new(1, d, 1),
             levels: 2,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         let params = ArParams {
             k: 1,

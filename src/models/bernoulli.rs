@@ -151,6 +151,7 @@ mod tests {
             shape: ImageShape::new(2, 2, 1),
             levels: 2,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         Bernoulli::fit(alpha, &data).unwrap()
     }
@@ -202,6 +203,7 @@ mod tests {
             shape: ImageShape::new(2, 2, 1),
             levels: 256,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         assert!(Bernoulli::fit(1.0, &data).is_err());
     }

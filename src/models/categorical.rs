@@ -156,6 +156,7 @@ mod tests {
             shape: ImageShape::new(1, 2, 1),
             levels,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         Categorical::fit(0.7, &data).unwrap()
     }
@@ -181,6 +182,7 @@ mod tests {
             shape: ImageShape::new(1, 1, 1),
             levels: 256,
             pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
         };
         let m = Categorical::fit(1.0, &data).unwrap();
         let p = |v: u8| m.log_likelihood(&[v]).exp();

@@ -8,6 +8,7 @@ pub mod ar;
 pub mod artifact;
 pub mod bernoulli;
 pub mod categorical;
+pub mod fvsbn;
 pub mod logistic;
 pub mod ordering;
 
@@ -15,9 +16,11 @@ use ndarray::ArrayView2;
 use rand::RngCore;
 use rayon::prelude::*;
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::config::{ModelConfig, ModelKind, TrainConfig};
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
+use crate::pipeline::progress::Progress;
+use crate::train::{EpochRecord, TrainSettings};
 
 /// A fitted density model over images of one shape whose pixels take `levels()` values.
 ///
@@ -80,24 +83,43 @@ pub struct TrainingSet<'a> {
     pub levels: u16,
     /// One row per image.
     pub pixels: ArrayView2<'a, u8>,
+    /// Held-out images (same layout) for early stopping; may have no rows.
+    pub validation: ArrayView2<'a, u8>,
 }
 
-/// Fits the model `config.kind` on `data`; `seed` fixes anything random (a random ordering).
+/// A fitted model and, for models trained by gradient, its training curve.
+#[derive(Debug)]
+pub struct Fitted {
+    /// The model.
+    pub model: Box<dyn DensityModel>,
+    /// One record per epoch (empty for models fitted in closed form).
+    pub curve: Vec<EpochRecord>,
+}
+
+/// Fits the model `config.kind` on `data`; `train.seed` fixes anything random.
 pub fn fit(
     config: &ModelConfig,
+    train: &TrainConfig,
     data: &TrainingSet<'_>,
-    seed: u64,
-) -> Result<Box<dyn DensityModel>> {
+    progress: &Progress,
+) -> Result<Fitted> {
+    let seed = train.seed;
     if data.pixels.nrows() == 0 {
         return Err(Error::data(
             "source",
             "no images to fit on: every row was rejected or held out",
         ));
     }
+    let closed = |model: Box<dyn DensityModel>| Fitted {
+        model,
+        curve: Vec::new(),
+    };
     Ok(match config.kind {
-        ModelKind::Bernoulli => Box::new(bernoulli::Bernoulli::fit(config.alpha, data)?),
-        ModelKind::Categorical => Box::new(categorical::Categorical::fit(config.alpha, data)?),
-        ModelKind::Ar => Box::new(ar::Ar::fit(
+        ModelKind::Bernoulli => closed(Box::new(bernoulli::Bernoulli::fit(config.alpha, data)?)),
+        ModelKind::Categorical => {
+            closed(Box::new(categorical::Categorical::fit(config.alpha, data)?))
+        }
+        ModelKind::Ar => closed(Box::new(ar::Ar::fit(
             ar::ArParams {
                 k: config.k,
                 order: config.order,
@@ -106,7 +128,21 @@ pub fn fit(
                 seed,
             },
             data,
-        )?),
+        )?)),
+        ModelKind::Fvsbn => {
+            let settings = TrainSettings {
+                epochs: train.epochs,
+                batch_size: train.batch_size,
+                learning_rate: train.learning_rate,
+                patience: train.patience,
+                seed,
+            };
+            let (model, curve) = fvsbn::Fvsbn::fit(config.order, seed, data, &settings, progress)?;
+            Fitted {
+                model: Box::new(model),
+                curve,
+            }
+        }
     })
 }
 
@@ -131,6 +167,7 @@ pub fn from_tensors(
             tensors,
         )?),
         ModelKind::Ar => Box::new(ar::Ar::from_tensors(shape, hyperparameters, tensors)?),
+        ModelKind::Fvsbn => Box::new(fvsbn::Fvsbn::from_tensors(shape, hyperparameters, tensors)?),
     })
 }
 

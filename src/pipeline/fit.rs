@@ -94,6 +94,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         shape,
         levels: preprocess.levels(),
         pixels: train.view(),
+        validation: validation.view(),
     };
     tracing::info!(
         kind = config.model.kind.name(),
@@ -103,7 +104,11 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         "Fitting the model."
     );
     let started = Instant::now();
-    let model = models::fit(&config.model, &data, config.train.seed)?;
+    let epochs_rows = u64::from(config.train.epochs) * train.nrows() as u64;
+    let training = Progress::new(ctx.progress, epochs_rows, "training");
+    let fitted = models::fit(&config.model, &config.train, &data, &training)?;
+    training.finish();
+    let model = fitted.model;
     let seconds = started.elapsed().as_secs_f64();
 
     let train_nll = mean_nll(model.as_ref(), train.view())?;
@@ -137,7 +142,11 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
             fingerprint: format!("sha256:{:x}", g.hasher.finalize()),
             train_nll,
             validation_nll,
-            curve: Vec::new(),
+            curve: fitted
+                .curve
+                .iter()
+                .map(|r| serde_json::to_value(r).expect("a record is JSON"))
+                .collect(),
             seconds,
         },
         threshold,
