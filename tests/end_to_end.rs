@@ -234,3 +234,79 @@ fn fit_then_score_gives_the_same_scores_as_run() {
     assert_eq!(a, b);
     assert!(a.values().all(|v| *v < 0.0));
 }
+
+#[test]
+fn every_model_kind_runs_end_to_end_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("d.parquet"),
+        &ids(0, 400),
+        &images(400, 5, 6, 12),
+        &[5, 6],
+    );
+    for (kind, extra) in [
+        ("bernoulli", ""),
+        ("categorical", "[preprocess]\nbinarize = \"none\"\n"),
+        (
+            "ar",
+            "k = 3\ncontext = \"neighbourhood\"\norder = \"random\"\n",
+        ),
+        ("fvsbn", "[train]\nepochs = 3\nlearning_rate = 0.01\n"),
+    ] {
+        let sink = format!("out-{kind}");
+        let model_table = if extra.starts_with('[') {
+            format!("[model]\nkind = \"{kind}\"\n\n{extra}")
+        } else {
+            format!("[model]\nkind = \"{kind}\"\n{extra}")
+        };
+        let cfg = format!("{kind}.toml");
+        write_config(d, &cfg, "d.parquet", &sink, &model_table);
+        pipeline(d, &["run", &cfg, "--run-id", kind], &[]).expect(0);
+        let scores = read_table(&d.join(&sink).join("scores"));
+        assert_eq!(rows(&scores), 400, "{kind}");
+        assert!(
+            floats(&scores, "log_likelihood")
+                .iter()
+                .all(|l| l.is_finite() && *l <= 0.0)
+        );
+        assert!(
+            strings(&scores, "model")
+                .iter()
+                .all(|m| m.as_deref() == Some(kind))
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join(&sink).join(format!("runs/{kind}/manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        let model_dir = d
+            .join(&sink)
+            .join("models")
+            .join(manifest["model"]["model_id"].as_str().unwrap());
+        let png = format!("{kind}.png");
+        pipeline(
+            d,
+            &[
+                "sample",
+                model_dir.to_str().unwrap(),
+                "-n",
+                "4",
+                "--out",
+                &png,
+            ],
+            &[],
+        )
+        .expect(0);
+        assert!(image::open(d.join(&png)).is_ok(), "{kind} sample grid");
+        if kind == "fvsbn" {
+            let meta: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap())
+                    .unwrap();
+            let curve = meta["training"]["curve"].as_array().unwrap();
+            assert!(
+                !curve.is_empty() && curve[0]["validation_nll"].is_number(),
+                "{curve:?}"
+            );
+        }
+    }
+}
