@@ -12,9 +12,9 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::bernoulli::uniform;
-use super::logistic::{self, MAX_FEATURES, Patterns, log_sigmoid, sigmoid};
+use super::logistic::{self, MAX_FEATURES, Patterns, sigmoid};
 use super::ordering::{self, Context, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
+use super::{DensityModel, NamedTensor, TrainingSet, binary_chain_log_likelihood, tensor};
 use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
@@ -208,25 +208,11 @@ impl DensityModel for Ar {
     }
 
     fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
-        let mut total = 0.0;
-        for (i, &d) in self.order.iter().enumerate() {
-            let z = self.logit(i, image);
-            let ll = log_sigmoid(if image[d] != 0 { z } else { -z });
-            out[d] = ll as f32;
-            total += ll;
-        }
-        total
+        binary_chain_log_likelihood(&self.order, image, Some(out), |i| self.logit(i, image))
     }
 
     fn log_likelihood(&self, image: &[u8]) -> f64 {
-        self.order
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                let z = self.logit(i, image);
-                log_sigmoid(if image[d] != 0 { z } else { -z })
-            })
-            .sum()
+        binary_chain_log_likelihood(&self.order, image, None, |i| self.logit(i, image))
     }
 
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {

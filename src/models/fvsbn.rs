@@ -14,7 +14,7 @@ use serde_json::json;
 use super::bernoulli::uniform;
 use super::logistic::{log_sigmoid, sigmoid};
 use super::ordering::{self, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
+use super::{DensityModel, NamedTensor, TrainingSet, binary_chain_log_likelihood, tensor};
 use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
@@ -122,6 +122,13 @@ impl Fvsbn {
                 .sum::<f64>()
     }
 
+    /// The positions (ascending) whose sub-pixel is on in `image`.
+    fn on_positions(&self, image: &[u8]) -> Vec<usize> {
+        (0..self.d())
+            .filter(|&i| image[self.order[i]] != 0)
+            .collect()
+    }
+
     /// Rebuilds the model from model.safetensors, refusing weights that look ahead.
     pub fn from_tensors(
         shape: ImageShape,
@@ -220,31 +227,13 @@ impl DensityModel for Fvsbn {
     }
 
     fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
-        let on: Vec<usize> = (0..self.d())
-            .filter(|&i| image[self.order[i]] != 0)
-            .collect();
-        let mut total = 0.0;
-        for (i, &o) in self.order.iter().enumerate() {
-            let z = self.logit_at(i, &on);
-            let ll = log_sigmoid(if image[o] != 0 { z } else { -z });
-            out[o] = ll as f32;
-            total += ll;
-        }
-        total
+        let on = self.on_positions(image);
+        binary_chain_log_likelihood(&self.order, image, Some(out), |i| self.logit_at(i, &on))
     }
 
     fn log_likelihood(&self, image: &[u8]) -> f64 {
-        let on: Vec<usize> = (0..self.d())
-            .filter(|&i| image[self.order[i]] != 0)
-            .collect();
-        self.order
-            .iter()
-            .enumerate()
-            .map(|(i, &o)| {
-                let z = self.logit_at(i, &on);
-                log_sigmoid(if image[o] != 0 { z } else { -z })
-            })
-            .sum()
+        let on = self.on_positions(image);
+        binary_chain_log_likelihood(&self.order, image, None, |i| self.logit_at(i, &on))
     }
 
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {

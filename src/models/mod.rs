@@ -171,6 +171,27 @@ pub fn from_tensors(
     })
 }
 
+/// log p(x) of a binary image under a chain rule over `order`: Σ_i log σ(±z_i), where
+/// `logit(i)` is the logit of position i given the earlier sub-pixels and the sign is + when
+/// the sub-pixel is on. Each term is also written to `out[o(i)]` when `out` is given.
+pub(crate) fn binary_chain_log_likelihood(
+    order: &[usize],
+    image: &[u8],
+    mut out: Option<&mut [f32]>,
+    mut logit: impl FnMut(usize) -> f64,
+) -> f64 {
+    let mut total = 0.0;
+    for (i, &d) in order.iter().enumerate() {
+        let z = logit(i);
+        let ll = logistic::log_sigmoid(if image[d] != 0 { z } else { -z });
+        if let Some(out) = out.as_deref_mut() {
+            out[d] = ll as f32;
+        }
+        total += ll;
+    }
+    total
+}
+
 /// How often each pixel takes each value: `counts[d * levels + v]`, counted in parallel over
 /// images (values at or above `levels` count as `levels - 1`).
 pub fn value_counts(data: &TrainingSet<'_>) -> Vec<u64> {
