@@ -182,6 +182,12 @@ impl ModelKind {
             ModelKind::Fvsbn => "fvsbn",
         }
     }
+
+    /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
+    /// batch size, learning rate and patience).
+    pub fn trained_by_gradient(self) -> bool {
+        matches!(self, ModelKind::Fvsbn)
+    }
 }
 
 /// `[model]`: the density model. Keys that a kind does not use are ignored by it.

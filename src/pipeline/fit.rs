@@ -105,7 +105,11 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
     );
     let started = Instant::now();
     let epochs_rows = u64::from(config.train.epochs) * train.nrows() as u64;
-    let training = Progress::new(ctx.progress, epochs_rows, "training");
+    let training = Progress::new(
+        ctx.progress && config.model.kind.trained_by_gradient(),
+        epochs_rows,
+        "training",
+    );
     let fitted = models::fit(&config.model, &config.train, &data, &training)?;
     training.finish();
     let model = fitted.model;
