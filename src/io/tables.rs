@@ -138,6 +138,8 @@ pub fn rejects_schema() -> SchemaRef {
 pub struct ScoredRows<'a> {
     /// The run's id.
     pub run_id: &'a str,
+    /// The file the rows came from (for messages).
+    pub source: &'a str,
     /// The model kind's name.
     pub model: &'a str,
     /// The fitted artifact's id.
@@ -173,9 +175,9 @@ pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordB
         } else {
             cast(array, field.data_type()).map_err(|e| {
                 Error::data(
-                    "source",
+                    rows.source,
                     format!(
-                        "passthrough column `{}` changes type between files ({} vs {}): {e}",
+                        "passthrough column `{}` has type {} here but {} in the first file, and cannot be converted: {e}",
                         field.name(),
                         array.data_type(),
                         field.data_type()

@@ -107,6 +107,7 @@ pub fn score(
                 .collect();
             let rows = ScoredRows {
                 run_id,
+                source: &batch.source,
                 model: kind,
                 model_id: &meta.model_id,
                 ids: &batch.ids,
