@@ -12,7 +12,7 @@ use arrow::array::{
     UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::compute::{cast, filter, filter_record_batch};
+use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use object_store::buffered::BufWriter;
@@ -278,21 +278,6 @@ pub fn tables_reference() -> serde_json::Value {
         "anomalies": describe(anomalies_schema(&[])),
         "rejects": describe(rejects_schema()),
     })
-}
-
-/// Keeps the rows of `values` where `mask` is true (for a plain slice).
-pub fn select<T: Copy>(values: &[T], mask: &[bool]) -> Vec<T> {
-    values
-        .iter()
-        .zip(mask)
-        .filter_map(|(v, &m)| m.then_some(*v))
-        .collect()
-}
-
-/// Filters an Arrow array by a boolean mask.
-pub fn select_array(array: &ArrayRef, mask: &[bool]) -> Result<ArrayRef> {
-    filter(array, &BooleanArray::from(mask.to_vec()))
-        .map_err(|e| Error::Internal(format!("filtering: {e}")))
 }
 
 /// The file name of part `seq` of shard `shard` of run `run_id`.
