@@ -611,3 +611,60 @@ pub fn decode_png(bytes: &[u8]) -> std::result::Result<(ImageShape, Vec<u8>), St
         Ok((ImageShape::new(h, w, 1), img.into_luma8().into_raw()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CRC-32 (IEEE) of PNG chunk type + data, bit by bit.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn undecodable_and_oversized_pngs_are_reasons_not_crashes() {
+        let e = decode_png(b"\x89PNG\r\n\x1a\nnot really").unwrap_err();
+        assert!(e.starts_with("not a decodable PNG"), "{e}");
+        // A header that declares 100000 x 100000 grayscale pixels (10 GB decoded).
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]);
+        let mut png = PNG_SIGNATURE.to_vec();
+        png.extend(13u32.to_be_bytes());
+        png.extend(&ihdr);
+        png.extend(crc32(&ihdr).to_be_bytes());
+        let e = decode_png(&png).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn grayscale_and_colour_pngs_keep_their_channels() {
+        let gray = image::GrayImage::from_raw(3, 2, vec![0, 50, 100, 150, 200, 250]).unwrap();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        gray.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        let (s, px) = decode_png(buf.get_ref()).unwrap();
+        assert_eq!(
+            (s, px),
+            (ImageShape::new(2, 3, 1), vec![0, 50, 100, 150, 200, 250])
+        );
+        let rgb = image::RgbImage::from_raw(1, 1, vec![1, 2, 3]).unwrap();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        rgb.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        assert_eq!(
+            decode_png(buf.get_ref()).unwrap(),
+            (ImageShape::new(1, 1, 3), vec![1, 2, 3])
+        );
+    }
+}
