@@ -65,12 +65,7 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
                 for (name, text) in [
                     ("pipeline.schema.json", reference::json_schema_text()),
                     ("pipeline-toml.md", reference::markdown()),
-                    (
-                        "tables.json",
-                        serde_json::to_string_pretty(&crate::io::tables::tables_reference())
-                            .expect("JSON")
-                            + "\n",
-                    ),
+                    ("tables.json", reference::tables_json_text()),
                 ] {
                     let path = format!("{}/{name}", dir.trim_end_matches('/'));
                     std::fs::write(&path, text).map_err(|e| crate::error::from_io(&path, e))?;

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use toml_edit::{DocumentMut, Item, Value};
 
 use super::interpolate::{Environment, Lookup, interpolate};
-use super::{Binarize, ModelKind, PipelineConfig, ScoreMethod, ThresholdMethod};
+use super::{Binarize, PipelineConfig, ScoreMethod, ThresholdMethod};
 use crate::error::{ConfigProblem, ConfigProblems, Error, Result};
 
 /// What the command line adds to a pipeline file.
@@ -199,11 +199,7 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ));
         }
     }
-    if matches!(
-        c.model.kind,
-        ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn
-    ) && c.preprocess.binarize == Binarize::None
-    {
+    if c.model.kind.needs_binary_pixels() && c.preprocess.binarize == Binarize::None {
         p.push((
             "model.kind",
             format!(
@@ -516,7 +512,7 @@ uri = "out/"
         };
         let c = load_str("p.toml", GOOD, &opts, &no_vars).unwrap();
         assert_eq!(c.threshold.quantile, 0.9);
-        assert_eq!(c.model.kind, ModelKind::Categorical);
+        assert_eq!(c.model.kind, crate::config::ModelKind::Categorical);
         assert_eq!(c.sink.uri, "elsewhere/");
         assert_eq!(c.pipeline.run_id, "r1");
     }

@@ -183,6 +183,15 @@ impl ModelKind {
         }
     }
 
+    /// Whether the kind models binary pixels only (so `preprocess.binarize` must not be
+    /// `"none"`).
+    pub fn needs_binary_pixels(self) -> bool {
+        matches!(
+            self,
+            ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn
+        )
+    }
+
     /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
     /// batch size, learning rate and patience).
     pub fn trained_by_gradient(self) -> bool {

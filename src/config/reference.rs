@@ -21,6 +21,14 @@ pub fn json_schema_text() -> String {
     s
 }
 
+/// `schemas/tables.json`: the output tables' columns, pretty-printed with a trailing newline.
+pub fn tables_json_text() -> String {
+    let mut s = serde_json::to_string_pretty(&crate::io::tables::tables_reference())
+        .expect("a reference is JSON");
+    s.push('\n');
+    s
+}
+
 /// A Markdown reference: one table per TOML section, one row per key.
 pub fn markdown() -> String {
     let schema = json_schema();
@@ -139,10 +147,8 @@ mod tests {
         let json = std::fs::read_to_string(format!("{dir}/pipeline.schema.json")).unwrap();
         let md = std::fs::read_to_string(format!("{dir}/pipeline-toml.md")).unwrap();
         let tables = std::fs::read_to_string(format!("{dir}/tables.json")).unwrap();
-        let want_tables =
-            serde_json::to_string_pretty(&crate::io::tables::tables_reference()).unwrap() + "\n";
         assert!(
-            json == json_schema_text() && md == markdown() && tables == want_tables,
+            json == json_schema_text() && md == markdown() && tables == tables_json_text(),
             "schemas/ is stale: run `cargo run -- schema --out-dir schemas/`"
         );
     }

@@ -52,12 +52,6 @@ pub struct Ar {
 impl Ar {
     /// Fits every conditional exactly, in parallel over positions.
     pub fn fit(params: ArParams, data: &TrainingSet<'_>) -> Result<Self> {
-        if data.levels != 2 {
-            return Err(Error::config(
-                "model.kind",
-                "`ar` needs binary pixels here: set preprocess.binarize to \"threshold\" or \"stochastic\"",
-            ));
-        }
         if params.k > MAX_FEATURES {
             return Err(Error::config(
                 "model.k",

@@ -19,6 +19,7 @@ use crate::config::{ModelKind, PreprocessConfig, ThresholdMethod};
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
 use crate::io::storage::Storage;
+use crate::train::EpochRecord;
 
 /// The model.json format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -39,7 +40,7 @@ pub struct TrainingSummary {
     /// Mean negative log-likelihood (nats) on the validation images, where there are some.
     pub validation_nll: Option<f64>,
     /// Per-epoch curve for models trained by gradient (empty for counting models).
-    pub curve: Vec<serde_json::Value>,
+    pub curve: Vec<EpochRecord>,
     /// Wall time of the fit itself, in seconds.
     pub seconds: f64,
 }

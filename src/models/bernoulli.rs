@@ -10,7 +10,6 @@ use serde_json::json;
 use super::{DensityModel, NamedTensor, TrainingSet, tensor, value_counts};
 use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::error::{Error, Result};
 
 /// Independent Bernoulli pixels.
 #[derive(Debug, Clone)]
@@ -25,21 +24,15 @@ pub struct Bernoulli {
 }
 
 impl Bernoulli {
-    /// Fits by counting, in parallel over images.
-    pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Result<Self> {
-        if data.levels != 2 {
-            return Err(Error::config(
-                "model.kind",
-                "`bernoulli` needs binary pixels: set preprocess.binarize to \"threshold\" or \"stochastic\"",
-            ));
-        }
+    /// Fits by counting, in parallel over images; `data` holds binary pixels.
+    pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Self {
         let n = data.pixels.nrows();
         let counts = value_counts(data);
         let p = counts
             .chunks_exact(2)
             .map(|c| (c[1] as f64 + alpha) / (n as f64 + 2.0 * alpha))
             .collect();
-        Ok(Self::from_probabilities(data.shape, alpha, p))
+        Self::from_probabilities(data.shape, alpha, p)
     }
 
     /// A model with the given P(x_d = 1), each strictly between 0 and 1.
@@ -153,7 +146,7 @@ mod tests {
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
         };
-        Bernoulli::fit(alpha, &data).unwrap()
+        Bernoulli::fit(alpha, &data)
     }
 
     #[test]
@@ -194,17 +187,5 @@ mod tests {
             let tol = 4.0 * (q * (1.0 - q) / f64::from(n)).sqrt();
             assert!((mean - q).abs() < tol, "mean {mean} vs {q} (±{tol})");
         }
-    }
-
-    #[test]
-    fn refuses_8bit_pixels() {
-        let pixels = Array2::<u8>::zeros((1, 4));
-        let data = TrainingSet {
-            shape: ImageShape::new(2, 2, 1),
-            levels: 256,
-            pixels: pixels.view(),
-            validation: pixels.slice(ndarray::s![..0, ..]),
-        };
-        assert!(Bernoulli::fit(1.0, &data).is_err());
     }
 }

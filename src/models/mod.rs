@@ -110,12 +110,21 @@ pub fn fit(
             "no images to fit on: every row was rejected or held out",
         ));
     }
+    if config.kind.needs_binary_pixels() && data.levels != 2 {
+        return Err(Error::config(
+            "model.kind",
+            format!(
+                "`{}` needs binary pixels: set preprocess.binarize to \"threshold\" or \"stochastic\"",
+                config.kind.name()
+            ),
+        ));
+    }
     let closed = |model: Box<dyn DensityModel>| Fitted {
         model,
         curve: Vec::new(),
     };
     Ok(match config.kind {
-        ModelKind::Bernoulli => closed(Box::new(bernoulli::Bernoulli::fit(config.alpha, data)?)),
+        ModelKind::Bernoulli => closed(Box::new(bernoulli::Bernoulli::fit(config.alpha, data))),
         ModelKind::Categorical => {
             closed(Box::new(categorical::Categorical::fit(config.alpha, data)?))
         }
@@ -137,7 +146,7 @@ pub fn fit(
                 patience: train.patience,
                 seed,
             };
-            let (model, curve) = fvsbn::Fvsbn::fit(config.order, seed, data, &settings, progress)?;
+            let (model, curve) = fvsbn::Fvsbn::fit(config.order, seed, data, &settings, progress);
             Fitted {
                 model: Box::new(model),
                 curve,
@@ -236,6 +245,36 @@ fn tensor<'a>(
         ));
     }
     Ok(&t.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    #[test]
+    fn binary_models_refuse_8bit_pixels() {
+        let pixels = Array2::<u8>::zeros((1, 4));
+        let data = TrainingSet {
+            shape: ImageShape::new(2, 2, 1),
+            levels: 256,
+            pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
+        };
+        for kind in [ModelKind::Bernoulli, ModelKind::Ar, ModelKind::Fvsbn] {
+            let config = ModelConfig {
+                kind,
+                ..ModelConfig::default()
+            };
+            let e = fit(&config, &TrainConfig::default(), &data, &Progress::hidden()).unwrap_err();
+            assert_eq!(e.exit_code(), 78, "{kind:?}: {e}");
+        }
+        let config = ModelConfig {
+            kind: ModelKind::Categorical,
+            ..ModelConfig::default()
+        };
+        assert!(fit(&config, &TrainConfig::default(), &data, &Progress::hidden()).is_ok());
+    }
 }
 
 /// Test helpers shared by every model's tests.

@@ -146,11 +146,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
             fingerprint: format!("sha256:{:x}", g.hasher.finalize()),
             train_nll,
             validation_nll,
-            curve: fitted
-                .curve
-                .iter()
-                .map(|r| serde_json::to_value(r).expect("a record is JSON"))
-                .collect(),
+            curve: fitted.curve,
             seconds,
         },
         threshold,
