@@ -57,6 +57,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// Write the pipeline TOML reference (JSON Schema and Markdown).
     Schema(SchemaArgs),
+    /// Measure NADE training and scoring speed: fast kernels on every instruction set this
+    /// CPU has, against the naive reference and the machine's SGEMM rate, all in this run.
+    Bench(BenchArgs),
 }
 
 /// A pipeline file and its overrides.
@@ -146,6 +149,43 @@ pub struct SampleArgs {
     /// Each pixel is drawn as a scale×scale block.
     #[arg(long, default_value_t = 2)]
     pub scale: usize,
+}
+
+/// `pipeline bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Images to measure on: a Parquet file, directory or glob (binarized stochastically,
+    /// seed 0). The bundled MNIST digits by default.
+    #[arg(long, default_value = "data/demo/digits.parquet")]
+    pub data: String,
+
+    /// The image column of `--data`.
+    #[arg(long, default_value = "image")]
+    pub image_column: String,
+
+    /// Image shape for list or binary columns, e.g. `28,28`.
+    #[arg(long, value_delimiter = ',')]
+    pub shape: Vec<usize>,
+
+    /// Hidden units of the NADE measured.
+    #[arg(long, default_value_t = 500)]
+    pub hidden: usize,
+
+    /// At most this many images are used for the fast kernels.
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+
+    /// Images the (slow) naive reference is timed on.
+    #[arg(long, default_value_t = 48)]
+    pub reference_images: usize,
+
+    /// Timed repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
 }
 
 /// `pipeline schema`.

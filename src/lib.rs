@@ -18,6 +18,7 @@ pub mod data;
 pub mod decide;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod logging;
 pub mod models;
 pub mod pipeline;

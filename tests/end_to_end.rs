@@ -253,6 +253,10 @@ fn every_model_kind_runs_end_to_end_and_samples() {
             "k = 3\ncontext = \"neighbourhood\"\norder = \"random\"\n",
         ),
         ("fvsbn", "[train]\nepochs = 3\nlearning_rate = 0.01\n"),
+        (
+            "nade",
+            "hidden = 20\norder = \"random\"\n\n[train]\nepochs = 3\nlearning_rate = 0.01\n",
+        ),
     ] {
         let sink = format!("out-{kind}");
         let model_table = if extra.starts_with('[') {
@@ -298,7 +302,7 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         )
         .expect(0);
         assert!(image::open(d.join(&png)).is_ok(), "{kind} sample grid");
-        if kind == "fvsbn" {
+        if kind == "fvsbn" || kind == "nade" {
             let meta: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap())
                     .unwrap();

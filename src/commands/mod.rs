@@ -1,5 +1,6 @@
 //! Carries out each subcommand and prints its summary on stdout (logs go to stderr).
 
+mod bench;
 mod inspect;
 mod sample;
 
@@ -59,6 +60,7 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
         Command::Validate(a) => validate(a, ctx)?,
         Command::Inspect(a) => inspect::inspect(a, ctx)?,
         Command::Sample(a) => sample::sample(a, ctx)?,
+        Command::Bench(a) => bench::bench(a, ctx)?,
         Command::Schema(a) => match &a.out_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| crate::error::from_io(dir, e))?;

@@ -218,6 +218,16 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if !(1..=crate::models::nade::MAX_HIDDEN).contains(&c.model.hidden) {
+        p.push((
+            "model.hidden",
+            format!(
+                "`model.hidden` must be between 1 and {}, got {}",
+                crate::models::nade::MAX_HIDDEN,
+                c.model.hidden
+            ),
+        ));
+    }
     if !(c.model.l2.is_finite() && c.model.l2 > 0.0) {
         p.push((
             "model.l2",

@@ -170,6 +170,9 @@ pub enum ModelKind {
     Ar,
     /// FVSBN: a logistic regression on every earlier sub-pixel, trained by Adam.
     Fvsbn,
+    /// NADE: every conditional read off one shared hidden layer of `hidden` sigmoid units,
+    /// trained by Adam.
+    Nade,
 }
 
 impl ModelKind {
@@ -180,6 +183,7 @@ impl ModelKind {
             ModelKind::Categorical => "categorical",
             ModelKind::Ar => "ar",
             ModelKind::Fvsbn => "fvsbn",
+            ModelKind::Nade => "nade",
         }
     }
 
@@ -188,14 +192,14 @@ impl ModelKind {
     pub fn needs_binary_pixels(self) -> bool {
         matches!(
             self,
-            ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn
+            ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn | ModelKind::Nade
         )
     }
 
     /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
     /// batch size, learning rate and patience).
     pub fn trained_by_gradient(self) -> bool {
-        matches!(self, ModelKind::Fvsbn)
+        matches!(self, ModelKind::Fvsbn | ModelKind::Nade)
     }
 }
 
@@ -218,6 +222,8 @@ pub struct ModelConfig {
     pub context: Context,
     /// L2 penalty on the weights and bias of each `ar` conditional (keeps logits finite).
     pub l2: f64,
+    /// Hidden units of `nade` (1 to 65,536).
+    pub hidden: usize,
     /// Score with this fitted model (a `models/<model_id>/` directory or its `model.json`)
     /// instead of fitting one. Empty: `pipeline run` fits a model on the source.
     pub uri: String,
@@ -232,6 +238,7 @@ impl Default for ModelConfig {
             order: Order::Raster,
             context: Context::Previous,
             l2: 1.0,
+            hidden: 500,
             uri: String::new(),
         }
     }

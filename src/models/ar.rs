@@ -383,32 +383,7 @@ mod tests {
             Context::Neighbourhood,
             4,
         );
-        let n = 200_000u32;
-        let mut counts = vec![0u32; 64];
-        let mut rng = ChaCha8Rng::seed_from_u64(8);
-        let mut img = [0u8; 6];
-        for _ in 0..n {
-            m.sample(&mut rng, &mut img);
-            let k = img
-                .iter()
-                .enumerate()
-                .fold(0, |k, (j, &x)| k | (usize::from(x) << j));
-            counts[k] += 1;
-        }
-        let images = all_images(6, 2);
-        let chi2: f64 = images
-            .iter()
-            .map(|x| {
-                let k = x
-                    .iter()
-                    .enumerate()
-                    .fold(0, |k, (j, &v)| k | (usize::from(v) << j));
-                let expected = f64::from(n) * m.log_likelihood(x).exp();
-                (f64::from(counts[k]) - expected).powi(2) / expected
-            })
-            .sum();
-        // 63 degrees of freedom: the 99.9th percentile is 103.4.
-        assert!(chi2 < 103.4, "chi-square {chi2}");
+        assert_samples_follow_the_model(&m, 200_000, 8);
     }
 
     #[test]

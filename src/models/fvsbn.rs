@@ -303,6 +303,12 @@ mod tests {
     }
 
     #[test]
+    fn samples_follow_the_model() {
+        let m = random_model(ImageShape::new(2, 3, 1), Order::Random, 12); // D = 6
+        assert_samples_follow_the_model(&m, 200_000, 6);
+    }
+
+    #[test]
     fn batch_nll_agrees_with_the_per_image_likelihood() {
         let m = random_model(ImageShape::new(3, 3, 1), Order::Random, 5);
         let x = binary(37, 9, 1);

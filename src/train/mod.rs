@@ -61,22 +61,27 @@ impl Adam {
         }
     }
 
-    /// One step against the mean gradient `grad`.
+    /// One step against the mean gradient `grad`, in parallel over chunks of parameters (each
+    /// parameter's update depends only on its own state, so any thread count gives the same
+    /// result).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
         self.t += 1;
         let c1 = 1.0 - self.beta1.powi(self.t);
         let c2 = 1.0 - self.beta2.powi(self.t);
         let step = self.lr * c2.sqrt() / c1;
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grad)
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            *m = self.beta1 * *m + (1.0 - self.beta1) * g;
-            *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
-            *p -= step * *m / (v.sqrt() + self.eps);
-        }
+        let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
+        params
+            .par_chunks_mut(ELEMENT_CHUNK)
+            .zip(grad.par_chunks(ELEMENT_CHUNK))
+            .zip(self.m.par_chunks_mut(ELEMENT_CHUNK))
+            .zip(self.v.par_chunks_mut(ELEMENT_CHUNK))
+            .for_each(|(((p, g), m), v)| {
+                for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    *p -= step * *m / (v.sqrt() + eps);
+                }
+            });
     }
 }
 
@@ -108,30 +113,56 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
-/// Σ NLL and gradient over `images`, in parallel over fixed shards, summed in shard order.
-pub fn sharded_gradient<M: GradientModel>(
-    model: &M,
-    images: ArrayView2<'_, u8>,
-) -> (f64, Vec<f32>) {
-    let n = model.params().len();
-    let parts: Vec<(f64, Vec<f32>)> = images
-        .axis_chunks_iter(Axis(0), SHARD_ROWS)
-        .into_par_iter()
-        .map(|shard| {
-            let mut g = vec![0f32; n];
-            let nll = model.nll_gradient(shard, &mut g);
-            (nll, g)
-        })
-        .collect();
-    let mut total = 0.0;
-    let mut grad = vec![0f32; n];
-    for (nll, g) in parts {
-        total += nll;
-        grad.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-    }
-    (total, grad)
+/// Reusable per-shard gradient buffers, so a training step neither allocates nor page-faults.
+#[derive(Debug, Default)]
+pub struct GradientWorkspace {
+    shards: Vec<Vec<f32>>,
 }
 
+/// Parameters per rayon task in the element-wise passes (reduction, Adam).
+const ELEMENT_CHUNK: usize = 1 << 14;
+
+impl GradientWorkspace {
+    /// Σ NLL and the *mean* gradient over `images`: shards of [`SHARD_ROWS`] images in parallel,
+    /// then summed element by element in shard order (in parallel over elements), so the
+    /// result does not depend on the thread count.
+    pub fn mean_gradient<M: GradientModel>(
+        &mut self,
+        model: &M,
+        images: ArrayView2<'_, u8>,
+    ) -> (f64, &[f32]) {
+        let n = model.params().len();
+        let count = images.nrows().div_ceil(SHARD_ROWS).max(1);
+        if self.shards.len() < count {
+            self.shards.resize_with(count, Vec::new);
+        }
+        let shards = &mut self.shards[..count];
+        let nll: Vec<f64> = shards
+            .par_iter_mut()
+            .zip(images.axis_chunks_iter(Axis(0), SHARD_ROWS).into_par_iter())
+            .map(|(g, shard)| {
+                g.clear();
+                g.resize(n, 0.0);
+                model.nll_gradient(shard, g)
+            })
+            .collect();
+        let (first, rest) = shards.split_first_mut().expect("at least one shard");
+        let scale = 1.0 / images.nrows().max(1) as f32;
+        first
+            .par_chunks_mut(ELEMENT_CHUNK)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let range = c * ELEMENT_CHUNK..c * ELEMENT_CHUNK + out.len();
+                for other in rest.iter() {
+                    out.iter_mut()
+                        .zip(&other[range.clone()])
+                        .for_each(|(a, b)| *a += b);
+                }
+                out.iter_mut().for_each(|a| *a *= scale);
+            });
+        (nll.iter().sum(), first)
+    }
+}
 /// Mean NLL over `images`, in parallel over shards.
 pub fn mean_nll<M: GradientModel>(model: &M, images: ArrayView2<'_, u8>) -> f64 {
     let total: f64 = images
@@ -154,6 +185,7 @@ pub fn train<M: GradientModel>(
     progress: &Progress,
 ) -> Vec<EpochRecord> {
     let mut adam = Adam::new(model.params().len(), settings.learning_rate as f32);
+    let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut index: Vec<usize> = (0..train.nrows()).collect();
     let mut curve = Vec::new();
@@ -166,10 +198,8 @@ pub fn train<M: GradientModel>(
         let mut epoch_nll = 0.0;
         for chunk in index.chunks(batch_size) {
             let batch = train.select(Axis(0), chunk);
-            let (nll, mut grad) = sharded_gradient(model, batch.view());
-            let scale = 1.0 / chunk.len() as f32;
-            grad.iter_mut().for_each(|g| *g *= scale);
-            adam.step(model.params_mut(), &grad);
+            let (nll, grad) = workspace.mean_gradient(model, batch.view());
+            adam.step(model.params_mut(), grad);
             epoch_nll += nll;
             progress.inc(chunk.len() as u64);
         }

@@ -1,0 +1,291 @@
+//! `pipeline bench`: how fast NADE trains and scores here, measured against baselines taken in
+//! the same run — the naive reference kernels, and the machine's own SGEMM rate for the
+//! fraction of peak. Medians of `--repeats` timings; nothing is asserted.
+
+use std::io::Write;
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView2, Axis, linalg::general_mat_mul};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::cli::BenchArgs;
+use crate::config::{Binarize, PreprocessConfig, SourceConfig};
+use crate::data::ImageShape;
+use crate::data::preprocess::Preprocessor;
+use crate::error::{Error, Result, from_io};
+use crate::io::source::Source;
+use crate::kernels::Isa;
+use crate::kernels::nade::{Grads, Params, reference};
+use crate::models::DensityModel;
+use crate::models::nade::Nade;
+use crate::models::ordering::Order;
+use crate::pipeline::progress::Progress;
+use crate::pipeline::{Context, read};
+use crate::train::{Adam, GradientModel, GradientWorkspace};
+
+/// Quoted in issue 3 for a vectorized PyTorch 2 NADE-500 on a 2-core AVX-512 machine; shown for
+/// orientation only, never as a measurement of this run.
+const PYTORCH_QUOTED: (f64, f64) = (400.0, 2000.0);
+
+/// Images per training step, as in `[train]`'s default.
+const BATCH: usize = 100;
+
+/// Training and scoring rates of one implementation, in images per second.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    train: f64,
+    score: f64,
+}
+
+/// Runs the benchmark and prints (and optionally writes) the figures.
+pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
+    if a.repeats == 0 || a.images == 0 || a.reference_images == 0 {
+        return Err(Error::Usage(
+            "--repeats, --images and --reference-images must be at least 1".into(),
+        ));
+    }
+    if !(1..=crate::models::nade::MAX_HIDDEN).contains(&a.hidden) {
+        return Err(Error::Usage(format!(
+            "--hidden must be between 1 and {}",
+            crate::models::nade::MAX_HIDDEN
+        )));
+    }
+    let (shape, pixels) = load_images(a, ctx)?;
+    let (d, h) = (shape.dims(), a.hidden);
+    let n = pixels.nrows();
+    let threads = rayon::current_num_threads();
+    let chosen = Isa::detect();
+    let model = Nade::init(shape, h, Order::Raster, 0, pixels.view());
+    say(format_args!(
+        "NADE-{h} on {n} images of {shape} from {} ({threads} threads); kernels use {} (available: {})\n",
+        a.data,
+        chosen.name(),
+        Isa::available()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let mut fast = Vec::new();
+    for isa in Isa::available() {
+        let m = model.clone().with_isa(isa);
+        let rates = Rates {
+            train: median_rate(a.repeats, n, || train_pass(&m, pixels.view())),
+            score: median_rate(a.repeats, n, || score_pass(&m, pixels.view())),
+        };
+        say(format_args!(
+            "  fast kernels ({:<8})  train {:>9.0} img/s   score {:>9.0} img/s\n",
+            isa.name(),
+            rates.train,
+            rates.score
+        ));
+        fast.push((isa, rates));
+    }
+    let subset = pixels.slice(ndarray::s![..a.reference_images.min(n), ..]);
+    let ordered = model.ordered(subset);
+    let params = model.kernel_params();
+    let naive = Rates {
+        train: median_rate(a.repeats.min(3), subset.nrows(), || {
+            reference_train(&params, &ordered)
+        }),
+        score: median_rate(a.repeats.min(3), subset.nrows(), || {
+            reference_score(&params, &ordered)
+        }),
+    };
+    say(format_args!(
+        "  naive reference (f64)   train {:>9.1} img/s   score {:>9.1} img/s   ({} images)\n",
+        naive.train,
+        naive.score,
+        subset.nrows()
+    ));
+    let best = fast
+        .iter()
+        .find(|(isa, _)| *isa == chosen)
+        .map(|(_, r)| *r)
+        .expect("the chosen ISA was measured");
+    say(format_args!(
+        "  speed-up over naive     train {:>9.1}×        score {:>9.1}×\n",
+        best.train / naive.train,
+        best.score / naive.score
+    ));
+
+    let sgemm = sgemm_rate(3);
+    // Dense-equivalent work: W·x and V·h are 2·D·H each per image scored; a training step is
+    // taken as three times a forward pass. σ evaluations are not counted as FLOPs.
+    let (score_flops, train_flops) = (4.0 * (d * h) as f64, 12.0 * (d * h) as f64);
+    let (train_gf, score_gf) = (
+        best.train * train_flops / 1e9,
+        best.score * score_flops / 1e9,
+    );
+    say(format_args!(
+        "  SGEMM on every thread (1024³ each): {:.1} GFLOP/s; NADE dense-equivalent: train {:.1} GFLOP/s ({:.1}% of it), score {:.1} GFLOP/s ({:.1}%)\n",
+        sgemm / 1e9,
+        train_gf,
+        100.0 * train_gf * 1e9 / sgemm,
+        score_gf,
+        100.0 * score_gf * 1e9 / sgemm
+    ));
+    say(format_args!(
+        "  against PyTorch 2 CPU as quoted in issue 3 ({:.0} train / {:.0} score img/s on another machine, not measured here): {:.1}× / {:.1}×\n",
+        PYTORCH_QUOTED.0,
+        PYTORCH_QUOTED.1,
+        best.train / PYTORCH_QUOTED.0,
+        best.score / PYTORCH_QUOTED.1
+    ));
+
+    if let Some(path) = &a.json {
+        let report = json!({
+            "model": format!("nade-{h}"),
+            "images": n,
+            "shape": shape.to_string(),
+            "data": a.data,
+            "threads": threads,
+            "isa": chosen.name(),
+            "repeats": a.repeats,
+            "fast": fast.iter().map(|(isa, r)| json!({
+                "isa": isa.name(), "train_images_per_s": r.train, "score_images_per_s": r.score
+            })).collect::<Vec<_>>(),
+            "naive": { "images": subset.nrows(), "train_images_per_s": naive.train, "score_images_per_s": naive.score },
+            "sgemm_flops_per_s": sgemm,
+            "dense_equivalent_flops_per_image": { "train": train_flops, "score": score_flops },
+        });
+        let text = serde_json::to_string_pretty(&report).expect("plain JSON") + "\n";
+        std::fs::write(path, text).map_err(|e| from_io(path, e))?;
+        say(format_args!("figures written to {path}\n"));
+    }
+    Ok(())
+}
+
+/// The first `--images` images of `--data`, binarized stochastically with seed 0.
+fn load_images(a: &BenchArgs, ctx: &Context) -> Result<(ImageShape, Array2<u8>)> {
+    let source = Source::open(&a.data, &ctx.rt)?;
+    let config = SourceConfig {
+        uri: a.data.clone(),
+        image_column: a.image_column.clone(),
+        id_column: if source.files()[0].schema().field_with_name("id").is_ok() {
+            "id".into()
+        } else {
+            String::new()
+        },
+        shape: a.shape.clone(),
+        ..SourceConfig::default()
+    };
+    let preprocess = Preprocessor::new(PreprocessConfig {
+        binarize: Binarize::Stochastic,
+        seed: 0,
+        ..PreprocessConfig::default()
+    });
+    let mut shape = None;
+    let mut pixels = Vec::new();
+    read::for_each_batch(
+        &source,
+        &config,
+        &preprocess,
+        None,
+        &Progress::hidden(),
+        |batch, _| {
+            if !batch.is_empty() && pixels.len() < a.images * batch.shape.dims() {
+                shape = Some(batch.shape);
+                pixels.extend_from_slice(batch.pixels.as_slice().expect("contiguous"));
+            }
+            Ok(())
+        },
+    )?;
+    let shape = shape.ok_or_else(|| Error::data(&a.data, "no usable images to measure on"))?;
+    let dims = shape.dims();
+    pixels.truncate(a.images * dims);
+    let pixels = Array2::from_shape_vec((pixels.len() / dims, dims), pixels)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((shape, pixels))
+}
+
+/// `count / t` for the median time t of `repeats` runs of `pass`.
+fn median_rate(repeats: usize, count: usize, mut pass: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            pass();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    count as f64 / times[times.len() / 2].max(1e-12)
+}
+
+/// One epoch of real training steps (sharded gradient, reduction, Adam) over `pixels`.
+fn train_pass(model: &Nade, pixels: ArrayView2<'_, u8>) {
+    let mut m = model.clone();
+    let mut adam = Adam::new(m.params().len(), 1e-3);
+    let mut workspace = GradientWorkspace::default();
+    for batch in pixels.axis_chunks_iter(Axis(0), BATCH) {
+        let (_, grad) = workspace.mean_gradient(&m, batch);
+        adam.step(m.params_mut(), grad);
+    }
+    std::hint::black_box(m.params()[0]);
+}
+
+/// Scores every image, as `pipeline score` does.
+fn score_pass(model: &Nade, pixels: ArrayView2<'_, u8>) {
+    let mut out = vec![0f64; pixels.nrows()];
+    model.log_likelihood_batch(pixels, &mut out);
+    std::hint::black_box(out[0]);
+}
+
+/// The naive reference's log-likelihood of every image, in parallel over images.
+fn reference_score(p: &Params<'_>, ordered: &[u8]) {
+    let total: f64 = ordered
+        .par_chunks(p.dims)
+        .map(|x| reference::log_likelihood(p, x).0)
+        .sum();
+    std::hint::black_box(total);
+}
+
+/// The naive reference's gradient of every image, in parallel over 8-image shards.
+fn reference_train(p: &Params<'_>, ordered: &[u8]) {
+    let total: f64 = ordered
+        .par_chunks(8 * p.dims)
+        .map(|shard| {
+            let (mut w, mut v) = (vec![0f32; p.w.len()], vec![0f32; p.v.len()]);
+            let (mut b, mut c) = (vec![0f32; p.b.len()], vec![0f32; p.c.len()]);
+            let mut g = Grads {
+                w: &mut w,
+                v: &mut v,
+                b: &mut b,
+                c: &mut c,
+            };
+            shard
+                .chunks(p.dims)
+                .map(|x| reference::gradient(p, x, &mut g))
+                .sum::<f64>()
+        })
+        .sum();
+    std::hint::black_box(total);
+}
+
+/// Side of the SGEMM that stands for the machine's attainable FP32 rate.
+const SGEMM_N: usize = 1024;
+
+/// Times one 1024³ SGEMM (ndarray → matrixmultiply) on every rayon thread at once, with the
+/// matrices built outside the timing; returns the machine's aggregate FLOP/s.
+fn sgemm_rate(repeats: usize) -> f64 {
+    let threads = rayon::current_num_threads();
+    let mut work: Vec<_> = (0..threads)
+        .map(|t| {
+            let a = Array2::from_shape_fn((SGEMM_N, SGEMM_N), |(i, j)| ((i + j + t) % 7) as f32);
+            let b = Array2::from_shape_fn((SGEMM_N, SGEMM_N), |(i, j)| ((i * j) % 5) as f32);
+            (a, b, Array2::<f32>::zeros((SGEMM_N, SGEMM_N)))
+        })
+        .collect();
+    let flops = 2.0 * (SGEMM_N as f64).powi(3) * threads as f64;
+    median_rate(repeats, 1, || {
+        work.par_iter_mut().for_each(|(a, b, c)| {
+            general_mat_mul(1.0, &*a, &*b, 0.0, c);
+        });
+    }) * flops
+}
+
+fn say(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stdout().lock().write_fmt(args);
+}
