@@ -375,7 +375,7 @@ mod tests {
     fn binary(n: usize, d: usize, seed: u64) -> Array2<u8> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         Array2::from_shape_fn((n, d), |(_, j)| {
-            u8::from(rng.random_bool(0.2 + 0.05 * j as f64))
+            u8::from(rng.random_bool(0.1 + 0.8 * j as f64 / d as f64))
         })
     }
 
