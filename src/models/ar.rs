@@ -63,20 +63,24 @@ impl Ar {
         }
         let order = ordering::ordering(data.shape, params.order, params.seed);
         let context = ordering::contexts(data.shape, &order, params.context, params.k);
-        let pixels = data.pixels;
+        // Pixel-major copy: each context column is then one contiguous run of bytes, and a
+        // pixel's keys are built a feature at a time in loops that vectorize.
+        let columns = data.pixels.t().as_standard_layout().into_owned();
         let fitted: Vec<Vec<f64>> = (0..order.len())
             .into_par_iter()
             .map(|i| {
-                let ctx = &context[i];
-                let mut patterns = Patterns::default();
-                for row in pixels.rows() {
-                    let key = ctx
-                        .iter()
-                        .enumerate()
-                        .fold(0u64, |k, (j, &c)| k | (u64::from(row[c] != 0) << j));
-                    patterns.add(key, row[order[i]] != 0);
+                let mut keys = vec![0u64; columns.ncols()];
+                for (j, &c) in context[i].iter().enumerate() {
+                    let column = columns.row(c);
+                    for (key, &v) in keys.iter_mut().zip(column.iter()) {
+                        *key |= u64::from(v != 0) << j;
+                    }
                 }
-                logistic::fit(&patterns, ctx.len(), params.l2)
+                let mut patterns = Patterns::default();
+                for (&key, &y) in keys.iter().zip(columns.row(order[i]).iter()) {
+                    patterns.add(key, y != 0);
+                }
+                logistic::fit(&patterns, context[i].len(), params.l2)
             })
             .collect();
         let (weights, bias) = fitted

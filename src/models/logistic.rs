@@ -69,17 +69,55 @@ fn logit(beta: &[f64], x: u64, m: usize) -> f64 {
     z
 }
 
-/// The penalized log-likelihood at `beta` (weights then bias).
-pub fn objective(patterns: &[(u64, [u32; 2])], beta: &[f64], l2: f64) -> f64 {
-    let m = beta.len() - 1;
-    let data: f64 = patterns
-        .iter()
-        .map(|&(x, [n0, n1])| {
-            let z = logit(beta, x, m);
-            f64::from(n1) * log_sigmoid(z) + f64::from(n0) * log_sigmoid(-z)
-        })
-        .sum();
-    data - 0.5 * l2 * beta.iter().map(|b| b * b).sum::<f64>()
+/// The objective, its gradient and its negated Hessian (upper triangle) at one point.
+struct Local {
+    value: f64,
+    grad: Vec<f64>,
+    hess: Vec<f64>,
+}
+
+/// One pass over the patterns: objective, gradient and Hessian at `beta` together, sharing one
+/// exp and one log1p per pattern. The Hessian is filled on and above the diagonal only.
+fn local(patterns: &[(u64, [u32; 2])], beta: &[f64], l2: f64) -> Local {
+    let size = beta.len();
+    let m = size - 1;
+    let mut grad: Vec<f64> = beta.iter().map(|b| -l2 * b).collect();
+    let mut hess = vec![0.0; size * size];
+    for i in 0..size {
+        hess[i * size + i] = l2;
+    }
+    let mut value = -0.5 * l2 * beta.iter().map(|b| b * b).sum::<f64>();
+    let mut on = Vec::with_capacity(size);
+    for &(x, [n0, n1]) in patterns {
+        let z = logit(beta, x, m);
+        let e = (-z.abs()).exp();
+        let soft = e.ln_1p();
+        let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        let (n0, n1) = (f64::from(n0), f64::from(n1));
+        value += n1 * (z.min(0.0) - soft) + n0 * ((-z).min(0.0) - soft);
+        let g = n1 - (n0 + n1) * p;
+        let w = (n0 + n1) * p * (1.0 - p);
+        on.clear();
+        let mut bits = x;
+        while bits != 0 {
+            on.push(bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+        on.push(m);
+        for (i, &a) in on.iter().enumerate() {
+            grad[a] += g;
+            let row = &mut hess[a * size..(a + 1) * size];
+            for &b in &on[i..] {
+                row[b] += w;
+            }
+        }
+    }
+    for i in 0..size {
+        for j in 0..i {
+            hess[i * size + j] = hess[j * size + i];
+        }
+    }
+    Local { value, grad, hess }
 }
 
 /// Fits weights for `m` features (≤ 64) and a bias; returns `[w_0, …, w_{m-1}, b]`.
@@ -90,52 +128,27 @@ pub fn fit(patterns: &Patterns, m: usize, l2: f64) -> Vec<f64> {
     assert!(m <= MAX_FEATURES && l2 > 0.0);
     let rows = patterns.sorted();
     let mut beta = vec![0.0; m + 1];
-    let mut current = objective(&rows, &beta, l2);
-    let size = m + 1;
+    let mut here = local(&rows, &beta, l2);
     for _ in 0..100 {
-        let mut grad: Vec<f64> = beta.iter().map(|b| -l2 * b).collect();
-        let mut hess = vec![0.0; size * size];
-        for i in 0..size {
-            hess[i * size + i] = l2;
-        }
-        let mut on = Vec::with_capacity(size);
-        for &(x, [n0, n1]) in &rows {
-            let z = logit(&beta, x, m);
-            let p = sigmoid(z);
-            let n = f64::from(n0) + f64::from(n1);
-            let g = f64::from(n1) - n * p;
-            let w = n * p * (1.0 - p);
-            on.clear();
-            let mut bits = x;
-            while bits != 0 {
-                on.push(bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
-            on.push(m);
-            for &a in &on {
-                grad[a] += g;
-                for &b in &on {
-                    hess[a * size + b] += w;
-                }
-            }
-        }
-        let step = cholesky_solve(&hess, &grad, size);
+        let step = cholesky_solve(&here.hess, &here.grad, m + 1);
         let mut t = 1.0;
         let mut next = beta.clone();
-        let mut value = current;
+        let mut there = None;
         for _ in 0..40 {
-            for i in 0..size {
+            for i in 0..=m {
                 next[i] = beta[i] + t * step[i];
             }
-            value = objective(&rows, &next, l2);
-            if value >= current - 1e-12 * current.abs() {
+            let candidate = local(&rows, &next, l2);
+            if candidate.value >= here.value - 1e-12 * here.value.abs() {
+                there = Some(candidate);
                 break;
             }
             t *= 0.5;
         }
+        let Some(there) = there else { break };
         let change = step.iter().map(|s| (t * s).abs()).fold(0.0, f64::max);
         beta = next;
-        current = value;
+        here = there;
         if change < 1e-10 {
             break;
         }
