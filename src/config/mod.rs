@@ -257,6 +257,10 @@ pub struct TrainConfig {
     /// Epochs without a better validation NLL before training stops (models trained by
     /// gradient); the best epoch's parameters are kept.
     pub patience: u32,
+    /// Times the learning rate is halved when the validation NLL stops improving (models
+    /// trained by gradient): training goes back to the best epoch and continues with half the
+    /// step, and stops only when it stalls with no halvings left.
+    pub anneal: u32,
     /// Fraction of the source's images held out from fitting; their scores set the quantile
     /// threshold. Chosen by a hash of the image id and `seed`, so the split is stable.
     pub validation_fraction: f64,
@@ -271,6 +275,7 @@ impl Default for TrainConfig {
             batch_size: 100,
             learning_rate: 0.001,
             patience: 3,
+            anneal: 2,
             validation_fraction: 0.1,
             seed: 0,
         }

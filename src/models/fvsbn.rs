@@ -303,6 +303,38 @@ mod tests {
     }
 
     #[test]
+    fn a_plateau_halves_the_learning_rate_from_the_best_epoch_before_stopping() {
+        let shape = ImageShape::new(2, 3, 1);
+        let x = binary(600, 6, 3);
+        let (train, valid) = x.view().split_at(ndarray::Axis(0), 400);
+        let data = TrainingSet {
+            shape,
+            levels: 2,
+            pixels: train,
+            validation: valid,
+        };
+        // A step far too large for the problem, so the validation NLL soon stalls.
+        let settings = TrainSettings {
+            epochs: 60,
+            batch_size: 20,
+            learning_rate: 0.5,
+            patience: 1,
+            anneal: 2,
+            seed: 1,
+        };
+        let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden());
+        let rates: Vec<f64> = curve.iter().map(|r| r.learning_rate).collect();
+        assert!(rates.contains(&0.25) && rates.contains(&0.125), "{rates:?}");
+        assert!(rates.windows(2).all(|w| w[1] <= w[0]), "{rates:?}");
+        assert!(curve.len() < 60, "stopped after the last halving stalled");
+        let best = curve
+            .iter()
+            .filter_map(|r| r.validation_nll)
+            .fold(f64::INFINITY, f64::min);
+        assert!((train::mean_nll(&m, valid) - best).abs() < 1e-9);
+    }
+
+    #[test]
     fn samples_follow_the_model() {
         let m = random_model(ImageShape::new(2, 3, 1), Order::Random, 12); // D = 6
         assert_samples_follow_the_model(&m, 200_000, 6);
@@ -378,6 +410,7 @@ mod tests {
             batch_size: 50,
             learning_rate: 0.05,
             patience: 3,
+            anneal: 0,
             seed: 1,
         };
         let start = Fvsbn::init(shape, Order::Raster, 0, train);

@@ -171,6 +171,7 @@ fn train_settings(train: &TrainConfig) -> TrainSettings {
         batch_size: train.batch_size,
         learning_rate: train.learning_rate,
         patience: train.patience,
+        anneal: train.anneal,
         seed: train.seed,
     }
 }

@@ -499,6 +499,7 @@ mod tests {
             batch_size: 50,
             learning_rate: 0.02,
             patience: 3,
+            anneal: 0,
             seed: 1,
         };
         let start = Nade::init(shape, 16, Order::Raster, 0, train);

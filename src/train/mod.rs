@@ -96,6 +96,8 @@ pub struct TrainSettings {
     pub learning_rate: f64,
     /// Epochs without a better validation NLL before stopping.
     pub patience: u32,
+    /// Halvings of the learning rate allowed on a plateau before stopping.
+    pub anneal: u32,
     /// Seed of the minibatch shuffle.
     pub seed: u64,
 }
@@ -111,6 +113,9 @@ pub struct EpochRecord {
     pub validation_nll: Option<f64>,
     /// Wall time since training started, in seconds.
     pub seconds: f64,
+    /// Adam's step size during the epoch (halved on plateaus, see `train.anneal`).
+    #[serde(default)]
+    pub learning_rate: f64,
 }
 
 /// Reusable per-shard gradient buffers, so a training step neither allocates nor page-faults.
@@ -176,7 +181,9 @@ pub fn mean_nll<M: GradientModel>(model: &M, images: ArrayView2<'_, u8>) -> f64 
 }
 
 /// Trains `model` on `train`, keeping the parameters of the epoch with the best validation NLL
-/// (the last epoch when there is no validation split). Returns the curve.
+/// (the last epoch when there is no validation split). After `patience` epochs without a better
+/// validation NLL it returns to the best epoch and halves the learning rate, up to `anneal`
+/// times, then stops. Returns the curve.
 pub fn train<M: GradientModel>(
     model: &mut M,
     train: ArrayView2<'_, u8>,
@@ -184,7 +191,9 @@ pub fn train<M: GradientModel>(
     settings: &TrainSettings,
     progress: &Progress,
 ) -> Vec<EpochRecord> {
-    let mut adam = Adam::new(model.params().len(), settings.learning_rate as f32);
+    let mut lr = settings.learning_rate;
+    let mut halvings = 0;
+    let mut adam = Adam::new(model.params().len(), lr as f32);
     let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut index: Vec<usize> = (0..train.nrows()).collect();
@@ -209,6 +218,7 @@ pub fn train<M: GradientModel>(
             train_nll: epoch_nll / train.nrows().max(1) as f64,
             validation_nll,
             seconds: started.elapsed().as_secs_f64(),
+            learning_rate: lr,
         };
         tracing::info!(
             epoch,
@@ -225,8 +235,23 @@ pub fn train<M: GradientModel>(
             } else {
                 since_best += 1;
                 if since_best >= settings.patience {
-                    tracing::info!(epoch, "Validation NLL stopped improving; stopping early.");
-                    break;
+                    if halvings == settings.anneal {
+                        tracing::info!(epoch, "Validation NLL stopped improving; stopping early.");
+                        break;
+                    }
+                    // Back to the best epoch, and on with half the step and fresh moments.
+                    halvings += 1;
+                    lr *= 0.5;
+                    adam = Adam::new(model.params().len(), lr as f32);
+                    if let Some((_, params)) = &best {
+                        model.params_mut().copy_from_slice(params);
+                    }
+                    since_best = 0;
+                    tracing::info!(
+                        epoch,
+                        learning_rate = lr,
+                        "Validation NLL stalled; back to the best epoch with half the learning rate."
+                    );
                 }
             }
         }
