@@ -228,6 +228,18 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if !(c.train.weight_decay.is_finite()
+        && c.train.weight_decay >= 0.0
+        && c.train.weight_decay * c.train.learning_rate < 1.0)
+    {
+        p.push((
+            "train.weight_decay",
+            format!(
+                "`train.weight_decay` must be ≥ 0 and below 1 / learning_rate, got {}",
+                c.train.weight_decay
+            ),
+        ));
+    }
     if !(c.model.l2.is_finite() && c.model.l2 > 0.0) {
         p.push((
             "model.l2",

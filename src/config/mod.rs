@@ -261,6 +261,9 @@ pub struct TrainConfig {
     /// trained by gradient): training goes back to the best epoch and continues with half the
     /// step, and stops only when it stalls with no halvings left.
     pub anneal: u32,
+    /// Decoupled weight decay (AdamW) of models trained by gradient: every step also shrinks
+    /// each parameter by `learning_rate × weight_decay` of itself. 0 turns it off.
+    pub weight_decay: f64,
     /// Fraction of the source's images held out from fitting; their scores set the quantile
     /// threshold. Chosen by a hash of the image id and `seed`, so the split is stable.
     pub validation_fraction: f64,
@@ -276,6 +279,7 @@ impl Default for TrainConfig {
             learning_rate: 0.001,
             patience: 3,
             anneal: 2,
+            weight_decay: 0.0,
             validation_fraction: 0.1,
             seed: 0,
         }

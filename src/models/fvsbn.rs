@@ -320,6 +320,7 @@ mod tests {
             learning_rate: 0.5,
             patience: 1,
             anneal: 2,
+            weight_decay: 0.0,
             seed: 1,
         };
         let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden());
@@ -411,6 +412,7 @@ mod tests {
             learning_rate: 0.05,
             patience: 3,
             anneal: 0,
+            weight_decay: 0.0,
             seed: 1,
         };
         let start = Fvsbn::init(shape, Order::Raster, 0, train);

@@ -92,7 +92,11 @@ fn local(patterns: &[(u64, [u32; 2])], beta: &[f64], l2: f64) -> Local {
         let z = logit(beta, x, m);
         let e = (-z.abs()).exp();
         let soft = e.ln_1p();
-        let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        let p = if z >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
         let (n0, n1) = (f64::from(n0), f64::from(n1));
         value += n1 * (z.min(0.0) - soft) + n0 * ((-z).min(0.0) - soft);
         let g = n1 - (n0 + n1) * p;

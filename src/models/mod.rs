@@ -172,6 +172,7 @@ fn train_settings(train: &TrainConfig) -> TrainSettings {
         learning_rate: train.learning_rate,
         patience: train.patience,
         anneal: train.anneal,
+        weight_decay: train.weight_decay,
         seed: train.seed,
     }
 }

@@ -500,6 +500,7 @@ mod tests {
             learning_rate: 0.02,
             patience: 3,
             anneal: 0,
+            weight_decay: 0.0,
             seed: 1,
         };
         let start = Nade::init(shape, 16, Order::Raster, 0, train);

@@ -45,6 +45,8 @@ pub struct Adam {
     m: Vec<f32>,
     v: Vec<f32>,
     t: i32,
+    /// Decoupled weight decay per unit of step size (AdamW); 0 for plain Adam.
+    decay: f32,
 }
 
 impl Adam {
@@ -58,7 +60,15 @@ impl Adam {
             m: vec![0.0; n],
             v: vec![0.0; n],
             t: 0,
+            decay: 0.0,
         }
+    }
+
+    /// The same optimizer with decoupled weight decay (Loshchilov & Hutter 2019): each step
+    /// also subtracts `lr × decay × θ`.
+    pub fn with_weight_decay(mut self, decay: f32) -> Self {
+        self.decay = decay;
+        self
     }
 
     /// One step against the mean gradient `grad`, in parallel over chunks of parameters (each
@@ -70,6 +80,7 @@ impl Adam {
         let c2 = 1.0 - self.beta2.powi(self.t);
         let step = self.lr * c2.sqrt() / c1;
         let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
+        let shrink = 1.0 - self.lr * self.decay;
         params
             .par_chunks_mut(ELEMENT_CHUNK)
             .zip(grad.par_chunks(ELEMENT_CHUNK))
@@ -79,7 +90,7 @@ impl Adam {
                 for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                     *m = beta1 * *m + (1.0 - beta1) * g;
                     *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *p -= step * *m / (v.sqrt() + eps);
+                    *p = *p * shrink - step * *m / (v.sqrt() + eps);
                 }
             });
     }
@@ -98,6 +109,8 @@ pub struct TrainSettings {
     pub patience: u32,
     /// Halvings of the learning rate allowed on a plateau before stopping.
     pub anneal: u32,
+    /// Decoupled (AdamW) weight decay per unit of learning rate.
+    pub weight_decay: f64,
     /// Seed of the minibatch shuffle.
     pub seed: u64,
 }
@@ -193,7 +206,10 @@ pub fn train<M: GradientModel>(
 ) -> Vec<EpochRecord> {
     let mut lr = settings.learning_rate;
     let mut halvings = 0;
-    let mut adam = Adam::new(model.params().len(), lr as f32);
+    let n = model.params().len();
+    let optimizer =
+        |lr: f64| Adam::new(n, lr as f32).with_weight_decay(settings.weight_decay as f32);
+    let mut adam = optimizer(lr);
     let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut index: Vec<usize> = (0..train.nrows()).collect();
@@ -242,7 +258,7 @@ pub fn train<M: GradientModel>(
                     // Back to the best epoch, and on with half the step and fresh moments.
                     halvings += 1;
                     lr *= 0.5;
-                    adam = Adam::new(model.params().len(), lr as f32);
+                    adam = optimizer(lr);
                     if let Some((_, params)) = &best {
                         model.params_mut().copy_from_slice(params);
                     }
@@ -265,6 +281,20 @@ pub fn train<M: GradientModel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_decay_shrinks_parameters_without_a_gradient() {
+        let mut p = vec![2.0f32, -4.0];
+        let mut adam = Adam::new(2, 0.1).with_weight_decay(0.5);
+        for _ in 0..3 {
+            adam.step(&mut p, &[0.0, 0.0]);
+        }
+        let factor = 0.95f32.powi(3);
+        assert!(
+            (p[0] - 2.0 * factor).abs() < 1e-6 && (p[1] + 4.0 * factor).abs() < 1e-6,
+            "{p:?}"
+        );
+    }
 
     #[test]
     fn adam_minimizes_a_quadratic() {
