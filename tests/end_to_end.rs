@@ -314,3 +314,77 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         }
     }
 }
+
+#[test]
+fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("train.parquet"),
+        &ids(0, 4000),
+        &images(4000, 8, 8, 1),
+        &[8, 8],
+    );
+    // 300 fresh normal images, then 30 inverted ones (bright where normal images are dark).
+    let mut fresh = images(330, 8, 8, 2);
+    for img in &mut fresh[300..] {
+        img.iter_mut().for_each(|v| *v = 255 - *v);
+    }
+    write_tensor_u8(&d.join("fresh.parquet"), &ids(10_000, 330), &fresh, &[8, 8]);
+    let extra =
+        "[threshold]\nmethod = \"conformal\"\nfdr = 0.1\n\n[train]\nvalidation_fraction = 0.5\n";
+    write_config(d, "fit.toml", "train.parquet", "out", extra);
+    write_config(d, "score.toml", "fresh.parquet", "out", extra);
+    let model_dir = fit_model(d, "fit.toml");
+    pipeline(
+        d,
+        &[
+            "score",
+            "score.toml",
+            "--model",
+            &model_dir,
+            "--run-id",
+            "r",
+        ],
+        &[],
+    )
+    .expect(0);
+
+    let scores = read_table(&d.join("out/scores"));
+    let ids_read = strings(&scores, "id");
+    let p = floats(&scores, "p_value");
+    let score = floats(&scores, "score");
+    let threshold = floats(&scores, "threshold");
+    let flags = bools(&scores, "is_anomaly");
+    assert!(p.iter().all(|p| *p > 0.0 && *p <= 1.0));
+    assert!(
+        threshold.windows(2).all(|w| w[0] == w[1]),
+        "one threshold per run"
+    );
+    // Benjamini–Hochberg by hand over the written p-values gives the same flags, and the
+    // flags are exactly the scores above the run's threshold.
+    let mut sorted = p.clone();
+    sorted.sort_by(f64::total_cmp);
+    let m = sorted.len() as f64;
+    let cutoff = (0..sorted.len())
+        .rev()
+        .find(|&k| sorted[k] <= (k + 1) as f64 * 0.1 / m)
+        .map(|k| sorted[k]);
+    for i in 0..flags.len() {
+        assert_eq!(flags[i], cutoff.is_some_and(|c| p[i] <= c), "row {i}");
+        assert_eq!(flags[i], score[i] > threshold[0], "row {i}");
+    }
+    let planted = |i: usize| ids_read[i].as_deref().unwrap() >= "img-10300";
+    let found = (0..flags.len()).filter(|&i| flags[i] && planted(i)).count();
+    let false_flags = (0..flags.len())
+        .filter(|&i| flags[i] && !planted(i))
+        .count();
+    assert_eq!(found, 30, "every planted anomaly is flagged");
+    assert!(false_flags <= 10, "{false_flags} normal images flagged");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("out/runs/r/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["threshold"]["method"], "conformal");
+    assert_eq!(manifest["threshold"]["fdr"], 0.1);
+    assert_eq!(manifest["threshold"]["value"], threshold[0]);
+}

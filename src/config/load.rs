@@ -240,6 +240,12 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if !(c.threshold.fdr > 0.0 && c.threshold.fdr < 1.0) {
+        p.push((
+            "threshold.fdr",
+            format!("`threshold.fdr` must be in (0, 1), got {}", c.threshold.fdr),
+        ));
+    }
     if !(c.model.l2.is_finite() && c.model.l2 > 0.0) {
         p.push((
             "model.l2",
@@ -305,11 +311,7 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
                     .to_string(),
             )),
         },
-        ThresholdMethod::Conformal => p.push((
-            "threshold.method",
-            "`threshold.method = \"conformal\"` is not supported yet: use \"quantile\" or \"fixed\""
-                .to_string(),
-        )),
+        ThresholdMethod::Conformal => {}
     }
     if c.sink.max_rows_per_file == 0 {
         p.push((

@@ -320,7 +320,8 @@ impl Default for ScoreConfig {
 pub enum ThresholdMethod {
     /// The `quantile` of the held-out validation scores.
     Quantile,
-    /// Conformal p-values with FDR control (not yet supported).
+    /// Conformal p-values against the held-out calibration scores, flagged by
+    /// Benjamini–Hochberg at `fdr` over each run's images.
     Conformal,
     /// A fixed score `value`.
     Fixed,
@@ -330,13 +331,14 @@ pub enum ThresholdMethod {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct ThresholdConfig {
-    /// `"quantile"`, `"fixed"` (or `"conformal"`, planned).
+    /// `"quantile"`, `"conformal"` or `"fixed"`.
     pub method: ThresholdMethod,
     /// For `quantile`: the fraction of normal images expected below the threshold, in (0, 1).
     pub quantile: f64,
     /// For `fixed`: the score (nats) above which an image is an anomaly.
     pub value: Option<f64>,
-    /// For `conformal`: the false discovery rate.
+    /// For `conformal`: the false discovery rate, in (0, 1): the expected share of normal
+    /// images among those flagged in a run stays at or below it.
     pub fdr: f64,
 }
 

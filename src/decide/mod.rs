@@ -3,7 +3,12 @@
 //! An image is an anomaly when its score is strictly above the threshold. A `quantile`
 //! threshold is the ⌈q·n⌉-th smallest of the n held-out calibration scores, so that at most a
 //! fraction 1 − q of those scores lie above it, and about that fraction of new normal images
-//! will be flagged; a `fixed` threshold is given in the config.
+//! will be flagged; a `fixed` threshold is given in the config. A `conformal` threshold is
+//! decided per run: every image gets a conformal p-value against the calibration scores, and
+//! Benjamini–Hochberg at `fdr` over the run's p-values picks which are flagged
+//! ([`conformal`]), bounding the expected share of normal images among the flagged.
+
+pub mod conformal;
 
 use crate::config::{ThresholdConfig, ThresholdMethod};
 use crate::error::{Error, Result};
@@ -41,6 +46,7 @@ pub fn threshold(config: &ThresholdConfig, calibration: &[f64]) -> Result<Stored
                 method: ThresholdMethod::Quantile,
                 quantile: Some(config.quantile),
                 value: quantile(calibration, config.quantile),
+                fdr: None,
             })
         }
         ThresholdMethod::Fixed => Ok(StoredThreshold {
@@ -49,11 +55,67 @@ pub fn threshold(config: &ThresholdConfig, calibration: &[f64]) -> Result<Stored
             value: config
                 .value
                 .ok_or_else(|| Error::config("threshold.value", "`fixed` needs threshold.value"))?,
+            fdr: None,
         }),
-        ThresholdMethod::Conformal => Err(Error::config(
-            "threshold.method",
-            "`conformal` is not supported yet",
-        )),
+        ThresholdMethod::Conformal => {
+            if calibration.is_empty() {
+                return Err(Error::config(
+                    "threshold.method",
+                    "`conformal` needs the model's calibration scores, and this model has none: refit with train.validation_fraction > 0",
+                ));
+            }
+            if conformal::smallest_p_value(calibration.len()) > config.fdr {
+                tracing::warn!(
+                    calibration = calibration.len(),
+                    fdr = config.fdr,
+                    "Too few held-out images for this false discovery rate: no p-value can be small enough, so nothing will be flagged. Hold out at least 1/fdr images."
+                );
+            }
+            Ok(StoredThreshold {
+                method: ThresholdMethod::Conformal,
+                quantile: None,
+                value: conformal::score_threshold(calibration, Some(config.fdr)),
+                fdr: Some(config.fdr),
+            })
+        }
+    }
+}
+
+/// The threshold of one run under `conformal`: Benjamini–Hochberg at the stored `fdr` over the
+/// run's `scores`; other methods keep their threshold.
+pub fn run_threshold(
+    stored: &StoredThreshold,
+    calibration: &[f64],
+    scores: &[f64],
+) -> StoredThreshold {
+    match (stored.method, stored.fdr) {
+        (ThresholdMethod::Conformal, Some(fdr)) => {
+            // BH needs k of the m p-values at or below k·fdr/m, and none is below 1/(n + 1).
+            let fewest = (scores.len() as f64 * conformal::smallest_p_value(calibration.len())
+                / fdr)
+                .ceil();
+            if fewest > 1.0 {
+                tracing::warn!(
+                    calibration = calibration.len(),
+                    images = scores.len(),
+                    fdr,
+                    fewest_flaggable = fewest,
+                    "With this few calibration scores, a run of this size flags nothing unless it holds at least `fewest_flaggable` clear anomalies; hold out more images (train.validation_fraction) or raise threshold.fdr."
+                );
+            }
+            let p: Vec<f64> = scores
+                .iter()
+                .map(|&s| conformal::p_value(calibration, s))
+                .collect();
+            StoredThreshold {
+                value: conformal::score_threshold(
+                    calibration,
+                    conformal::benjamini_hochberg(&p, fdr),
+                ),
+                ..stored.clone()
+            }
+        }
+        _ => stored.clone(),
     }
 }
 

@@ -158,6 +158,8 @@ pub struct ScoredRows<'a> {
     pub threshold: f64,
     /// The decisions.
     pub is_anomaly: &'a [bool],
+    /// Conformal p-values, where the model has calibration scores.
+    pub p_value: Option<&'a [f64]>,
 }
 
 /// Builds a `scores` record batch.
@@ -197,7 +199,10 @@ pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordB
         Arc::new(Float64Array::from(rows.score.to_vec())),
         Arc::new(Float64Array::from(vec![rows.threshold; n])),
         Arc::new(BooleanArray::from(rows.is_anomaly.to_vec())),
-        Arc::new(Float64Array::new_null(n)),
+        match rows.p_value {
+            Some(p) => Arc::new(Float64Array::from(p.to_vec())),
+            None => Arc::new(Float64Array::new_null(n)),
+        },
     ]);
     RecordBatch::try_new(Arc::clone(schema), columns)
         .map_err(|e| Error::Internal(format!("building a scores batch: {e}")))

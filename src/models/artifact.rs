@@ -52,8 +52,13 @@ pub struct StoredThreshold {
     pub method: ThresholdMethod,
     /// The quantile, for `quantile`.
     pub quantile: Option<f64>,
-    /// The score above which an image is an anomaly.
+    /// The score above which an image is an anomaly. For `conformal` it is decided per run
+    /// (Benjamini–Hochberg over the run's p-values); a model stores the threshold that would
+    /// hold for a run of one image.
     pub value: f64,
+    /// The false discovery rate, for `conformal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fdr: Option<f64>,
 }
 
 /// The contents of model.json.

@@ -8,7 +8,7 @@ use super::Context;
 use super::fit::nll_scores;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch};
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::decide;
 use crate::error::{Error, Result};
@@ -46,7 +46,8 @@ pub fn score(
     run_id: &str,
 ) -> Result<Scored> {
     let meta = &model.meta;
-    let threshold = decide::threshold(&config.threshold, &meta.calibration_scores)?;
+    let calibration = &meta.calibration_scores;
+    let stored = decide::threshold(&config.threshold, calibration)?;
     if meta.preprocess != config.preprocess {
         tracing::warn!(
             model = %meta.model_id,
@@ -55,6 +56,35 @@ pub fn score(
     }
     let preprocess = Preprocessor::new(meta.preprocess.clone());
     let source = Source::open(&config.source.uri, &ctx.rt)?;
+    // A conformal decision needs every p-value of the run before any row is flagged: a first
+    // pass scores the whole source (keeping one f64 per image), the second writes the tables
+    // with those scores.
+    let precomputed = if stored.method == ThresholdMethod::Conformal {
+        let progress = Progress::new(ctx.progress, source.total_rows(), "scoring (p-values)");
+        let mut all = Vec::new();
+        for_each_batch(
+            &source,
+            &config.source,
+            &preprocess,
+            Some(meta.shape),
+            &progress,
+            |batch, _| {
+                if !batch.is_empty() {
+                    all.extend(nll_scores(model.model.as_ref(), batch.pixels.view())?);
+                }
+                Ok(())
+            },
+        )?;
+        progress.finish();
+        Some(all)
+    } else {
+        None
+    };
+    let threshold = match &precomputed {
+        Some(all) => decide::run_threshold(&stored, calibration, all),
+        None => stored,
+    };
+    let mut next_precomputed = 0usize;
     tracing::info!(
         files = source.files().len(),
         rows = source.total_rows(),
@@ -99,8 +129,25 @@ pub fn score(
             if batch.is_empty() {
                 return Ok(());
             }
-            let nll = nll_scores(model.model.as_ref(), batch.pixels.view())?;
+            let nll = match &precomputed {
+                Some(all) => {
+                    let range = next_precomputed..next_precomputed + batch.len();
+                    next_precomputed = range.end;
+                    all.get(range).map(<[f64]>::to_vec).ok_or_else(|| {
+                        Error::data(
+                            &*batch.source,
+                            "the source changed while it was being scored (more images on the second pass); run again",
+                        )
+                    })?
+                }
+                None => nll_scores(model.model.as_ref(), batch.pixels.view())?,
+            };
             let ll: Vec<f64> = nll.iter().map(|s| -s).collect();
+            let p_value: Option<Vec<f64>> = (!calibration.is_empty()).then(|| {
+                nll.iter()
+                    .map(|&s| decide::conformal::p_value(calibration, s))
+                    .collect()
+            });
             let is_anomaly: Vec<bool> = nll
                 .iter()
                 .map(|&s| decide::is_anomaly(s, threshold.value))
@@ -117,6 +164,7 @@ pub fn score(
                 score: &nll,
                 threshold: threshold.value,
                 is_anomaly: &is_anomaly,
+                p_value: p_value.as_deref(),
             };
             let scores_batch = tables::scores_batch(scores.schema(), &rows)?;
             scores.write(&scores_batch)?;
@@ -150,6 +198,15 @@ pub fn score(
         },
     )?;
     progress.finish();
+    if precomputed
+        .as_ref()
+        .is_some_and(|all| all.len() != next_precomputed)
+    {
+        return Err(Error::data(
+            &config.source.uri,
+            "the source changed while it was being scored (fewer images on the second pass); run again",
+        ));
+    }
     counts.check(&config.source.uri, config.source.max_reject_fraction)?;
     if scored == 0 {
         return Err(Error::data(
