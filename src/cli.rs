@@ -57,6 +57,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// Write the pipeline TOML reference (JSON Schema and Markdown).
     Schema(SchemaArgs),
+    /// Measure how well a run's scores and flags match known labels (AUROC, AUPRC, precision,
+    /// recall, F1, realised FDR).
+    Evaluate(EvaluateArgs),
     /// Measure NADE training and scoring speed: fast kernels on every instruction set this
     /// CPU has, against the naive reference and the machine's SGEMM rate, all in this run.
     Bench(BenchArgs),
@@ -149,6 +152,33 @@ pub struct SampleArgs {
     /// Each pixel is drawn as a scale×scale block.
     #[arg(long, default_value_t = 2)]
     pub scale: usize,
+}
+
+/// `pipeline evaluate`.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The scores table: a sink's `scores/` directory, a Parquet file or a glob.
+    pub scores: String,
+
+    /// The column with the true label (pass it through with `source.passthrough`).
+    #[arg(long)]
+    pub label_column: String,
+
+    /// A label value of normal images (repeatable); every other value is an anomaly.
+    #[arg(long = "normal", value_name = "VALUE", required = true)]
+    pub normal: Vec<String>,
+
+    /// Only this run's rows (needed when the table holds several runs).
+    #[arg(long)]
+    pub run_id: Option<String>,
+
+    /// Also evaluate each value of this column on its own, e.g. `camera_id`.
+    #[arg(long, value_name = "COLUMN")]
+    pub by: Option<String>,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `pipeline bench`.

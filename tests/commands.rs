@@ -185,3 +185,94 @@ fn bench_measures_every_kernel_and_writes_its_figures() {
         .mentions(&["--repeats"]);
     pipeline(&repo(), &["bench", "--data", "no/such.parquet"], &[]).expect(66);
 }
+
+#[test]
+fn evaluate_reports_what_the_written_scores_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for run in ["one", "two"] {
+        pipeline(
+            &repo(),
+            &["run", "pipelines/demo.toml", "--run-id", run],
+            &[("DEMO_OUT", out.to_str().unwrap())],
+        )
+        .expect(0);
+    }
+    let scores_dir = out.join("scores");
+    let scores_uri = scores_dir.to_str().unwrap();
+    let args = [
+        "evaluate",
+        scores_uri,
+        "--label-column",
+        "condition",
+        "--normal",
+        "normal",
+    ];
+    // Two runs in the table: which one must be said.
+    pipeline(&repo(), &args, &[])
+        .expect(64)
+        .mentions(&["--run-id", "one", "two"]);
+    let mut json_args = args.to_vec();
+    json_args.extend(["--run-id", "one", "--json"]);
+    let result = pipeline(&repo(), &json_args, &[]);
+    result.expect(0);
+    let report: serde_json::Value = serde_json::from_str(&result.stdout).unwrap();
+    let overall = &report["overall"];
+
+    // The same figures from the rows, by counting pairs.
+    let batches = read_table(&scores_dir);
+    let runs = strings(&batches, "run_id");
+    let score = floats(&batches, "score");
+    let flags = bools(&batches, "is_anomaly");
+    let condition = strings(&batches, "condition");
+    let rows: Vec<(f64, bool, bool)> = (0..runs.len())
+        .filter(|&i| runs[i].as_deref() == Some("one"))
+        .map(|i| {
+            (
+                score[i],
+                flags[i],
+                condition[i].as_deref() != Some("normal"),
+            )
+        })
+        .collect();
+    let (mut wins, mut pairs) = (0.0, 0.0);
+    for a in rows.iter().filter(|r| r.2) {
+        for n in rows.iter().filter(|r| !r.2) {
+            pairs += 1.0;
+            wins += if a.0 > n.0 {
+                1.0
+            } else if a.0 == n.0 {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    assert_eq!(overall["images"], rows.len() as u64);
+    assert_eq!(overall["anomalies"], 20);
+    assert!((overall["auroc"].as_f64().unwrap() - wins / pairs).abs() < 1e-12);
+    let flagged = rows.iter().filter(|r| r.1).count() as u64;
+    let false_flags = rows.iter().filter(|r| r.1 && !r.2).count() as f64;
+    assert_eq!(overall["flagged"], flagged);
+    assert!((overall["fdr"].as_f64().unwrap() - false_flags / flagged as f64).abs() < 1e-12);
+
+    // Per-group figures add up to the whole.
+    let mut by_args = args.to_vec();
+    by_args.extend(["--run-id", "two", "--by", "label", "--json"]);
+    let result = pipeline(&repo(), &by_args, &[]);
+    result.expect(0);
+    let report: serde_json::Value = serde_json::from_str(&result.stdout).unwrap();
+    let groups = report["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 10);
+    let total: u64 = groups
+        .iter()
+        .map(|g| g["evaluation"]["images"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 2000);
+
+    let mut bad = args.to_vec();
+    bad[3] = "no_such_column";
+    pipeline(&repo(), &bad, &[])
+        .expect(64)
+        .mentions(&["no_such_column", "passthrough"]);
+}

@@ -1,6 +1,7 @@
 //! Carries out each subcommand and prints its summary on stdout (logs go to stderr).
 
 mod bench;
+mod evaluate;
 mod inspect;
 mod sample;
 
@@ -61,6 +62,7 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
         Command::Inspect(a) => inspect::inspect(a, ctx)?,
         Command::Sample(a) => sample::sample(a, ctx)?,
         Command::Bench(a) => bench::bench(a, ctx)?,
+        Command::Evaluate(a) => evaluate::evaluate(a, ctx)?,
         Command::Schema(a) => match &a.out_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| crate::error::from_io(dir, e))?;

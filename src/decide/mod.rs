@@ -9,6 +9,7 @@
 //! ([`conformal`]), bounding the expected share of normal images among the flagged.
 
 pub mod conformal;
+pub mod metrics;
 
 use crate::config::{ThresholdConfig, ThresholdMethod};
 use crate::error::{Error, Result};
@@ -91,9 +92,8 @@ pub fn run_threshold(
     match (stored.method, stored.fdr) {
         (ThresholdMethod::Conformal, Some(fdr)) => {
             // BH needs k of the m p-values at or below k·fdr/m, and none is below 1/(n + 1).
-            let fewest = (scores.len() as f64 * conformal::smallest_p_value(calibration.len())
-                / fdr)
-                .ceil();
+            let fewest =
+                (scores.len() as f64 * conformal::smallest_p_value(calibration.len()) / fdr).ceil();
             if fewest > 1.0 {
                 tracing::warn!(
                     calibration = calibration.len(),
