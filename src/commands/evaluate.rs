@@ -85,7 +85,7 @@ pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
                 continue;
             }
             let label = label_text.value(i).to_string();
-            let anomaly = !a.normal.iter().any(|n| *n == label);
+            let anomaly = !a.normal.contains(&label);
             let group = by_text
                 .as_ref()
                 .map(|f| f.value(i).to_string())
