@@ -388,3 +388,74 @@ fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
     assert_eq!(manifest["threshold"]["fdr"], 0.1);
     assert_eq!(manifest["threshold"]["value"], threshold[0]);
 }
+
+#[test]
+fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("d.parquet"),
+        &ids(0, 600),
+        &images(600, 6, 6, 5),
+        &[6, 6],
+    );
+    for (name, extra) in [
+        (
+            "lr-mutated",
+            "[score]\nmethod = \"likelihood_ratio\"\nmutation_rate = 0.3\n",
+        ),
+        (
+            "lr-bernoulli",
+            "[model]\nkind = \"ar\"\nk = 2\n\n[score]\nmethod = \"likelihood_ratio\"\nbackground = \"bernoulli\"\n",
+        ),
+        ("complexity", "[score]\nmethod = \"complexity\"\n"),
+    ] {
+        let cfg = format!("{name}.toml");
+        let sink = format!("out-{name}");
+        write_config(d, &cfg, "d.parquet", &sink, extra);
+        let model_dir = fit_model(d, &cfg);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(&model_dir).join("model.json")).unwrap())
+                .unwrap();
+        let method = meta["score"]["method"].as_str().unwrap();
+        let has_background = d.join(&model_dir).join("background.safetensors").exists();
+        assert_eq!(has_background, method == "likelihood_ratio", "{name}");
+        if name == "lr-bernoulli" {
+            assert_eq!(meta["score"]["background"]["kind"], "bernoulli");
+        }
+        // Scoring with the stored model (and its background) gives finite scores in the
+        // method's units: a ratio is not the NLL, the complexity score is below it.
+        pipeline(
+            d,
+            &["score", &cfg, "--model", &model_dir, "--run-id", "r"],
+            &[],
+        )
+        .expect(0);
+        let scores = read_table(&d.join(&sink).join("scores"));
+        let nll: Vec<f64> = floats(&scores, "log_likelihood")
+            .iter()
+            .map(|l| -l)
+            .collect();
+        let score = floats(&scores, "score");
+        assert!(score.iter().all(|s| s.is_finite()), "{name}");
+        match method {
+            "likelihood_ratio" => assert!(
+                nll.iter().zip(&score).any(|(n, s)| (n - s).abs() > 1e-6),
+                "{name}: the ratio differs from the NLL"
+            ),
+            "complexity" => assert!(nll.iter().zip(&score).all(|(n, s)| s < n), "{name}"),
+            other => panic!("unexpected method {other}"),
+        }
+    }
+    // A background that is neither "mutated" nor a kind is a config error naming the key.
+    write_config(
+        d,
+        "bad.toml",
+        "d.parquet",
+        "out",
+        "[score]\nmethod = \"likelihood_ratio\"\nbackground = \"gaussian\"\n",
+    );
+    pipeline(d, &["validate", "bad.toml"], &[])
+        .expect(78)
+        .mentions(&["score.background", "mutated"]);
+}

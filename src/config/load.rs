@@ -9,7 +9,7 @@ use std::str::FromStr;
 use toml_edit::{DocumentMut, Item, Value};
 
 use super::interpolate::{Environment, Lookup, interpolate};
-use super::{Binarize, PipelineConfig, ScoreMethod, ThresholdMethod};
+use super::{Binarize, ModelKind, PipelineConfig, ScoreMethod, ThresholdMethod};
 use crate::error::{ConfigProblem, ConfigProblems, Error, Result};
 
 /// What the command line adds to a pipeline file.
@@ -278,18 +278,37 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             "`threshold.method = \"quantile\"` needs held-out images: set `train.validation_fraction` above 0".to_string(),
         ));
     }
-    match c.score.method {
-        ScoreMethod::Nll => {}
-        other => p.push((
-            "score.method",
-            format!(
-                "`score.method = \"{}\"` is not supported yet: use \"nll\"",
-                serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            ),
-        )),
+    if c.score.method == ScoreMethod::LikelihoodRatio {
+        let background = c.score.background.as_str();
+        if background != "mutated" {
+            match ModelKind::from_name(background) {
+                None => p.push((
+                    "score.background",
+                    format!(
+                        "`score.background` must be \"mutated\" or a model kind ({}), got {background:?}",
+                        ModelKind::ALL.map(ModelKind::name).join(", ")
+                    ),
+                )),
+                Some(kind)
+                    if kind.needs_binary_pixels() && c.preprocess.binarize == Binarize::None =>
+                {
+                    p.push((
+                        "score.background",
+                        format!("the background `{background}` needs binary pixels: set `preprocess.binarize`, or use \"categorical\" or \"mutated\""),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if !(c.score.mutation_rate > 0.0 && c.score.mutation_rate <= 1.0) {
+            p.push((
+                "score.mutation_rate",
+                format!(
+                    "`score.mutation_rate` must be in (0, 1], got {}",
+                    c.score.mutation_rate
+                ),
+            ));
+        }
     }
     match c.threshold.method {
         ThresholdMethod::Quantile => {

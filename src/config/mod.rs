@@ -176,6 +176,20 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// Every kind.
+    pub const ALL: [ModelKind; 5] = [
+        ModelKind::Bernoulli,
+        ModelKind::Categorical,
+        ModelKind::Ar,
+        ModelKind::Fvsbn,
+        ModelKind::Nade,
+    ];
+
+    /// The kind named `name` (as in TOML).
+    pub fn from_name(name: &str) -> Option<ModelKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
     /// The name used in TOML, tables and artifacts.
     pub fn name(self) -> &'static str {
         match self {
@@ -287,14 +301,17 @@ impl Default for TrainConfig {
 }
 
 /// How a score is computed from the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ScoreMethod {
     /// score = −log p(x) in nats.
+    #[default]
     Nll,
-    /// Against a background model (not yet supported).
+    /// score = −log p(x) + log p_background(x): minus the log-likelihood ratio against a
+    /// background model that captures what is merely *simple* about images (Ren et al. 2019).
     LikelihoodRatio,
-    /// NLL minus PNG-compressed length (not yet supported).
+    /// score = −log p(x) − L(x), with L(x) the image's PNG-compressed length in nats: the
+    /// likelihood corrected for the image's complexity (Serrà et al. 2020).
     Complexity,
 }
 
@@ -302,14 +319,24 @@ pub enum ScoreMethod {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct ScoreConfig {
-    /// `"nll"`; `"likelihood_ratio"` and `"complexity"` are planned.
+    /// `"nll"`, `"likelihood_ratio"` or `"complexity"`. Fixed when the model is fitted: a
+    /// model's calibration scores are in its method's units.
     pub method: ScoreMethod,
+    /// For `likelihood_ratio`: the background model. `"mutated"` fits the same kind on the
+    /// training images with a fraction `mutation_rate` of their pixels replaced at random; a
+    /// model kind (e.g. `"bernoulli"`) fits that simpler kind on the same images.
+    pub background: String,
+    /// For `background = "mutated"`: the fraction of pixels replaced by uniform random values,
+    /// in (0, 1].
+    pub mutation_rate: f64,
 }
 
 impl Default for ScoreConfig {
     fn default() -> Self {
         Self {
             method: ScoreMethod::Nll,
+            background: "mutated".into(),
+            mutation_rate: 0.2,
         }
     }
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use super::{DensityModel, NamedTensor, from_tensors};
-use crate::config::{ModelKind, PreprocessConfig, ThresholdMethod};
+use crate::config::{ModelKind, PreprocessConfig, ScoreMethod, ThresholdMethod};
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
 use crate::io::storage::Storage;
@@ -43,6 +43,32 @@ pub struct TrainingSummary {
     pub curve: Vec<EpochRecord>,
     /// Wall time of the fit itself, in seconds.
     pub seconds: f64,
+}
+
+/// How the model's scores (and so its calibration scores) are computed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StoredScore {
+    /// The score method.
+    pub method: ScoreMethod,
+    /// For `likelihood_ratio`: the background model, whose weights are in
+    /// `background.safetensors` beside the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<StoredBackground>,
+}
+
+/// The background model of a likelihood-ratio score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredBackground {
+    /// Its kind.
+    pub kind: ModelKind,
+    /// Its hyper-parameters.
+    pub hyperparameters: serde_json::Value,
+    /// `"mutated"` (fitted on the training images with a fraction of pixels randomized) or
+    /// `"same_images"`.
+    pub fitted_on: String,
+    /// The fraction of pixels randomized, for `"mutated"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutation_rate: Option<f64>,
 }
 
 /// The threshold stored with a model.
@@ -81,6 +107,9 @@ pub struct ModelMeta {
     pub preprocess: PreprocessConfig,
     /// How the model was fitted.
     pub training: TrainingSummary,
+    /// How scores are computed (older models: `nll`).
+    #[serde(default)]
+    pub score: StoredScore,
     /// The threshold chosen at fit time.
     pub threshold: StoredThreshold,
     /// The scores of the held-out images, sorted ascending: the calibration set for thresholds
@@ -97,6 +126,8 @@ pub struct LoadedModel {
     pub meta: ModelMeta,
     /// The model.
     pub model: Box<dyn DensityModel>,
+    /// The background model of a likelihood-ratio score.
+    pub background: Option<Box<dyn DensityModel>>,
     /// Where it was loaded from (its directory).
     pub uri: String,
 }
@@ -152,21 +183,30 @@ pub fn from_safetensors(bytes: &[u8]) -> std::result::Result<Vec<NamedTensor>, S
 pub fn save(
     sink: &Storage,
     model: &dyn DensityModel,
+    background: Option<&dyn DensityModel>,
     mut meta: ModelMeta,
 ) -> Result<(ModelMeta, String)> {
     let weights = to_safetensors(&model.tensors())?;
+    let background_weights = background
+        .map(|b| to_safetensors(&b.tensors()))
+        .transpose()?;
     meta.model_id = String::new();
-    // The id depends on what was learned, not on how long it took.
     let mut identity = meta.clone();
     identity.training.seconds = 0.0;
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(&identity).map_err(|e| Error::Internal(e.to_string()))?);
     hasher.update(&weights);
+    if let Some(b) = &background_weights {
+        hasher.update(b);
+    }
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     meta.model_id = format!("{}-{hex}", meta.kind.name());
     let dir = format!("models/{}", meta.model_id);
     sink.put(&format!("{dir}/model.safetensors"), Bytes::from(weights))?;
+    if let Some(b) = background_weights {
+        sink.put(&format!("{dir}/background.safetensors"), Bytes::from(b))?;
+    }
     let mut json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
     json.push(b'\n');
     sink.put(&format!("{dir}/model.json"), Bytes::from(json))?;
@@ -223,9 +263,39 @@ pub fn load(uri: &str, rt: &Handle) -> Result<LoadedModel> {
             format!("weights do not fit model.json: {e}"),
         )
     })?;
+    let background = match &meta.score.background {
+        None => None,
+        Some(b) => {
+            let weights = storage.get("background.safetensors")?;
+            let tensors = from_safetensors(&weights)
+                .map_err(|e| bad("background.safetensors", format!("unreadable weights: {e}")))?;
+            Some(
+                from_tensors(
+                    b.kind,
+                    meta.shape,
+                    meta.levels,
+                    &b.hyperparameters,
+                    &tensors,
+                )
+                .map_err(|e| {
+                    bad(
+                        "background.safetensors",
+                        format!("weights do not fit model.json: {e}"),
+                    )
+                })?,
+            )
+        }
+    };
+    if meta.score.method == ScoreMethod::LikelihoodRatio && background.is_none() {
+        return Err(bad(
+            "model.json",
+            "the score is a likelihood ratio but no background model is recorded; refit".into(),
+        ));
+    }
     Ok(LoadedModel {
         meta,
         model,
+        background,
         uri: storage.display(""),
     })
 }

@@ -7,20 +7,25 @@
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::Context;
 use super::progress::Progress;
 use super::read::for_each_batch;
-use crate::config::PipelineConfig;
+use super::scorer::Scorer;
+use crate::config::{ModelConfig, ModelKind, PipelineConfig, ScoreMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::data::{ImageShape, id_hash, unit_interval};
 use crate::decide;
 use crate::error::{Error, Result};
 use crate::io::source::Source;
 use crate::io::storage::Storage;
-use crate::models::artifact::{self, FORMAT_VERSION, LoadedModel, ModelMeta, TrainingSummary};
+use crate::models::artifact::{
+    self, FORMAT_VERSION, LoadedModel, ModelMeta, StoredBackground, StoredScore, TrainingSummary,
+};
 use crate::models::{self, DensityModel, TrainingSet};
 
 /// Images gathered for fitting, split into training and validation rows.
@@ -115,11 +120,18 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
     let model = fitted.model;
     let seconds = started.elapsed().as_secs_f64();
 
+    let (background, stored_score) = fit_background(config, &data, ctx)?;
     let train_nll = mean_nll(model.as_ref(), train.view())?;
-    let mut calibration: Vec<f64> = nll_scores(model.as_ref(), validation.view())?;
+    let scorer = Scorer {
+        method: config.score.method,
+        model: model.as_ref(),
+        background: background.as_deref(),
+    };
+    let held_out = scorer.scores(validation.view())?;
+    let mut calibration = held_out.score;
     calibration.sort_by(f64::total_cmp);
-    let validation_nll = (!calibration.is_empty())
-        .then(|| calibration.iter().sum::<f64>() / calibration.len() as f64);
+    let validation_nll = (!held_out.nll.is_empty())
+        .then(|| held_out.nll.iter().sum::<f64>() / held_out.nll.len() as f64);
     let threshold = decide::threshold(&config.threshold, &calibration).map_err(|e| match e {
         Error::Config(_) if calibration.is_empty() => Error::data(
             &config.source.uri,
@@ -149,11 +161,12 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
             curve: fitted.curve,
             seconds,
         },
+        score: stored_score,
         threshold,
         calibration_scores: calibration,
         created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
     };
-    let (meta, dir) = artifact::save(sink, model.as_ref(), meta)?;
+    let (meta, dir) = artifact::save(sink, model.as_ref(), background.as_deref(), meta)?;
     tracing::info!(
         model_id = %meta.model_id,
         train_nll,
@@ -165,8 +178,89 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
     Ok(LoadedModel {
         meta,
         model,
+        background,
         uri: sink.display(&dir),
     })
+}
+
+/// For a likelihood-ratio score, fits the background model: the same kind on the training
+/// images with `score.mutation_rate` of their pixels replaced by uniform random values (seeded
+/// by `train.seed`), or the kind `score.background` on the images as they are.
+fn fit_background(
+    config: &PipelineConfig,
+    data: &TrainingSet<'_>,
+    ctx: &Context,
+) -> Result<(Option<Box<dyn DensityModel>>, StoredScore)> {
+    let method = config.score.method;
+    if method != ScoreMethod::LikelihoodRatio {
+        return Ok((
+            None,
+            StoredScore {
+                method,
+                background: None,
+            },
+        ));
+    }
+    let mutated = config.score.background == "mutated";
+    let kind = if mutated {
+        config.model.kind
+    } else {
+        ModelKind::from_name(&config.score.background)
+            .ok_or_else(|| Error::config("score.background", "not a model kind or \"mutated\""))?
+    };
+    let model_config = ModelConfig {
+        kind,
+        ..config.model.clone()
+    };
+    tracing::info!(
+        kind = kind.name(),
+        mutated,
+        "Fitting the background model of the likelihood ratio."
+    );
+    let epochs_rows = u64::from(config.train.epochs) * data.pixels.nrows() as u64;
+    let training = Progress::new(
+        ctx.progress && kind.trained_by_gradient(),
+        epochs_rows,
+        "background",
+    );
+    let fitted = if mutated {
+        let rate = config.score.mutation_rate;
+        let seed = config.train.seed ^ 0x6d75_7461_7465;
+        let pixels = mutate(data.pixels, data.levels, rate, seed);
+        let validation = mutate(data.validation, data.levels, rate, seed.rotate_left(1));
+        let mutated_data = TrainingSet {
+            pixels: pixels.view(),
+            validation: validation.view(),
+            ..data.clone()
+        };
+        models::fit(&model_config, &config.train, &mutated_data, &training)?
+    } else {
+        models::fit(&model_config, &config.train, data, &training)?
+    };
+    training.finish();
+    let stored = StoredScore {
+        method,
+        background: Some(StoredBackground {
+            kind,
+            hyperparameters: fitted.model.hyperparameters(),
+            fitted_on: if mutated { "mutated" } else { "same_images" }.into(),
+            mutation_rate: mutated.then_some(config.score.mutation_rate),
+        }),
+    };
+    Ok((Some(fitted.model), stored))
+}
+
+/// A copy of `pixels` with each value replaced, with probability `rate`, by one drawn
+/// uniformly from `0..levels` (Ren et al. 2019's perturbation).
+pub fn mutate(pixels: ArrayView2<'_, u8>, levels: u16, rate: f64, seed: u64) -> Array2<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = pixels.to_owned();
+    for v in out.iter_mut() {
+        if rng.random_bool(rate) {
+            *v = rng.random_range(0..levels) as u8;
+        }
+    }
+    out
 }
 
 /// −log p(x) for every row, checked to be finite.

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod progress;
 pub mod read;
 pub mod score;
+pub mod scorer;
 
 use tokio::runtime::Handle;
 

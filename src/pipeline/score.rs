@@ -5,9 +5,9 @@
 use rayon::prelude::*;
 
 use super::Context;
-use super::fit::nll_scores;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch};
+use super::scorer::{Scorer, Scores};
 use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::decide;
@@ -47,6 +47,17 @@ pub fn score(
 ) -> Result<Scored> {
     let meta = &model.meta;
     let calibration = &meta.calibration_scores;
+    if meta.score.method != config.score.method {
+        tracing::warn!(
+            model = %meta.model_id,
+            "The model was fitted for another score.method; scoring uses the model's, the one its threshold is in."
+        );
+    }
+    let scorer = Scorer {
+        method: meta.score.method,
+        model: model.model.as_ref(),
+        background: model.background.as_deref(),
+    };
     let stored = decide::threshold(&config.threshold, calibration)?;
     if meta.preprocess != config.preprocess {
         tracing::warn!(
@@ -70,7 +81,8 @@ pub fn score(
             &progress,
             |batch, _| {
                 if !batch.is_empty() {
-                    all.extend(nll_scores(model.model.as_ref(), batch.pixels.view())?);
+                    let s = scorer.scores(batch.pixels.view())?;
+                    all.extend(s.nll.into_iter().zip(s.score));
                 }
                 Ok(())
             },
@@ -81,7 +93,10 @@ pub fn score(
         None
     };
     let threshold = match &precomputed {
-        Some(all) => decide::run_threshold(&stored, calibration, all),
+        Some(all) => {
+            let scores: Vec<f64> = all.iter().map(|p| p.1).collect();
+            decide::run_threshold(&stored, calibration, &scores)
+        }
         None => stored,
     };
     let mut next_precomputed = 0usize;
@@ -129,26 +144,31 @@ pub fn score(
             if batch.is_empty() {
                 return Ok(());
             }
-            let nll = match &precomputed {
+            let Scores { nll, score } = match &precomputed {
                 Some(all) => {
                     let range = next_precomputed..next_precomputed + batch.len();
                     next_precomputed = range.end;
-                    all.get(range).map(<[f64]>::to_vec).ok_or_else(|| {
+                    let rows = all.get(range).ok_or_else(|| {
                         Error::data(
                             &*batch.source,
                             "the source changed while it was being scored (more images on the second pass); run again",
                         )
-                    })?
+                    })?;
+                    Scores {
+                        nll: rows.iter().map(|p| p.0).collect(),
+                        score: rows.iter().map(|p| p.1).collect(),
+                    }
                 }
-                None => nll_scores(model.model.as_ref(), batch.pixels.view())?,
+                None => scorer.scores(batch.pixels.view())?,
             };
             let ll: Vec<f64> = nll.iter().map(|s| -s).collect();
             let p_value: Option<Vec<f64>> = (!calibration.is_empty()).then(|| {
-                nll.iter()
+                score
+                    .iter()
                     .map(|&s| decide::conformal::p_value(calibration, s))
                     .collect()
             });
-            let is_anomaly: Vec<bool> = nll
+            let is_anomaly: Vec<bool> = score
                 .iter()
                 .map(|&s| decide::is_anomaly(s, threshold.value))
                 .collect();
@@ -161,7 +181,7 @@ pub fn score(
                 passthrough: &batch.passthrough,
                 log_likelihood: &ll,
                 dims: batch.shape.dims(),
-                score: &nll,
+                score: &score,
                 threshold: threshold.value,
                 is_anomaly: &is_anomaly,
                 p_value: p_value.as_deref(),
