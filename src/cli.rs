@@ -60,6 +60,9 @@ pub enum Command {
     /// Measure how well a run's scores and flags match known labels (AUROC, AUPRC, precision,
     /// recall, F1, realised FDR).
     Evaluate(EvaluateArgs),
+    /// Write one self-contained HTML report of a run: score histogram with the threshold,
+    /// counts per group, and the top anomalies beside their per-pixel heat maps.
+    Report(ReportArgs),
     /// Measure NADE training and scoring speed: fast kernels on every instruction set this
     /// CPU has, against the naive reference and the machine's SGEMM rate, all in this run.
     Bench(BenchArgs),
@@ -179,6 +182,29 @@ pub struct EvaluateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `pipeline report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The sink the run wrote to (`sink.uri`).
+    pub sink: String,
+
+    /// The run to report on (default: the most recently finished run in the sink).
+    #[arg(long)]
+    pub run_id: Option<String>,
+
+    /// The HTML file to write.
+    #[arg(long, value_name = "HTML")]
+    pub out: String,
+
+    /// How many of the most anomalous images to draw.
+    #[arg(long, default_value_t = 24)]
+    pub top: usize,
+
+    /// Count images per value of this column of the scores table (default: by `model_id`).
+    #[arg(long, value_name = "COLUMN")]
+    pub by: Option<String>,
 }
 
 /// `pipeline bench`.

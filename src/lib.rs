@@ -22,4 +22,5 @@ pub mod kernels;
 pub mod logging;
 pub mod models;
 pub mod pipeline;
+pub mod report;
 pub mod train;

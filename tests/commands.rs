@@ -276,3 +276,73 @@ fn evaluate_reports_what_the_written_scores_say() {
         .expect(64)
         .mentions(&["no_such_column", "passthrough"]);
 }
+
+#[test]
+fn report_renders_in_a_headless_browser_with_its_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    pipeline(
+        &repo(),
+        &["run", "pipelines/demo.toml", "--run-id", "r1"],
+        &[("DEMO_OUT", out.to_str().unwrap())],
+    )
+    .expect(0);
+    let html = dir.path().join("report.html");
+    let result = pipeline(
+        &repo(),
+        &[
+            "report",
+            out.to_str().unwrap(),
+            "--out",
+            html.to_str().unwrap(),
+            "--top",
+            "8",
+            "--by",
+            "condition",
+        ],
+        &[],
+    );
+    result.expect(0);
+    assert!(result.stdout.contains("run r1"), "{}", result.stdout);
+    let text = std::fs::read_to_string(&html).unwrap();
+    // 8 images and 8 heat maps, embedded; the groups with their counts; the threshold line.
+    assert_eq!(text.matches("src=\"data:image/png;base64,").count(), 16);
+    assert!(
+        text.contains("<td>inverted</td><td>10</td><td>10</td>"),
+        "per-group counts"
+    );
+    assert!(text.contains("class=\"threshold\""));
+    // A run that is not there is a missing input, not a crash.
+    pipeline(
+        &repo(),
+        &[
+            "report",
+            out.to_str().unwrap(),
+            "--run-id",
+            "nope",
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .expect(66)
+    .mentions(&["--run-id"]);
+
+    let Some(browser) = chromium() else {
+        eprintln!("skipped the browser check: no chromium on this machine (.ci/run installs one)");
+        return;
+    };
+    let png = dir.path().join("report.png");
+    screenshot(&browser, &html, &png, 1100, 1400);
+    let shot = image::open(&png).unwrap().to_rgb8();
+    let count = |f: &dyn Fn(&image::Rgb<u8>) -> bool| shot.pixels().filter(|p| f(p)).count();
+    // Heat maps put saturated yellow on screen, the histogram blue bars, the digits black
+    // strokes on white: all three only if the embedded images and SVG were decoded.
+    let yellow = count(&|p| p[0] > 230 && p[1] > 230 && p[2] < 40);
+    let blue = count(&|p| p[0] == 0x4a && p[1] == 0x7a && p[2] == 0xb5);
+    let black = count(&|p| p[0] < 30 && p[1] < 30 && p[2] < 30);
+    assert!(
+        yellow > 2000 && blue > 2000 && black > 2000,
+        "yellow {yellow}, blue {blue}, black {black}"
+    );
+}

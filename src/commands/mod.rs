@@ -3,6 +3,7 @@
 mod bench;
 mod evaluate;
 mod inspect;
+mod report;
 mod sample;
 
 use std::io::Write;
@@ -63,6 +64,7 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
         Command::Sample(a) => sample::sample(a, ctx)?,
         Command::Bench(a) => bench::bench(a, ctx)?,
         Command::Evaluate(a) => evaluate::evaluate(a, ctx)?,
+        Command::Report(a) => report::report(a, ctx)?,
         Command::Schema(a) => match &a.out_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| crate::error::from_io(dir, e))?;

@@ -441,3 +441,44 @@ pub fn likelihoods(dir: &Path) -> HashMap<String, f64> {
         .zip(floats(&t, "log_likelihood"))
         .collect()
 }
+
+/// A headless-capable Chromium: `$CHROMIUM`, or `chromium` / `chromium-browser` on the PATH.
+pub fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|n| dir.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// Renders `html` in headless Chromium to a PNG screenshot of `width`×`height` CSS pixels.
+pub fn screenshot(browser: &Path, html: &Path, png: &Path, width: u32, height: u32) {
+    let profile = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--window-size={width},{height}"))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", html.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("chromium starts");
+    assert!(
+        status.success() && png.exists(),
+        "chromium rendered {}",
+        html.display()
+    );
+}

@@ -1,0 +1,103 @@
+"""One-class MNIST (issue 5's quality figure): for each digit c, fit on that digit's shared
+training rows, score every shared row not fitted on (normal = c, anomaly = any other digit),
+and report `pipeline evaluate`'s AUROC per digit and its mean, for each score method.
+
+Reads ../shared/data/mnist/train.parquet (not in the repository: without it this says so and
+exits 0). The first 80% of each digit's rows are its training rows; every other row is scored.
+
+    python3 scripts/one_class.py [--kind ar --set model.k=12 --set model.context=\\"neighbourhood\\"]
+                                 [--methods nll,likelihood_ratio,complexity] [--work DIR]
+
+Needs pyarrow and a release build (`cargo build --release`).
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+TEMPLATE = """[pipeline]
+name = "one-class"
+[source]
+uri = "{source}"
+passthrough = ["label"]
+[preprocess]
+binarize = "stochastic"
+seed = 0
+[model]
+kind = "{kind}"
+[train]
+validation_fraction = 0.1
+[sink]
+uri = "{sink}"
+"""
+
+
+def main() -> int:
+    here = pathlib.Path(__file__).resolve().parent.parent
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="ar")
+    parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--methods", default="nll,likelihood_ratio,complexity")
+    parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--work", default="/tmp/anomaly-pipeline-one-class")
+    args = parser.parse_args()
+    mnist = here.parent / "shared" / "data" / "mnist" / "train.parquet"
+    if not mnist.exists():
+        print(f"skipped: {mnist} is not here (the shared MNIST digits are not in the repository)")
+        return 0
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        print("skipped: pyarrow is needed to split the MNIST file (pip install pyarrow)")
+        return 0
+    binary = here / "target" / "release" / "pipeline"
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(mnist)
+    labels = table.column("label").to_pylist()
+    digits = [int(d) for d in args.digits.split(",")]
+    methods = args.methods.split(",")
+    sets = [x for kv in args.sets for x in ("--set", kv)]
+    results = {m: [] for m in methods}
+    print(f"{'digit':>5} " + " ".join(f"{m:>17}" for m in methods), flush=True)
+    for c in digits:
+        rows = [i for i, l in enumerate(labels) if l == c]
+        fit_rows = set(rows[: int(0.8 * len(rows))])
+        pq.write_table(table.take(sorted(fit_rows)), work / f"fit-{c}.parquet")
+        rest = [i for i in range(table.num_rows) if i not in fit_rows]
+        pq.write_table(table.take(rest), work / f"test-{c}.parquet")
+        line = f"{c:>5} "
+        for m in methods:
+            sink = f"out-{c}-{m}"
+            cfg = work / f"{c}-{m}.toml"
+            cfg.write_text(TEMPLATE.format(source=f"fit-{c}.parquet", kind=args.kind, sink=sink))
+            score_cfg = work / f"{c}-{m}-score.toml"
+            score_cfg.write_text(TEMPLATE.format(source=f"test-{c}.parquet", kind=args.kind, sink=sink))
+            fit = subprocess.run(
+                [binary, "fit", cfg.name, "-q", "--set", f'score.method="{m}"', *sets],
+                cwd=work, check=True, capture_output=True, text=True,
+            )
+            model = fit.stdout.strip().splitlines()[-1].removeprefix("model: ")
+            subprocess.run(
+                [binary, "score", score_cfg.name, "-q", "--model", model, "--run-id", "test"],
+                cwd=work, check=True, capture_output=True,
+            )
+            ev = subprocess.run(
+                [binary, "evaluate", f"{sink}/scores", "--label-column", "label",
+                 "--normal", str(c), "--json"],
+                cwd=work, check=True, capture_output=True, text=True,
+            )
+            auroc = json.loads(ev.stdout)["overall"]["auroc"]
+            results[m].append(auroc)
+            line += f" {auroc:>17.4f}"
+        print(line, flush=True)
+    print(" mean " + " ".join(f"{sum(v) / len(v):>17.4f}" for v in results.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
