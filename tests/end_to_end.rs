@@ -459,3 +459,103 @@ fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
         .expect(78)
         .mentions(&["score.background", "mutated"]);
 }
+
+#[test]
+fn partitions_score_like_separate_runs_and_small_ones_get_no_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 1,005 images whose `label` is i % 10: labels 0-4 have 101 images, 5-9 have 100.
+    let all_ids = ids(0, 1005);
+    let all_images = images(1005, 6, 6, 9);
+    write_tensor_u8(&d.join("all.parquet"), &all_ids, &all_images, &[6, 6]);
+    let model = "[model]\nkind = \"ar\"\nk = 2\n\n[train]\nmin_images = 101\n";
+    std::fs::write(
+        d.join("parts.toml"),
+        format!(
+            "[pipeline]\nname = \"test\"\n\n[source]\nuri = \"all.parquet\"\npartition_by = [\"label\"]\n\n[sink]\nuri = \"out-parts\"\n\n{model}"
+        ),
+    )
+    .unwrap();
+    let run = pipeline(d, &["run", "parts.toml", "--run-id", "p"], &[]);
+    run.expect(0);
+    assert!(run.stdout.contains("5 partitions"), "{}", run.stdout);
+
+    let scores = read_table(&d.join("out-parts/scores"));
+    let got_ids = strings(&scores, "id");
+    let labels = scores.iter().flat_map(|b| {
+        let c = b.column_by_name("label").unwrap();
+        let c = c
+            .as_any()
+            .downcast_ref::<arrow::array::UInt16Array>()
+            .unwrap();
+        c.values().to_vec()
+    });
+    let score_col = optional_floats(&scores, "score");
+    let partitioned: std::collections::HashMap<String, (String, Option<f64>)> = got_ids
+        .iter()
+        .zip(labels)
+        .zip(score_col)
+        .map(|((id, l), s)| (id.clone().unwrap(), (l.to_string(), s)))
+        .collect();
+    assert_eq!(partitioned.len(), 1005);
+    // Labels 5-9 had too few images: no model, no score, no flag.
+    for (id, (label, score)) in &partitioned {
+        let small = label.parse::<u32>().unwrap() >= 5;
+        assert_eq!(score.is_none(), small, "{id} (label {label})");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("out-parts/runs/p/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["partitions"].as_object().unwrap().len(), 5);
+    assert_eq!(manifest["unmodelled_partitions"]["7"], 100);
+    assert_eq!(manifest["rows"]["unmodelled"], 500);
+
+    // Each modelled partition scores exactly as a separate run on its own rows.
+    for label in 0..5usize {
+        let rows: Vec<usize> = (0..1005).filter(|i| i % 10 == label).collect();
+        let part_ids: Vec<String> = rows.iter().map(|&i| all_ids[i].clone()).collect();
+        let part_images: Vec<Vec<u8>> = rows.iter().map(|&i| all_images[i].clone()).collect();
+        let file = format!("label-{label}.parquet");
+        write_tensor_u8(&d.join(&file), &part_ids, &part_images, &[6, 6]);
+        let sink = format!("out-{label}");
+        let cfg = format!("label-{label}.toml");
+        write_config(d, &cfg, &file, &sink, model);
+        pipeline(d, &["run", &cfg, "--run-id", "alone"], &[]).expect(0);
+        let alone = likelihoods(&d.join(&sink).join("scores"));
+        for id in &part_ids {
+            let expected = -alone[id];
+            let (_, got) = &partitioned[id];
+            assert_eq!(
+                got.unwrap(),
+                expected,
+                "{id}: partitioned vs separate score"
+            );
+        }
+    }
+
+    // The fitted set reloads for `pipeline score` and gives the same scores.
+    let set_dir = manifest["model"]["uri"].as_str().unwrap();
+    pipeline(
+        d,
+        &[
+            "score",
+            "parts.toml",
+            "--model",
+            set_dir,
+            "--run-id",
+            "again",
+        ],
+        &[],
+    )
+    .expect(0);
+    let again = read_table(&d.join("out-parts/scores"));
+    let runs = strings(&again, "run_id");
+    let ids_again = strings(&again, "id");
+    let ll = optional_floats(&again, "log_likelihood");
+    for ((run, id), ll) in runs.iter().zip(&ids_again).zip(ll) {
+        if run.as_deref() == Some("again") {
+            let (_, first) = &partitioned[id.as_deref().unwrap()];
+            assert_eq!(ll.map(|l| -l), *first);
+        }
+    }
+}

@@ -30,19 +30,31 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
         }
         Command::Fit(a) => {
             let config = load(a)?;
-            let model = pipeline::fit_only(ctx, &config)?;
-            let t = &model.meta.training;
-            out(format_args!(
-                "fitted {} on {} images ({} held out): validation NLL {} nats, threshold {:.3} nats\nmodel: {}\n",
-                model.meta.kind.name(),
-                t.images,
-                t.validation_images,
-                t.validation_nll
-                    .map(|v| format!("{v:.3}"))
-                    .unwrap_or_else(|| "n/a".into()),
-                model.meta.threshold.value,
-                model.uri
-            ));
+            let set = pipeline::fit_only(ctx, &config)?;
+            for (value, model) in &set.models {
+                let t = &model.meta.training;
+                out(format_args!(
+                    "fitted {}{} on {} images ({} held out): validation NLL {} nats, threshold {:.3} nats\n",
+                    model.meta.kind.name(),
+                    if value.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" for partition {value}")
+                    },
+                    t.images,
+                    t.validation_images,
+                    t.validation_nll
+                        .map(|v| format!("{v:.3}"))
+                        .unwrap_or_else(|| "n/a".into()),
+                    model.meta.threshold.value,
+                ));
+            }
+            for (value, images) in &set.too_small {
+                out(format_args!(
+                    "no model for partition {value}: {images} images, fewer than train.min_images\n"
+                ));
+            }
+            out(format_args!("model: {}\n", set.uri));
         }
         Command::Score(a) => {
             let config = load(&a.config)?;
@@ -104,7 +116,7 @@ fn validate(a: &ConfigArgs, ctx: &Context) -> Result<()> {
         .map(|s| s.to_string())
         .unwrap_or_else(|| "per row".into());
     if !config.model.uri.is_empty() {
-        artifact::load(&config.model.uri, &ctx.rt)?;
+        artifact::load_set(&config.model.uri, &ctx.rt)?;
     }
     out(format_args!(
         "{} is valid: source {} ({} files, {} rows, images {shape}), model {}, sink {}\n",
@@ -127,7 +139,7 @@ fn print_run(s: &RunSummary) {
     let sink = s.sink.trim_end_matches('/');
     let tables = |name: &str| m.tables.get(name).map(|f| f.len()).unwrap_or_default();
     out(format_args!(
-        "run {} of pipeline {:?}: {} images scored, {} anomalies (threshold {:.3} nats), {} rows rejected\n\
+        "run {} of pipeline {:?}: {} images scored, {} anomalies ({}), {} rows rejected\n\
          results under {sink}/:\n  \
          scores     {sink}/scores/      ({} file(s), one row per image)\n  \
          anomalies  {sink}/anomalies/   ({} file(s), flagged images with per-pixel maps)\n  \
@@ -139,7 +151,13 @@ fn print_run(s: &RunSummary) {
         m.pipeline,
         m.rows.scored,
         m.rows.anomalies,
-        m.threshold.value,
+        match &m.threshold {
+            Some(t) => format!("threshold {:.3} nats", t.value),
+            None => format!(
+                "{} partitions, each with its own threshold",
+                m.partitions.len()
+            ),
+        },
         m.rows.rejected,
         tables("scores"),
         tables("anomalies"),

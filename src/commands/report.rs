@@ -115,13 +115,20 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
             ),
             (
                 "threshold".into(),
-                format!(
-                    "{:?} {:.3} nats{}",
-                    t.method,
-                    t.value,
-                    t.fdr.map(|f| format!(" (FDR {f})")).unwrap_or_default()
-                )
-                .to_lowercase(),
+                match t {
+                    Some(t) => format!(
+                        "{:?} {:.3} nats{}",
+                        t.method,
+                        t.value,
+                        t.fdr.map(|f| format!(" (FDR {f})")).unwrap_or_default()
+                    )
+                    .to_lowercase(),
+                    None => format!(
+                        "one per partition of {} ({} models)",
+                        manifest.config.source.partition_by.join(", "),
+                        manifest.partitions.len()
+                    ),
+                },
             ),
             ("images scored".into(), rows.scored.to_string()),
             ("flagged".into(), rows.anomalies.to_string()),
@@ -130,7 +137,7 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
             ("source".into(), manifest.config.source.uri.clone()),
         ],
         scores,
-        threshold: t.value,
+        threshold: t.as_ref().map_or(f64::INFINITY, |t| t.value),
         groups: groups
             .into_iter()
             .map(|(name, (images, flagged))| GroupCount {

@@ -89,7 +89,7 @@ pub fn load_str(
             ),
         });
     }
-    let config: PipelineConfig = match parsed {
+    let mut config: PipelineConfig = match parsed {
         Ok(c) => c,
         Err(e) => {
             problems.push(ConfigProblem {
@@ -100,6 +100,12 @@ pub fn load_str(
         }
     };
 
+    // Partition columns are read like passthrough columns, and analysts need them per row.
+    for column in &config.source.partition_by {
+        if !config.source.passthrough.contains(column) {
+            config.source.passthrough.push(column.clone());
+        }
+    }
     for (key, message) in check_values(&config) {
         problems.push(ConfigProblem {
             line: locate.line(key),
@@ -159,12 +165,6 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             format!(
                 "`source.shape` must be [height, width] or [height, width, channels] with channels 1 or 3, got {shape:?}"
             ),
-        ));
-    }
-    if !c.source.partition_by.is_empty() {
-        p.push((
-            "source.partition_by",
-            "`source.partition_by` (one model per partition) is not supported yet: remove it and run one pipeline per partition".to_string(),
         ));
     }
     if c.source.batch_size == 0 {

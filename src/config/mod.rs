@@ -84,7 +84,8 @@ pub struct SourceConfig {
     pub id_column: String,
     /// Columns copied unchanged into the score tables.
     pub passthrough: Vec<String>,
-    /// One model per value of these columns (not yet supported: leave empty).
+    /// One model per value of these columns (e.g. `["camera_id"]`), each with its own
+    /// threshold, fitted in parallel; the columns are passed through to the tables.
     pub partition_by: Vec<String>,
     /// The largest fraction of rows that may be unusable (null, wrong length, NaN, undecodable)
     /// before the run fails with exit 65 and publishes nothing.
@@ -281,6 +282,9 @@ pub struct TrainConfig {
     /// Fraction of the source's images held out from fitting; their scores set the quantile
     /// threshold. Chosen by a hash of the image id and `seed`, so the split is stable.
     pub validation_fraction: f64,
+    /// With `source.partition_by`: a partition value with fewer images than this gets no
+    /// model; its images are scored by none and never flagged (and the run reports it).
+    pub min_images: u64,
     /// Seed for the validation split and for training.
     pub seed: u64,
 }
@@ -295,6 +299,7 @@ impl Default for TrainConfig {
             anneal: 2,
             weight_decay: 0.0,
             validation_fraction: 0.1,
+            min_images: 100,
             seed: 0,
         }
     }

@@ -81,7 +81,9 @@ pub fn passthrough_fields(schema: &Schema, names: &[String]) -> Vec<Field> {
 }
 
 /// `scores/`: run_id, id, the passthrough columns, model, model_id, log_likelihood,
-/// bits_per_dim, score, threshold, is_anomaly, p_value.
+/// bits_per_dim, score, threshold, is_anomaly, p_value. The model and score columns are null
+/// for an image of a partition that had too few images to fit a model on (it gets no flag
+/// rather than a meaningless one); p_value is null where the model has no calibration scores.
 pub fn scores_schema(passthrough: &[Field]) -> SchemaRef {
     let mut fields = vec![
         Field::new("run_id", DataType::Utf8, false),
@@ -89,13 +91,13 @@ pub fn scores_schema(passthrough: &[Field]) -> SchemaRef {
     ];
     fields.extend(passthrough.iter().cloned());
     fields.extend([
-        Field::new("model", DataType::Utf8, false),
-        Field::new("model_id", DataType::Utf8, false),
-        Field::new("log_likelihood", DataType::Float64, false),
-        Field::new("bits_per_dim", DataType::Float64, false),
-        Field::new("score", DataType::Float64, false),
-        Field::new("threshold", DataType::Float64, false),
-        Field::new("is_anomaly", DataType::Boolean, false),
+        Field::new("model", DataType::Utf8, true),
+        Field::new("model_id", DataType::Utf8, true),
+        Field::new("log_likelihood", DataType::Float64, true),
+        Field::new("bits_per_dim", DataType::Float64, true),
+        Field::new("score", DataType::Float64, true),
+        Field::new("threshold", DataType::Float64, true),
+        Field::new("is_anomaly", DataType::Boolean, true),
         Field::new("p_value", DataType::Float64, true),
     ]);
     Arc::new(Schema::new(fields))
@@ -133,33 +135,40 @@ pub fn rejects_schema() -> SchemaRef {
     ]))
 }
 
+/// One image's result under its (partition's) model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowScore<'a> {
+    /// The model kind's name.
+    pub model: &'a str,
+    /// The fitted artifact's id.
+    pub model_id: &'a str,
+    /// log p(x) in nats.
+    pub log_likelihood: f64,
+    /// The anomaly score.
+    pub score: f64,
+    /// The threshold in force for this image.
+    pub threshold: f64,
+    /// The decision.
+    pub is_anomaly: bool,
+    /// Conformal p-value, where the model has calibration scores.
+    pub p_value: Option<f64>,
+}
+
 /// Per-image results of scoring one batch, ready to become table rows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ScoredRows<'a> {
     /// The run's id.
     pub run_id: &'a str,
     /// The file the rows came from (for messages).
     pub source: &'a str,
-    /// The model kind's name.
-    pub model: &'a str,
-    /// The fitted artifact's id.
-    pub model_id: &'a str,
     /// Image ids.
     pub ids: &'a [String],
     /// Passthrough columns for these rows.
     pub passthrough: &'a [ArrayRef],
-    /// log p(x) in nats.
-    pub log_likelihood: &'a [f64],
     /// D, to compute bits per dimension.
     pub dims: usize,
-    /// The anomaly scores.
-    pub score: &'a [f64],
-    /// The threshold in force.
-    pub threshold: f64,
-    /// The decisions.
-    pub is_anomaly: &'a [bool],
-    /// Conformal p-values, where the model has calibration scores.
-    pub p_value: Option<&'a [f64]>,
+    /// Each image's result; `None` where no model covers its partition.
+    pub results: &'a [Option<RowScore<'a>>],
 }
 
 /// Builds a `scores` record batch.
@@ -189,35 +198,42 @@ pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordB
         };
         columns.push(array);
     }
+    let r = rows.results;
+    let f64s = |f: &dyn Fn(&RowScore<'_>) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(
+            r.iter().map(|x| x.as_ref().and_then(f)),
+        ))
+    };
     columns.extend([
-        Arc::new(StringArray::from(vec![rows.model; n])) as ArrayRef,
-        Arc::new(StringArray::from(vec![rows.model_id; n])),
-        Arc::new(Float64Array::from(rows.log_likelihood.to_vec())),
-        Arc::new(Float64Array::from_iter_values(
-            rows.log_likelihood.iter().map(|ll| -ll * bits),
+        Arc::new(StringArray::from_iter(r.iter().map(|x| x.map(|x| x.model)))) as ArrayRef,
+        Arc::new(StringArray::from_iter(
+            r.iter().map(|x| x.map(|x| x.model_id)),
         )),
-        Arc::new(Float64Array::from(rows.score.to_vec())),
-        Arc::new(Float64Array::from(vec![rows.threshold; n])),
-        Arc::new(BooleanArray::from(rows.is_anomaly.to_vec())),
-        match rows.p_value {
-            Some(p) => Arc::new(Float64Array::from(p.to_vec())),
-            None => Arc::new(Float64Array::new_null(n)),
-        },
+        f64s(&|x| Some(x.log_likelihood)),
+        f64s(&|x| Some(-x.log_likelihood * bits)),
+        f64s(&|x| Some(x.score)),
+        f64s(&|x| Some(x.threshold)),
+        Arc::new(BooleanArray::from_iter(
+            r.iter().map(|x| x.map(|x| x.is_anomaly)),
+        )),
+        f64s(&|x| x.p_value),
     ]);
+    debug_assert_eq!(r.len(), n);
     RecordBatch::try_new(Arc::clone(schema), columns)
         .map_err(|e| Error::Internal(format!("building a scores batch: {e}")))
 }
 
-/// Builds an `anomalies` batch from a scores batch: its flagged rows plus their per-pixel
-/// negative log-likelihood maps (`maps[k]` for the k-th flagged row, each `shape.dims()` long).
+/// Builds an `anomalies` batch from a scores batch: its flagged rows (`flagged[i]`) plus their
+/// per-pixel negative log-likelihood maps (`maps[k]` for the k-th flagged row, each
+/// `shape.dims()` long).
 pub fn anomalies_batch(
     schema: &SchemaRef,
     scores: &RecordBatch,
-    is_anomaly: &[bool],
+    flagged: &[bool],
     maps: &[Vec<f32>],
     shape: ImageShape,
 ) -> Result<RecordBatch> {
-    let mask = BooleanArray::from(is_anomaly.to_vec());
+    let mask = BooleanArray::from(flagged.to_vec());
     let flagged = filter_record_batch(scores, &mask)
         .map_err(|e| Error::Internal(format!("selecting anomalies: {e}")))?;
     let n = flagged.num_rows();

@@ -6,7 +6,7 @@
 //! the same settings gives the same id and rewrites identical files. `model.json` is written
 //! last: a directory without one is an incomplete artifact and is refused.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use safetensors::tensor::{Dtype, TensorView};
@@ -117,6 +117,124 @@ pub struct ModelMeta {
     pub calibration_scores: Vec<f64>,
     /// The program that wrote the artifact.
     pub created_by: String,
+    /// The partition (values of `source.partition_by`, joined by `/`) the model was fitted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+}
+
+/// `models/<set_id>/partitions.json`: the models of a partitioned fit, one per partition value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionIndex {
+    /// This build's format version.
+    pub format_version: u32,
+    /// `partitioned-<12 hex digits>`, a hash of the rest.
+    pub set_id: String,
+    /// The partition columns.
+    pub partition_by: Vec<String>,
+    /// Partition value → model id (a sibling directory under `models/`).
+    pub models: BTreeMap<String, String>,
+    /// Partition values with fewer than `train.min_images` images, and how many they had: their
+    /// images are scored by no model and flagged never.
+    pub too_small: BTreeMap<String, u64>,
+}
+
+/// The models a run scores with: one, or one per partition.
+#[derive(Debug)]
+pub struct ModelSet {
+    /// The partition columns (empty: one model for every image).
+    pub partition_by: Vec<String>,
+    /// Partition value (`""` without partitions) → its model.
+    pub models: BTreeMap<String, LoadedModel>,
+    /// Partition values that got no model, with their image counts.
+    pub too_small: BTreeMap<String, u64>,
+    /// The set's id: the model id, or the partitioned set's id.
+    pub id: String,
+    /// Where it is: the model's directory, or the set's.
+    pub uri: String,
+}
+
+impl ModelSet {
+    /// One model for every image.
+    pub fn single(model: LoadedModel) -> Self {
+        Self {
+            partition_by: Vec::new(),
+            id: model.meta.model_id.clone(),
+            uri: model.uri.clone(),
+            models: BTreeMap::from([(String::new(), model)]),
+            too_small: BTreeMap::new(),
+        }
+    }
+
+    /// The model kind's name (all partitions share the configured kind).
+    pub fn kind(&self) -> ModelKind {
+        self.models
+            .values()
+            .next()
+            .expect("at least one model")
+            .meta
+            .kind
+    }
+
+    /// Any one model (the only one, without partitions).
+    pub fn first(&self) -> &LoadedModel {
+        self.models.values().next().expect("at least one model")
+    }
+}
+
+/// Writes the index of a partitioned fit under `models/<set_id>/` and returns its directory.
+pub fn save_index(sink: &Storage, mut index: PartitionIndex) -> Result<(PartitionIndex, String)> {
+    index.set_id = String::new();
+    let digest =
+        Sha256::digest(serde_json::to_vec(&index).map_err(|e| Error::Internal(e.to_string()))?);
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    index.set_id = format!("partitioned-{hex}");
+    let dir = format!("models/{}", index.set_id);
+    let mut json = serde_json::to_vec_pretty(&index).map_err(|e| Error::Internal(e.to_string()))?;
+    json.push(b'\n');
+    sink.put(&format!("{dir}/partitions.json"), Bytes::from(json))?;
+    Ok((index, dir))
+}
+
+/// Loads a model directory, or a partitioned set's directory (one with `partitions.json`) and
+/// every model it lists.
+pub fn load_set(uri: &str, rt: &Handle) -> Result<ModelSet> {
+    let dir = uri.trim_end_matches('/');
+    let dir = dir
+        .strip_suffix("partitions.json")
+        .unwrap_or(dir)
+        .trim_end_matches('/');
+    let dir = if dir.is_empty() { "." } else { dir };
+    let storage = Storage::open(dir, rt)?;
+    if !storage.exists("partitions.json")? {
+        return Ok(ModelSet::single(load(uri, rt)?));
+    }
+    let bytes = storage.get("partitions.json")?;
+    let index: PartitionIndex = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::data(
+            storage.display("partitions.json"),
+            format!("not a partition index: {e}"),
+        )
+    })?;
+    if index.format_version != FORMAT_VERSION || index.models.is_empty() {
+        return Err(Error::data(
+            storage.display("partitions.json"),
+            "an index of another format version, or of no models: refit with this build",
+        ));
+    }
+    let parent = dir.rsplit_once('/').map(|(p, _)| p).unwrap_or(".");
+    let mut models = BTreeMap::new();
+    for (value, model_id) in &index.models {
+        let model = load(&format!("{parent}/{model_id}"), rt)?;
+        models.insert(value.clone(), model);
+    }
+    Ok(ModelSet {
+        partition_by: index.partition_by,
+        models,
+        too_small: index.too_small,
+        id: index.set_id,
+        uri: storage.display(""),
+    })
 }
 
 /// A model read back from its artifact.

@@ -4,6 +4,7 @@
 //! Fitting holds the preprocessed training images in memory (one byte per value: 50,000 MNIST
 //! digits take 39 MB); scoring, by contrast, streams.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::Context;
 use super::progress::Progress;
-use super::read::for_each_batch;
+use super::read::{for_each_batch, partition_keys};
 use super::scorer::Scorer;
 use crate::config::{ModelConfig, ModelKind, PipelineConfig, ScoreMethod};
 use crate::data::preprocess::Preprocessor;
@@ -24,20 +25,29 @@ use crate::error::{Error, Result};
 use crate::io::source::Source;
 use crate::io::storage::Storage;
 use crate::models::artifact::{
-    self, FORMAT_VERSION, LoadedModel, ModelMeta, StoredBackground, StoredScore, TrainingSummary,
+    self, FORMAT_VERSION, LoadedModel, ModelMeta, ModelSet, PartitionIndex, StoredBackground,
+    StoredScore, TrainingSummary,
 };
 use crate::models::{self, DensityModel, TrainingSet};
 
-/// Images gathered for fitting, split into training and validation rows.
+/// Images of one partition gathered for fitting, split into training and validation rows.
+#[derive(Default)]
 struct Gathered {
-    shape: Option<ImageShape>,
     train: Vec<u8>,
     validation: Vec<u8>,
     hasher: Sha256,
 }
 
-/// Fits the configured model on the source and writes `models/<model_id>/` under the sink.
-pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<LoadedModel> {
+impl Gathered {
+    fn images(&self, dims: usize) -> u64 {
+        ((self.train.len() + self.validation.len()) / dims.max(1)) as u64
+    }
+}
+
+/// Fits the configured model on the source — one per value of `source.partition_by`, in
+/// parallel — and writes `models/<model_id>/` (and, for partitions, the set's index) under the
+/// sink.
+pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<ModelSet> {
     let source = Source::open(&config.source.uri, &ctx.rt)?;
     let preprocess = Preprocessor::new(config.preprocess.clone());
     let fraction = config.train.validation_fraction;
@@ -49,12 +59,8 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         "Reading training images."
     );
 
-    let mut g = Gathered {
-        shape: None,
-        train: Vec::new(),
-        validation: Vec::new(),
-        hasher: Sha256::new(),
-    };
+    let mut shape = None;
+    let mut groups: BTreeMap<String, Gathered> = BTreeMap::new();
     let progress = Progress::new(ctx.progress, source.total_rows(), "reading");
     let counts = for_each_batch(
         &source,
@@ -63,12 +69,20 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         None,
         &progress,
         |batch, _rejects| {
-            if !batch.is_empty() {
-                g.shape = Some(batch.shape);
+            if batch.is_empty() {
+                return Ok(());
             }
+            shape = Some(batch.shape);
+            let keys = partition_keys(&batch, &config.source)?;
             let dims = batch.shape.dims();
             let pixels = batch.pixels.as_slice().expect("contiguous");
-            for (id, image) in batch.ids.iter().zip(pixels.chunks_exact(dims.max(1))) {
+            for ((id, image), key) in batch
+                .ids
+                .iter()
+                .zip(pixels.chunks_exact(dims.max(1)))
+                .zip(keys)
+            {
+                let g = groups.entry(key).or_default();
                 g.hasher.update(id.as_bytes());
                 g.hasher.update([0u8]);
                 g.hasher.update(image);
@@ -83,12 +97,109 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
     )?;
     progress.finish();
     counts.check(&config.source.uri, config.source.max_reject_fraction)?;
-    let shape = g.shape.ok_or_else(|| {
+    let shape = shape.ok_or_else(|| {
         Error::data(
             &config.source.uri,
             "no usable images: every row was rejected",
         )
     })?;
+    if config.source.partition_by.is_empty() {
+        let g = groups.remove("").unwrap_or_default();
+        return Ok(ModelSet::single(fit_gathered(
+            ctx,
+            config,
+            sink,
+            shape,
+            None,
+            g,
+            counts.rejected,
+        )?));
+    }
+
+    let dims = shape.dims();
+    let (large, small): (Vec<_>, Vec<_>) = groups
+        .into_iter()
+        .partition(|(_, g)| g.images(dims) >= config.train.min_images);
+    let too_small: BTreeMap<String, u64> = small
+        .iter()
+        .map(|(k, g)| (k.clone(), g.images(dims)))
+        .collect();
+    for (value, images) in &too_small {
+        tracing::warn!(
+            partition = %value,
+            images,
+            min_images = config.train.min_images,
+            "Too few images to fit this partition's model; its images will be scored by none and never flagged."
+        );
+    }
+    if large.is_empty() {
+        return Err(Error::data(
+            &config.source.uri,
+            format!(
+                "no partition of {} has train.min_images = {} images",
+                config.source.partition_by.join(", "),
+                config.train.min_images
+            ),
+        ));
+    }
+    tracing::info!(partitions = large.len(), "Fitting one model per partition.");
+    // Bars from parallel fits would overwrite each other: the partitions log instead.
+    let quiet = Context {
+        rt: ctx.rt.clone(),
+        progress: false,
+    };
+    let fitted: Vec<(String, Result<LoadedModel>)> = large
+        .into_par_iter()
+        .map(|(value, g)| {
+            let model = fit_gathered(
+                &quiet,
+                config,
+                sink,
+                shape,
+                Some(&value),
+                g,
+                counts.rejected,
+            );
+            (value, model)
+        })
+        .collect();
+    let mut models = BTreeMap::new();
+    for (value, model) in fitted {
+        models.insert(value, model?);
+    }
+    let index = PartitionIndex {
+        format_version: FORMAT_VERSION,
+        set_id: String::new(),
+        partition_by: config.source.partition_by.clone(),
+        models: models
+            .iter()
+            .map(|(k, m)| (k.clone(), m.meta.model_id.clone()))
+            .collect(),
+        too_small: too_small.clone(),
+    };
+    let (index, dir) = artifact::save_index(sink, index)?;
+    Ok(ModelSet {
+        partition_by: index.partition_by,
+        models,
+        too_small,
+        id: index.set_id,
+        uri: sink.display(&dir),
+    })
+}
+
+/// Fits one model on gathered images (of one partition, or of the whole source), chooses its
+/// threshold from the held-out images, and writes its artifact.
+fn fit_gathered(
+    ctx: &Context,
+    config: &PipelineConfig,
+    sink: &Storage,
+    shape: ImageShape,
+    partition: Option<&str>,
+    g: Gathered,
+    rejected_rows: u64,
+) -> Result<LoadedModel> {
+    let preprocess = Preprocessor::new(config.preprocess.clone());
+    let fraction = config.train.validation_fraction;
     let dims = shape.dims();
     let train = Array2::from_shape_vec((g.train.len() / dims, dims), g.train)
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -103,6 +214,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
     };
     tracing::info!(
         kind = config.model.kind.name(),
+        partition = partition.unwrap_or(""),
         train = train.nrows(),
         validation = validation.nrows(),
         shape = %shape,
@@ -154,7 +266,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         training: TrainingSummary {
             images: train.nrows() as u64,
             validation_images: validation.nrows() as u64,
-            rejected_rows: counts.rejected,
+            rejected_rows,
             fingerprint: format!("sha256:{:x}", g.hasher.finalize()),
             train_nll,
             validation_nll,
@@ -165,10 +277,12 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Loa
         threshold,
         calibration_scores: calibration,
         created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
+        partition: partition.map(str::to_string),
     };
     let (meta, dir) = artifact::save(sink, model.as_ref(), background.as_deref(), meta)?;
     tracing::info!(
         model_id = %meta.model_id,
+        partition = partition.unwrap_or(""),
         train_nll,
         validation_nll = validation_nll.unwrap_or(f64::NAN),
         threshold = meta.threshold.value,

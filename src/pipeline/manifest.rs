@@ -28,12 +28,33 @@ pub struct Manifest {
     pub rows: RowCounts,
     /// The model used.
     pub model: ModelRef,
-    /// The threshold in force.
-    pub threshold: StoredThreshold,
+    /// The threshold in force, for a run with one model (see `partitions` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<StoredThreshold>,
+    /// Per partition value of a partitioned run: its model, threshold and counts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, PartitionRecord>,
+    /// Partition values that had no model (too few images to fit one), with their image
+    /// counts in this run: scored by none and never flagged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unmodelled_partitions: BTreeMap<String, u64>,
     /// Final part files per table, relative to the sink.
     pub tables: BTreeMap<String, Vec<String>>,
     /// The resolved configuration (after `${VAR}` and `--set`).
     pub config: PipelineConfig,
+}
+
+/// One partition of a partitioned run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    /// Its model.
+    pub model_id: String,
+    /// Its threshold in this run.
+    pub threshold: StoredThreshold,
+    /// Images scored.
+    pub scored: u64,
+    /// Images flagged.
+    pub anomalies: u64,
 }
 
 /// Row counts of a run.
@@ -47,6 +68,9 @@ pub struct RowCounts {
     pub rejected: u64,
     /// Images flagged (one `anomalies` row each).
     pub anomalies: u64,
+    /// Images of partitions without a model (in `scores`, with null scores).
+    #[serde(default)]
+    pub unmodelled: u64,
 }
 
 /// Which fitted model a run used.

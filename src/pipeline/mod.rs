@@ -13,14 +13,16 @@ pub mod read;
 pub mod score;
 pub mod scorer;
 
+use std::collections::BTreeMap;
+
 use tokio::runtime::Handle;
 
 use crate::config::PipelineConfig;
 use crate::config::load::check_run_id;
 use crate::error::{Error, Result};
 use crate::io::storage::Storage;
-use crate::models::artifact::{self, LoadedModel};
-use manifest::{Manifest, ModelRef, RowCounts};
+use crate::models::artifact::{self, ModelSet};
+use manifest::{Manifest, ModelRef, PartitionRecord, RowCounts};
 
 /// What every stage needs from the program around it.
 #[derive(Debug, Clone)]
@@ -66,7 +68,7 @@ pub fn run_id(config: &PipelineConfig, started: &chrono::DateTime<chrono::Utc>) 
 }
 
 /// Fits the configured model and writes its artifact under the sink.
-pub fn fit_only(ctx: &Context, config: &PipelineConfig) -> Result<LoadedModel> {
+pub fn fit_only(ctx: &Context, config: &PipelineConfig) -> Result<ModelSet> {
     let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
     fit::fit(ctx, config, &sink)
 }
@@ -87,7 +89,7 @@ pub fn run(
     let fitted = matches!(model_source, ModelSource::Fit);
     let model = match model_source {
         ModelSource::Fit => fit::fit(ctx, config, &sink)?,
-        ModelSource::Load(uri) => artifact::load(&uri, &ctx.rt)?,
+        ModelSource::Load(uri) => artifact::load_set(&uri, &ctx.rt)?,
     };
     commit::discard_staging(&sink, &run_id)?;
     let scored = match score::score(ctx, config, &model, &sink, &run_id) {
@@ -112,14 +114,38 @@ pub fn run(
             scored: scored.scored,
             rejected: scored.counts.rejected,
             anomalies: scored.anomalies,
+            unmodelled: scored.unmodelled,
         },
         model: ModelRef {
-            model_id: model.meta.model_id.clone(),
-            kind: model.meta.kind.name().to_string(),
+            model_id: model.id.clone(),
+            kind: model.kind().name().to_string(),
             uri: model.uri.clone(),
             fitted_by_this_run: fitted,
         },
-        threshold: scored.threshold.clone(),
+        threshold: if model.partition_by.is_empty() {
+            scored.thresholds.values().next().cloned()
+        } else {
+            None
+        },
+        partitions: if model.partition_by.is_empty() {
+            BTreeMap::new()
+        } else {
+            scored
+                .thresholds
+                .iter()
+                .map(|(value, threshold)| {
+                    let counts = scored.partitions.get(value).cloned().unwrap_or_default();
+                    let record = PartitionRecord {
+                        model_id: model.models[value].meta.model_id.clone(),
+                        threshold: threshold.clone(),
+                        scored: counts.scored,
+                        anomalies: counts.anomalies,
+                    };
+                    (value.clone(), record)
+                })
+                .collect()
+        },
+        unmodelled_partitions: scored.unmodelled_partitions.clone(),
         tables: Default::default(),
         config: config.clone(),
     };

@@ -111,3 +111,37 @@ pub fn for_each_batch(
     }
     Ok(counts)
 }
+
+/// The partition value of every image of `batch`: the values of `config.partition_by` (which
+/// are among the passthrough columns) as text, joined by `/`; `""` for every image when the
+/// source is not partitioned.
+pub fn partition_keys(batch: &ImageBatch, config: &SourceConfig) -> Result<Vec<String>> {
+    if config.partition_by.is_empty() {
+        return Ok(vec![String::new(); batch.len()]);
+    }
+    let options = arrow::util::display::FormatOptions::default().with_null("(null)");
+    let formatters = config
+        .partition_by
+        .iter()
+        .map(|name| {
+            let at = config
+                .passthrough
+                .iter()
+                .position(|p| p == name)
+                .ok_or_else(|| {
+                    Error::Internal(format!("partition column `{name}` is not passed through"))
+                })?;
+            arrow::util::display::ArrayFormatter::try_new(batch.passthrough[at].as_ref(), &options)
+                .map_err(|e| Error::data(&*batch.source, format!("partition column `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((0..batch.len())
+        .map(|i| {
+            formatters
+                .iter()
+                .map(|f| f.value(i).to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect())
+}

@@ -1,12 +1,16 @@
-//! The score and decide stages, streaming: every batch of the source is scored by the model,
-//! compared with the threshold, and written to the staged `scores`, `anomalies` and `rejects`
-//! tables. Memory is bounded by the batch size.
+//! The score and decide stages, streaming: every batch of the source is scored by the model of
+//! each image's partition (or the one model), compared with that model's threshold, and written
+//! to the staged `scores`, `anomalies` and `rejects` tables. Memory is bounded by the batch size
+//! (plus one score per image when a conformal decision needs the whole run first).
 
+use std::collections::BTreeMap;
+
+use ndarray::Axis;
 use rayon::prelude::*;
 
 use super::Context;
 use super::progress::Progress;
-use super::read::{ReadCounts, for_each_batch};
+use super::read::{ReadCounts, for_each_batch, partition_keys};
 use super::scorer::{Scorer, Scores};
 use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
@@ -15,96 +19,162 @@ use crate::error::{Error, Result};
 use crate::io::source::Source;
 use crate::io::storage::Storage;
 use crate::io::tables::{
-    self, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema, passthrough_fields,
-    rejects_schema, scores_schema,
+    self, RowScore, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema,
+    passthrough_fields, rejects_schema, scores_schema,
 };
-use crate::models::artifact::{LoadedModel, StoredThreshold};
+use crate::models::artifact::{LoadedModel, ModelSet, StoredThreshold};
+
+/// What one partition's model did in a run.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionScored {
+    /// Images scored.
+    pub scored: u64,
+    /// Images flagged.
+    pub anomalies: u64,
+}
 
 /// What scoring staged, ready to commit.
 #[derive(Debug)]
 pub struct Scored {
     /// Rows read and rejected.
     pub counts: ReadCounts,
-    /// Images scored.
+    /// Images scored by a model.
     pub scored: u64,
     /// Images flagged.
     pub anomalies: u64,
-    /// The threshold in force.
-    pub threshold: StoredThreshold,
+    /// Images of partitions without a model (scored by none, never flagged).
+    pub unmodelled: u64,
+    /// Those images' counts per partition value.
+    pub unmodelled_partitions: BTreeMap<String, u64>,
+    /// The threshold in force per partition value (`""` without partitions).
+    pub thresholds: BTreeMap<String, StoredThreshold>,
+    /// Counts per partition value.
+    pub partitions: BTreeMap<String, PartitionScored>,
     /// Each table's staged files.
     pub tables: Vec<(Table, WrittenTable)>,
     /// The source's files.
     pub source_files: Vec<String>,
 }
 
-/// Scores the source with `model`, staging the tables of run `run_id` under `sink`.
+/// A partition's model, ready to score.
+struct Partition<'a> {
+    model: &'a LoadedModel,
+    scorer: Scorer<'a>,
+    threshold: StoredThreshold,
+    /// (nll, score) of every image of the partition, in source order, from the first pass of a
+    /// conformal run; and how many of them the second pass has used.
+    precomputed: Option<(Vec<(f64, f64)>, usize)>,
+}
+
+fn scorer_of(model: &LoadedModel) -> Scorer<'_> {
+    Scorer {
+        method: model.meta.score.method,
+        model: model.model.as_ref(),
+        background: model.background.as_deref(),
+    }
+}
+
+/// Scores the source with `models`, staging the tables of run `run_id` under `sink`.
 pub fn score(
     ctx: &Context,
     config: &PipelineConfig,
-    model: &LoadedModel,
+    models: &ModelSet,
     sink: &Storage,
     run_id: &str,
 ) -> Result<Scored> {
-    let meta = &model.meta;
-    let calibration = &meta.calibration_scores;
-    if meta.score.method != config.score.method {
-        tracing::warn!(
-            model = %meta.model_id,
-            "The model was fitted for another score.method; scoring uses the model's, the one its threshold is in."
+    if models.partition_by != config.source.partition_by {
+        return Err(Error::config(
+            "source.partition_by",
+            format!(
+                "the models were fitted per {:?} but the pipeline partitions by {:?}: make them agree",
+                models.partition_by, config.source.partition_by
+            ),
+        ));
+    }
+    let mut parts: BTreeMap<&str, Partition<'_>> = BTreeMap::new();
+    for (value, model) in &models.models {
+        let meta = &model.meta;
+        if meta.preprocess != models.first().meta.preprocess
+            || meta.shape != models.first().meta.shape
+        {
+            return Err(Error::Internal(
+                "partition models disagree on preprocessing or shape".into(),
+            ));
+        }
+        if meta.score.method != config.score.method {
+            tracing::warn!(
+                model = %meta.model_id,
+                "The model was fitted for another score.method; scoring uses the model's, the one its threshold is in."
+            );
+        }
+        parts.insert(
+            value.as_str(),
+            Partition {
+                model,
+                scorer: scorer_of(model),
+                threshold: decide::threshold(&config.threshold, &meta.calibration_scores)?,
+                precomputed: None,
+            },
         );
     }
-    let scorer = Scorer {
-        method: meta.score.method,
-        model: model.model.as_ref(),
-        background: model.background.as_deref(),
-    };
-    let stored = decide::threshold(&config.threshold, calibration)?;
-    if meta.preprocess != config.preprocess {
+    let first = models.first();
+    if first.meta.preprocess != config.preprocess {
         tracing::warn!(
-            model = %meta.model_id,
+            model = %models.id,
             "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
         );
     }
-    let preprocess = Preprocessor::new(meta.preprocess.clone());
+    let preprocess = Preprocessor::new(first.meta.preprocess.clone());
+    let shape = first.meta.shape;
     let source = Source::open(&config.source.uri, &ctx.rt)?;
-    // A conformal decision needs every p-value of the run before any row is flagged: a first
-    // pass scores the whole source (keeping one f64 per image), the second writes the tables
-    // with those scores.
-    let precomputed = if stored.method == ThresholdMethod::Conformal {
+
+    // A conformal decision needs every p-value of the run (per partition) before any row is
+    // flagged: a first pass scores the whole source, keeping two f64 per image, and the second
+    // writes the tables with those scores.
+    if config.threshold.method == ThresholdMethod::Conformal {
         let progress = Progress::new(ctx.progress, source.total_rows(), "scoring (p-values)");
-        let mut all = Vec::new();
+        let mut all: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         for_each_batch(
             &source,
             &config.source,
             &preprocess,
-            Some(meta.shape),
+            Some(shape),
             &progress,
             |batch, _| {
-                if !batch.is_empty() {
-                    let s = scorer.scores(batch.pixels.view())?;
-                    all.extend(s.nll.into_iter().zip(s.score));
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let keys = partition_keys(&batch, &config.source)?;
+                for (value, rows) in group_rows(&keys) {
+                    if let Some(part) = parts.get(value) {
+                        let s = part
+                            .scorer
+                            .scores(batch.pixels.select(Axis(0), &rows).view())?;
+                        all.entry(value.to_string())
+                            .or_default()
+                            .extend(s.nll.into_iter().zip(s.score));
+                    }
                 }
                 Ok(())
             },
         )?;
         progress.finish();
-        Some(all)
-    } else {
-        None
-    };
-    let threshold = match &precomputed {
-        Some(all) => {
-            let scores: Vec<f64> = all.iter().map(|p| p.1).collect();
-            decide::run_threshold(&stored, calibration, &scores)
+        for (value, part) in parts.iter_mut() {
+            let scores = all.remove(*value).unwrap_or_default();
+            let just_scores: Vec<f64> = scores.iter().map(|p| p.1).collect();
+            part.threshold = decide::run_threshold(
+                &part.threshold,
+                &part.model.meta.calibration_scores,
+                &just_scores,
+            );
+            part.precomputed = Some((scores, 0));
         }
-        None => stored,
-    };
-    let mut next_precomputed = 0usize;
+    }
     tracing::info!(
         files = source.files().len(),
         rows = source.total_rows(),
-        model = %meta.model_id,
-        threshold = threshold.value,
+        models = %models.id,
+        partitions = parts.len(),
         "Scoring."
     );
 
@@ -127,15 +197,15 @@ pub fn score(
         max_rows,
     );
     let mut rejects = TableWriter::new(sink, Table::Rejects, run_id, 0, rejects_schema(), max_rows);
-    let (mut scored, mut flagged) = (0u64, 0u64);
-    let kind = meta.kind.name();
+    let mut per_partition: BTreeMap<String, PartitionScored> = BTreeMap::new();
+    let mut unmodelled_values: BTreeMap<String, u64> = BTreeMap::new();
 
     let progress = Progress::new(ctx.progress, source.total_rows(), "scoring");
     let counts = for_each_batch(
         &source,
         &config.source,
         &preprocess,
-        Some(meta.shape),
+        Some(shape),
         &progress,
         |batch, batch_rejects| {
             if !batch_rejects.is_empty() {
@@ -144,57 +214,74 @@ pub fn score(
             if batch.is_empty() {
                 return Ok(());
             }
-            let Scores { nll, score } = match &precomputed {
-                Some(all) => {
-                    let range = next_precomputed..next_precomputed + batch.len();
-                    next_precomputed = range.end;
-                    let rows = all.get(range).ok_or_else(|| {
-                        Error::data(
-                            &*batch.source,
-                            "the source changed while it was being scored (more images on the second pass); run again",
-                        )
-                    })?;
-                    Scores {
-                        nll: rows.iter().map(|p| p.0).collect(),
-                        score: rows.iter().map(|p| p.1).collect(),
+            let keys = partition_keys(&batch, &config.source)?;
+            let mut results: Vec<Option<RowScore<'_>>> = vec![None; batch.len()];
+            let mut owner: Vec<Option<&str>> = vec![None; batch.len()];
+            for (value, rows) in group_rows(&keys) {
+                let Some(part) = parts.get_mut(value) else {
+                    *unmodelled_values.entry(value.to_string()).or_default() += rows.len() as u64;
+                    continue;
+                };
+                let Scores { nll, score } = match &mut part.precomputed {
+                    Some((all, used)) => {
+                        let range = *used..*used + rows.len();
+                        *used = range.end;
+                        let got = all.get(range).ok_or_else(|| {
+                            Error::data(
+                                &*batch.source,
+                                "the source changed while it was being scored (more images on the second pass); run again",
+                            )
+                        })?;
+                        Scores {
+                            nll: got.iter().map(|p| p.0).collect(),
+                            score: got.iter().map(|p| p.1).collect(),
+                        }
                     }
+                    None => part
+                        .scorer
+                        .scores(batch.pixels.select(Axis(0), &rows).view())?,
+                };
+                let meta = &part.model.meta;
+                let calibration = &meta.calibration_scores;
+                let stats = per_partition.entry(value.to_string()).or_default();
+                for (k, &row) in rows.iter().enumerate() {
+                    let flagged = decide::is_anomaly(score[k], part.threshold.value);
+                    stats.scored += 1;
+                    stats.anomalies += u64::from(flagged);
+                    owner[row] = Some(value);
+                    results[row] = Some(RowScore {
+                        model: meta.kind.name(),
+                        model_id: &meta.model_id,
+                        log_likelihood: -nll[k],
+                        score: score[k],
+                        threshold: part.threshold.value,
+                        is_anomaly: flagged,
+                        p_value: (!calibration.is_empty())
+                            .then(|| decide::conformal::p_value(calibration, score[k])),
+                    });
                 }
-                None => scorer.scores(batch.pixels.view())?,
-            };
-            let ll: Vec<f64> = nll.iter().map(|s| -s).collect();
-            let p_value: Option<Vec<f64>> = (!calibration.is_empty()).then(|| {
-                score
-                    .iter()
-                    .map(|&s| decide::conformal::p_value(calibration, s))
-                    .collect()
-            });
-            let is_anomaly: Vec<bool> = score
-                .iter()
-                .map(|&s| decide::is_anomaly(s, threshold.value))
-                .collect();
+            }
             let rows = ScoredRows {
                 run_id,
                 source: &batch.source,
-                model: kind,
-                model_id: &meta.model_id,
                 ids: &batch.ids,
                 passthrough: &batch.passthrough,
-                log_likelihood: &ll,
                 dims: batch.shape.dims(),
-                score: &score,
-                threshold: threshold.value,
-                is_anomaly: &is_anomaly,
-                p_value: p_value.as_deref(),
+                results: &results,
             };
             let scores_batch = tables::scores_batch(scores.schema(), &rows)?;
             scores.write(&scores_batch)?;
-            scored += batch.len() as u64;
 
-            let flagged_rows: Vec<usize> = (0..batch.len()).filter(|&i| is_anomaly[i]).collect();
+            let flags: Vec<bool> = results
+                .iter()
+                .map(|r| r.is_some_and(|r| r.is_anomaly))
+                .collect();
+            let flagged_rows: Vec<usize> = (0..batch.len()).filter(|&i| flags[i]).collect();
             if !flagged_rows.is_empty() {
                 let maps: Vec<Vec<f32>> = flagged_rows
                     .par_iter()
                     .map(|&i| {
+                        let model = parts[owner[i].expect("flagged rows have a model")].model;
                         let image = batch.pixels.row(i);
                         let mut map = vec![0f32; image.len()];
                         model
@@ -207,28 +294,33 @@ pub fn score(
                 let a = tables::anomalies_batch(
                     anomalies.schema(),
                     &scores_batch,
-                    &is_anomaly,
+                    &flags,
                     &maps,
                     batch.shape,
                 )?;
                 anomalies.write(&a)?;
-                flagged += flagged_rows.len() as u64;
             }
             Ok(())
         },
     )?;
     progress.finish();
-    if precomputed
-        .as_ref()
-        .is_some_and(|all| all.len() != next_precomputed)
-    {
+    if parts.values().any(|p| {
+        p.precomputed
+            .as_ref()
+            .is_some_and(|(all, used)| all.len() != *used)
+    }) {
         return Err(Error::data(
             &config.source.uri,
             "the source changed while it was being scored (fewer images on the second pass); run again",
         ));
     }
     counts.check(&config.source.uri, config.source.max_reject_fraction)?;
-    if scored == 0 {
+    let scored: u64 = per_partition.values().map(|p| p.scored).sum();
+    let unmodelled: u64 = unmodelled_values.values().sum();
+    for (value, images) in &unmodelled_values {
+        tracing::warn!(partition = %value, images, "No model for this partition: its images were scored by none and not flagged.");
+    }
+    if scored == 0 && unmodelled == 0 {
         return Err(Error::data(
             &config.source.uri,
             "no image could be scored: every row was rejected",
@@ -237,8 +329,14 @@ pub fn score(
     Ok(Scored {
         counts,
         scored,
-        anomalies: flagged,
-        threshold,
+        anomalies: per_partition.values().map(|p| p.anomalies).sum(),
+        unmodelled,
+        unmodelled_partitions: unmodelled_values,
+        thresholds: parts
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.threshold.clone()))
+            .collect(),
+        partitions: per_partition,
         tables: vec![
             (Table::Scores, scores.finish()?),
             (Table::Anomalies, anomalies.finish()?),
@@ -246,4 +344,13 @@ pub fn score(
         ],
         source_files: source.files().iter().map(|f| f.uri.to_string()).collect(),
     })
+}
+
+/// Row indices per partition value, in first-seen order within each value.
+fn group_rows(keys: &[String]) -> BTreeMap<&str, Vec<usize>> {
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        groups.entry(k.as_str()).or_default().push(i);
+    }
+    groups
 }

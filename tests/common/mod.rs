@@ -482,3 +482,18 @@ pub fn screenshot(browser: &Path, html: &Path, png: &Path, width: u32, height: u
         html.display()
     );
 }
+
+/// A float64 column of every batch, nulls as `None`.
+pub fn optional_floats(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> {
+    use arrow::array::{Array, Float64Array};
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = b.column_by_name(name).expect("column");
+            let c = c.as_any().downcast_ref::<Float64Array>().expect("float64");
+            (0..c.len())
+                .map(|i| (!c.is_null(i)).then(|| c.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
