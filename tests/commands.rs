@@ -329,6 +329,10 @@ fn report_renders_in_a_headless_browser_with_its_images() {
     .mentions(&["--run-id"]);
 
     let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("PIPELINE_REQUIRE_BROWSER").is_none(),
+            "PIPELINE_REQUIRE_BROWSER is set but there is no chromium"
+        );
         eprintln!("skipped the browser check: no chromium on this machine (.ci/run installs one)");
         return;
     };

@@ -6,3 +6,4 @@ mod bad_inputs;
 mod commands;
 mod end_to_end;
 mod layouts;
+mod object_storage;

@@ -96,14 +96,17 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+/// Loads the pipeline file, and applies its `[storage]` settings to the stores opened later.
 fn load(a: &ConfigArgs) -> Result<PipelineConfig> {
-    config::load_file(
+    let config = config::load_file(
         &a.file,
         &LoadOptions {
             overrides: a.overrides.clone(),
             run_id: a.run_id.clone(),
         },
-    )
+    )?;
+    crate::io::storage::set_settings(&config.storage);
+    Ok(config)
 }
 
 fn validate(a: &ConfigArgs, ctx: &Context) -> Result<()> {

@@ -1,11 +1,18 @@
-//! Every URI goes through `object_store`: a local path or `file://` URI today, the cloud stores
-//! through the same [`Storage`] API.
+//! Every URI goes through `object_store`: a local path or `file://` URI, `s3://` (and
+//! S3-compatible stores), `gs://`, `az://` / `abfs(s)://`, and `http(s)://`, all through the same
+//! [`Storage`] API.
+//!
+//! Credentials, regions and endpoints come from the standard environment (each builder's
+//! `from_env`: `AWS_*` including `AWS_ENDPOINT` and `AWS_ALLOW_HTTP` for S3-compatible stores,
+//! `GOOGLE_*`, `AZURE_*`), never from the pipeline file, so they appear in no config, manifest or
+//! log. `[storage]` sets retries and timeouts ([`set_settings`], once per process).
 //!
 //! [`Storage`] is a directory-like root (a store plus a prefix) with blocking helpers that run
 //! the async calls on the IO runtime; compute code calls them from its own threads, never from
 //! inside the runtime.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -14,7 +21,21 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::runtime::Handle;
 
+use crate::config::StorageConfig;
 use crate::error::{Error, Result, from_store};
+
+/// The `[storage]` settings every cloud store of this process is built with.
+static SETTINGS: OnceLock<StorageConfig> = OnceLock::new();
+
+/// Sets the retry and timeout settings of the cloud stores opened from now on. The first call
+/// wins (one pipeline per process); without a call the defaults apply.
+pub fn set_settings(settings: &StorageConfig) {
+    let _ = SETTINGS.set(settings.clone());
+}
+
+fn settings() -> StorageConfig {
+    SETTINGS.get().cloned().unwrap_or_default()
+}
 
 /// A store and a root prefix inside it, named by the URI the user gave.
 #[derive(Clone)]
@@ -43,7 +64,7 @@ impl Storage {
             root,
             display_root: uri.trim_end_matches('/').to_string(),
             rt: rt.clone(),
-            local: true,
+            local: !is_cloud(uri),
         })
     }
 
@@ -162,6 +183,12 @@ pub async fn list_sorted(
     Ok(all)
 }
 
+/// Whether `uri` names a cloud store rather than the local filesystem.
+pub fn is_cloud(uri: &str) -> bool {
+    uri.split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.eq_ignore_ascii_case("file"))
+}
+
 /// Resolves a URI to its store and the path inside it.
 pub fn resolve(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
@@ -175,17 +202,79 @@ pub fn resolve(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                     "{uri} is not a valid file:// URI; write file:///absolute/path"
                 ))
             })?,
-        Some(other) => {
-            return Err(Error::Usage(format!(
-                "{uri}: `{other}://` URIs are not supported by this build yet; use a local path or file:// URI"
-            )));
-        }
+        Some(_) => return cloud(uri),
     };
     let absolute = std::path::absolute(&local)
         .map_err(|e| Error::Usage(format!("{uri}: cannot make the path absolute: {e}")))?;
     let path = Path::from_absolute_path(&absolute)
         .map_err(|e| Error::Usage(format!("{uri}: not a usable path: {e}")))?;
     Ok((Arc::new(LocalFileSystem::new()), path))
+}
+
+/// A cloud store for `uri`, configured from the environment and `[storage]`.
+fn cloud(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    use object_store::{ClientConfigKey, ObjectStoreScheme, RetryConfig};
+    let bad = |message: String| Error::Usage(format!("{uri}: {message}"));
+    let url = url::Url::parse(uri).map_err(|e| bad(format!("not a valid URI: {e}")))?;
+    let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| {
+        bad(format!(
+            "{e}; supported: paths, file://, s3://, gs://, az://, abfs(s)://, http(s)://"
+        ))
+    })?;
+    let path = Path::parse(path).map_err(|e| bad(e.to_string()))?;
+    let s = settings();
+    let timeout = format!("{}s", s.request_timeout_seconds.max(1));
+    let retry = RetryConfig {
+        max_retries: s.max_retries,
+        // Give up on a request after its attempts could all have timed out, capped so that
+        // signed requests do not outlive their credentials.
+        retry_timeout: Duration::from_secs(
+            (s.request_timeout_seconds.max(1) * (s.max_retries as u64 + 1)).min(300),
+        ),
+        ..RetryConfig::default()
+    };
+    let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+        ObjectStoreScheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
+            .with_url(uri)
+            .with_retry(retry)
+            .with_config(
+                object_store::aws::AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                &timeout,
+            )
+            .build()
+            .map(|s| Arc::new(s) as _),
+        ObjectStoreScheme::GoogleCloudStorage => {
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(uri)
+                .with_retry(retry)
+                .with_config(
+                    object_store::gcp::GoogleConfigKey::Client(ClientConfigKey::Timeout),
+                    &timeout,
+                )
+                .build()
+                .map(|s| Arc::new(s) as _)
+        }
+        ObjectStoreScheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_url(uri)
+            .with_retry(retry)
+            .with_config(
+                object_store::azure::AzureConfigKey::Client(ClientConfigKey::Timeout),
+                &timeout,
+            )
+            .build()
+            .map(|s| Arc::new(s) as _),
+        ObjectStoreScheme::Http => object_store::http::HttpBuilder::new()
+            .with_url(&url[..url::Position::BeforePath])
+            .with_retry(retry)
+            .with_config(ClientConfigKey::Timeout, &timeout)
+            .build()
+            .map(|s| Arc::new(s) as _),
+        other => {
+            return Err(bad(format!("{other:?} stores are not supported here")));
+        }
+    };
+    let store = built.map_err(|e| bad(format!("cannot open the store: {e}")))?;
+    Ok((store, path))
 }
 
 #[cfg(test)]
@@ -231,5 +320,6 @@ mod tests {
         let rt = runtime();
         let e = Storage::open("ftp://x/y", rt.handle()).unwrap_err();
         assert_eq!(e.exit_code(), 64);
+        assert!(is_cloud("s3://b/k") && !is_cloud("file:///x") && !is_cloud("rel/path"));
     }
 }

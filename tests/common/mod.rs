@@ -2,6 +2,8 @@
 //! fixtures in each image layout, and read written tables back with the parquet crate.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
