@@ -388,17 +388,7 @@ mod tests {
     #[test]
     fn training_lowers_the_validation_nll_and_round_trips() {
         let shape = ImageShape::new(3, 4, 1);
-        // Pixels copy their predecessor: much better than independent under the chain rule.
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let x = Array2::from_shape_fn((2000, 12), |_| 0u8);
-        let mut x = x;
-        for mut row in x.rows_mut() {
-            let mut prev = rng.random_bool(0.5);
-            for v in row.iter_mut() {
-                prev = if rng.random_bool(0.9) { prev } else { !prev };
-                *v = u8::from(prev);
-            }
-        }
+        let x = sticky_chains(2000, 12, 9);
         let (train, valid) = x.view().split_at(ndarray::Axis(0), 1600);
         let data = TrainingSet {
             shape,

@@ -365,6 +365,22 @@ pub(crate) mod testing {
         );
     }
 
+    /// `n` binary images of `d` pixels in which each pixel copies its predecessor with
+    /// probability 0.9: far more likely under a chain rule than under independent pixels.
+    pub fn sticky_chains(n: usize, d: usize, seed: u64) -> ndarray::Array2<u8> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut x = ndarray::Array2::<u8>::zeros((n, d));
+        for mut row in x.rows_mut() {
+            let mut prev = rng.random_bool(0.5);
+            for v in row.iter_mut() {
+                prev = if rng.random_bool(0.9) { prev } else { !prev };
+                *v = u8::from(prev);
+            }
+        }
+        x
+    }
+
     /// Checks that the per-pixel map sums to the log-likelihood on a few images.
     pub fn assert_maps_sum_to_likelihood(model: &dyn DensityModel, images: &[Vec<u8>]) {
         for x in images {
