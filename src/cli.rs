@@ -63,6 +63,8 @@ pub enum Command {
     /// Write one self-contained HTML report of a run: score histogram with the threshold,
     /// counts per group, and the top anomalies beside their per-pixel heat maps.
     Report(ReportArgs),
+    /// Publish a sharded run whose shards have all staged (when no worker could).
+    Commit(CommitArgs),
     /// Measure NADE training and scoring speed: fast kernels on every instruction set this
     /// CPU has, against the naive reference and the machine's SGEMM rate, all in this run.
     Bench(BenchArgs),
@@ -101,6 +103,16 @@ pub struct ScoreArgs {
     /// The fitted model: a models/<model_id>/ directory (default: `model.uri` in the file).
     #[arg(long, value_name = "URI")]
     pub model: Option<String>,
+
+    /// Score only shard I of N (row groups I, I+N, I+2N, …); the last shard to finish
+    /// publishes the run. E.g. `--shard 0/4`.
+    #[arg(long, value_name = "I/N", value_parser = crate::io::source::Shard::parse, conflicts_with = "shards")]
+    pub shard: Option<crate::io::source::Shard>,
+
+    /// Score one of N shards, the one named by `JOB_COMPLETION_INDEX` (a Kubernetes Indexed
+    /// Job's pod index).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
 }
 
 /// `pipeline inspect`.
@@ -205,6 +217,21 @@ pub struct ReportArgs {
     /// Count images per value of this column of the scores table (default: by `model_id`).
     #[arg(long, value_name = "COLUMN")]
     pub by: Option<String>,
+}
+
+/// `pipeline commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The sink the shards wrote to (`sink.uri`).
+    pub sink: String,
+
+    /// The run to publish.
+    #[arg(long)]
+    pub run_id: String,
+
+    /// How many shards the run was split into.
+    #[arg(long, value_name = "N")]
+    pub shards: u32,
 }
 
 /// `pipeline bench`.

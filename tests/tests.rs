@@ -7,3 +7,4 @@ mod commands;
 mod end_to_end;
 mod layouts;
 mod object_storage;
+mod sharding;

@@ -25,7 +25,7 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
             } else {
                 ModelSource::Load(config.model.uri.clone())
             };
-            let summary = pipeline::run(ctx, &config, source, "run")?;
+            let summary = pipeline::run(ctx, &config, source, "run", None)?;
             print_run(&summary);
         }
         Command::Fit(a) => {
@@ -68,13 +68,45 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
                             .into(),
                     )
                 })?;
-            let summary = pipeline::run(ctx, &config, ModelSource::Load(uri), "score")?;
+            let shard = match (a.shard, a.shards) {
+                (Some(s), _) => Some(s),
+                (None, Some(n)) => Some(shard_from_env(n)?),
+                (None, None) => None,
+            };
+            let summary = pipeline::run(ctx, &config, ModelSource::Load(uri), "score", shard)?;
             print_run(&summary);
         }
         Command::Validate(a) => validate(a, ctx)?,
         Command::Inspect(a) => inspect::inspect(a, ctx)?,
         Command::Sample(a) => sample::sample(a, ctx)?,
         Command::Bench(a) => bench::bench(a, ctx)?,
+        Command::Commit(a) => {
+            let sink = crate::io::storage::Storage::open(&a.sink, &ctx.rt)?;
+            let missing = pipeline::shards::missing(&sink, &a.run_id, a.shards)?;
+            if !missing.is_empty() {
+                return Err(Error::InputMissing {
+                    uri: sink.display(&format!("_staging/{}/shards", a.run_id)),
+                    hint: format!(
+                        "shards {missing:?} of {} have not staged their rows; run them first",
+                        a.shards
+                    ),
+                });
+            }
+            match pipeline::shards::try_commit(&sink, &a.run_id, a.shards, true)? {
+                Some((m, committed)) => out(format_args!(
+                    "committed run {}: {} images scored, {} anomalies; manifest {}\n",
+                    m.run_id,
+                    m.rows.scored,
+                    m.rows.anomalies,
+                    sink.display(&committed.manifest)
+                )),
+                None => {
+                    return Err(Error::Internal(
+                        "the shards vanished while committing".into(),
+                    ));
+                }
+            }
+        }
         Command::Evaluate(a) => evaluate::evaluate(a, ctx)?,
         Command::Report(a) => report::report(a, ctx)?,
         Command::Schema(a) => match &a.out_dir {
@@ -137,8 +169,33 @@ fn validate(a: &ConfigArgs, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+/// Shard `JOB_COMPLETION_INDEX` of `count`, as a Kubernetes Indexed Job names it.
+fn shard_from_env(count: u32) -> Result<crate::io::source::Shard> {
+    let index = std::env::var("JOB_COMPLETION_INDEX").map_err(|_| {
+        Error::Usage(
+            "--shards N needs JOB_COMPLETION_INDEX (set by an Indexed Job), or use --shard I/N"
+                .into(),
+        )
+    })?;
+    crate::io::source::Shard::parse(&format!("{index}/{count}")).map_err(Error::Usage)
+}
+
 fn print_run(s: &RunSummary) {
     let m = &s.manifest;
+    if !s.waiting_for.is_empty() {
+        out(format_args!(
+            "run {}: this shard staged {} images ({} anomalies); waiting for shards {:?}, the last of which publishes the run\n",
+            m.run_id, m.rows.scored, m.rows.anomalies, s.waiting_for
+        ));
+        return;
+    }
+    if s.manifest_path.is_empty() {
+        out(format_args!(
+            "run {}: every shard has staged, but another worker holds the commit lock; if none is running, publish with `pipeline commit {} --run-id {} --shards N`\n",
+            m.run_id, s.sink, m.run_id
+        ));
+        return;
+    }
     let sink = s.sink.trim_end_matches('/');
     let tables = |name: &str| m.tables.get(name).map(|f| f.len()).unwrap_or_default();
     out(format_args!(

@@ -53,6 +53,42 @@ impl SourceFile {
     }
 }
 
+/// One worker's share of a source: of all row groups, numbered in file order, those whose
+/// number is `index` modulo `count`. Every row group belongs to exactly one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This worker, 0-based.
+    pub index: u32,
+    /// Workers in all.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Parses `I/N` (0 ≤ I < N).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let (i, n) = text
+            .split_once('/')
+            .ok_or_else(|| format!("--shard {text:?}: expected I/N, e.g. 0/4"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("--shard {text:?}: I is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("--shard {text:?}: N is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("--shard {text:?}: need 0 ≤ I < N"));
+        }
+        Ok(Self { index, count })
+    }
+
+    /// Whether global row group `k` is this shard's.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.count as usize == self.index as usize
+    }
+}
+
 /// The files behind a source URI, in a stable order.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -60,6 +96,7 @@ pub struct Source {
     store: Arc<dyn ObjectStore>,
     files: Vec<SourceFile>,
     rt: Handle,
+    shard: Option<Shard>,
 }
 
 /// One record batch of one file.
@@ -85,7 +122,31 @@ impl Source {
             store,
             files,
             rt: rt.clone(),
+            shard: None,
         })
+    }
+
+    /// The same source, reading only `shard`'s row groups.
+    pub fn with_shard(mut self, shard: Option<Shard>) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// The row groups of each file this source reads (all, without a shard).
+    fn row_groups(&self) -> Vec<Vec<usize>> {
+        let mut k = 0;
+        self.files
+            .iter()
+            .map(|f| {
+                (0..f.metadata.metadata().num_row_groups())
+                    .filter(|_| {
+                        let mine = self.shard.is_none_or(|s| s.owns(k));
+                        k += 1;
+                        mine
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The URI the source was opened with.
@@ -110,10 +171,15 @@ impl Source {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let store = Arc::clone(&self.store);
         let files = self.files.clone();
+        let row_groups = self.row_groups();
         let columns = columns.to_vec();
         self.rt.spawn(async move {
-            for (index, file) in files.iter().enumerate() {
-                let result = stream_file(&store, index, file, &columns, batch_size, &tx).await;
+            for (index, (file, groups)) in files.iter().zip(row_groups).enumerate() {
+                if groups.is_empty() {
+                    continue;
+                }
+                let result =
+                    stream_file(&store, index, file, groups, &columns, batch_size, &tx).await;
                 if let Err(e) = result {
                     let _ = tx.send(Err(e)).await;
                     return;
@@ -144,6 +210,7 @@ async fn stream_file(
     store: &Arc<dyn ObjectStore>,
     index: usize,
     file: &SourceFile,
+    row_groups: Vec<usize>,
     columns: &[String],
     batch_size: usize,
     tx: &mpsc::Sender<Result<SourceBatch>>,
@@ -159,21 +226,42 @@ async fn stream_file(
         ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
             .with_batch_size(batch_size)
             .with_projection(mask)
+            .with_row_groups(row_groups.clone())
             .build()
             .map_err(|e| from_parquet(&file.uri, e))?;
-    let mut first_row = 0u64;
+    // Row numbers stay those of the whole file: each selected group starts where the groups
+    // before it (read or not) end. Batches never span two row groups.
+    let md = file.metadata.metadata();
+    let start_of = |g: usize| -> u64 {
+        (0..g)
+            .map(|j| md.row_group(j).num_rows().max(0) as u64)
+            .sum()
+    };
+    let mut groups = row_groups.into_iter();
+    let mut group = groups.next();
+    let mut offset = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| from_parquet(&file.uri, e))?;
         let n = batch.num_rows() as u64;
+        let Some(g) = group else {
+            return Err(Error::data(
+                &*file.uri,
+                "more rows than its row groups declare",
+            ));
+        };
         let message = SourceBatch {
             file: index,
-            first_row,
+            first_row: start_of(g) + offset,
             batch,
         };
+        offset += n;
+        if offset >= md.row_group(g).num_rows().max(0) as u64 {
+            group = groups.next();
+            offset = 0;
+        }
         if tx.send(Ok(message)).await.is_err() {
             return Ok(()); // The consumer stopped early: nothing more to do.
         }
-        first_row += n;
     }
     Ok(())
 }

@@ -134,6 +134,21 @@ impl Storage {
             .map_err(|e| from_store(&self.display(rel), e))
     }
 
+    /// Writes an object only if none exists at `rel`; returns whether this call created it.
+    pub fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<bool> {
+        let path = self.path(rel);
+        let result = self.rt.block_on(self.store.put_opts(
+            &path,
+            PutPayload::from(bytes),
+            object_store::PutMode::Create.into(),
+        ));
+        match result {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(from_store(&self.display(rel), e)),
+        }
+    }
+
     /// Moves an object, replacing any object at `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (f, t) = (self.path(from), self.path(to));

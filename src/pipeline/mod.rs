@@ -12,6 +12,7 @@ pub mod progress;
 pub mod read;
 pub mod score;
 pub mod scorer;
+pub mod shards;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +21,7 @@ use tokio::runtime::Handle;
 use crate::config::PipelineConfig;
 use crate::config::load::check_run_id;
 use crate::error::{Error, Result};
+use crate::io::source::Shard;
 use crate::io::storage::Storage;
 use crate::models::artifact::{self, ModelSet};
 use manifest::{Manifest, ModelRef, PartitionRecord, RowCounts};
@@ -53,6 +55,8 @@ pub struct RunSummary {
     pub manifest_path: String,
     /// The model's directory URI.
     pub model_uri: String,
+    /// For a shard whose run is not committed yet: the shards still to stage.
+    pub waiting_for: Vec<u32>,
 }
 
 /// The run id to use: the config's (which `--run-id` has already overridden), else the UTC
@@ -79,7 +83,13 @@ pub fn run(
     config: &PipelineConfig,
     model_source: ModelSource,
     command: &str,
+    shard: Option<Shard>,
 ) -> Result<RunSummary> {
+    if shard.is_some() && matches!(model_source, ModelSource::Fit) {
+        return Err(Error::Usage(
+            "sharded runs score with a model fitted once: `pipeline fit`, then `pipeline score --model URI --shard I/N`".into(),
+        ));
+    }
     let started = chrono::Utc::now();
     let run_id = run_id(config, &started)?;
     let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
@@ -91,11 +101,16 @@ pub fn run(
         ModelSource::Fit => fit::fit(ctx, config, &sink)?,
         ModelSource::Load(uri) => artifact::load_set(&uri, &ctx.rt)?,
     };
-    commit::discard_staging(&sink, &run_id)?;
-    let scored = match score::score(ctx, config, &model, &sink, &run_id) {
+    // A shard clears only its own earlier attempt: the other shards' staged files are theirs.
+    let discard = |sink: &Storage| match shard {
+        Some(s) => shards::discard_own(sink, &run_id, s),
+        None => commit::discard_staging(sink, &run_id),
+    };
+    discard(&sink)?;
+    let scored = match score::score(ctx, config, &model, &sink, &run_id, shard) {
         Ok(s) => s,
         Err(e) => {
-            if let Err(cleanup) = commit::discard_staging(&sink, &run_id) {
+            if let Err(cleanup) = discard(&sink) {
                 tracing::warn!(error = %cleanup, "Could not remove the failed run's staged files.");
             }
             return Err(e);
@@ -149,17 +164,42 @@ pub fn run(
         tables: Default::default(),
         config: config.clone(),
     };
-    let committed = commit::commit(&sink, &run_id, &scored.tables, &mut manifest)?;
-    tracing::info!(
-        scored = scored.scored,
-        anomalies = scored.anomalies,
-        rejected = scored.counts.rejected,
-        "Run committed."
-    );
-    Ok(RunSummary {
+    let summary = |manifest: Manifest, manifest_path: String, waiting_for: Vec<u32>| RunSummary {
         manifest,
         sink: config.sink.uri.clone(),
-        manifest_path: committed.manifest,
-        model_uri: model.uri,
-    })
+        manifest_path,
+        model_uri: model.uri.clone(),
+        waiting_for,
+    };
+    let Some(shard) = shard else {
+        let committed = commit::commit(&sink, &run_id, &scored.tables, &mut manifest)?;
+        tracing::info!(
+            scored = scored.scored,
+            anomalies = scored.anomalies,
+            rejected = scored.counts.rejected,
+            "Run committed."
+        );
+        return Ok(summary(manifest, committed.manifest, Vec::new()));
+    };
+    shards::stage(&sink, shard, &manifest, &scored.tables)?;
+    tracing::info!(
+        shard = shard.index,
+        shards = shard.count,
+        scored = scored.scored,
+        "Shard staged."
+    );
+    match shards::try_commit(&sink, &run_id, shard.count, false)? {
+        Some((whole, committed)) => {
+            tracing::info!(
+                scored = whole.rows.scored,
+                anomalies = whole.rows.anomalies,
+                "Run committed."
+            );
+            Ok(summary(whole, committed.manifest, Vec::new()))
+        }
+        None => {
+            let waiting = shards::missing(&sink, &run_id, shard.count)?;
+            Ok(summary(manifest, String::new(), waiting))
+        }
+    }
 }

@@ -16,7 +16,7 @@ use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::decide;
 use crate::error::{Error, Result};
-use crate::io::source::Source;
+use crate::io::source::{Shard, Source};
 use crate::io::storage::Storage;
 use crate::io::tables::{
     self, RowScore, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema,
@@ -81,7 +81,14 @@ pub fn score(
     models: &ModelSet,
     sink: &Storage,
     run_id: &str,
+    shard: Option<Shard>,
 ) -> Result<Scored> {
+    if shard.is_some() && config.threshold.method == ThresholdMethod::Conformal {
+        return Err(Error::config(
+            "threshold.method",
+            "a conformal decision needs every image of the run at once, so it cannot be sharded: score in one process, or use \"quantile\"",
+        ));
+    }
     if models.partition_by != config.source.partition_by {
         return Err(Error::config(
             "source.partition_by",
@@ -126,7 +133,8 @@ pub fn score(
     }
     let preprocess = Preprocessor::new(first.meta.preprocess.clone());
     let shape = first.meta.shape;
-    let source = Source::open(&config.source.uri, &ctx.rt)?;
+    let source = Source::open(&config.source.uri, &ctx.rt)?.with_shard(shard);
+    let part = shard.map_or(0, |s| s.index);
 
     // A conformal decision needs every p-value of the run (per partition) before any row is
     // flagged: a first pass scores the whole source, keeping two f64 per image, and the second
@@ -184,7 +192,7 @@ pub fn score(
         sink,
         Table::Scores,
         run_id,
-        0,
+        part,
         scores_schema(&passthrough),
         max_rows,
     );
@@ -192,11 +200,18 @@ pub fn score(
         sink,
         Table::Anomalies,
         run_id,
-        0,
+        part,
         anomalies_schema(&passthrough),
         max_rows,
     );
-    let mut rejects = TableWriter::new(sink, Table::Rejects, run_id, 0, rejects_schema(), max_rows);
+    let mut rejects = TableWriter::new(
+        sink,
+        Table::Rejects,
+        run_id,
+        part,
+        rejects_schema(),
+        max_rows,
+    );
     let mut per_partition: BTreeMap<String, PartitionScored> = BTreeMap::new();
     let mut unmodelled_values: BTreeMap<String, u64> = BTreeMap::new();
 

@@ -1,0 +1,180 @@
+//! Sharded scoring: N workers (processes or Kubernetes Indexed Job pods) each score their share
+//! of the source's row groups and stage their part files under `_staging/<run_id>/`, plus a
+//! record of what they did (`_staging/<run_id>/shards/<i>-of-<n>.json`). Whichever worker sees
+//! all N records takes the commit lock (a create-if-absent object) and publishes the run with
+//! one manifest that adds the shards up; `pipeline commit` does the same by hand.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::commit::{self, Committed};
+use super::manifest::Manifest;
+use crate::error::{Error, Result};
+use crate::io::source::Shard;
+use crate::io::storage::Storage;
+use crate::io::tables::{Table, WrittenTable};
+
+/// What one shard staged: its share of the run's manifest, and its part files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// This shard.
+    pub index: u32,
+    /// Shards in all.
+    pub count: u32,
+    /// The manifest as this shard alone would write it (counts of its rows only).
+    pub manifest: Manifest,
+    /// Staged part files per table directory.
+    pub staged: BTreeMap<String, Vec<String>>,
+}
+
+fn shards_dir(run_id: &str) -> String {
+    format!("_staging/{run_id}/shards")
+}
+
+/// Removes this shard's staged parts and record from an earlier attempt, leaving the others'.
+pub fn discard_own(sink: &Storage, run_id: &str, shard: Shard) -> Result<()> {
+    let mine = format!("-{:04}-", shard.index);
+    let record = format!("/{}-of-", shard.index);
+    for object in sink.list(&format!("_staging/{run_id}"))? {
+        let rel = sink.relative(&object.location);
+        let name = rel.rsplit('/').next().unwrap_or_default();
+        let part = name.starts_with("part-") && name.contains(&mine);
+        if part || rel.contains(&format!("shards{record}")) {
+            sink.delete(&rel)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes this shard's record (after its part files are staged).
+pub fn stage(
+    sink: &Storage,
+    shard: Shard,
+    manifest: &Manifest,
+    tables: &[(Table, WrittenTable)],
+) -> Result<()> {
+    let record = ShardRecord {
+        index: shard.index,
+        count: shard.count,
+        manifest: manifest.clone(),
+        staged: tables
+            .iter()
+            .map(|(t, w)| (t.dir().to_string(), w.staged.clone()))
+            .collect(),
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Internal(e.to_string()))?;
+    let rel = format!(
+        "{}/{}-of-{}.json",
+        shards_dir(&manifest.run_id),
+        shard.index,
+        shard.count
+    );
+    sink.put(&rel, Bytes::from(json))
+}
+
+/// The records staged for `run_id` by shards of `count`, by index.
+fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, ShardRecord>> {
+    let mut found = BTreeMap::new();
+    for object in sink.list(&shards_dir(run_id))? {
+        let rel = sink.relative(&object.location);
+        if !rel.ends_with(&format!("-of-{count}.json")) {
+            continue;
+        }
+        let bytes = sink.get(&rel)?;
+        let record: ShardRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::data(sink.display(&rel), format!("not a shard record: {e}")))?;
+        found.insert(record.index, record);
+    }
+    Ok(found)
+}
+
+/// The shards of `count` that have not staged their record yet.
+pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
+    let found = records(sink, run_id, count)?;
+    Ok((0..count).filter(|i| !found.contains_key(i)).collect())
+}
+
+/// Publishes the run when every shard has staged. Returns `None` when some are missing, or when
+/// another worker holds the commit lock (unless `force`, for `pipeline commit`).
+pub fn try_commit(
+    sink: &Storage,
+    run_id: &str,
+    count: u32,
+    force: bool,
+) -> Result<Option<(Manifest, Committed)>> {
+    let found = records(sink, run_id, count)?;
+    if found.len() < count as usize {
+        return Ok(None);
+    }
+    let lock = format!("_staging/{run_id}/commit.lock");
+    if !sink.put_if_absent(&lock, Bytes::new())? && !force {
+        tracing::info!(run_id, "Another worker is committing this run.");
+        return Ok(None);
+    }
+    let (mut manifest, staged) = merge(found.into_values().collect())?;
+    let committed = commit::commit(sink, run_id, &staged, &mut manifest)?;
+    Ok(Some((manifest, committed)))
+}
+
+/// One manifest for the whole run: counts added up, partition counts added up, the earliest
+/// start; and every shard's staged files.
+fn merge(records: Vec<ShardRecord>) -> Result<(Manifest, Vec<(Table, WrittenTable)>)> {
+    let mut iter = records.into_iter();
+    let first = iter
+        .next()
+        .ok_or_else(|| Error::Internal("no shard records".into()))?;
+    let mut manifest = first.manifest;
+    let mut staged: BTreeMap<String, Vec<String>> = first.staged;
+    for r in iter {
+        let m = r.manifest;
+        if m.model.model_id != manifest.model.model_id {
+            return Err(Error::data(
+                format!("_staging/{}/shards", manifest.run_id),
+                format!(
+                    "shards scored with different models ({} and {}): rerun every shard with the same model",
+                    manifest.model.model_id, m.model.model_id
+                ),
+            ));
+        }
+        manifest.rows.read += m.rows.read;
+        manifest.rows.scored += m.rows.scored;
+        manifest.rows.rejected += m.rows.rejected;
+        manifest.rows.anomalies += m.rows.anomalies;
+        manifest.rows.unmodelled += m.rows.unmodelled;
+        if m.started_at < manifest.started_at {
+            manifest.started_at = m.started_at;
+        }
+        for (value, p) in m.partitions {
+            manifest
+                .partitions
+                .entry(value)
+                .and_modify(|q| {
+                    q.scored += p.scored;
+                    q.anomalies += p.anomalies;
+                })
+                .or_insert(p);
+        }
+        for (value, n) in m.unmodelled_partitions {
+            *manifest.unmodelled_partitions.entry(value).or_default() += n;
+        }
+        for (table, files) in r.staged {
+            staged.entry(table).or_default().extend(files);
+        }
+    }
+    let tables = Table::ALL
+        .iter()
+        .map(|t| {
+            let files = staged.remove(t.dir()).unwrap_or_default();
+            (
+                *t,
+                WrittenTable {
+                    staged: files,
+                    rows: 0,
+                },
+            )
+        })
+        .collect();
+    Ok((manifest, tables))
+}

@@ -1,0 +1,151 @@
+//! Sharded scoring as a Kubernetes Indexed Job would run it: N processes, each told its index
+//! by `JOB_COMPLETION_INDEX`, together write exactly the rows of one process.
+
+use std::process::{Command, Stdio};
+
+use crate::common::*;
+
+#[test]
+fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let demo = repo().join("data/demo/digits.parquet"); // 4 row groups
+    let fit_out = d.join("models-sink");
+    let fit = pipeline(
+        &repo(),
+        &["fit", "pipelines/demo.toml"],
+        &[("DEMO_OUT", fit_out.to_str().unwrap())],
+    );
+    fit.expect(0);
+    let model = fit
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("model: ")
+        .to_string();
+    let set_source = format!("source.uri=\"{}\"", demo.display());
+
+    let single = d.join("single");
+    pipeline(
+        d,
+        &[
+            "score",
+            &repo().join("pipelines/demo.toml").display().to_string(),
+            "--model",
+            &model,
+            "--run-id",
+            "night",
+            "--set",
+            &set_source,
+        ],
+        &[("DEMO_OUT", single.to_str().unwrap())],
+    )
+    .expect(0);
+
+    // Three workers at once (row groups 0 and 3, 1, 2), as pods of an Indexed Job.
+    let sharded = d.join("sharded");
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_pipeline"))
+                .args([
+                    "score",
+                    &repo().join("pipelines/demo.toml").display().to_string(),
+                    "--model",
+                    &model,
+                ])
+                .args(["--run-id", "night", "--shards", "3", "--set", &set_source])
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .env("DEMO_OUT", &sharded)
+                .current_dir(d)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.wait_with_output().unwrap())
+        .collect();
+    for o in &outputs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let published = outputs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stdout).contains("results under"))
+        .count();
+    let stdout: Vec<_> = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    assert!(published <= 1, "at most one worker publishes: {stdout:?}");
+    if published == 0 {
+        // Every worker staged before any saw the others: publish by hand.
+        pipeline(
+            d,
+            &[
+                "commit",
+                sharded.to_str().unwrap(),
+                "--run-id",
+                "night",
+                "--shards",
+                "3",
+            ],
+            &[],
+        )
+        .expect(0);
+    }
+
+    let one = likelihoods(&single.join("scores"));
+    let many = likelihoods(&sharded.join("scores"));
+    assert_eq!(one.len(), 2000);
+    assert_eq!(
+        rows(&read_table(&sharded.join("scores"))),
+        2000,
+        "no image twice"
+    );
+    assert_eq!(many, one, "no image lost, none scored differently");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sharded.join("runs/night/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["rows"]["scored"], 2000);
+    assert_eq!(manifest["rows"]["read"], 2000);
+    assert_eq!(
+        manifest["tables"]["scores"].as_array().unwrap().len(),
+        3,
+        "one part per shard"
+    );
+    assert!(sharded.join("runs/night/_SUCCESS").exists());
+    assert!(
+        !sharded.join("_staging/night").exists(),
+        "staging is cleaned up"
+    );
+
+    // A commit with a shard missing says which.
+    pipeline(
+        d,
+        &[
+            "commit",
+            sharded.to_str().unwrap(),
+            "--run-id",
+            "other",
+            "--shards",
+            "2",
+        ],
+        &[],
+    )
+    .expect(66)
+    .mentions(&["[0, 1]"]);
+    // --shards without JOB_COMPLETION_INDEX, and a bad --shard, are usage errors.
+    let cfg = repo().join("pipelines/demo.toml").display().to_string();
+    pipeline(d, &["score", &cfg, "--model", &model, "--shards", "3"], &[])
+        .expect(64)
+        .mentions(&["JOB_COMPLETION_INDEX"]);
+    pipeline(
+        d,
+        &["score", &cfg, "--model", &model, "--shard", "3/3"],
+        &[],
+    )
+    .expect(64);
+}
