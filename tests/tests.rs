@@ -4,6 +4,7 @@ mod common;
 
 mod bad_inputs;
 mod commands;
+mod deploy;
 mod end_to_end;
 mod layouts;
 mod object_storage;
