@@ -148,3 +148,123 @@ fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
     server.download("frames", "out/scores", fetched.path());
     assert_eq!(likelihoods(fetched.path()).len(), 2000);
 }
+
+#[test]
+fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
+    let Some(mut server) = S3Server::start() else {
+        return;
+    };
+    let port = server.port();
+    let env_owned = server.env();
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let demo = repo().join("data/demo/digits.parquet");
+    let upload = |server: &S3Server| {
+        server.create_bucket("frames");
+        for i in 0..24 {
+            server.upload("frames", &format!("day/part-{i:02}.parquet"), &demo);
+        }
+    };
+    upload(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A model fitted once, on local disk; the sink is local too, so what was published can be
+    // checked while the store is down.
+    let fit = pipeline(
+        &repo(),
+        &["fit", "pipelines/demo.toml"],
+        &[("DEMO_OUT", d.join("m").to_str().unwrap())],
+    );
+    fit.expect(0);
+    let model = fit
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("model: ")
+        .to_string();
+    let sink = d.join("out");
+    let args = |run: &'static str| -> Vec<String> {
+        [
+            "score",
+            &repo().join("pipelines/demo.toml").display().to_string(),
+            "--model",
+            &model,
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(
+            [
+                "--run-id",
+                run,
+                "--log-format",
+                "json",
+                "--set",
+                "source.uri=\"s3://frames/day/\"",
+            ]
+            .map(String::from),
+        )
+        .chain(
+            [
+                "--set",
+                "storage.max_retries=1",
+                "--set",
+                "storage.request_timeout_seconds=2",
+            ]
+            .map(String::from),
+        )
+        .collect()
+    };
+
+    // The server goes away once scoring has started (every footer read, row groups pending).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args("day"))
+        .envs(env.iter().copied())
+        .env("DEMO_OUT", &sink)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut log = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("\"message\":\"Scoring.\"") {
+            server.stop();
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(
+        !sink.join("runs/day/_SUCCESS").exists(),
+        "nothing published"
+    );
+    for table in ["scores", "anomalies", "rejects"] {
+        let dir = sink.join(table);
+        let parts = std::fs::read_dir(&dir).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(
+            parts,
+            0,
+            "no part under {} after a failed run",
+            dir.display()
+        );
+    }
+    assert!(
+        !sink.join("_staging/day").exists(),
+        "the failed run's staging is removed"
+    );
+
+    // Back up (moto starts empty: the files are uploaded again); the rerun completes.
+    let server = S3Server::start_on(port).expect("moto restarts");
+    upload(&server);
+    let mut env2 = env.clone();
+    let sink_s = sink.to_str().unwrap().to_string();
+    env2.push(("DEMO_OUT", &sink_s));
+    let rerun_args = args("day");
+    let rerun: Vec<&str> = rerun_args.iter().map(String::as_str).collect();
+    pipeline(d, &rerun, &env2).expect(0);
+    let scores = likelihoods(&sink.join("scores"));
+    assert_eq!(rows(&read_table(&sink.join("scores"))), 24 * 2000);
+    assert_eq!(scores.len(), 2000, "the 24 files share their 2,000 ids");
+}

@@ -43,9 +43,9 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
     )
     .expect(0);
 
-    // Three workers at once (row groups 0 and 3, 1, 2), as pods of an Indexed Job.
+    // Four workers at once, one row group each, as the pods of an Indexed Job.
     let sharded = d.join("sharded");
-    let workers: Vec<_> = (0..3)
+    let workers: Vec<_> = (0..4)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_pipeline"))
                 .args([
@@ -54,7 +54,7 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
                     "--model",
                     &model,
                 ])
-                .args(["--run-id", "night", "--shards", "3", "--set", &set_source])
+                .args(["--run-id", "night", "--shards", "4", "--set", &set_source])
                 .env("JOB_COMPLETION_INDEX", i.to_string())
                 .env("DEMO_OUT", &sharded)
                 .current_dir(d)
@@ -113,7 +113,7 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
     assert_eq!(manifest["rows"]["read"], 2000);
     assert_eq!(
         manifest["tables"]["scores"].as_array().unwrap().len(),
-        3,
+        4,
         "one part per shard"
     );
     assert!(sharded.join("runs/night/_SUCCESS").exists());
