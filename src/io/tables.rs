@@ -317,6 +317,12 @@ pub fn run_of_part(name: &str) -> Option<&str> {
     (digits(seq, 5) && digits(shard, 4)).then_some(run)
 }
 
+/// Rows per Parquet row group of the tables written.
+pub const ROW_GROUP_ROWS: usize = 65_536;
+
+/// Bytes a row group may reach in memory before it is written out.
+pub const ROW_GROUP_BYTES: usize = 32 << 20;
+
 /// What a finished [`TableWriter`] wrote.
 #[derive(Debug, Clone, Default)]
 pub struct WrittenTable {
@@ -381,8 +387,16 @@ impl TableWriter {
             let slice = batch.slice(offset, take);
             let rt = self.storage.runtime().clone();
             let writer = self.current.as_mut().expect("opened above");
-            rt.block_on(writer.write(&slice))
-                .map_err(|e| self.write_error(e))?;
+            rt.block_on(async {
+                writer.write(&slice).await?;
+                // Wide rows (the anomalies' pixel maps) fill memory long before the row count
+                // does: end the row group once it holds this many bytes.
+                if writer.in_progress_size() > ROW_GROUP_BYTES {
+                    writer.flush().await?;
+                }
+                Ok(())
+            })
+            .map_err(|e| self.write_error(e))?;
             self.rows_in_file += take;
             self.written.rows += take as u64;
             offset += take;
@@ -412,8 +426,11 @@ impl TableWriter {
             part_name(&self.run_id, self.shard, seq)
         );
         let sink = BufWriter::new(Arc::clone(self.storage.store()), self.storage.path(&rel));
+        // The writer holds a row group in memory until it is full: bounded groups keep a
+        // scoring run's memory flat however many images it writes (and let readers skip).
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))
             .map_err(|e| Error::Internal(format!("opening a Parquet writer: {e}")))?;
