@@ -312,7 +312,11 @@ pub fn save(
     let mut identity = meta.clone();
     // Wall times differ between identical fits; the id must not.
     identity.training.seconds = 0.0;
-    identity.training.curve.iter_mut().for_each(|r| r.seconds = 0.0);
+    identity
+        .training
+        .curve
+        .iter_mut()
+        .for_each(|r| r.seconds = 0.0);
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(&identity).map_err(|e| Error::Internal(e.to_string()))?);
     hasher.update(&weights);
