@@ -29,6 +29,16 @@ use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
 /// The largest hidden layer `model.hidden` accepts.
 pub const MAX_HIDDEN: usize = 65_536;
 
+/// H rounded up to the kernels' vector width.
+fn padded_width(hidden: usize) -> usize {
+    hidden.div_ceil(LANES) * LANES
+}
+
+/// Parameters in kernel layout: W and V (D × hp each), b (D), c (hp).
+fn param_len(d: usize, hp: usize) -> usize {
+    2 * d * hp + d + hp
+}
+
 /// A fitted (or training) NADE.
 ///
 /// Invariants: `params` is W (D × hp), V (D × hp), b (D), c (hp) in kernel layout, and the
@@ -59,7 +69,7 @@ impl Nade {
         pixels: ArrayView2<'_, u8>,
     ) -> Self {
         let d = shape.dims();
-        let hp = hidden.div_ceil(LANES) * LANES;
+        let hp = padded_width(hidden);
         let order = ordering::ordering(shape, order_kind, seed);
         let mut model = Self {
             shape,
@@ -68,7 +78,7 @@ impl Nade {
             order,
             hidden,
             hp,
-            params: vec![0f32; 2 * d * hp + d + hp],
+            params: vec![0f32; param_len(d, hp)],
             isa: Isa::detect(),
         };
         let scale = (6.0 / (d + hidden) as f32).sqrt();
@@ -157,9 +167,9 @@ impl Nade {
             .map(|h| h as usize)
             .filter(|h| (1..=MAX_HIDDEN).contains(h))
             .ok_or("hyper-parameter `hidden` is missing or out of range")?;
-        let hp = hidden.div_ceil(LANES) * LANES;
+        let hp = padded_width(hidden);
         let order = super::ar::permutation(tensor(tensors, "order", d)?)?;
-        let mut params = vec![0f32; 2 * d * hp + d + hp];
+        let mut params = vec![0f32; param_len(d, hp)];
         let (w, rest) = params.split_at_mut(d * hp);
         let (v, rest) = rest.split_at_mut(d * hp);
         let (b, c) = rest.split_at_mut(d);
