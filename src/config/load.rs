@@ -208,6 +208,25 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if c.model.kind.needs_intensities() && c.preprocess.binarize != Binarize::None {
+        p.push((
+            "model.kind",
+            format!(
+                "`model.kind = \"{}\"` models 8-bit intensities: set `preprocess.binarize = \"none\"`",
+                c.model.kind.name()
+            ),
+        ));
+    }
+    if !(1..=crate::models::ar_mixture::MAX_COMPONENTS).contains(&c.model.components) {
+        p.push((
+            "model.components",
+            format!(
+                "`model.components` must be between 1 and {}, got {}",
+                crate::models::ar_mixture::MAX_COMPONENTS,
+                c.model.components
+            ),
+        ));
+    }
     if c.model.k > crate::models::logistic::MAX_FEATURES {
         p.push((
             "model.k",

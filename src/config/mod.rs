@@ -167,7 +167,9 @@ pub enum ModelKind {
     Bernoulli,
     /// Independent discrete pixels: p(x) = Π Categorical(x_d; π_d) over 2 or 256 levels.
     Categorical,
-    /// AR-k: each binary sub-pixel a logistic regression on k earlier ones, fitted exactly.
+    /// AR-k: each sub-pixel conditioned on k earlier ones. Binary pixels: a logistic
+    /// regression, fitted exactly. 8-bit pixels: a mixture of `components` discretized
+    /// logistics whose weights, means and scales are linear in the context, trained by Adam.
     Ar,
     /// FVSBN: a logistic regression on every earlier sub-pixel, trained by Adam.
     Fvsbn,
@@ -207,8 +209,14 @@ impl ModelKind {
     pub fn needs_binary_pixels(self) -> bool {
         matches!(
             self,
-            ModelKind::Bernoulli | ModelKind::Ar | ModelKind::Fvsbn | ModelKind::Nade
+            ModelKind::Bernoulli | ModelKind::Fvsbn | ModelKind::Nade
         )
+    }
+
+    /// Whether the kind models 8-bit intensities only (so `preprocess.binarize` must be
+    /// `"none"`).
+    pub fn needs_intensities(self) -> bool {
+        false
     }
 
     /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
@@ -237,8 +245,11 @@ pub struct ModelConfig {
     pub context: Context,
     /// L2 penalty on the weights and bias of each `ar` conditional (keeps logits finite).
     pub l2: f64,
-    /// Hidden units of `nade` (1 to 65,536).
+    /// Hidden units of `nade` and `rnade` (1 to 65,536).
     pub hidden: usize,
+    /// Mixture components per conditional of `rnade` (Gaussians) and of `ar` on 8-bit pixels
+    /// (discretized logistics), 1 to 64.
+    pub components: usize,
     /// Score with this fitted model (a `models/<model_id>/` directory or its `model.json`)
     /// instead of fitting one. Empty: `pipeline run` fits a model on the source.
     pub uri: String,
@@ -254,6 +265,7 @@ impl Default for ModelConfig {
             context: Context::Previous,
             l2: 1.0,
             hidden: 500,
+            components: 10,
             uri: String::new(),
         }
     }

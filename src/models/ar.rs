@@ -111,35 +111,14 @@ impl Ar {
             .map_err(|e| format!("hyper-parameters: {e}"))?;
         let d = shape.dims();
         let k = params.k;
-        let order_f = tensor(tensors, "order", d)?;
-        let context_f = tensor(tensors, "context", d * k)?;
+        let (order, context) = stored_contexts(d, k, tensors)?;
         let weights_f = tensor(tensors, "weights", d * k)?;
         let bias = tensor(tensors, "bias", d)?.to_vec();
-        let order = permutation(order_f)?;
-        let mut position = vec![0; d];
-        order.iter().enumerate().for_each(|(i, &o)| position[o] = i);
-        let mut context = Vec::with_capacity(d);
-        let mut weights = Vec::with_capacity(d);
-        for i in 0..d {
-            let mut ctx = Vec::new();
-            let mut w = Vec::new();
-            for j in 0..k {
-                let c = context_f[i * k + j];
-                if c < 0.0 {
-                    continue; // padding
-                }
-                let c = c as usize;
-                if c >= d || position[c] >= i {
-                    return Err(format!(
-                        "tensor `context`: position {i} looks at sub-pixel {c}, which is not earlier"
-                    ));
-                }
-                ctx.push(c);
-                w.push(weights_f[i * k + j]);
-            }
-            context.push(ctx);
-            weights.push(w);
-        }
+        let weights: Vec<Vec<f64>> = context
+            .iter()
+            .enumerate()
+            .map(|(i, ctx)| weights_f[i * k..i * k + ctx.len()].to_vec())
+            .collect();
         if weights
             .iter()
             .flatten()
@@ -227,37 +206,82 @@ impl DensityModel for Ar {
     fn tensors(&self) -> Vec<NamedTensor> {
         let d = self.shape.dims();
         let k = self.params.k;
-        let mut context = vec![-1.0; d * k];
         let mut weights = vec![0.0; d * k];
-        for i in 0..d {
-            for (j, (&c, &w)) in self.context[i].iter().zip(&self.weights[i]).enumerate() {
-                context[i * k + j] = c as f64;
-                weights[i * k + j] = w;
+        for (i, w) in self.weights.iter().enumerate() {
+            weights[i * k..i * k + w.len()].copy_from_slice(w);
+        }
+        let mut tensors = order_and_context_tensors(&self.order, &self.context, k);
+        tensors.push(NamedTensor {
+            name: "weights".into(),
+            shape: vec![d, k],
+            data: weights,
+        });
+        tensors.push(NamedTensor {
+            name: "bias".into(),
+            shape: vec![d],
+            data: self.bias.clone(),
+        });
+        tensors
+    }
+}
+
+/// The `order` [D] and `context` [D, k] tensors of an AR-k model (context padded with −1).
+pub(super) fn order_and_context_tensors(
+    order: &[usize],
+    context: &[Vec<usize>],
+    k: usize,
+) -> Vec<NamedTensor> {
+    let d = order.len();
+    let mut padded = vec![-1.0; d * k];
+    for (i, ctx) in context.iter().enumerate() {
+        for (j, &c) in ctx.iter().enumerate() {
+            padded[i * k + j] = c as f64;
+        }
+    }
+    vec![
+        NamedTensor {
+            name: "order".into(),
+            shape: vec![d],
+            data: order.iter().map(|&o| o as f64).collect(),
+        },
+        NamedTensor {
+            name: "context".into(),
+            shape: vec![d, k],
+            data: padded,
+        },
+    ]
+}
+
+/// Reads the `order` and `context` tensors of an AR-k model, checking that the order is a
+/// permutation, that every context entry is an earlier sub-pixel (so the loaded model is a
+/// normalized density), and that padding (−1) only trails.
+pub(super) fn stored_contexts(
+    d: usize,
+    k: usize,
+    tensors: &[NamedTensor],
+) -> std::result::Result<(Vec<usize>, Vec<Vec<usize>>), String> {
+    let order = permutation(tensor(tensors, "order", d)?)?;
+    let context_f = tensor(tensors, "context", d * k)?;
+    let mut position = vec![0; d];
+    order.iter().enumerate().for_each(|(i, &o)| position[o] = i);
+    let mut context = Vec::with_capacity(d);
+    for i in 0..d {
+        let mut ctx = Vec::new();
+        let mut padded = false;
+        for &c in &context_f[i * k..(i + 1) * k] {
+            if c < 0.0 {
+                padded = true;
+            } else if !padded && c.fract() == 0.0 && (c as usize) < d && position[c as usize] < i {
+                ctx.push(c as usize);
+            } else {
+                return Err(format!(
+                    "tensor `context`: position {i} looks at sub-pixel {c}, which is not an earlier one (or follows padding)"
+                ));
             }
         }
-        vec![
-            NamedTensor {
-                name: "order".into(),
-                shape: vec![d],
-                data: self.order.iter().map(|&o| o as f64).collect(),
-            },
-            NamedTensor {
-                name: "context".into(),
-                shape: vec![d, k],
-                data: context,
-            },
-            NamedTensor {
-                name: "weights".into(),
-                shape: vec![d, k],
-                data: weights,
-            },
-            NamedTensor {
-                name: "bias".into(),
-                shape: vec![d],
-                data: self.bias.clone(),
-            },
-        ]
+        context.push(ctx);
     }
+    Ok((order, context))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! file here and a line in [`fit`] and [`from_tensors`].
 
 pub mod ar;
+pub mod ar_mixture;
 pub mod artifact;
 pub mod bernoulli;
 pub mod categorical;
@@ -129,6 +130,24 @@ pub fn fit(
         ModelKind::Categorical => {
             closed(Box::new(categorical::Categorical::fit(config.alpha, data)?))
         }
+        ModelKind::Ar if data.levels > 2 => {
+            let (model, curve) = ar_mixture::ArMixture::fit(
+                ar_mixture::ArMixtureParams {
+                    k: config.k,
+                    order: config.order,
+                    context: config.context,
+                    components: config.components,
+                    seed,
+                },
+                data,
+                &train_settings(train),
+                progress,
+            )?;
+            Fitted {
+                model: Box::new(model),
+                curve,
+            }
+        }
         ModelKind::Ar => closed(Box::new(ar::Ar::fit(
             ar::ArParams {
                 k: config.k,
@@ -192,6 +211,12 @@ pub fn from_tensors(
             tensors,
         )?),
         ModelKind::Categorical => Box::new(categorical::Categorical::from_tensors(
+            shape,
+            levels,
+            hyperparameters,
+            tensors,
+        )?),
+        ModelKind::Ar if levels > 2 => Box::new(ar_mixture::ArMixture::from_tensors(
             shape,
             levels,
             hyperparameters,
@@ -284,12 +309,7 @@ mod tests {
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
         };
-        for kind in [
-            ModelKind::Bernoulli,
-            ModelKind::Ar,
-            ModelKind::Fvsbn,
-            ModelKind::Nade,
-        ] {
+        for kind in [ModelKind::Bernoulli, ModelKind::Fvsbn, ModelKind::Nade] {
             let config = ModelConfig {
                 kind,
                 ..ModelConfig::default()
