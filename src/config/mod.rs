@@ -176,16 +176,20 @@ pub enum ModelKind {
     /// NADE: every conditional read off one shared hidden layer of `hidden` sigmoid units,
     /// trained by Adam.
     Nade,
+    /// RNADE: NADE's shared hidden layer with a mixture of `components` Gaussians per
+    /// conditional, over 8-bit intensities (dequantized), trained by Adam.
+    Rnade,
 }
 
 impl ModelKind {
     /// Every kind.
-    pub const ALL: [ModelKind; 5] = [
+    pub const ALL: [ModelKind; 6] = [
         ModelKind::Bernoulli,
         ModelKind::Categorical,
         ModelKind::Ar,
         ModelKind::Fvsbn,
         ModelKind::Nade,
+        ModelKind::Rnade,
     ];
 
     /// The kind named `name` (as in TOML).
@@ -201,6 +205,7 @@ impl ModelKind {
             ModelKind::Ar => "ar",
             ModelKind::Fvsbn => "fvsbn",
             ModelKind::Nade => "nade",
+            ModelKind::Rnade => "rnade",
         }
     }
 
@@ -216,13 +221,13 @@ impl ModelKind {
     /// Whether the kind models 8-bit intensities only (so `preprocess.binarize` must be
     /// `"none"`).
     pub fn needs_intensities(self) -> bool {
-        false
+        self == ModelKind::Rnade
     }
 
     /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
     /// batch size, learning rate and patience).
     pub fn trained_by_gradient(self) -> bool {
-        matches!(self, ModelKind::Fvsbn | ModelKind::Nade)
+        matches!(self, ModelKind::Fvsbn | ModelKind::Nade | ModelKind::Rnade)
     }
 }
 

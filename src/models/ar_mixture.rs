@@ -209,8 +209,8 @@ impl ArMixture {
         let mut heads = [[0f64; 3]; MAX_COMPONENTS];
         let mut terms = [0f64; MAX_COMPONENTS]; // log π_m + log Δ_m
         let mut slopes = [(0f64, 0f64); MAX_COMPONENTS]; // ∂log Δ_m/∂μ, ∂log Δ_m/∂ls
-        for m in 0..comps {
-            heads[m] = self.heads(i, m, f);
+        for (m, h) in heads[..comps].iter_mut().enumerate() {
+            *h = self.heads(i, m, f);
         }
         let log_norm = log_sum_exp(heads[..comps].iter().map(|h| h[0]));
         for m in 0..comps {

@@ -13,6 +13,7 @@ pub mod fvsbn;
 pub mod logistic;
 pub mod nade;
 pub mod ordering;
+pub mod rnade;
 
 use ndarray::ArrayView2;
 use rand::RngCore;
@@ -121,6 +122,15 @@ pub fn fit(
             ),
         ));
     }
+    if config.kind.needs_intensities() && data.levels != 256 {
+        return Err(Error::config(
+            "model.kind",
+            format!(
+                "`{}` models 8-bit intensities: set preprocess.binarize = \"none\"",
+                config.kind.name()
+            ),
+        ));
+    }
     let closed = |model: Box<dyn DensityModel>| Fitted {
         model,
         curve: Vec::new(),
@@ -161,6 +171,23 @@ pub fn fit(
         ModelKind::Fvsbn => {
             let (model, curve) =
                 fvsbn::Fvsbn::fit(config.order, seed, data, &train_settings(train), progress);
+            Fitted {
+                model: Box::new(model),
+                curve,
+            }
+        }
+        ModelKind::Rnade => {
+            let (model, curve) = rnade::Rnade::fit(
+                rnade::RnadeParams {
+                    hidden: config.hidden,
+                    components: config.components,
+                    order: config.order,
+                    seed,
+                },
+                data,
+                &train_settings(train),
+                progress,
+            )?;
             Fitted {
                 model: Box::new(model),
                 curve,
@@ -225,6 +252,12 @@ pub fn from_tensors(
         ModelKind::Ar => Box::new(ar::Ar::from_tensors(shape, hyperparameters, tensors)?),
         ModelKind::Fvsbn => Box::new(fvsbn::Fvsbn::from_tensors(shape, hyperparameters, tensors)?),
         ModelKind::Nade => Box::new(nade::Nade::from_tensors(shape, hyperparameters, tensors)?),
+        ModelKind::Rnade => Box::new(rnade::Rnade::from_tensors(
+            shape,
+            levels,
+            hyperparameters,
+            tensors,
+        )?),
     })
 }
 

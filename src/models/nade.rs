@@ -30,7 +30,7 @@ use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
 pub const MAX_HIDDEN: usize = 65_536;
 
 /// H rounded up to the kernels' vector width.
-fn padded_width(hidden: usize) -> usize {
+pub(crate) fn padded_width(hidden: usize) -> usize {
     hidden.div_ceil(LANES) * LANES
 }
 

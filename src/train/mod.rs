@@ -33,6 +33,11 @@ pub trait GradientModel: Send + Sync {
 
     /// Σ NLL over `images` (nats).
     fn total_nll(&self, images: ArrayView2<'_, u8>) -> f64;
+
+    /// Called before each step's gradient with the step's number (from 0), for models whose
+    /// gradient is stochastic (dequantization noise) and must stay a function of the seed and
+    /// step alone.
+    fn start_step(&mut self, _step: u64) {}
 }
 
 /// Adam (Kingma & Ba 2015).
@@ -218,11 +223,14 @@ pub fn train<M: GradientModel>(
     let mut since_best = 0;
     let started = Instant::now();
     let batch_size = settings.batch_size.max(1);
+    let mut step = 0u64;
     for epoch in 1..=settings.epochs {
         index.shuffle(&mut rng);
         let mut epoch_nll = 0.0;
         for chunk in index.chunks(batch_size) {
             let batch = train.select(Axis(0), chunk);
+            model.start_step(step);
+            step += 1;
             let (nll, grad) = workspace.mean_gradient(model, batch.view());
             adam.step(model.params_mut(), grad);
             epoch_nll += nll;
