@@ -219,15 +219,7 @@ impl ArMixture {
             let inv_s = (-ls).exp();
             let plus = (y + half - mu) * inv_s;
             let minus = (y - half - mu) * inv_s;
-            let (log_delta, g_plus, g_minus) = if v == 0.0 {
-                (log_sigmoid(plus), sigmoid(-plus), 0.0)
-            } else if v == top {
-                (log_sigmoid(-minus), 0.0, -sigmoid(minus))
-            } else {
-                let ld = log_sigmoid_difference(plus, minus);
-                let density = |t: f64| (log_sigmoid(t) + log_sigmoid(-t) - ld).exp();
-                (ld, density(plus), -density(minus))
-            };
+            let (log_delta, g_plus, g_minus) = bin_log_probability(plus, minus, v == 0.0, v == top);
             terms[m] = logit - log_norm + log_delta;
             let d_ls = if raw_ls > MIN_LOG_SCALE {
                 -(g_plus * plus + g_minus * minus)
@@ -278,6 +270,46 @@ impl ArMixture {
             total += ll;
         }
         total
+    }
+}
+
+/// log P of a bin of the logistic, with the bin's edges `plus` and `minus` in standard units,
+/// and its derivatives with respect to them. The lowest bin extends to −∞, the highest to +∞.
+///
+/// Fast path: σ at both edges (two exponentials) and one logarithm of their difference; where
+/// the difference is below 1e-6 it would lose digits, so the tail-safe log-space form is used.
+fn bin_log_probability(plus: f64, minus: f64, lowest: bool, highest: bool) -> (f64, f64, f64) {
+    if lowest {
+        return (log_sigmoid(plus), sigmoid(-plus), 0.0);
+    }
+    if highest {
+        return (log_sigmoid(-minus), 0.0, -sigmoid(minus));
+    }
+    // σ(t) and σ(t)(1 − σ(t)) = σ(t)·σ(−t) from one exponential, accurate in both tails.
+    let edge = |t: f64| {
+        let e = (-t.abs()).exp();
+        let big = 1.0 / (1.0 + e);
+        let (s, s_neg) = if t >= 0.0 {
+            (big, e * big)
+        } else {
+            (e * big, big)
+        };
+        (s, s_neg)
+    };
+    let (sp, sp_neg) = edge(plus);
+    let (sm, sm_neg) = edge(minus);
+    // σ(plus) − σ(minus) = σ(−minus) − σ(−plus): take the form whose terms are not near 1.
+    let delta = if plus + minus > 0.0 {
+        sm_neg - sp_neg
+    } else {
+        sp - sm
+    };
+    if delta > 1e-6 {
+        (delta.ln(), sp * sp_neg / delta, -sm * sm_neg / delta)
+    } else {
+        let ld = log_sigmoid_difference(plus, minus);
+        let density = |t: f64| (log_sigmoid(t) + log_sigmoid(-t) - ld).exp();
+        (ld, density(plus), -density(minus))
     }
 }
 
@@ -508,6 +540,27 @@ mod tests {
             checked > m.theta.len() / 2,
             "most parameters have a gradient"
         );
+    }
+
+    #[test]
+    fn both_bin_formulas_agree() {
+        for (plus, minus) in [
+            (0.3, -0.2),
+            (5.0, 4.0),
+            (-4.0, -5.0),
+            (12.0, 11.9),
+            (0.01, -0.01),
+        ] {
+            let (fast, gp, gm) = bin_log_probability(plus, minus, false, false);
+            let slow = log_sigmoid_difference(plus, minus);
+            let density = |t: f64| (log_sigmoid(t) + log_sigmoid(-t) - slow).exp();
+            assert!(
+                (fast - slow).abs() < 1e-9 * slow.abs().max(1.0),
+                "{plus} {minus}"
+            );
+            assert!((gp - density(plus)).abs() < 1e-8 * gp.abs().max(1.0));
+            assert!((gm + density(minus)).abs() < 1e-8 * gm.abs().max(1.0));
+        }
     }
 
     #[test]
