@@ -237,8 +237,8 @@ pub struct CommitArgs {
 /// `pipeline bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Images to measure on: a Parquet file, directory or glob (binarized stochastically,
-    /// seed 0). The bundled MNIST digits by default.
+    /// Images to measure on: a Parquet file, directory or glob (for NADE binarized
+    /// stochastically, seed 0). The bundled MNIST digits by default.
     #[arg(long, default_value = "data/demo/digits.parquet")]
     pub data: String,
 
@@ -250,9 +250,18 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub shape: Vec<usize>,
 
-    /// Hidden units of the NADE measured.
+    /// The model measured: `nade` (binary pixels, binarized stochastically) or `rnade` (8-bit
+    /// intensities).
+    #[arg(long, default_value = "nade", value_parser = ["nade", "rnade"])]
+    pub model: String,
+
+    /// Hidden units of the model measured.
     #[arg(long, default_value_t = 500)]
     pub hidden: usize,
+
+    /// Mixture components of `--model rnade`.
+    #[arg(long, default_value_t = 10)]
+    pub components: usize,
 
     /// At most this many images are used for the fast kernels.
     #[arg(long, default_value_t = 2000)]

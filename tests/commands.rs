@@ -145,40 +145,48 @@ fn json_logs_are_one_object_per_line() {
 #[test]
 fn bench_measures_every_kernel_and_writes_its_figures() {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = pipeline(
-        &repo(),
-        &[
-            "bench",
-            "--hidden",
-            "20",
-            "--images",
-            "64",
-            "--reference-images",
-            "4",
-            "--repeats",
-            "1",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    out.expect(0);
-    assert!(
-        out.stdout.contains("NADE-20 on 64 images of 28x28"),
-        "{}",
-        out.stdout
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let fast = report["fast"].as_array().unwrap();
-    assert!(fast.iter().any(|f| f["isa"] == "portable"), "{report}");
-    for rates in fast.iter().chain([&report["naive"]]) {
-        for key in ["train_images_per_s", "score_images_per_s"] {
-            let v = rates[key].as_f64().unwrap();
-            assert!(v.is_finite() && v > 0.0, "{key} = {v} in {report}");
+    for (model, label) in [
+        ("nade", "NADE-20 on 64"),
+        ("rnade", "RNADE-20 (K = 10) on 64"),
+    ] {
+        let json = dir.path().join(format!("{model}.json"));
+        let out = pipeline(
+            &repo(),
+            &[
+                "bench",
+                "--model",
+                model,
+                "--hidden",
+                "20",
+                "--images",
+                "64",
+                "--reference-images",
+                "4",
+                "--repeats",
+                "1",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            &[],
+        );
+        out.expect(0);
+        assert!(
+            out.stdout.contains(&format!("{label} images of 28x28")),
+            "{}",
+            out.stdout
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let fast = report["fast"].as_array().unwrap();
+        assert!(fast.iter().any(|f| f["isa"] == "portable"), "{report}");
+        for rates in fast.iter().chain([&report["naive"]]) {
+            for key in ["train_images_per_s", "score_images_per_s"] {
+                let v = rates[key].as_f64().unwrap();
+                assert!(v.is_finite() && v > 0.0, "{key} = {v} in {report}");
+            }
         }
+        assert!(report["sgemm_flops_per_s"].as_f64().unwrap() > 0.0);
     }
-    assert!(report["sgemm_flops_per_s"].as_f64().unwrap() > 0.0);
     // Bad arguments are usage errors, not panics.
     pipeline(&repo(), &["bench", "--repeats", "0"], &[])
         .expect(64)

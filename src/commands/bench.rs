@@ -1,6 +1,6 @@
-//! `pipeline bench`: how fast NADE trains and scores here, measured against baselines taken in
-//! the same run — the naive reference kernels, and the machine's own SGEMM rate for the
-//! fraction of peak. Medians of `--repeats` timings; nothing is asserted.
+//! `pipeline bench`: how fast NADE (or RNADE, `--model rnade`) trains and scores here, measured
+//! against baselines taken in the same run — the naive reference kernels, and the machine's own
+//! SGEMM rate for the fraction of peak. Medians of `--repeats` timings; nothing is asserted.
 
 use std::io::Write;
 use std::time::Instant;
@@ -16,10 +16,11 @@ use crate::data::preprocess::Preprocessor;
 use crate::error::{Error, Result, from_io};
 use crate::io::source::Source;
 use crate::kernels::Isa;
-use crate::kernels::nade::{Grads, Params, reference};
+use crate::kernels::{nade as nade_kernel, rnade as rnade_kernel};
 use crate::models::DensityModel;
 use crate::models::nade::Nade;
 use crate::models::ordering::Order;
+use crate::models::rnade::{Rnade, RnadeParams};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Context, read};
 use crate::train::{Adam, GradientModel, GradientWorkspace};
@@ -38,6 +39,32 @@ struct Rates {
     score: f64,
 }
 
+/// A model whose fast kernels can be timed on each instruction set.
+trait Measured: GradientModel + DensityModel + Clone {
+    /// The same model on `isa`.
+    fn on(&self, isa: Isa) -> Self;
+}
+
+impl Measured for Nade {
+    fn on(&self, isa: Isa) -> Self {
+        self.clone().with_isa(isa)
+    }
+}
+
+impl Measured for Rnade {
+    fn on(&self, isa: Isa) -> Self {
+        self.clone().with_isa(isa)
+    }
+}
+
+/// What is measured besides the fast kernels: the naive reference's rates, and the
+/// dense-equivalent FLOPs of one image (train, score) for the fraction of SGEMM.
+struct Baseline {
+    naive: Rates,
+    naive_images: usize,
+    flops: (f64, f64),
+}
+
 /// Runs the benchmark and prints (and optionally writes) the figures.
 pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
     if a.repeats == 0 || a.images == 0 || a.reference_images == 0 {
@@ -51,14 +78,91 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             crate::models::nade::MAX_HIDDEN
         )));
     }
-    let (shape, pixels) = load_images(a, ctx)?;
+    let rnade = a.model == "rnade";
+    let (shape, pixels) = load_images(a, ctx, !rnade)?;
     let (d, h) = (shape.dims(), a.hidden);
+    let subset = pixels.slice(ndarray::s![..a.reference_images.min(pixels.nrows()), ..]);
+    let reference_repeats = a.repeats.min(3);
+    if rnade {
+        let params = RnadeParams {
+            hidden: h,
+            components: a.components,
+            order: Order::Raster,
+            seed: 0,
+        };
+        let model = Rnade::init(shape, 256, params).map_err(|e| Error::Usage(e.to_string()))?;
+        let p = model.kernel_params();
+        let values = ordered_centres(subset);
+        let baseline = Baseline {
+            naive: Rates {
+                train: median_rate(reference_repeats, subset.nrows(), || {
+                    rnade_reference_train(&p, &values)
+                }),
+                score: median_rate(reference_repeats, subset.nrows(), || {
+                    rnade_reference_score(&p, &values)
+                }),
+            },
+            naive_images: subset.nrows(),
+            // W·y, and 3K heads of H each, per position: 2·D·H·(1 + 3K) per image scored.
+            flops: {
+                let score = 2.0 * (d * h * (1 + 3 * a.components)) as f64;
+                (3.0 * score, score)
+            },
+        };
+        report(
+            a,
+            &format!("RNADE-{h} (K = {})", a.components),
+            shape,
+            &model,
+            pixels.view(),
+            &baseline,
+            false,
+        )
+    } else {
+        let model = Nade::init(shape, h, Order::Raster, 0, pixels.view());
+        let ordered = model.ordered(subset);
+        let p = model.kernel_params();
+        let baseline = Baseline {
+            naive: Rates {
+                train: median_rate(reference_repeats, subset.nrows(), || {
+                    nade_reference_train(&p, &ordered)
+                }),
+                score: median_rate(reference_repeats, subset.nrows(), || {
+                    nade_reference_score(&p, &ordered)
+                }),
+            },
+            naive_images: subset.nrows(),
+            // W·x and V·h are 2·D·H each per image scored; a training step is taken as three
+            // times a forward pass. σ evaluations are not counted as FLOPs.
+            flops: (12.0 * (d * h) as f64, 4.0 * (d * h) as f64),
+        };
+        report(
+            a,
+            &format!("NADE-{h}"),
+            shape,
+            &model,
+            pixels.view(),
+            &baseline,
+            true,
+        )
+    }
+}
+
+/// Times the fast kernels on every instruction set and prints them beside `baseline`.
+fn report<M: Measured>(
+    a: &BenchArgs,
+    label: &str,
+    shape: ImageShape,
+    model: &M,
+    pixels: ArrayView2<'_, u8>,
+    baseline: &Baseline,
+    quote_pytorch: bool,
+) -> Result<()> {
     let n = pixels.nrows();
     let threads = rayon::current_num_threads();
     let chosen = Isa::detect();
-    let model = Nade::init(shape, h, Order::Raster, 0, pixels.view());
     say(format_args!(
-        "NADE-{h} on {n} images of {shape} from {} ({threads} threads); kernels use {} (available: {})\n",
+        "{label} on {n} images of {shape} from {} ({threads} threads); kernels use {} (available: {})\n",
         a.data,
         chosen.name(),
         Isa::available()
@@ -67,13 +171,12 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-
     let mut fast = Vec::new();
     for isa in Isa::available() {
-        let m = model.clone().with_isa(isa);
+        let m = model.on(isa);
         let rates = Rates {
-            train: median_rate(a.repeats, n, || train_pass(&m, pixels.view())),
-            score: median_rate(a.repeats, n, || score_pass(&m, pixels.view())),
+            train: median_rate(a.repeats, n, || train_pass(&m, pixels)),
+            score: median_rate(a.repeats, n, || score_pass(&m, pixels)),
         };
         say(format_args!(
             "  fast kernels ({:<8})  train {:>9.0} img/s   score {:>9.0} img/s\n",
@@ -83,22 +186,10 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
         ));
         fast.push((isa, rates));
     }
-    let subset = pixels.slice(ndarray::s![..a.reference_images.min(n), ..]);
-    let ordered = model.ordered(subset);
-    let params = model.kernel_params();
-    let naive = Rates {
-        train: median_rate(a.repeats.min(3), subset.nrows(), || {
-            reference_train(&params, &ordered)
-        }),
-        score: median_rate(a.repeats.min(3), subset.nrows(), || {
-            reference_score(&params, &ordered)
-        }),
-    };
+    let naive = baseline.naive;
     say(format_args!(
         "  naive reference (f64)   train {:>9.1} img/s   score {:>9.1} img/s   ({} images)\n",
-        naive.train,
-        naive.score,
-        subset.nrows()
+        naive.train, naive.score, baseline.naive_images
     ));
     let best = fast
         .iter()
@@ -110,34 +201,32 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
         best.train / naive.train,
         best.score / naive.score
     ));
-
     let sgemm = sgemm_rate(3);
-    // Dense-equivalent work: W·x and V·h are 2·D·H each per image scored; a training step is
-    // taken as three times a forward pass. σ evaluations are not counted as FLOPs.
-    let (score_flops, train_flops) = (4.0 * (d * h) as f64, 12.0 * (d * h) as f64);
+    let (train_flops, score_flops) = baseline.flops;
     let (train_gf, score_gf) = (
         best.train * train_flops / 1e9,
         best.score * score_flops / 1e9,
     );
     say(format_args!(
-        "  SGEMM on every thread (1024³ each): {:.1} GFLOP/s; NADE dense-equivalent: train {:.1} GFLOP/s ({:.1}% of it), score {:.1} GFLOP/s ({:.1}%)\n",
+        "  SGEMM on every thread (1024³ each): {:.1} GFLOP/s; dense-equivalent: train {:.1} GFLOP/s ({:.1}% of it), score {:.1} GFLOP/s ({:.1}%)\n",
         sgemm / 1e9,
         train_gf,
         100.0 * train_gf * 1e9 / sgemm,
         score_gf,
         100.0 * score_gf * 1e9 / sgemm
     ));
-    say(format_args!(
-        "  against PyTorch 2 CPU as quoted in issue 3 ({:.0} train / {:.0} score img/s on another machine, not measured here): {:.1}× / {:.1}×\n",
-        PYTORCH_QUOTED.0,
-        PYTORCH_QUOTED.1,
-        best.train / PYTORCH_QUOTED.0,
-        best.score / PYTORCH_QUOTED.1
-    ));
-
+    if quote_pytorch {
+        say(format_args!(
+            "  against PyTorch 2 CPU as quoted in issue 3 ({:.0} train / {:.0} score img/s on another machine, not measured here): {:.1}× / {:.1}×\n",
+            PYTORCH_QUOTED.0,
+            PYTORCH_QUOTED.1,
+            best.train / PYTORCH_QUOTED.0,
+            best.score / PYTORCH_QUOTED.1
+        ));
+    }
     if let Some(path) = &a.json {
         let report = json!({
-            "model": format!("nade-{h}"),
+            "model": label,
             "images": n,
             "shape": shape.to_string(),
             "data": a.data,
@@ -147,7 +236,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             "fast": fast.iter().map(|(isa, r)| json!({
                 "isa": isa.name(), "train_images_per_s": r.train, "score_images_per_s": r.score
             })).collect::<Vec<_>>(),
-            "naive": { "images": subset.nrows(), "train_images_per_s": naive.train, "score_images_per_s": naive.score },
+            "naive": { "images": baseline.naive_images, "train_images_per_s": naive.train, "score_images_per_s": naive.score },
             "sgemm_flops_per_s": sgemm,
             "dense_equivalent_flops_per_image": { "train": train_flops, "score": score_flops },
         });
@@ -158,8 +247,8 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-/// The first `--images` images of `--data`, binarized stochastically with seed 0.
-fn load_images(a: &BenchArgs, ctx: &Context) -> Result<(ImageShape, Array2<u8>)> {
+/// The first `--images` images of `--data`, binarized stochastically with seed 0 when `binary`.
+fn load_images(a: &BenchArgs, ctx: &Context, binary: bool) -> Result<(ImageShape, Array2<u8>)> {
     let source = Source::open(&a.data, &ctx.rt)?;
     let config = SourceConfig {
         uri: a.data.clone(),
@@ -173,7 +262,11 @@ fn load_images(a: &BenchArgs, ctx: &Context) -> Result<(ImageShape, Array2<u8>)>
         ..SourceConfig::default()
     };
     let preprocess = Preprocessor::new(PreprocessConfig {
-        binarize: Binarize::Stochastic,
+        binarize: if binary {
+            Binarize::Stochastic
+        } else {
+            Binarize::None
+        },
         seed: 0,
         ..PreprocessConfig::default()
     });
@@ -215,7 +308,7 @@ fn median_rate(repeats: usize, count: usize, mut pass: impl FnMut()) -> f64 {
 }
 
 /// One epoch of real training steps (sharded gradient, reduction, Adam) over `pixels`.
-fn train_pass(model: &Nade, pixels: ArrayView2<'_, u8>) {
+fn train_pass<M: Measured>(model: &M, pixels: ArrayView2<'_, u8>) {
     let mut m = model.clone();
     let mut adam = Adam::new(m.params().len(), 1e-3);
     let mut workspace = GradientWorkspace::default();
@@ -227,29 +320,47 @@ fn train_pass(model: &Nade, pixels: ArrayView2<'_, u8>) {
 }
 
 /// Scores every image, as `pipeline score` does.
-fn score_pass(model: &Nade, pixels: ArrayView2<'_, u8>) {
+fn score_pass<M: Measured>(model: &M, pixels: ArrayView2<'_, u8>) {
     let mut out = vec![0f64; pixels.nrows()];
     model.log_likelihood_batch(pixels, &mut out);
     std::hint::black_box(out[0]);
 }
 
-/// The naive reference's log-likelihood of every image, in parallel over images.
-fn reference_score(p: &Params<'_>, ordered: &[u8]) {
+/// The naive NADE reference's log-likelihood of every image, in parallel over images.
+fn nade_reference_score(p: &nade_kernel::Params<'_>, ordered: &[u8]) {
     let total: f64 = ordered
         .par_chunks(p.dims)
-        .map(|x| reference::log_likelihood(p, x).0)
+        .map(|x| nade_kernel::reference::log_likelihood(p, x).0)
         .sum();
     std::hint::black_box(total);
 }
 
-/// The naive reference's gradient of every image, in parallel over 8-image shards.
-fn reference_train(p: &Params<'_>, ordered: &[u8]) {
-    let total: f64 = ordered
+/// Rows of `images` at their bins' centres, in the raster order the benchmark's RNADE uses
+/// (the identity permutation).
+fn ordered_centres(images: ArrayView2<'_, u8>) -> Vec<f32> {
+    images
+        .iter()
+        .map(|&x| (f32::from(x) + 0.5) / 256.0)
+        .collect()
+}
+
+/// The naive RNADE reference's log-density of every image, in parallel over images.
+fn rnade_reference_score(p: &rnade_kernel::Params<'_>, values: &[f32]) {
+    let total: f64 = values
+        .par_chunks(p.dims)
+        .map(|y| rnade_kernel::reference::log_density(p, y).0)
+        .sum();
+    std::hint::black_box(total);
+}
+
+/// The naive RNADE reference's gradient of every image, in parallel over 8-image shards.
+fn rnade_reference_train(p: &rnade_kernel::Params<'_>, values: &[f32]) {
+    let total: f64 = values
         .par_chunks(8 * p.dims)
         .map(|shard| {
             let (mut w, mut v) = (vec![0f32; p.w.len()], vec![0f32; p.v.len()]);
             let (mut b, mut c) = (vec![0f32; p.b.len()], vec![0f32; p.c.len()]);
-            let mut g = Grads {
+            let mut g = rnade_kernel::Grads {
                 w: &mut w,
                 v: &mut v,
                 b: &mut b,
@@ -257,7 +368,29 @@ fn reference_train(p: &Params<'_>, ordered: &[u8]) {
             };
             shard
                 .chunks(p.dims)
-                .map(|x| reference::gradient(p, x, &mut g))
+                .map(|y| rnade_kernel::reference::gradient(p, y, &mut g))
+                .sum::<f64>()
+        })
+        .sum();
+    std::hint::black_box(total);
+}
+
+/// The naive NADE reference's gradient of every image, in parallel over 8-image shards.
+fn nade_reference_train(p: &nade_kernel::Params<'_>, ordered: &[u8]) {
+    let total: f64 = ordered
+        .par_chunks(8 * p.dims)
+        .map(|shard| {
+            let (mut w, mut v) = (vec![0f32; p.w.len()], vec![0f32; p.v.len()]);
+            let (mut b, mut c) = (vec![0f32; p.b.len()], vec![0f32; p.c.len()]);
+            let mut g = nade_kernel::Grads {
+                w: &mut w,
+                v: &mut v,
+                b: &mut b,
+                c: &mut c,
+            };
+            shard
+                .chunks(p.dims)
+                .map(|x| nade_kernel::reference::gradient(p, x, &mut g))
                 .sum::<f64>()
         })
         .sum();
