@@ -9,7 +9,7 @@ Reads ../shared/data (not part of the repository: without it this script says so
 Every model is fitted with `pipeline fit` (5% of the fitting rows held out for early stopping)
 and scored with `pipeline score`; pixels stay 8-bit (`preprocess.binarize = "none"`).
 
-    python3 scripts/quality_8bit.py [--data brick] [--model rnade] [--work DIR]
+    python3 scripts/quality_8bit.py [--data brick] [--model rnade] [--epochs N] [--work DIR]
 
 Needs pyarrow and numpy, and a release build (`cargo build --release`).
 """
@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--data", action="append", choices=["mnist", "brick", "ihc"])
     parser.add_argument("--model", action="append", choices=sorted(MODELS))
     parser.add_argument("--work", default="/tmp/anomaly-pipeline-quality-8bit")
+    parser.add_argument("--epochs", type=int, help="override train.epochs of the trained models")
     args = parser.parse_args()
     shared = here.parent / "shared" / "data"
     if not shared.exists():
@@ -149,7 +150,8 @@ def main() -> int:
         (d / "fit.toml").write_text(TEMPLATE.format(source="fit.parquet", sink="out", passthrough='["condition"]'))
         (d / "score.toml").write_text(TEMPLATE.format(source="score.parquet", sink="scored", passthrough='["condition"]'))
         for name in args.model or MODELS:
-            sets = [x for kv in MODELS[name] for x in ("--set", kv)]
+            settings = MODELS[name] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+            sets = [x for kv in settings for x in ("--set", kv)]
             start = time.monotonic()
             fit = subprocess.run(
                 [binary, "fit", "fit.toml", "-q", *sets], cwd=d, check=True, capture_output=True, text=True

@@ -1,5 +1,5 @@
 //! `rnade`: the real-valued NADE (Uria, Murray & Larochelle 2013) for 8-bit intensities. NADE's
-//! shared hidden layer (rectified linear units), h_d = max(0, c + Σ_{j<d} W_j y_j), feeds a mixture of `components` Gaussians
+//! shared hidden layer (rectified linear units), h_d = max(0, c + Σ_{j<d} W_j (y_j − ½)), feeds a mixture of `components` Gaussians
 //! per conditional whose weights, means and log standard deviations are linear in h_d.
 //!
 //! The model is a density over dequantized intensities y = (x + u)/L, u ∈ [0, 1), L = 256 levels.
@@ -29,7 +29,9 @@ use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::error::{Error, Result};
 use crate::kernels::Isa;
-use crate::kernels::rnade::{self as kernel, Grads, LOG_SCALE_RANGE, MAX_COMPONENTS, Params, TILE};
+use crate::kernels::rnade::{
+    self as kernel, Grads, INPUT_CENTRE, LOG_SCALE_RANGE, MAX_COMPONENTS, Params, TILE,
+};
 use crate::pipeline::progress::Progress;
 use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
 
@@ -413,7 +415,7 @@ impl DensityModel for Rnade {
             out[o] = level as u8;
             let centre = (level + 0.5) / f64::from(self.levels);
             for (a, &w) in a.iter_mut().zip(&p.w[d * hp..d * hp + h]) {
-                *a += f64::from(w) * centre;
+                *a += f64::from(w) * (centre - f64::from(INPUT_CENTRE));
             }
         }
     }
