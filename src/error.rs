@@ -68,6 +68,15 @@ pub enum Error {
         message: String,
     },
 
+    /// Stopped by SIGTERM or SIGINT before the run completed (exit 75: rerunning is safe).
+    #[error(
+        "stopped by {signal} before the run completed: nothing of it was published; rerun with the same run id"
+    )]
+    Interrupted {
+        /// The signal's name.
+        signal: String,
+    },
+
     /// Permission denied or not authenticated (exit 77).
     #[error(
         "permission denied at {uri}: {message} (check the credentials in the environment and the access policy)"
@@ -89,7 +98,7 @@ impl Error {
             Error::InputMissing { .. } => 66,
             Error::Internal(_) => 70,
             Error::Io { .. } => 74,
-            Error::Transient { .. } => 75,
+            Error::Transient { .. } | Error::Interrupted { .. } => 75,
             Error::Permission { .. } => 77,
             Error::Config(_) => 78,
         }

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("starting the IO runtime: {e}")))?;
+        anomaly_pipeline::pipeline::cancel::install(rt.handle());
         let ctx = Context {
             rt: rt.handle().clone(),
             progress: human,

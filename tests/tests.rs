@@ -4,6 +4,7 @@ mod common;
 
 mod bad_inputs;
 mod commands;
+mod crash;
 mod deploy;
 mod end_to_end;
 mod layouts;

@@ -228,6 +228,7 @@ fn fit_gathered(
         "training",
     );
     let fitted = models::fit(&config.model, &config.train, &data, &training)?;
+    super::cancel::check()?;
     training.finish();
     let model = fitted.model;
     let seconds = started.elapsed().as_secs_f64();
@@ -279,6 +280,7 @@ fn fit_gathered(
         created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
         partition: partition.map(str::to_string),
     };
+    super::cancel::check()?;
     let (meta, dir) = artifact::save(sink, model.as_ref(), background.as_deref(), meta)?;
     tracing::info!(
         model_id = %meta.model_id,

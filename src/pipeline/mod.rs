@@ -5,6 +5,7 @@
 //! read.rs   io/decode  data/         fit.rs                score.rs  decide/   commit.rs
 //! ```
 
+pub mod cancel;
 pub mod commit;
 pub mod fit;
 pub mod manifest;
@@ -107,7 +108,9 @@ pub fn run(
         None => commit::discard_staging(sink, &run_id),
     };
     discard(&sink)?;
-    let scored = match score::score(ctx, config, &model, &sink, &run_id, shard) {
+    let scored = match score::score(ctx, config, &model, &sink, &run_id, shard)
+        .and_then(|s| cancel::check().map(|()| s))
+    {
         Ok(s) => s,
         Err(e) => {
             if let Err(cleanup) = discard(&sink) {

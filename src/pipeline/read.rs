@@ -98,6 +98,7 @@ pub fn for_each_batch(
     columns.dedup();
     let mut counts = ReadCounts::default();
     for item in source.stream(&columns, config.batch_size) {
+        super::cancel::check()?;
         let item = item?;
         let (mut batch, rejects) =
             decoders[item.file].decode(&item.batch, item.first_row, &mut shape)?;

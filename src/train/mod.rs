@@ -228,6 +228,10 @@ pub fn train<M: GradientModel>(
         index.shuffle(&mut rng);
         let mut epoch_nll = 0.0;
         for chunk in index.chunks(batch_size) {
+            if crate::pipeline::cancel::requested() {
+                // The caller sees the flag and fails the run; the model is never saved.
+                return curve;
+            }
             let batch = train.select(Axis(0), chunk);
             model.start_step(step);
             step += 1;
