@@ -22,8 +22,23 @@ pub struct LoadOptions {
     pub run_id: Option<String>,
 }
 
+/// The largest pipeline file accepted: real ones are a few kilobytes, and anything near this is
+/// a mistake or an attack (a 10 MB string would end up in every log line and manifest).
+pub const MAX_PIPELINE_FILE_BYTES: u64 = 1 << 20;
+
 /// Reads, resolves and validates a pipeline file from disk, with `${VAR}` from the environment.
 pub fn load_file(path: &str, opts: &LoadOptions) -> Result<PipelineConfig> {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() > MAX_PIPELINE_FILE_BYTES
+    {
+        return Err(Error::config(
+            path,
+            format!(
+                "the pipeline file is {} bytes; at most {MAX_PIPELINE_FILE_BYTES} are accepted",
+                meta.len()
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         Error::config(
             path,

@@ -263,6 +263,17 @@ async fn stream_file(
             return Ok(()); // The consumer stopped early: nothing more to do.
         }
     }
+    if let Some(g) = group {
+        // The footer claims rows the pages do not hold: a corrupt (or hostile) file, whose
+        // claimed counts must not be trusted for anything.
+        return Err(Error::data(
+            &*file.uri,
+            format!(
+                "row group {g} declares {} rows but holds {offset}: the file is corrupt; rewrite it",
+                md.row_group(g).num_rows()
+            ),
+        ));
+    }
     Ok(())
 }
 
