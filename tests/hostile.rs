@@ -17,6 +17,8 @@ const MAX_SECONDS: u64 = 60;
 /// both bounds and the exit code; returns stderr.
 fn bounded(dir: &Path, args: &[&str], code: i32) -> String {
     let started = Instant::now();
+    // Reaped by wait4 below, which also reports the peak RSS that `Child::wait` does not.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(args)
         .current_dir(dir)
