@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod decide;
 pub mod error;
+pub mod fuzz;
 pub mod io;
 pub mod kernels;
 pub mod logging;

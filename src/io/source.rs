@@ -364,6 +364,7 @@ async fn read_footers(
             let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
                 .await
                 .map_err(|e| from_parquet(&uri, e))?;
+            check_footer(metadata.metadata(), size).map_err(|m| Error::data(&*uri, m))?;
             Ok(SourceFile {
                 uri,
                 path,
@@ -374,6 +375,45 @@ async fn read_footers(
         .buffered(FOOTER_CONCURRENCY)
         .try_collect()
         .await
+}
+
+/// Checks what the reader would otherwise trust blindly (and assert on): every column chunk
+/// lies inside the file, at a non-negative offset and size, and the row counts are
+/// non-negative and add up. A footer that fails is corrupt or hostile.
+pub fn check_footer(
+    metadata: &parquet::file::metadata::ParquetMetaData,
+    file_size: u64,
+) -> std::result::Result<(), String> {
+    let mut rows: i64 = 0;
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        if group.num_rows() < 0 {
+            return Err(format!("row group {g} declares {} rows", group.num_rows()));
+        }
+        rows = rows.saturating_add(group.num_rows());
+        for column in group.columns() {
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or_else(|| column.data_page_offset());
+            let length = column.compressed_size();
+            let inside = start >= 0
+                && length >= 0
+                && column.data_page_offset() >= 0
+                && (start as u64).saturating_add(length as u64) <= file_size;
+            if !inside {
+                return Err(format!(
+                    "row group {g}, column `{}`: the footer places it at bytes {start}..+{length}, outside the {file_size}-byte file; the file is corrupt",
+                    column.column_path()
+                ));
+            }
+        }
+    }
+    let declared = metadata.file_metadata().num_rows();
+    if declared != rows {
+        return Err(format!(
+            "the footer declares {declared} rows but its row groups hold {rows}; the file is corrupt"
+        ));
+    }
+    Ok(())
 }
 
 /// Maps a Parquet error on `uri`: a storage failure underneath keeps its own kind; anything
