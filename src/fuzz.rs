@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::config::{ModelKind, SourceConfig};
 use crate::config::load::{LoadOptions, load_str};
+use crate::config::{ModelKind, SourceConfig};
 use crate::data::ImageShape;
 use crate::io::decode::{Decoder, decode_png};
 use crate::io::source::check_footer;
@@ -79,7 +79,11 @@ pub fn model_artifact(data: &[u8]) {
     };
     let kinds = ModelKind::ALL;
     let kind = kinds[usize::from(selector) % kinds.len()];
-    let shape = ImageShape::new(1 + usize::from(selector >> 4) % 4, 3, 1 + 2 * usize::from(selector & 1));
+    let shape = ImageShape::new(
+        1 + usize::from(selector >> 4) % 4,
+        3,
+        1 + 2 * usize::from(selector & 1),
+    );
     let levels = if selector & 2 == 0 { 2 } else { 256 };
     let Ok(tensors) = from_safetensors(rest) else {
         return;
@@ -150,12 +154,21 @@ mod tests {
         let values = UInt8Array::from_iter_values((0..8 * 12).map(|i| (i * 37 % 256) as u8));
         let list = FixedSizeListArray::new(item.clone(), 12, Arc::new(values), None);
         let metadata = std::collections::HashMap::from([
-            ("ARROW:extension:name".to_string(), "arrow.fixed_shape_tensor".to_string()),
-            ("ARROW:extension:metadata".to_string(), r#"{"shape":[3,4]}"#.to_string()),
+            (
+                "ARROW:extension:name".to_string(),
+                "arrow.fixed_shape_tensor".to_string(),
+            ),
+            (
+                "ARROW:extension:metadata".to_string(),
+                r#"{"shape":[3,4]}"#.to_string(),
+            ),
         ]);
-        let field = Field::new("image", DataType::FixedSizeList(item, 12), true)
-            .with_metadata(metadata);
-        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false), field]));
+        let field =
+            Field::new("image", DataType::FixedSizeList(item, 12), true).with_metadata(metadata);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            field,
+        ]));
         let ids = StringArray::from_iter_values((0..8).map(|i| format!("i{i}")));
         let batch = arrow::record_batch::RecordBatch::try_new(
             schema.clone(),
@@ -185,8 +198,8 @@ mod tests {
 
     #[test]
     fn the_png_decoder_survives_mutations() {
-        let seed = crate::io::png::grid_png(&[vec![3u8; 12]], ImageShape::new(3, 4, 1), 256, 1)
-            .unwrap();
+        let seed =
+            crate::io::png::grid_png(&[vec![3u8; 12]], ImageShape::new(3, 4, 1), 256, 1).unwrap();
         run(png, &[seed], 3);
     }
 

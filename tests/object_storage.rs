@@ -268,3 +268,87 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
     assert_eq!(rows(&read_table(&sink.join("scores"))), 24 * 2000);
     assert_eq!(scores.len(), 2000, "the 24 files share their 2,000 ids");
 }
+
+/// Throttling (503), server errors (500), connection resets and stalls, injected by a proxy in
+/// front of the S3 server on a fixed schedule, are retried per `[storage]`: the run succeeds
+/// with the rows of a local run. Faults on every connection end in 75 with nothing published.
+#[test]
+fn injected_storage_faults_are_retried_or_end_in_75() {
+    use crate::common::fault_proxy::{Fault, FaultProxy};
+    use std::time::Duration;
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    server.create_bucket("frames");
+    server.upload(
+        "frames",
+        "demo/digits.parquet",
+        &repo().join("data/demo/digits.parquet"),
+    );
+    let proxy = FaultProxy::start(server.port(), |n| match n % 6 {
+        1 => Fault::Throttle,
+        3 if (n / 6) % 2 == 0 => Fault::ServerError,
+        3 => Fault::Reset,
+        5 => Fault::Slow(Duration::from_millis(700)),
+        _ => Fault::None,
+    });
+    let mut env_owned = server.env();
+    env_owned[0].1 = proxy.endpoint.clone();
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let retries = [
+        "--set",
+        "storage.max_retries=6",
+        "--set",
+        "storage.request_timeout_seconds=10",
+    ];
+    demo(
+        "s3://frames/demo/digits.parquet",
+        "s3://frames/out",
+        "faulty",
+        &env,
+        &retries,
+    )
+    .expect(0);
+    let faulted = proxy.faulted.load(std::sync::atomic::Ordering::SeqCst);
+    let seen = proxy.seen.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("{faulted} faults injected over {seen} connections");
+    assert!(faulted >= 4, "only {faulted} faults were injected");
+    let local = tempfile::tempdir().unwrap();
+    let local_out = local.path().join("out");
+    demo(
+        "data/demo/digits.parquet",
+        local_out.to_str().unwrap(),
+        "faulty",
+        &[],
+        &[],
+    )
+    .expect(0);
+    let fetched = tempfile::tempdir().unwrap();
+    server.download("frames", "out/scores", fetched.path());
+    assert_eq!(
+        likelihoods(fetched.path()),
+        likelihoods(&local_out.join("scores")),
+        "the rows of a clean local run, despite {faulted} injected faults"
+    );
+    drop(proxy);
+
+    // Throttled on every connection: the retries run out and the run ends in 75.
+    let always = FaultProxy::start(server.port(), |_| Fault::Throttle);
+    env_owned[0].1 = always.endpoint.clone();
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let started = std::time::Instant::now();
+    demo(
+        "s3://frames/demo/digits.parquet",
+        "s3://frames/throttled",
+        "t",
+        &env,
+        &["--set", "storage.max_retries=2"],
+    )
+    .expect(75)
+    .mentions(&["storage unavailable"]);
+    assert!(started.elapsed() < Duration::from_secs(120));
+    assert!(
+        server.keys("frames", "throttled").is_empty(),
+        "nothing published"
+    );
+}
