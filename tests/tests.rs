@@ -7,6 +7,7 @@ mod commands;
 mod crash;
 mod deploy;
 mod end_to_end;
+mod full_disk;
 mod hostile;
 mod layouts;
 mod object_storage;

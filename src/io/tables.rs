@@ -451,6 +451,7 @@ impl TableWriter {
     }
 
     fn write_error(&self, e: parquet::errors::ParquetError) -> Error {
+        let e_text = e.to_string();
         let uri = self.storage.display(
             self.written
                 .staged
@@ -459,10 +460,23 @@ impl TableWriter {
                 .unwrap_or(self.table.dir()),
         );
         match super::source::from_parquet(&uri, e) {
-            Error::Data { message, .. } => Error::Io { uri, message },
+            // The read-side wording ("not a readable Parquet file") would mislead here.
+            Error::Data { .. } => Error::Io {
+                message: format!(
+                    "cannot write the table: {}; check free space and write access at the sink",
+                    root_cause(&e_text)
+                ),
+                uri,
+            },
             other => other,
         }
     }
+}
+
+/// The innermost message of a chained error text ("External: Generic …: No space left on
+/// device (os error 28)" → "No space left on device (os error 28)").
+fn root_cause(text: &str) -> &str {
+    text.rsplit(": ").next().unwrap_or(text)
 }
 
 #[cfg(test)]
