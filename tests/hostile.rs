@@ -363,3 +363,75 @@ fn run_ids_that_would_leave_the_sink_are_refused() {
     }
     assert!(!d.join("escaped").exists() && !d.join("out/runs").exists());
 }
+
+/// Credentials planted in the environment appear in no output: not in trace-level logs, error
+/// messages, the manifest, or any file the run writes, on success or on a storage failure.
+#[test]
+fn planted_credentials_appear_in_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("f.parquet"),
+        &ids(0, 120),
+        &images(120, 6, 6, 1),
+        &[6, 6],
+    );
+    write_config(d, "p.toml", "f.parquet", "out", "");
+    let secrets = [
+        ("AWS_ACCESS_KEY_ID", "AKIAPLANTEDKEY0001"),
+        ("AWS_SECRET_ACCESS_KEY", "planted-aws-secret-8f3a"),
+        ("AWS_SESSION_TOKEN", "planted-session-token-77c1"),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "cGxhbnRlZC1henVyZS1rZXk="),
+        ("GOOGLE_SERVICE_ACCOUNT_KEY", "planted-gcs-key-5d2e"),
+    ];
+    let mut env: Vec<(&str, &str)> = secrets.to_vec();
+    env.extend([("PIPELINE_LOG", "trace"), ("AWS_REGION", "us-east-1")]);
+    let mut outputs = Vec::new();
+    let ok = pipeline(d, &["run", "p.toml", "--log-format", "json"], &env);
+    ok.expect(0);
+    outputs.push(ok.stdout + &ok.stderr);
+    // A store that refuses connections: the error path and its retries, at trace level.
+    env.extend([
+        ("AWS_ENDPOINT", "http://127.0.0.1:9"),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]);
+    let failed = pipeline(
+        d,
+        &[
+            "run",
+            "p.toml",
+            "-v",
+            "--set",
+            "sink.uri=\"s3://bucket/out\"",
+            "--set",
+            "storage.max_retries=1",
+            "--set",
+            "storage.request_timeout_seconds=2",
+        ],
+        &env,
+    );
+    failed.expect(75);
+    outputs.push(failed.stdout + &failed.stderr);
+    for entry in walk(&d.join("out")) {
+        outputs.push(String::from_utf8_lossy(&std::fs::read(entry).unwrap()).into_owned());
+    }
+    for text in &outputs {
+        for (name, value) in secrets {
+            assert!(!text.contains(value), "{name}'s value leaked:\n{text}");
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
