@@ -343,15 +343,8 @@ fn absurd_toml_is_a_config_error_in_bounded_time() {
 
 #[test]
 fn run_ids_that_would_leave_the_sink_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = small_source(50);
     let d = dir.path();
-    write_tensor_u8(
-        &d.join("f.parquet"),
-        &ids(0, 50),
-        &images(50, 6, 6, 1),
-        &[6, 6],
-    );
-    write_config(d, "p.toml", "f.parquet", "out", "");
     for bad in ["../../escaped", "a/../../b", "/etc/x", "..", "a\\..\\b"] {
         let code = pipeline(d, &["run", "p.toml", "--run-id", bad], &[]).code;
         assert!(code == 64 || code == 78, "{bad:?}: exit {code}");
@@ -368,15 +361,8 @@ fn run_ids_that_would_leave_the_sink_are_refused() {
 /// messages, the manifest, or any file the run writes, on success or on a storage failure.
 #[test]
 fn planted_credentials_appear_in_no_output() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = small_source(120);
     let d = dir.path();
-    write_tensor_u8(
-        &d.join("f.parquet"),
-        &ids(0, 120),
-        &images(120, 6, 6, 1),
-        &[6, 6],
-    );
-    write_config(d, "p.toml", "f.parquet", "out", "");
     let secrets = [
         ("AWS_ACCESS_KEY_ID", "AKIAPLANTEDKEY0001"),
         ("AWS_SECRET_ACCESS_KEY", "planted-aws-secret-8f3a"),
@@ -434,4 +420,18 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A temp dir with `f.parquet` (`n` 6x6 images) and `p.toml` reading it into `out`.
+fn small_source(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("f.parquet"),
+        &ids(0, n),
+        &images(n, 6, 6, 1),
+        &[6, 6],
+    );
+    write_config(d, "p.toml", "f.parquet", "out", "");
+    dir
 }

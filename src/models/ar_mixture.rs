@@ -586,14 +586,8 @@ mod tests {
     /// is B, while R itself is spread over many values.
     #[test]
     fn colour_channels_see_their_predecessors() {
-        let mut rng = ChaCha8Rng::seed_from_u64(8);
         let n = 1500;
-        let mut v = Vec::with_capacity(n * 3);
-        for _ in 0..n {
-            let r: u8 = rng.random_range(20..236);
-            v.extend([r, r, 255 - r]);
-        }
-        let pixels = Array2::from_shape_vec((n, 3), v).unwrap();
+        let pixels = copied_channels(n, 8);
         let data = TrainingSet {
             shape: ImageShape::new(1, 1, 3),
             levels: 256,
@@ -610,14 +604,7 @@ mod tests {
             seed: 0,
         };
         let (m, _) = ArMixture::fit(params(2, 2), &data, &settings, &Progress::hidden()).unwrap();
-        let mut per_channel = [0f64; 3];
-        let mut map = [0f32; 3];
-        for row in pixels.rows() {
-            m.pixel_log_likelihood(row.as_slice().unwrap(), &mut map);
-            for c in 0..3 {
-                per_channel[c] -= f64::from(map[c]) / n as f64;
-            }
-        }
+        let per_channel = per_channel_nll(&m, pixels.view());
         eprintln!("per-channel NLL {per_channel:?}");
         assert!(per_channel[0] > 4.0, "R is uncertain: {per_channel:?}");
         assert!(per_channel[1] < 0.15, "G given R: {per_channel:?}");

@@ -434,6 +434,32 @@ pub(crate) mod testing {
         x
     }
 
+    /// `n` one-pixel RGB images with R uniform on 20..236, G = R and B = 255 − G: G and B are
+    /// certain given their predecessors in R, G, B order.
+    pub fn copied_channels(n: usize, seed: u64) -> ndarray::Array2<u8> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut v = Vec::with_capacity(n * 3);
+        for _ in 0..n {
+            let r: u8 = rng.random_range(20..236);
+            v.extend([r, r, 255 - r]);
+        }
+        ndarray::Array2::from_shape_vec((n, 3), v).unwrap()
+    }
+
+    /// Mean −log p(x_c | x_<c) of each channel over one-pixel RGB images.
+    pub fn per_channel_nll(model: &dyn DensityModel, pixels: ArrayView2<'_, u8>) -> [f64; 3] {
+        let mut per_channel = [0f64; 3];
+        let mut map = [0f32; 3];
+        for row in pixels.rows() {
+            model.pixel_log_likelihood(row.as_slice().unwrap(), &mut map);
+            for (total, &m) in per_channel.iter_mut().zip(&map) {
+                *total -= f64::from(m) / pixels.nrows() as f64;
+            }
+        }
+        per_channel
+    }
+
     /// Checks that the per-pixel map sums to the log-likelihood on a few images.
     pub fn assert_maps_sum_to_likelihood(model: &dyn DensityModel, images: &[Vec<u8>]) {
         for x in images {
