@@ -435,3 +435,39 @@ fn small_source(n: usize) -> tempfile::TempDir {
     write_config(d, "p.toml", "f.parquet", "out", "");
     dir
 }
+
+/// A file the fuzzer found: a data page that claims dictionary encoding with no dictionary
+/// page makes the parquet crate panic. The run must fail as bad data, not end the read early
+/// and commit the rows before it as if they were all.
+#[test]
+fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(
+        repo().join("tests/data/fuzz-dict-page-without-dictionary.parquet"),
+        d.join("f.parquet"),
+    )
+    .unwrap();
+    write_config(d, "p.toml", "f.parquet", "out", "");
+    let out = pipeline(
+        d,
+        &[
+            "run",
+            "p.toml",
+            "--set",
+            "source.height_column=\"height\"",
+            "--set",
+            "source.width_column=\"width\"",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, 65, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("the Parquet reader failed inside this file")
+            && out.stderr.contains("Decoder for dict"),
+        "{}",
+        out.stderr
+    );
+    assert!(!d.join("out/runs").exists(), "nothing committed");
+}

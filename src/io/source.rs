@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
@@ -178,8 +178,14 @@ impl Source {
                 if groups.is_empty() {
                     continue;
                 }
-                let result =
-                    stream_file(&store, index, file, groups, &columns, batch_size, &tx).await;
+                let reading = stream_file(&store, index, file, groups, &columns, batch_size, &tx);
+                // The parquet crate panics on some corrupt pages (found by fuzzing). Unguarded,
+                // the panic would end this task, close the channel, and look to the consumer
+                // like the end of the data: rows silently lost.
+                let result = std::panic::AssertUnwindSafe(reading)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(reader_panic(&file.uri, &*panic)));
                 if let Err(e) = result {
                     let _ = tx.send(Err(e)).await;
                     return;
@@ -375,6 +381,21 @@ async fn read_footers(
         .buffered(FOOTER_CONCURRENCY)
         .try_collect()
         .await
+}
+
+/// The error for a panic inside the Parquet reader on `uri`: the file is corrupt.
+pub fn reader_panic(uri: &str, panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic");
+    Error::data(
+        uri,
+        format!(
+            "the Parquet reader failed inside this file ({what}): the file is corrupt; rewrite it"
+        ),
+    )
 }
 
 /// Checks what the reader would otherwise trust blindly (and assert on): every column chunk
