@@ -29,7 +29,7 @@ use rand::RngCore;
 use serde_json::json;
 
 use super::bernoulli::uniform;
-use super::logistic::MAX_FEATURES;
+use super::logistic::{MAX_FEATURES, log_sigmoid, sigmoid};
 use super::ordering::{self, Context, Order};
 use super::{DensityModel, NamedTensor, TrainingSet, tensor};
 use crate::config::ModelKind;
@@ -320,14 +320,6 @@ fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
         return max;
     }
     max + values.map(|v| (v - max).exp()).sum::<f64>().ln()
-}
-
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
-
-fn log_sigmoid(z: f64) -> f64 {
-    z.min(0.0) - (-z.abs()).exp().ln_1p()
 }
 
 /// log(σ(b) − σ(a)) for b > a, without cancellation in either tail: σ(b) − σ(a) = σ(−a) − σ(−b),
