@@ -93,14 +93,13 @@ impl Rnade {
                 ),
             ));
         }
-        let d = shape.dims();
-        let (h, k) = (params.hidden, params.components);
-        let hp = padded_width(h);
         let order = ordering::ordering(shape, params.order, params.seed);
-        let mut theta = vec![0f32; part_lens(d, hp, k).iter().sum()];
+        let mut model = Self::zeroed(shape, levels, params, order);
+        let d = shape.dims();
+        let (h, k, hp) = (params.hidden, params.components, model.hp);
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x524e_4144);
         let [lw, lv, lb, _] = part_lens(d, hp, k);
-        let (w, rest) = theta.split_at_mut(lw);
+        let (w, rest) = model.theta.split_at_mut(lw);
         let (v, rest) = rest.split_at_mut(lv);
         let b = &mut rest[..lb];
         for (m, scale) in [
@@ -119,16 +118,22 @@ impl Rnade {
                 heads[2 * k + m] = (1.0 / k as f32).ln();
             }
         }
-        Ok(Self {
+        Ok(model)
+    }
+
+    /// A model with every parameter zero (hyper-parameters already checked).
+    fn zeroed(shape: ImageShape, levels: u16, params: RnadeParams, order: Vec<usize>) -> Self {
+        let hp = padded_width(params.hidden);
+        Self {
             shape,
             levels,
             params,
             order,
             hp,
-            theta,
+            theta: vec![0f32; part_lens(shape.dims(), hp, params.components).iter().sum()],
             step: 0,
             isa: Isa::detect(),
-        })
+        }
     }
 
     /// Fits by Adam with early stopping on 8-bit intensities; returns the model and its curve.
@@ -234,17 +239,32 @@ impl Rnade {
                 params.hidden, params.components
             ));
         }
-        let mut model =
-            Self::init(shape, levels, params).map_err(|e| format!("hyper-parameters: {e}"))?;
+        // Every tensor is checked against the shape before anything that size is allocated,
+        // so a model.json that claims an enormous image fails on the (small) file's tensors.
         let d = shape.dims();
-        let (h, hp, nh) = (params.hidden, model.hp, 3 * params.components);
-        model.order = super::ar::permutation(tensor(tensors, "order", d)?)?;
+        let (h, nh) = (params.hidden, 3 * params.components);
+        let too_big = || format!("a {shape} image with {h} hidden units is too large");
+        let order = super::ar::permutation(tensor(tensors, "order", d)?)?;
+        let input = tensor(
+            tensors,
+            "input_weights",
+            d.checked_mul(h).ok_or_else(too_big)?,
+        )?;
+        let output_rows = d.checked_mul(nh).ok_or_else(too_big)?;
+        let output = tensor(
+            tensors,
+            "output_weights",
+            output_rows.checked_mul(h).ok_or_else(too_big)?,
+        )?;
+        let output_bias = tensor(tensors, "output_bias", output_rows)?;
+        let hidden_bias = tensor(tensors, "hidden_bias", h)?;
+        let mut model = Self::zeroed(shape, levels, params, order);
+        let hp = model.hp;
         let [lw, lv, lb, _] = part_lens(d, hp, params.components);
         let (w, rest) = model.theta.split_at_mut(lw);
         let (v, rest) = rest.split_at_mut(lv);
         let (b, c) = rest.split_at_mut(lb);
-        for (name, m, rows) in [("input_weights", w, d), ("output_weights", v, d * nh)] {
-            let t = tensor(tensors, name, rows * h)?;
+        for (m, t) in [(w, input), (v, output)] {
             for (row, src) in m.chunks_exact_mut(hp).zip(t.chunks_exact(h)) {
                 row[..h]
                     .iter_mut()
@@ -253,11 +273,11 @@ impl Rnade {
             }
         }
         b.iter_mut()
-            .zip(tensor(tensors, "output_bias", d * nh)?)
+            .zip(output_bias)
             .for_each(|(x, &s)| *x = s as f32);
         c[..h]
             .iter_mut()
-            .zip(tensor(tensors, "hidden_bias", h)?)
+            .zip(hidden_bias)
             .for_each(|(x, &s)| *x = s as f32);
         if model.theta.iter().any(|v| !v.is_finite()) {
             return Err("weights are not all finite".into());
