@@ -282,6 +282,23 @@ pub(crate) fn binary_chain_log_likelihood(
     total
 }
 
+/// Scores `images` into `out` in chunks of `rows` images per rayon task, so that a tiled kernel
+/// shares each weight row across the images of a chunk; `score(chunk, out)` fills one chunk.
+pub(crate) fn score_in_chunks(
+    images: ArrayView2<'_, u8>,
+    out: &mut [f64],
+    rows: usize,
+    score: impl Fn(ArrayView2<'_, u8>, &mut [f64]) + Sync,
+) {
+    out.par_chunks_mut(rows)
+        .zip(
+            images
+                .axis_chunks_iter(ndarray::Axis(0), rows)
+                .into_par_iter(),
+        )
+        .for_each(|(out, chunk)| score(chunk, out));
+}
+
 /// How often each pixel takes each value: `counts[d * levels + v]`, counted in parallel over
 /// images (values at or above `levels` count as `levels - 1`).
 pub fn value_counts(data: &TrainingSet<'_>) -> Vec<u64> {

@@ -11,7 +11,6 @@
 use ndarray::ArrayView2;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde_json::json;
 
 use super::bernoulli::uniform;
@@ -295,17 +294,10 @@ impl DensityModel for Nade {
 
     /// Scores whole tiles per rayon task, so the kernel shares each weight row across images.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
-        const ROWS: usize = 4 * TILE;
         let params = self.kernel_params();
-        out.par_chunks_mut(ROWS)
-            .zip(
-                images
-                    .axis_chunks_iter(ndarray::Axis(0), ROWS)
-                    .into_par_iter(),
-            )
-            .for_each(|(out, rows)| {
-                kernel::log_likelihood(self.isa, &params, &self.ordered(rows), None, out);
-            });
+        super::score_in_chunks(images, out, 4 * TILE, |rows, out| {
+            kernel::log_likelihood(self.isa, &params, &self.ordered(rows), None, out);
+        });
     }
 
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {

@@ -18,7 +18,6 @@
 use ndarray::ArrayView2;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde_json::json;
 
 use super::bernoulli::uniform;
@@ -377,19 +376,12 @@ impl DensityModel for Rnade {
 
     /// Scores whole tiles per rayon task, so the kernel shares each weight row across images.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
-        const ROWS: usize = 4 * TILE;
         let params = self.kernel_params();
         let correction = self.d() as f64 * self.log_levels();
-        out.par_chunks_mut(ROWS)
-            .zip(
-                images
-                    .axis_chunks_iter(ndarray::Axis(0), ROWS)
-                    .into_par_iter(),
-            )
-            .for_each(|(out, rows)| {
-                kernel::log_density(self.isa, &params, &self.centres(rows), None, out);
-                out.iter_mut().for_each(|o| *o -= correction);
-            });
+        super::score_in_chunks(images, out, 4 * TILE, |rows, out| {
+            kernel::log_density(self.isa, &params, &self.centres(rows), None, out);
+            out.iter_mut().for_each(|o| *o -= correction);
+        });
     }
 
     /// Draws each sub-pixel from its mixture, rounds it to its level (values outside [0, 1]
