@@ -119,7 +119,8 @@ fn mixture<T: Target>(z: &[f32], k: usize, y: f32, delta: Option<&mut [f32]>) ->
     for (e, &l) in e.iter_mut().zip(logits) {
         *e = exp::<T>(l - max_logit);
     }
-    let log_norm = max_logit + e[..k].iter().sum::<f32>().ln();
+    let e_sum: f32 = e[..k].iter().sum();
+    let log_norm = max_logit + e_sum.ln();
     let mut lp = [0f32; MAX_COMPONENTS];
     let mut t = [0f32; MAX_COMPONENTS];
     let mut inv_s = [0f32; MAX_COMPONENTS];
@@ -141,7 +142,7 @@ fn mixture<T: Target>(z: &[f32], k: usize, y: f32, delta: Option<&mut [f32]>) ->
     if let Some(delta) = delta {
         for m in 0..k {
             let resp = r[m] / sum;
-            let weight = exp::<T>(logits[m] - log_norm);
+            let weight = e[m] / e_sum;
             let clamped = log_scales[m] < lo || log_scales[m] > hi;
             delta[m] = weight - resp;
             delta[k + m] = -resp * t[m] * inv_s[m];
