@@ -355,48 +355,43 @@ fn rnade_reference_score(p: &rnade_kernel::Params<'_>, values: &[f32]) {
 
 /// The naive RNADE reference's gradient of every image, in parallel over 8-image shards.
 fn rnade_reference_train(p: &rnade_kernel::Params<'_>, values: &[f32]) {
-    let total: f64 = values
-        .par_chunks(8 * p.dims)
-        .map(|shard| {
-            let (mut w, mut v) = (vec![0f32; p.w.len()], vec![0f32; p.v.len()]);
-            let (mut b, mut c) = (vec![0f32; p.b.len()], vec![0f32; p.c.len()]);
-            let mut g = rnade_kernel::Grads {
-                w: &mut w,
-                v: &mut v,
-                b: &mut b,
-                c: &mut c,
-            };
-            shard
-                .chunks(p.dims)
-                .map(|y| rnade_kernel::reference::gradient(p, y, &mut g))
-                .sum::<f64>()
-        })
-        .sum();
-    std::hint::black_box(total);
+    let lens = [p.w.len(), p.v.len(), p.b.len(), p.c.len()];
+    reference_train_shards(values, p.dims, lens, |y, [w, v, b, c]| {
+        rnade_kernel::reference::gradient(p, y, &mut rnade_kernel::Grads { w, v, b, c })
+    });
 }
-
 /// The naive NADE reference's gradient of every image, in parallel over 8-image shards.
 fn nade_reference_train(p: &nade_kernel::Params<'_>, ordered: &[u8]) {
-    let total: f64 = ordered
-        .par_chunks(8 * p.dims)
+    let lens = [p.w.len(), p.v.len(), p.b.len(), p.c.len()];
+    reference_train_shards(ordered, p.dims, lens, |x, [w, v, b, c]| {
+        nade_kernel::reference::gradient(p, x, &mut nade_kernel::Grads { w, v, b, c })
+    });
+}
+
+/// Runs a reference `gradient(image, [∂w, ∂v, ∂b, ∂c])` over every image of `inputs` (`dims`
+/// values each), in parallel over 8-image shards that each own zeroed gradient buffers of
+/// `lens`, as the fast kernels' training step does.
+fn reference_train_shards<V: Sync>(
+    inputs: &[V],
+    dims: usize,
+    lens: [usize; 4],
+    gradient: impl Fn(&[V], [&mut [f32]; 4]) -> f64 + Sync,
+) {
+    let total: f64 = inputs
+        .par_chunks(8 * dims)
         .map(|shard| {
-            let (mut w, mut v) = (vec![0f32; p.w.len()], vec![0f32; p.v.len()]);
-            let (mut b, mut c) = (vec![0f32; p.b.len()], vec![0f32; p.c.len()]);
-            let mut g = nade_kernel::Grads {
-                w: &mut w,
-                v: &mut v,
-                b: &mut b,
-                c: &mut c,
-            };
+            let mut buffers = lens.map(|n| vec![0f32; n]);
             shard
-                .chunks(p.dims)
-                .map(|x| nade_kernel::reference::gradient(p, x, &mut g))
+                .chunks(dims)
+                .map(|x| {
+                    let [w, v, b, c] = &mut buffers;
+                    gradient(x, [w, v, b, c])
+                })
                 .sum::<f64>()
         })
         .sum();
     std::hint::black_box(total);
 }
-
 /// Side of the SGEMM that stands for the machine's attainable FP32 rate.
 const SGEMM_N: usize = 1024;
 
