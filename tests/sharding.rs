@@ -25,6 +25,7 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
         .trim_start_matches("model: ")
         .to_string();
     let set_source = format!("source.uri=\"{}\"", demo.display());
+    let cfg = repo().join("pipelines/demo.toml").display().to_string();
 
     let single = d.join("single");
     pipeline(
@@ -79,23 +80,9 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
         .iter()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .collect();
-    assert!(published <= 1, "at most one worker publishes: {stdout:?}");
-    if published == 0 {
-        // Every worker staged before any saw the others: publish by hand.
-        pipeline(
-            d,
-            &[
-                "commit",
-                sharded.to_str().unwrap(),
-                "--run-id",
-                "night",
-                "--shards",
-                "3",
-            ],
-            &[],
-        )
-        .expect(0);
-    }
+    // The last worker to stage sees every record and publishes: exactly one does, whatever
+    // the interleaving (the others report waiting, or that another worker published).
+    assert_eq!(published, 1, "exactly one worker publishes: {stdout:?}");
 
     let one = likelihoods(&single.join("scores"));
     let many = likelihoods(&sharded.join("scores"));
@@ -122,6 +109,63 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
         "staging is cleaned up"
     );
 
+    // A stale commit lock (a publisher that died holding it): the last shard to stage says so
+    // and how to publish, and `pipeline commit` does.
+    let manual = d.join("manual");
+    std::fs::create_dir_all(manual.join("_staging/late")).unwrap();
+    std::fs::write(manual.join("_staging/late/commit.lock"), b"").unwrap();
+    for i in 0..2 {
+        let shard = format!("{i}/2");
+        let out = pipeline(
+            d,
+            &[
+                "score",
+                &cfg,
+                "--model",
+                &model,
+                "--run-id",
+                "late",
+                "--shard",
+                &shard,
+                "--set",
+                &set_source,
+            ],
+            &[("DEMO_OUT", manual.to_str().unwrap())],
+        );
+        out.expect(0);
+        let said = if i == 0 {
+            "waiting for shards [1]"
+        } else {
+            "pipeline commit"
+        };
+        assert!(out.stdout.contains(said), "{}", out.stdout);
+    }
+    assert!(!manual.join("runs/late/_SUCCESS").exists());
+    let committed = pipeline(
+        d,
+        &[
+            "commit",
+            manual.to_str().unwrap(),
+            "--run-id",
+            "late",
+            "--shards",
+            "2",
+        ],
+        &[],
+    );
+    committed.expect(0);
+    assert!(
+        committed.stdout.contains("2000 images scored"),
+        "{}",
+        committed.stdout
+    );
+    assert_eq!(likelihoods(&manual.join("scores")), one);
+    assert!(manual.join("runs/late/_SUCCESS").exists());
+    assert!(
+        !manual.join("_staging/late").exists(),
+        "lock and records removed"
+    );
+
     // A commit with a shard missing says which.
     pipeline(
         d,
@@ -138,7 +182,6 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
     .expect(66)
     .mentions(&["[0, 1]"]);
     // --shards without JOB_COMPLETION_INDEX, and a bad --shard, are usage errors.
-    let cfg = repo().join("pipelines/demo.toml").display().to_string();
     pipeline(d, &["score", &cfg, "--model", &model, "--shards", "3"], &[])
         .expect(64)
         .mentions(&["JOB_COMPLETION_INDEX"]);

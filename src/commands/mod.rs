@@ -92,18 +92,19 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
                     ),
                 });
             }
-            match pipeline::shards::try_commit(&sink, &a.run_id, a.shards, true)? {
-                Some((m, committed)) => out(format_args!(
+            match pipeline::shards::try_commit(&sink, &a.run_id, a.shards, None, true)? {
+                pipeline::shards::CommitOutcome::Published(m, committed) => out(format_args!(
                     "committed run {}: {} images scored, {} anomalies; manifest {}\n",
                     m.run_id,
                     m.rows.scored,
                     m.rows.anomalies,
                     sink.display(&committed.manifest)
                 )),
-                None => {
-                    return Err(Error::Internal(
-                        "the shards vanished while committing".into(),
-                    ));
+                _ => {
+                    return Err(Error::InputMissing {
+                        uri: sink.display(&format!("_staging/{}/shards", a.run_id)),
+                        hint: "the shard records vanished while committing: another worker published the run; check runs/<run-id>/_SUCCESS".into(),
+                    });
                 }
             }
         }
@@ -191,8 +192,8 @@ fn print_run(s: &RunSummary) {
     }
     if s.manifest_path.is_empty() {
         out(format_args!(
-            "run {}: every shard has staged, but another worker holds the commit lock; if none is running, publish with `pipeline commit {} --run-id {} --shards N`\n",
-            m.run_id, s.sink, m.run_id
+            "run {}: every shard has staged and another worker is publishing the run (or has published it); if none is running and runs/{}/_SUCCESS is absent, publish with `pipeline commit {} --run-id {} --shards N`\n",
+            m.run_id, m.run_id, s.sink, m.run_id
         ));
         return;
     }

@@ -78,11 +78,19 @@ pub fn commit(
 }
 
 /// Removes everything staged for `run_id` (after a commit, or after a failed run).
+///
+/// The shards' commit lock goes last: while it stands, no other worker can take it, and once
+/// it is gone so are the shard records a second commit would need (see `shards::try_commit`).
 pub fn discard_staging(sink: &Storage, run_id: &str) -> Result<()> {
     let dir = format!("_staging/{run_id}");
+    let lock = format!("{dir}/commit.lock");
     for leftover in sink.list(&dir)? {
-        sink.delete(&sink.relative(&leftover.location))?;
+        let rel = sink.relative(&leftover.location);
+        if rel != lock {
+            sink.delete(&rel)?;
+        }
     }
+    sink.delete(&lock)?;
     // Local stores leave empty directories behind; they hold nothing a reader would see, but
     // tidy them where we can.
     if let Some(path) = sink.local_path(&dir) {

@@ -191,8 +191,8 @@ pub fn run(
         scored = scored.scored,
         "Shard staged."
     );
-    match shards::try_commit(&sink, &run_id, shard.count, false)? {
-        Some((whole, committed)) => {
+    match shards::try_commit(&sink, &run_id, shard.count, Some(shard.index), false)? {
+        shards::CommitOutcome::Published(whole, committed) => {
             tracing::info!(
                 scored = whole.rows.scored,
                 anomalies = whole.rows.anomalies,
@@ -200,9 +200,9 @@ pub fn run(
             );
             Ok(summary(whole, committed.manifest, Vec::new()))
         }
-        None => {
-            let waiting = shards::missing(&sink, &run_id, shard.count)?;
-            Ok(summary(manifest, String::new(), waiting))
+        shards::CommitOutcome::Waiting(waiting) => Ok(summary(manifest, String::new(), waiting)),
+        shards::CommitOutcome::PublishedElsewhere => {
+            Ok(summary(manifest, String::new(), Vec::new()))
         }
     }
 }

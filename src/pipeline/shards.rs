@@ -75,6 +75,9 @@ pub fn stage(
 }
 
 /// The records staged for `run_id` by shards of `count`, by index.
+///
+/// A record listed but gone by the time it is read was taken by a worker that published the run
+/// meanwhile (it removes the records after publishing); it counts as not staged.
 fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, ShardRecord>> {
     let mut found = BTreeMap::new();
     for object in sink.list(&shards_dir(run_id))? {
@@ -82,7 +85,11 @@ fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, Sha
         if !rel.ends_with(&format!("-of-{count}.json")) {
             continue;
         }
-        let bytes = sink.get(&rel)?;
+        let bytes = match sink.get(&rel) {
+            Ok(bytes) => bytes,
+            Err(Error::InputMissing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
         let record: ShardRecord = serde_json::from_slice(&bytes)
             .map_err(|e| Error::data(sink.display(&rel), format!("not a shard record: {e}")))?;
         found.insert(record.index, record);
@@ -96,26 +103,61 @@ pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
     Ok((0..count).filter(|i| !found.contains_key(i)).collect())
 }
 
-/// Publishes the run when every shard has staged. Returns `None` when some are missing, or when
-/// another worker holds the commit lock (unless `force`, for `pipeline commit`).
+/// What [`try_commit`] did.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// This worker published the run.
+    Published(Manifest, Committed),
+    /// These shards have not staged yet; the last of them will publish.
+    Waiting(Vec<u32>),
+    /// Every shard had staged and another worker holds the commit lock, or has already
+    /// published the run (and removed the records, this worker's among them).
+    PublishedElsewhere,
+}
+
+/// The commit lock of `run_id`: a create-if-absent object, so exactly one worker takes it.
+fn lock_path(run_id: &str) -> String {
+    format!("_staging/{run_id}/commit.lock")
+}
+
+/// Publishes the run when every shard has staged. `own` is the calling shard (whose record
+/// is staged); `force` (for `pipeline commit`) publishes even when the lock is taken.
+///
+/// The lock is checked twice against the records: a worker may list every record just before
+/// the publishing worker removes them and take the lock just after it is removed (the lock goes
+/// last, see [`commit::discard_staging`]); re-reading the records under the lock then finds
+/// them gone, and this worker lets go instead of publishing the run a second time.
 pub fn try_commit(
     sink: &Storage,
     run_id: &str,
     count: u32,
+    own: Option<u32>,
     force: bool,
-) -> Result<Option<(Manifest, Committed)>> {
+) -> Result<CommitOutcome> {
     let found = records(sink, run_id, count)?;
     if found.len() < count as usize {
-        return Ok(None);
+        if own.is_some_and(|i| !found.contains_key(&i)) {
+            // Our own record is gone: a worker that saw it has published it.
+            return Ok(CommitOutcome::PublishedElsewhere);
+        }
+        return Ok(CommitOutcome::Waiting(
+            (0..count).filter(|i| !found.contains_key(i)).collect(),
+        ));
     }
-    let lock = format!("_staging/{run_id}/commit.lock");
+    let lock = lock_path(run_id);
     if !sink.put_if_absent(&lock, Bytes::new())? && !force {
         tracing::info!(run_id, "Another worker is committing this run.");
-        return Ok(None);
+        return Ok(CommitOutcome::PublishedElsewhere);
+    }
+    let found = records(sink, run_id, count)?;
+    if found.len() < count as usize {
+        sink.delete(&lock)?;
+        tracing::info!(run_id, "Another worker has committed this run.");
+        return Ok(CommitOutcome::PublishedElsewhere);
     }
     let (mut manifest, staged) = merge(found.into_values().collect())?;
     let committed = commit::commit(sink, run_id, &staged, &mut manifest)?;
-    Ok(Some((manifest, committed)))
+    Ok(CommitOutcome::Published(manifest, committed))
 }
 
 /// One manifest for the whole run: counts added up, partition counts added up, the earliest
