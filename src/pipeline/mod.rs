@@ -198,7 +198,7 @@ pub fn run(
                 anomalies = whole.rows.anomalies,
                 "Run committed."
             );
-            Ok(summary(whole, committed.manifest, Vec::new()))
+            Ok(summary(*whole, committed.manifest, Vec::new()))
         }
         shards::CommitOutcome::Waiting(waiting) => Ok(summary(manifest, String::new(), waiting)),
         shards::CommitOutcome::PublishedElsewhere => {

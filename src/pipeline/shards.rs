@@ -107,7 +107,7 @@ pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
 #[derive(Debug)]
 pub enum CommitOutcome {
     /// This worker published the run.
-    Published(Manifest, Committed),
+    Published(Box<Manifest>, Committed),
     /// These shards have not staged yet; the last of them will publish.
     Waiting(Vec<u32>),
     /// Every shard had staged and another worker holds the commit lock, or has already
@@ -157,7 +157,7 @@ pub fn try_commit(
     }
     let (mut manifest, staged) = merge(found.into_values().collect())?;
     let committed = commit::commit(sink, run_id, &staged, &mut manifest)?;
-    Ok(CommitOutcome::Published(manifest, committed))
+    Ok(CommitOutcome::Published(Box::new(manifest), committed))
 }
 
 /// One manifest for the whole run: counts added up, partition counts added up, the earliest
