@@ -352,3 +352,119 @@ fn injected_storage_faults_are_retried_or_end_in_75() {
         "nothing published"
     );
 }
+
+/// Requests whose answer is lost after the store acted on them, so the client cannot tell
+/// whether they took effect: deletes (S3's bulk `POST ?delete` and `DELETE`), creates-if-absent
+/// (the shards' commit lock) and copies (half of a rename) lose every other answer. The run
+/// publishes the rows of a local run, and a two-shard run publishes exactly once.
+#[test]
+fn requests_whose_answer_is_lost_are_retried_without_harm() {
+    use crate::common::fault_proxy::{FaultProxy, RequestFault};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    server.create_bucket("frames");
+    server.upload(
+        "frames",
+        "demo/digits.parquet",
+        &repo().join("data/demo/digits.parquet"),
+    );
+    // Lost answers per kind: delete, create, copy.
+    let lost: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+    let attempts: Mutex<HashMap<String, usize>> = Mutex::default();
+    let lost2 = lost.clone();
+    let proxy = FaultProxy::per_request(server.port(), move |head| {
+        let line = head.lines().next().unwrap_or_default();
+        let headers = head.to_ascii_lowercase();
+        let kind = if line.starts_with("DELETE ")
+            || line.starts_with("POST ") && line.contains("?delete")
+        {
+            0
+        } else if headers.contains("\r\nif-none-match:") {
+            1
+        } else if headers.contains("\r\nx-amz-copy-source:") {
+            2
+        } else {
+            return RequestFault::Forward;
+        };
+        let mut attempts = attempts.lock().unwrap();
+        let n = attempts.entry(line.to_string()).or_default();
+        *n += 1;
+        if *n % 2 == 1 {
+            lost2[kind].fetch_add(1, Ordering::SeqCst);
+            RequestFault::LoseAnswer
+        } else {
+            RequestFault::Forward
+        }
+    });
+    let mut env_owned = server.env();
+    env_owned[0].1 = proxy.endpoint.clone();
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = demo(
+        "s3://frames/demo/digits.parquet",
+        "s3://frames/out",
+        "lossy",
+        &env,
+        &[],
+    );
+    run.expect(0);
+    let model = run
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("model"))
+        .map(|m| m.trim().to_string())
+        .expect("the run names its model");
+
+    let local = tempfile::tempdir().unwrap();
+    let local_out = local.path().join("out");
+    demo(
+        "data/demo/digits.parquet",
+        local_out.to_str().unwrap(),
+        "lossy",
+        &[],
+        &[],
+    )
+    .expect(0);
+    let expected = likelihoods(&local_out.join("scores"));
+    let fetched = tempfile::tempdir().unwrap();
+    server.download("frames", "out/scores", fetched.path());
+    assert_eq!(likelihoods(fetched.path()), expected);
+
+    let set_source = "source.uri=\"s3://frames/demo/digits.parquet\"";
+    let mut env = env.clone();
+    env.push(("DEMO_OUT", "s3://frames/sharded"));
+    let published: Vec<bool> = ["0/2", "1/2"]
+        .iter()
+        .map(|shard| {
+            let out = pipeline(
+                &repo(),
+                &[
+                    "score",
+                    "pipelines/demo.toml",
+                    "--model",
+                    &model,
+                    "--run-id",
+                    "lossy",
+                    "--shard",
+                    shard,
+                    "--set",
+                    set_source,
+                ],
+                &env,
+            );
+            out.expect(0);
+            out.stdout.contains("results under")
+        })
+        .collect();
+    assert_eq!(published, [false, true], "the second shard publishes");
+    let fetched = tempfile::tempdir().unwrap();
+    server.download("frames", "sharded/scores", fetched.path());
+    assert_eq!(likelihoods(fetched.path()), expected);
+    assert!(server.keys("frames", "sharded/_staging").is_empty());
+    let lost: Vec<usize> = lost.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    eprintln!("answers lost (delete, create, copy): {lost:?}");
+    assert!(lost.iter().all(|&n| n >= 1), "every kind was hit: {lost:?}");
+}

@@ -37,6 +37,12 @@ fn settings() -> StorageConfig {
     SETTINGS.get().cloned().unwrap_or_default()
 }
 
+/// The wait before retry `attempt` (from 1) of a request we retry ourselves: 100 ms doubling,
+/// at most 5 s, as the object-store clients back off.
+fn backoff(attempt: usize) -> Duration {
+    Duration::from_millis(100u64 << attempt.min(6).saturating_sub(1)).min(Duration::from_secs(5))
+}
+
 /// A store and a root prefix inside it, named by the URI the user gave.
 #[derive(Clone)]
 pub struct Storage {
@@ -135,34 +141,79 @@ impl Storage {
     }
 
     /// Writes an object only if none exists at `rel`; returns whether this call created it.
-    pub fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<bool> {
+    ///
+    /// `token` must be unique to the caller (it is the object's content): a create whose
+    /// answer was lost (a connection reset after the store acted) is retried, meets the object,
+    /// and recognises it as its own by the token. The client does not retry such a create
+    /// itself, since a blind retry cannot tell "mine" from "someone else's".
+    pub fn put_if_absent(&self, rel: &str, token: Bytes) -> Result<bool> {
         let path = self.path(rel);
-        let result = self.rt.block_on(self.store.put_opts(
-            &path,
-            PutPayload::from(bytes),
-            object_store::PutMode::Create.into(),
-        ));
-        match result {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(from_store(&self.display(rel), e)),
+        let retries = settings().max_retries;
+        let mut attempt = 0;
+        loop {
+            let result = self.rt.block_on(self.store.put_opts(
+                &path,
+                PutPayload::from(token.clone()),
+                object_store::PutMode::Create.into(),
+            ));
+            match result {
+                Ok(_) => return Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) if attempt == 0 => return Ok(false),
+                // An earlier attempt of ours may have created it.
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return Ok(self.get(rel)? == token);
+                }
+                Err(e) => match from_store(&self.display(rel), e) {
+                    Error::Transient { .. } if attempt < retries => {
+                        attempt += 1;
+                        tracing::debug!(uri = %self.display(rel), attempt, "Retrying a create.");
+                        std::thread::sleep(backoff(attempt));
+                    }
+                    other => return Err(other),
+                },
+            }
         }
     }
 
     /// Moves an object, replacing any object at `to`.
+    ///
+    /// On a local disk this is one atomic rename. Cloud stores have no rename: it is a copy
+    /// (retried by the store's client like any idempotent request) and then [`Self::delete`].
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (f, t) = (self.path(from), self.path(to));
+        if self.local {
+            return self
+                .rt
+                .block_on(self.store.rename(&f, &t))
+                .map_err(|e| from_store(&self.display(from), e));
+        }
         self.rt
-            .block_on(self.store.rename(&f, &t))
-            .map_err(|e| from_store(&self.display(from), e))
+            .block_on(self.store.copy(&f, &t))
+            .map_err(|e| from_store(&self.display(from), e))?;
+        self.delete(from)
     }
 
     /// Deletes an object; deleting one that is not there is not an error.
+    ///
+    /// Transient failures are retried here, per `[storage] max_retries`: the S3 client sends a
+    /// delete as a bulk `POST ?delete`, which it does not retry once the request may have left
+    /// (a connection reset mid-request), although deleting twice is harmless.
     pub fn delete(&self, rel: &str) -> Result<()> {
         let path = self.path(rel);
-        match self.rt.block_on(self.store.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(from_store(&self.display(rel), e)),
+        let retries = settings().max_retries;
+        let mut attempt = 0;
+        loop {
+            match self.rt.block_on(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e) => match from_store(&self.display(rel), e) {
+                    Error::Transient { .. } if attempt < retries => {
+                        attempt += 1;
+                        tracing::debug!(uri = %self.display(rel), attempt, "Retrying a delete.");
+                        std::thread::sleep(backoff(attempt));
+                    }
+                    other => return Err(other),
+                },
+            }
         }
     }
 

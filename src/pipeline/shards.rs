@@ -120,6 +120,17 @@ fn lock_path(run_id: &str) -> String {
     format!("_staging/{run_id}/commit.lock")
 }
 
+/// What this worker writes into the commit lock: unique to it (host, process, time), so a
+/// retried create can tell its own lock from another worker's.
+fn lock_token() -> Bytes {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    Bytes::from(format!("{host} {} {nanos}", std::process::id()))
+}
+
 /// Publishes the run when every shard has staged. `own` is the calling shard (whose record
 /// is staged); `force` (for `pipeline commit`) publishes even when the lock is taken.
 ///
@@ -145,7 +156,7 @@ pub fn try_commit(
         ));
     }
     let lock = lock_path(run_id);
-    if !sink.put_if_absent(&lock, Bytes::new())? && !force {
+    if !sink.put_if_absent(&lock, lock_token())? && !force {
         tracing::info!(run_id, "Another worker is committing this run.");
         return Ok(CommitOutcome::PublishedElsewhere);
     }

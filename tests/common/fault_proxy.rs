@@ -1,8 +1,13 @@
-//! A TCP proxy on loopback that injects storage faults between the pipeline and the S3 server:
-//! per new connection, by a fixed schedule, it answers `503 Slow Down` (throttling), `500`, resets
-//! the connection, or stalls before forwarding; otherwise it forwards bytes both ways. Forwarded
-//! connections are closed after a short idle time so the client keeps opening new ones and the
-//! schedule reaches every phase of a run.
+//! A TCP proxy on loopback that injects storage faults between the pipeline and the S3 server.
+//!
+//! [`FaultProxy::start`]: per new connection, by a fixed schedule, it answers `503 Slow Down`
+//! (throttling), `500`, resets the connection, or stalls before forwarding; otherwise it forwards
+//! bytes both ways. Forwarded connections are closed after a short idle time so the client keeps
+//! opening new ones and the schedule reaches every phase of a run.
+//!
+//! [`FaultProxy::per_request`]: reads each HTTP request (head and `Content-Length` body) and lets
+//! a rule decide its fate, so a test can aim at one kind of request (every delete, say) however
+//! the client pools its connections.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -23,6 +28,16 @@ pub enum Fault {
     Reset,
     /// Wait this long, then forward.
     Slow(Duration),
+}
+
+/// What the per-request proxy does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFault {
+    /// Forward it and relay the answer.
+    Forward,
+    /// Forward it, let the server act on it, then reset the connection before the answer gets
+    /// back: the client cannot tell whether the request took effect.
+    LoseAnswer,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -69,6 +84,134 @@ impl FaultProxy {
             stop,
         }
     }
+}
+
+impl FaultProxy {
+    /// Proxies to `127.0.0.1:target`, asking `rule` about every request (its head: request line
+    /// and headers, as text).
+    pub fn per_request(
+        target: u16,
+        rule: impl Fn(&str) -> RequestFault + Send + Sync + 'static,
+    ) -> Self {
+        let rule: Arc<dyn Fn(&str) -> RequestFault + Send + Sync> = Arc::new(rule);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let faulted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, faulted2, stop2) = (seen.clone(), faulted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let (rule, seen, faulted) = (rule.clone(), seen2.clone(), faulted2.clone());
+                        std::thread::spawn(move || {
+                            handle_requests(client, target, &*rule, &seen, &faulted)
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            seen,
+            faulted,
+            stop,
+        }
+    }
+}
+
+/// One client connection of the per-request proxy: requests are read one at a time (HTTP/1.1
+/// without pipelining, as the client sends them) and answers are relayed by a second thread
+/// unless a request's answer is to be lost.
+fn handle_requests(
+    client: TcpStream,
+    target: u16,
+    rule: &(dyn Fn(&str) -> RequestFault + Send + Sync),
+    seen: &AtomicUsize,
+    faulted: &AtomicUsize,
+) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+        return;
+    };
+    let idle = Some(Duration::from_secs(1));
+    client.set_read_timeout(idle).unwrap();
+    let swallow = Arc::new(AtomicBool::new(false));
+    let relay = {
+        let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        let swallow = swallow.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if swallow.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            // After a lost answer the connection must end in a reset (closing with linger 0),
+            // not a clean end of stream.
+            if !swallow.load(Ordering::SeqCst) {
+                let _ = to.shutdown(Shutdown::Write);
+            }
+        })
+    };
+    let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+    let mut upstream = server.try_clone().unwrap();
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match std::io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = server.shutdown(Shutdown::Both);
+                    let _ = relay.join();
+                    return;
+                }
+                Ok(_) => {}
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            break;
+        }
+        seen.fetch_add(1, Ordering::SeqCst);
+        let fault = rule(&head);
+        if fault == RequestFault::LoseAnswer {
+            faulted.fetch_add(1, Ordering::SeqCst);
+            swallow.store(true, Ordering::SeqCst);
+        }
+        if upstream.write_all(head.as_bytes()).is_err() || upstream.write_all(&body).is_err() {
+            break;
+        }
+        if fault == RequestFault::LoseAnswer {
+            // Long enough for a loopback server to act on it.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = socket_linger_zero(&client);
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    if !swallow.load(Ordering::SeqCst) {
+        let _ = client.shutdown(Shutdown::Both);
+    }
+    let _ = relay.join();
 }
 
 impl Drop for FaultProxy {
