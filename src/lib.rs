@@ -11,6 +11,7 @@
 //! `main`.
 #![deny(missing_docs)]
 
+pub mod caught_panic;
 pub mod cli;
 pub mod commands;
 pub mod config;

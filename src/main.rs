@@ -20,7 +20,12 @@ fn main() -> ExitCode {
     };
     let human = logging::init(cli.log_format, cli.verbose, cli.quiet);
     std::panic::set_hook(Box::new(|info| {
-        tracing::error!(panic = %info, "Internal error.");
+        if anomaly_pipeline::caught_panic::is_caught() {
+            // Reported by the code that caught it, as the error it stands for.
+            tracing::debug!(panic = %info, "A guarded call panicked.");
+        } else {
+            tracing::error!(panic = %info, "Internal error.");
+        }
     }));
     let result = std::panic::catch_unwind(|| {
         let rt = tokio::runtime::Builder::new_multi_thread()

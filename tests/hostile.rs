@@ -469,5 +469,10 @@ fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
         "{}",
         out.stderr
     );
+    assert!(
+        !out.stderr.contains("Internal error") && !out.stderr.contains("panicked"),
+        "a caught panic is not reported as a bug: {}",
+        out.stderr
+    );
     assert!(!d.join("out/runs").exists(), "nothing committed");
 }

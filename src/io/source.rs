@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
@@ -182,8 +182,7 @@ impl Source {
                 // The parquet crate panics on some corrupt pages (found by fuzzing). Unguarded,
                 // the panic would end this task, close the channel, and look to the consumer
                 // like the end of the data: rows silently lost.
-                let result = std::panic::AssertUnwindSafe(reading)
-                    .catch_unwind()
+                let result = crate::caught_panic::catching(reading)
                     .await
                     .unwrap_or_else(|panic| Err(reader_panic(&file.uri, &*panic)));
                 if let Err(e) = result {
