@@ -246,3 +246,140 @@ fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
         .unwrap_or(0);
     assert_eq!(staged, 0, "nothing staged is left behind");
 }
+
+/// Runs `args` with the process set to abort at crash point `point` (see
+/// `src/pipeline/crash_point.rs`) and checks it died there.
+fn crash_at(dir: &Path, args: &[&str], point: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PIPELINE_LOG")
+        .env("PIPELINE_CRASH_AT", point)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("PIPELINE_CRASH_AT={point}: aborting")),
+        "{point}: did not die there: {stderr}"
+    );
+}
+
+fn staged_entries(out: &Path) -> usize {
+    std::fs::read_dir(out.join("_staging"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A crash at each named point of a run (the model's weights written but not its model.json,
+/// and each step of the commit protocol): readers see exactly the previous complete run where
+/// the protocol promises it (before `_SUCCESS` is removed, and after the new one is written)
+/// and nothing in between, never a mix; a rerun then publishes exactly the clean rows. The
+/// same for a shard killed after staging: rerunning it, then the other, publishes once.
+#[test]
+fn a_crash_at_every_commit_step_leaves_the_previous_run_or_nothing_and_a_rerun_repairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    write_tensor_u8(
+        &d.join("frames.parquet"),
+        &ids(0, 600),
+        &images(600, 10, 10, 9),
+        &[10, 10],
+    );
+    // Several part files per table, so a crash can fall between two moves.
+    std::fs::write(
+        d.join("p.toml"),
+        "[pipeline]\nname = \"test\"\n\n[source]\nuri = \"frames.parquet\"\n\n\
+         [sink]\nuri = \"out\"\nmax_rows_per_file = 250\n\n[model]\nkind = \"ar\"\nk = 3\n",
+    )
+    .unwrap();
+    let run = ["run", "p.toml", "--run-id", RUN, "-q"];
+
+    // Nothing complete yet: a crash anywhere leaves the run invisible.
+    for point in ["model.weights-written", "commit.manifest-written"] {
+        crash_at(d, &run, point);
+        assert_eq!(visible_rows(&out), None, "{point}");
+    }
+    pipeline(d, &run, &[]).expect(0);
+    let want = visible_rows(&out).expect("the clean run is visible");
+    assert_eq!(want.len(), 600);
+
+    // (point, whether the previous complete run is still visible after a crash there)
+    let points = [
+        ("model.weights-written", true),
+        ("commit.started", true),
+        ("commit.success-removed", false),
+        ("commit.old-parts-removed", false),
+        ("commit.first-part-moved", false),
+        ("commit.manifest-written", false),
+        ("commit.published", true),
+    ];
+    for (point, previous_visible) in points {
+        crash_at(d, &run, point);
+        let seen = visible_rows(&out);
+        if previous_visible {
+            assert_eq!(seen.as_deref(), Some(&want[..]), "after a crash at {point}");
+        } else {
+            assert_eq!(seen, None, "after a crash at {point}");
+        }
+        for entry in std::fs::read_dir(out.join("models")).unwrap() {
+            let model = entry.unwrap().path();
+            if model.join("model.json").exists() {
+                assert!(model.join("model.safetensors").exists(), "{model:?}");
+            }
+        }
+        pipeline(d, &run, &[]).expect(0);
+        assert_eq!(
+            visible_rows(&out).as_deref(),
+            Some(&want[..]),
+            "rerun after {point}"
+        );
+        assert_eq!(
+            staged_entries(&out),
+            0,
+            "rerun after {point} leaves nothing staged"
+        );
+    }
+
+    // A shard dies after staging its rows; rerunning it and the other publishes them once. The
+    // file is one row group, so shard 1 owns none: it must stage an empty share, not fail.
+    let fit = pipeline(d, &["fit", "p.toml"], &[]);
+    fit.expect(0);
+    let model = fit
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("model: ")
+        .to_string();
+    let shard = |i: &str| {
+        [
+            "score", "p.toml", "--model", &model, "--run-id", "sharded", "--shard", i, "-q",
+        ]
+        .map(String::from)
+    };
+    let args = shard("0/2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crash_at(d, &args, "shard.staged");
+    pipeline(d, &args, &[]).expect(0);
+    let args1 = shard("1/2");
+    let args1: Vec<&str> = args1.iter().map(String::as_str).collect();
+    pipeline(d, &args1, &[]).expect(0);
+    assert!(out.join("runs/sharded/_SUCCESS").exists());
+    let mut sharded: Vec<(String, f64)> = Vec::new();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("runs/sharded/manifest.json")).unwrap())
+            .unwrap();
+    for f in manifest["tables"]["scores"].as_array().unwrap() {
+        let batches = read_table_file(&out.join(f.as_str().unwrap()));
+        let ids = strings(&batches, "id");
+        sharded.extend(
+            ids.into_iter()
+                .map(Option::unwrap)
+                .zip(floats(&batches, "log_likelihood")),
+        );
+    }
+    sharded.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(sharded, want, "each image once, scored as in one process");
+    assert_eq!(staged_entries(&out), 0);
+}

@@ -331,6 +331,7 @@ pub fn save(
     if let Some(b) = background_weights {
         sink.put(&format!("{dir}/background.safetensors"), Bytes::from(b))?;
     }
+    crate::pipeline::crash_point::reached("model.weights-written");
     let mut json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
     json.push(b'\n');
     sink.put(&format!("{dir}/model.json"), Bytes::from(json))?;

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::io::storage::Storage;
 use crate::io::tables::{Table, WrittenTable, run_of_part};
 
+use super::crash_point;
 use super::manifest::Manifest;
 
 /// Where a committed run's pieces are, relative to the sink.
@@ -35,7 +36,9 @@ pub fn commit(
     manifest: &mut Manifest,
 ) -> Result<Committed> {
     let run_dir = format!("runs/{run_id}");
+    crash_point::reached("commit.started");
     sink.delete(&format!("{run_dir}/_SUCCESS"))?;
+    crash_point::reached("commit.success-removed");
     for table in Table::ALL {
         for old in sink.list(table.dir())? {
             let rel = sink.relative(&old.location);
@@ -45,6 +48,7 @@ pub fn commit(
             }
         }
     }
+    crash_point::reached("commit.old-parts-removed");
     let mut files = Vec::new();
     for (table, written) in staged {
         let mut finals = Vec::new();
@@ -55,6 +59,7 @@ pub fn commit(
                 .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
             let to = format!("{}/{name}", table.dir());
             sink.rename(from, &to)?;
+            crash_point::reached("commit.first-part-moved");
             finals.push(to);
         }
         files.push((*table, finals));
@@ -69,7 +74,9 @@ pub fn commit(
     json.push(b'\n');
     let manifest_path = format!("{run_dir}/manifest.json");
     sink.put(&manifest_path, Bytes::from(json))?;
+    crash_point::reached("commit.manifest-written");
     sink.put(&format!("{run_dir}/_SUCCESS"), Bytes::new())?;
+    crash_point::reached("commit.published");
     discard_staging(sink, run_id)?;
     Ok(Committed {
         files,

@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod commit;
+pub mod crash_point;
 pub mod fit;
 pub mod manifest;
 pub mod progress;
@@ -185,6 +186,7 @@ pub fn run(
         return Ok(summary(manifest, committed.manifest, Vec::new()));
     };
     shards::stage(&sink, shard, &manifest, &scored.tables)?;
+    crash_point::reached("shard.staged");
     tracing::info!(
         shard = shard.index,
         shards = shard.count,

@@ -329,13 +329,20 @@ pub fn score(
             "the source changed while it was being scored (fewer images on the second pass); run again",
         ));
     }
-    counts.check(&config.source.uri, config.source.max_reject_fraction)?;
+    let empty_shard = shard.is_some() && counts.rows == 0 && source.total_rows() > 0;
+    if empty_shard {
+        // More shards than row groups: this worker's share is empty, and it must still stage
+        // it, or the run would wait for it forever.
+        tracing::info!("This shard owns no row group of the source; it stages an empty share.");
+    } else {
+        counts.check(&config.source.uri, config.source.max_reject_fraction)?;
+    }
     let scored: u64 = per_partition.values().map(|p| p.scored).sum();
     let unmodelled: u64 = unmodelled_values.values().sum();
     for (value, images) in &unmodelled_values {
         tracing::warn!(partition = %value, images, "No model for this partition: its images were scored by none and not flagged.");
     }
-    if scored == 0 && unmodelled == 0 {
+    if scored == 0 && unmodelled == 0 && !empty_shard {
         return Err(Error::data(
             &config.source.uri,
             "no image could be scored: every row was rejected",
