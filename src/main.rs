@@ -9,6 +9,12 @@ use anomaly_pipeline::pipeline::Context;
 use anomaly_pipeline::{commands, logging};
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: with glibc, peak memory crept up with the number of images
+/// scored (its mmap threshold rises after large frees, and later batch-sized buffers then
+/// fragment the heap arenas): 224 MB after 200,000 images, 311 MB after 2,000,000.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

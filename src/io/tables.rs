@@ -320,8 +320,10 @@ pub fn run_of_part(name: &str) -> Option<&str> {
 /// Rows per Parquet row group of the tables written.
 pub const ROW_GROUP_ROWS: usize = 65_536;
 
-/// Bytes a row group may reach in memory before it is written out.
-pub const ROW_GROUP_BYTES: usize = 32 << 20;
+/// Bytes a row group may reach in memory before it is written out. The anomalies table (a
+/// per-pixel map per row) reaches it first; at 8 MiB a run that flags many images holds no
+/// more in the writer than one that flags few, so peak memory does not grow with the input.
+pub const ROW_GROUP_BYTES: usize = 8 << 20;
 
 /// What a finished [`TableWriter`] wrote.
 #[derive(Debug, Clone, Default)]

@@ -84,11 +84,15 @@ pub fn decoders(
 ///
 /// `shape` starts as the shape images must have (the model's), or `None` to take the first
 /// image's; rows of any other shape are rejected.
+///
+/// Decoding and preprocessing run on a thread of their own, one batch ahead of `each`: while
+/// `each` scores batch k on every core, batch k + 1 is being made ready, so the cores do not
+/// wait for it between batches. The channel between them holds one batch, which bounds memory.
 pub fn for_each_batch(
     source: &Source,
     config: &SourceConfig,
     preprocess: &Preprocessor,
-    mut shape: Option<ImageShape>,
+    shape: Option<ImageShape>,
     progress: &Progress,
     mut each: impl FnMut(ImageBatch, Vec<Reject>) -> Result<()>,
 ) -> Result<ReadCounts> {
@@ -97,20 +101,51 @@ pub fn for_each_batch(
     columns.sort();
     columns.dedup();
     let mut counts = ReadCounts::default();
-    for item in source.stream(&columns, config.batch_size) {
-        super::cancel::check()?;
-        let item = item?;
-        let (mut batch, rejects) =
-            decoders[item.file].decode(&item.batch, item.first_row, &mut shape)?;
-        counts.rows += item.batch.num_rows() as u64;
-        counts.rejected += rejects.len() as u64;
-        let room = QUOTED_REJECTS.saturating_sub(counts.examples.len());
-        counts.examples.extend(rejects.iter().take(room).cloned());
-        preprocess.apply(&mut batch);
-        progress.inc(item.batch.num_rows() as u64);
-        each(batch, rejects)?;
-    }
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared>>(1);
+        scope.spawn(move || {
+            let mut shape = shape;
+            for item in source.stream(&columns, config.batch_size) {
+                let prepared = super::cancel::check().and(item).and_then(|item| {
+                    let (mut batch, rejects) =
+                        decoders[item.file].decode(&item.batch, item.first_row, &mut shape)?;
+                    preprocess.apply(&mut batch);
+                    Ok(Prepared {
+                        rows: item.batch.num_rows() as u64,
+                        batch,
+                        rejects,
+                    })
+                });
+                let failed = prepared.is_err();
+                // A closed channel means the consumer stopped (on an error of its own).
+                if tx.send(prepared).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for prepared in rx {
+            let Prepared {
+                rows,
+                batch,
+                rejects,
+            } = prepared?;
+            counts.rows += rows;
+            counts.rejected += rejects.len() as u64;
+            let room = QUOTED_REJECTS.saturating_sub(counts.examples.len());
+            counts.examples.extend(rejects.iter().take(room).cloned());
+            progress.inc(rows);
+            each(batch, rejects)?;
+        }
+        Ok(())
+    })?;
     Ok(counts)
+}
+
+/// A batch made ready for `each` by the decoding thread.
+struct Prepared {
+    rows: u64,
+    batch: ImageBatch,
+    rejects: Vec<Reject>,
 }
 
 /// The partition value of every image of `batch`: the values of `config.partition_by` (which
