@@ -76,6 +76,13 @@ def run_measured(args, env=None):
     return result["wall"], result["rss_kb"] / 1024
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +110,7 @@ def main():
     ap.add_argument("--sizes", default="200000,2000000")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--no-local", action="store_true")
     ap.add_argument("--dir", default="/tmp/anomaly-scale")
     a = ap.parse_args()
     if not os.path.exists(MNIST):
@@ -138,9 +146,10 @@ def main():
 
     rows = []
 
-    def measure(label, n, source, sink, env=None):
-        walls, rss = [], []
+    def measure(label, n, source, sink, env=None, server=None):
+        walls, rss, server_cpu = [], [], []
         for r in range(a.repeats):
+            before = cpu_seconds(server.pid) if server else 0.0
             wall, peak = run_measured(
                 [BIN, "score", config, "--model", model, "--run-id", f"scale-{n}-{r}",
                  "--set", f'source.uri="{source}"', "--set", f'sink.uri="{sink}"', "-q"],
@@ -148,13 +157,20 @@ def main():
             )
             walls.append(wall)
             rss.append(peak)
+            if server:
+                server_cpu.append(cpu_seconds(server.pid) - before)
         wall = statistics.median(walls)
         rate = n / wall
         rows.append((label, wall, rate, statistics.median(rss), max(rss), rate / kernel))
         print(f"  {label}: {wall:.1f} s, {rate:,.0f} img/s ({rate / kernel:.0%} of kernel-only), "
               f"peak RSS {statistics.median(rss):.0f} MB (max {max(rss):.0f})", flush=True)
+        if server_cpu:
+            # The server shares the two cores with the pipeline; say how much it took.
+            cpu = statistics.median(server_cpu)
+            print(f"    the S3 server itself used {cpu:.1f} CPU-seconds per run "
+                  f"({cpu / wall:.0%} of one core over the run)", flush=True)
 
-    for n in sizes:
+    for n in [] if a.no_local else sizes:
         measure(f"{n:,} images, local Parquet", n,
                 os.path.join(a.dir, f"tiled-{n}.parquet"), os.path.join(a.dir, "sink-local"))
 
@@ -179,7 +195,7 @@ def main():
                     s3.upload_file(os.path.join(a.dir, f"tiled-{n}.parquet"), "frames",
                                    f"tiled-{n}.parquet")
                     measure(f"{n:,} images, moto S3 on loopback", n,
-                            f"s3://frames/tiled-{n}.parquet", f"s3://frames/out-{n}", env)
+                            f"s3://frames/tiled-{n}.parquet", f"s3://frames/out-{n}", env, server)
                     s3.delete_object(Bucket="frames", Key=f"tiled-{n}.parquet")
             finally:
                 server.kill()
