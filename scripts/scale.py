@@ -9,10 +9,15 @@ shared MNIST (../shared/data, not in the repository: skips cleanly without it), 
 (`cargo build --release`), and for the S3 rows moto[server] and boto3 (PyPI).
 
     python3 scripts/scale.py [--sizes 200000,2000000] [--repeats 3] [--no-s3] [--dir /tmp/anomaly-scale]
+
+moto is a Python server and takes a good share of two cores itself; `--s3s-fs PATH` serves the
+bucket with s3s-fs instead (a Rust S3 server over a directory: `cargo install s3s-fs@0.14.1
+--features binary`), which leaves the cores to the pipeline.
 """
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -89,12 +94,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_moto(port):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_server(port, s3s_fs, root):
+    """moto's server, or s3s-fs over `root` when its binary is given."""
+    if s3s_fs:
+        shutil.rmtree(root, ignore_errors=True)  # an earlier run's bucket
+        os.makedirs(root)
+        args = [s3s_fs, "--host", "127.0.0.1", "--port", str(port),
+                "--access-key", "k", "--secret-key", "s", root]
+    else:
+        args = [sys.executable, "-m", "moto.server", "-p", str(port)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -102,7 +111,7 @@ def start_moto(port):
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    sys.exit("moto's server did not start")
+    sys.exit(f"the S3 server did not start: {args}")
 
 
 def main():
@@ -111,6 +120,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--no-local", action="store_true")
+    ap.add_argument("--s3s-fs", metavar="PATH", help="serve S3 with this s3s-fs binary, not moto")
     ap.add_argument("--dir", default="/tmp/anomaly-scale")
     a = ap.parse_args()
     if not os.path.exists(MNIST):
@@ -177,12 +187,14 @@ def main():
     if not a.no_s3:
         try:
             import boto3  # noqa: F401
-            import moto.server  # noqa: F401
+            if not a.s3s_fs:
+                import moto.server  # noqa: F401
         except ImportError:
             print("S3 rows skipped: pip install 'moto[server]' boto3")
         else:
             port = free_port()
-            server = start_moto(port)
+            server = start_server(port, a.s3s_fs, os.path.join(a.dir, "s3s-root"))
+            server_name = "s3s-fs" if a.s3s_fs else "moto's S3"
             try:
                 endpoint = f"http://127.0.0.1:{port}"
                 s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k",
@@ -194,7 +206,7 @@ def main():
                 for n in sizes:
                     s3.upload_file(os.path.join(a.dir, f"tiled-{n}.parquet"), "frames",
                                    f"tiled-{n}.parquet")
-                    measure(f"{n:,} images, moto S3 on loopback", n,
+                    measure(f"{n:,} images, {server_name} on loopback", n,
                             f"s3://frames/tiled-{n}.parquet", f"s3://frames/out-{n}", env, server)
                     s3.delete_object(Bucket="frames", Key=f"tiled-{n}.parquet")
             finally:

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::Axis;
+use ndarray::{Array2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
 use super::Context;
@@ -155,9 +155,7 @@ pub fn score(
                 let keys = partition_keys(&batch, &config.source)?;
                 for (value, rows) in group_rows(&keys) {
                     if let Some(part) = parts.get(value) {
-                        let s = part
-                            .scorer
-                            .scores(batch.pixels.select(Axis(0), &rows).view())?;
+                        let s = part.scorer.scores(rows_of(&batch.pixels, &rows).view())?;
                         all.entry(value.to_string())
                             .or_default()
                             .extend(s.nll.into_iter().zip(s.score));
@@ -252,9 +250,7 @@ pub fn score(
                             score: got.iter().map(|p| p.1).collect(),
                         }
                     }
-                    None => part
-                        .scorer
-                        .scores(batch.pixels.select(Axis(0), &rows).view())?,
+                    None => part.scorer.scores(rows_of(&batch.pixels, &rows).view())?,
                 };
                 let meta = &part.model.meta;
                 let calibration = &meta.calibration_scores;
@@ -369,6 +365,16 @@ pub fn score(
 }
 
 /// Row indices per partition value, in first-seen order within each value.
+/// The rows `rows` (ascending) of `pixels`: borrowed when they are all of them (an unpartitioned
+/// source, the common case), copied otherwise.
+fn rows_of<'a>(pixels: &'a Array2<u8>, rows: &[usize]) -> CowArray<'a, u8, Ix2> {
+    if rows.len() == pixels.nrows() {
+        CowArray::from(pixels.view())
+    } else {
+        CowArray::from(pixels.select(Axis(0), rows))
+    }
+}
+
 fn group_rows(keys: &[String]) -> BTreeMap<&str, Vec<usize>> {
     let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, k) in keys.iter().enumerate() {
