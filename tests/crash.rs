@@ -344,14 +344,7 @@ fn a_crash_at_every_commit_step_leaves_the_previous_run_or_nothing_and_a_rerun_r
     // A shard dies after staging its rows; rerunning it and the other publishes them once. The
     // file is one row group, so shard 1 owns none: it must stage an empty share, not fail.
     let fit = pipeline(d, &["fit", "p.toml"], &[]);
-    fit.expect(0);
-    let model = fit
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim_start_matches("model: ")
-        .to_string();
+    let model = fitted_model(&fit);
     let shard = |i: &str| {
         [
             "score", "p.toml", "--model", &model, "--run-id", "sharded", "--shard", i, "-q",

@@ -23,15 +23,9 @@ fn demo(source: &str, sink: &str, run_id: &str, env: &[(&str, &str)], extra: &[&
 
 #[test]
 fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
-    let Some(server) = S3Server::start() else {
+    let Some(server) = S3Server::with_demo_digits() else {
         return;
     };
-    server.create_bucket("frames");
-    server.upload(
-        "frames",
-        "demo/digits.parquet",
-        &repo().join("data/demo/digits.parquet"),
-    );
     let env_owned = server.env();
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
 
@@ -174,14 +168,7 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
         &["fit", "pipelines/demo.toml"],
         &[("DEMO_OUT", d.join("m").to_str().unwrap())],
     );
-    fit.expect(0);
-    let model = fit
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim_start_matches("model: ")
-        .to_string();
+    let model = fitted_model(&fit);
     let sink = d.join("out");
     let args = |run: &'static str| -> Vec<String> {
         [
@@ -276,15 +263,9 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
 fn injected_storage_faults_are_retried_or_end_in_75() {
     use crate::common::fault_proxy::{Fault, FaultProxy};
     use std::time::Duration;
-    let Some(server) = S3Server::start() else {
+    let Some(server) = S3Server::with_demo_digits() else {
         return;
     };
-    server.create_bucket("frames");
-    server.upload(
-        "frames",
-        "demo/digits.parquet",
-        &repo().join("data/demo/digits.parquet"),
-    );
     let proxy = FaultProxy::start(server.port(), |n| match n % 6 {
         1 => Fault::Throttle,
         3 if (n / 6) % 2 == 0 => Fault::ServerError,
@@ -363,15 +344,9 @@ fn requests_whose_answer_is_lost_are_retried_without_harm() {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-    let Some(server) = S3Server::start() else {
+    let Some(server) = S3Server::with_demo_digits() else {
         return;
     };
-    server.create_bucket("frames");
-    server.upload(
-        "frames",
-        "demo/digits.parquet",
-        &repo().join("data/demo/digits.parquet"),
-    );
     // Lost answers per kind: delete, create, copy.
     let lost: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
     let attempts: Mutex<HashMap<String, usize>> = Mutex::default();

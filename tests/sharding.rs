@@ -16,14 +16,7 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
         &["fit", "pipelines/demo.toml"],
         &[("DEMO_OUT", fit_out.to_str().unwrap())],
     );
-    fit.expect(0);
-    let model = fit
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim_start_matches("model: ")
-        .to_string();
+    let model = fitted_model(&fit);
     let set_source = format!("source.uri=\"{}\"", demo.display());
     let cfg = repo().join("pipelines/demo.toml").display().to_string();
 

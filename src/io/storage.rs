@@ -148,29 +148,41 @@ impl Storage {
     /// itself, since a blind retry cannot tell "mine" from "someone else's".
     pub fn put_if_absent(&self, rel: &str, token: Bytes) -> Result<bool> {
         let path = self.path(rel);
-        let retries = settings().max_retries;
-        let mut attempt = 0;
-        loop {
+        self.with_retries(rel, "create", |attempt| {
             let result = self.rt.block_on(self.store.put_opts(
                 &path,
                 PutPayload::from(token.clone()),
                 object_store::PutMode::Create.into(),
             ));
             match result {
-                Ok(_) => return Ok(true),
-                Err(object_store::Error::AlreadyExists { .. }) if attempt == 0 => return Ok(false),
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) if attempt == 0 => Ok(false),
                 // An earlier attempt of ours may have created it.
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    return Ok(self.get(rel)? == token);
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(self.get(rel)? == token),
+                Err(e) => Err(from_store(&self.display(rel), e)),
+            }
+        })
+    }
+
+    /// Runs `op` (given its attempt number, from 0) again after each transient error, up to
+    /// `[storage] max_retries` times with backoff: for the requests the store's client leaves
+    /// to us (see [`Self::delete`] and [`Self::put_if_absent`]).
+    fn with_retries<T>(
+        &self,
+        rel: &str,
+        what: &str,
+        mut op: impl FnMut(usize) -> Result<T>,
+    ) -> Result<T> {
+        let retries = settings().max_retries;
+        let mut attempt = 0;
+        loop {
+            match op(attempt) {
+                Err(Error::Transient { .. }) if attempt < retries => {
+                    attempt += 1;
+                    tracing::debug!(uri = %self.display(rel), attempt, what, "Retrying.");
+                    std::thread::sleep(backoff(attempt));
                 }
-                Err(e) => match from_store(&self.display(rel), e) {
-                    Error::Transient { .. } if attempt < retries => {
-                        attempt += 1;
-                        tracing::debug!(uri = %self.display(rel), attempt, "Retrying a create.");
-                        std::thread::sleep(backoff(attempt));
-                    }
-                    other => return Err(other),
-                },
+                other => return other,
             }
         }
     }
@@ -200,21 +212,12 @@ impl Storage {
     /// (a connection reset mid-request), although deleting twice is harmless.
     pub fn delete(&self, rel: &str) -> Result<()> {
         let path = self.path(rel);
-        let retries = settings().max_retries;
-        let mut attempt = 0;
-        loop {
+        self.with_retries(rel, "delete", |_| {
             match self.rt.block_on(self.store.delete(&path)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
-                Err(e) => match from_store(&self.display(rel), e) {
-                    Error::Transient { .. } if attempt < retries => {
-                        attempt += 1;
-                        tracing::debug!(uri = %self.display(rel), attempt, "Retrying a delete.");
-                        std::thread::sleep(backoff(attempt));
-                    }
-                    other => return Err(other),
-                },
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(from_store(&self.display(rel), e)),
             }
-        }
+        })
     }
 
     /// Whether an object exists at `rel`.

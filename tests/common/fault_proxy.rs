@@ -54,6 +54,20 @@ impl FaultProxy {
     /// Proxies to `127.0.0.1:target`, choosing each connection's fate with `schedule(n)` (n
     /// counts connections from 0).
     pub fn start(target: u16, schedule: impl Fn(usize) -> Fault + Send + Sync + 'static) -> Self {
+        Self::listen(move |client, seen, faulted| {
+            let fault = schedule(seen.fetch_add(1, Ordering::SeqCst));
+            if fault != Fault::None {
+                faulted.fetch_add(1, Ordering::SeqCst);
+            }
+            std::thread::spawn(move || handle(client, target, fault));
+        })
+    }
+
+    /// Accepts connections on a free loopback port until dropped, handing each to `accept`
+    /// with the counters.
+    fn listen(
+        accept: impl Fn(TcpStream, &Arc<AtomicUsize>, &Arc<AtomicUsize>) + Send + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -66,12 +80,7 @@ impl FaultProxy {
                 match listener.accept() {
                     Ok((client, _)) => {
                         client.set_nonblocking(false).unwrap();
-                        let n = seen2.fetch_add(1, Ordering::SeqCst);
-                        let fault = schedule(n);
-                        if fault != Fault::None {
-                            faulted2.fetch_add(1, Ordering::SeqCst);
-                        }
-                        std::thread::spawn(move || handle(client, target, fault));
+                        accept(client, &seen2, &faulted2);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -94,33 +103,10 @@ impl FaultProxy {
         rule: impl Fn(&str) -> RequestFault + Send + Sync + 'static,
     ) -> Self {
         let rule: Arc<dyn Fn(&str) -> RequestFault + Send + Sync> = Arc::new(rule);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        listener.set_nonblocking(true).unwrap();
-        let seen = Arc::new(AtomicUsize::new(0));
-        let faulted = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (seen2, faulted2, stop2) = (seen.clone(), faulted.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        client.set_nonblocking(false).unwrap();
-                        let (rule, seen, faulted) = (rule.clone(), seen2.clone(), faulted2.clone());
-                        std::thread::spawn(move || {
-                            handle_requests(client, target, &*rule, &seen, &faulted)
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Self {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            seen,
-            faulted,
-            stop,
-        }
+        Self::listen(move |client, seen, faulted| {
+            let (rule, seen, faulted) = (rule.clone(), seen.clone(), faulted.clone());
+            std::thread::spawn(move || handle_requests(client, target, &*rule, &seen, &faulted));
+        })
     }
 }
 

@@ -523,3 +523,14 @@ pub fn optional_floats(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> 
         })
         .collect()
 }
+
+/// The model directory a successful `pipeline fit` printed (its last line, `model: DIR`).
+pub fn fitted_model(fit: &Output) -> String {
+    fit.expect(0);
+    fit.stdout
+        .lines()
+        .last()
+        .expect("fit prints the model")
+        .trim_start_matches("model: ")
+        .to_string()
+}

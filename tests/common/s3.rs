@@ -90,6 +90,19 @@ impl S3Server {
         self.port
     }
 
+    /// A server with bucket `frames` holding the bundled digits at `demo/digits.parquet`, or
+    /// `None` where no server can run (see [`S3Server::start`]).
+    pub fn with_demo_digits() -> Option<Self> {
+        let server = Self::start()?;
+        server.create_bucket("frames");
+        server.upload(
+            "frames",
+            "demo/digits.parquet",
+            &super::repo().join("data/demo/digits.parquet"),
+        );
+        Some(server)
+    }
+
     /// The environment a pipeline needs to reach it (fake credentials: moto checks none).
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
