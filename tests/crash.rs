@@ -345,19 +345,14 @@ fn a_crash_at_every_commit_step_leaves_the_previous_run_or_nothing_and_a_rerun_r
     // file is one row group, so shard 1 owns none: it must stage an empty share, not fail.
     let fit = pipeline(d, &["fit", "p.toml"], &[]);
     let model = fitted_model(&fit);
-    let shard = |i: &str| {
+    let shard = |i: &'static str| {
         [
             "score", "p.toml", "--model", &model, "--run-id", "sharded", "--shard", i, "-q",
         ]
-        .map(String::from)
     };
-    let args = shard("0/2");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    crash_at(d, &args, "shard.staged");
-    pipeline(d, &args, &[]).expect(0);
-    let args1 = shard("1/2");
-    let args1: Vec<&str> = args1.iter().map(String::as_str).collect();
-    pipeline(d, &args1, &[]).expect(0);
+    crash_at(d, &shard("0/2"), "shard.staged");
+    pipeline(d, &shard("0/2"), &[]).expect(0);
+    pipeline(d, &shard("1/2"), &[]).expect(0);
     assert!(out.join("runs/sharded/_SUCCESS").exists());
     let mut sharded: Vec<(String, f64)> = Vec::new();
     let manifest: serde_json::Value =

@@ -84,13 +84,19 @@ pub fn commit(
     })
 }
 
+/// The commit lock of sharded run `run_id` (see `shards::try_commit`): a create-if-absent
+/// object inside the run's staging directory, so exactly one worker takes it.
+pub fn lock_path(run_id: &str) -> String {
+    format!("_staging/{run_id}/commit.lock")
+}
+
 /// Removes everything staged for `run_id` (after a commit, or after a failed run).
 ///
 /// The shards' commit lock goes last: while it stands, no other worker can take it, and once
 /// it is gone so are the shard records a second commit would need (see `shards::try_commit`).
 pub fn discard_staging(sink: &Storage, run_id: &str) -> Result<()> {
     let dir = format!("_staging/{run_id}");
-    let lock = format!("{dir}/commit.lock");
+    let lock = lock_path(run_id);
     for leftover in sink.list(&dir)? {
         let rel = sink.relative(&leftover.location);
         if rel != lock {

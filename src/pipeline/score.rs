@@ -325,24 +325,23 @@ pub fn score(
             "the source changed while it was being scored (fewer images on the second pass); run again",
         ));
     }
-    let empty_shard = shard.is_some() && counts.rows == 0 && source.total_rows() > 0;
-    if empty_shard {
+    let scored: u64 = per_partition.values().map(|p| p.scored).sum();
+    let unmodelled: u64 = unmodelled_values.values().sum();
+    if shard.is_some() && counts.rows == 0 && source.total_rows() > 0 {
         // More shards than row groups: this worker's share is empty, and it must still stage
         // it, or the run would wait for it forever.
         tracing::info!("This shard owns no row group of the source; it stages an empty share.");
     } else {
         counts.check(&config.source.uri, config.source.max_reject_fraction)?;
+        if scored == 0 && unmodelled == 0 {
+            return Err(Error::data(
+                &config.source.uri,
+                "no image could be scored: every row was rejected",
+            ));
+        }
     }
-    let scored: u64 = per_partition.values().map(|p| p.scored).sum();
-    let unmodelled: u64 = unmodelled_values.values().sum();
     for (value, images) in &unmodelled_values {
         tracing::warn!(partition = %value, images, "No model for this partition: its images were scored by none and not flagged.");
-    }
-    if scored == 0 && unmodelled == 0 && !empty_shard {
-        return Err(Error::data(
-            &config.source.uri,
-            "no image could be scored: every row was rejected",
-        ));
     }
     Ok(Scored {
         counts,
@@ -364,7 +363,6 @@ pub fn score(
     })
 }
 
-/// Row indices per partition value, in first-seen order within each value.
 /// The rows `rows` (ascending) of `pixels`: borrowed when they are all of them (an unpartitioned
 /// source, the common case), copied otherwise.
 fn rows_of<'a>(pixels: &'a Array2<u8>, rows: &[usize]) -> CowArray<'a, u8, Ix2> {
@@ -375,6 +373,7 @@ fn rows_of<'a>(pixels: &'a Array2<u8>, rows: &[usize]) -> CowArray<'a, u8, Ix2> 
     }
 }
 
+/// Row indices per partition value, in first-seen order within each value.
 fn group_rows(keys: &[String]) -> BTreeMap<&str, Vec<usize>> {
     let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, k) in keys.iter().enumerate() {

@@ -4,7 +4,7 @@
 //! all N records takes the commit lock (a create-if-absent object) and publishes the run with
 //! one manifest that adds the shards up; `pipeline commit` does the same by hand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -97,10 +97,20 @@ fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, Sha
     Ok(found)
 }
 
-/// The shards of `count` that have not staged their record yet.
+/// The shards of `count` that have not staged their record yet, by the records' names alone
+/// (one listing, no reads).
 pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
-    let found = records(sink, run_id, count)?;
-    Ok((0..count).filter(|i| !found.contains_key(i)).collect())
+    let suffix = format!("-of-{count}.json");
+    let staged: BTreeSet<u32> = sink
+        .list(&shards_dir(run_id))?
+        .iter()
+        .filter_map(|object| {
+            let rel = sink.relative(&object.location);
+            let name = rel.rsplit('/').next()?;
+            name.strip_suffix(&suffix)?.parse().ok()
+        })
+        .collect();
+    Ok((0..count).filter(|i| !staged.contains(i)).collect())
 }
 
 /// What [`try_commit`] did.
@@ -113,11 +123,6 @@ pub enum CommitOutcome {
     /// Every shard had staged and another worker holds the commit lock, or has already
     /// published the run (and removed the records, this worker's among them).
     PublishedElsewhere,
-}
-
-/// The commit lock of `run_id`: a create-if-absent object, so exactly one worker takes it.
-fn lock_path(run_id: &str) -> String {
-    format!("_staging/{run_id}/commit.lock")
 }
 
 /// What this worker writes into the commit lock: unique to it (host, process, time), so a
@@ -134,10 +139,10 @@ fn lock_token() -> Bytes {
 /// Publishes the run when every shard has staged. `own` is the calling shard (whose record
 /// is staged); `force` (for `pipeline commit`) publishes even when the lock is taken.
 ///
-/// The lock is checked twice against the records: a worker may list every record just before
-/// the publishing worker removes them and take the lock just after it is removed (the lock goes
-/// last, see [`commit::discard_staging`]); re-reading the records under the lock then finds
-/// them gone, and this worker lets go instead of publishing the run a second time.
+/// The records are listed before the lock is taken and read only under it: a worker may list
+/// every record just before the publishing worker removes them and take the lock just after it
+/// is removed (the lock goes last, see [`commit::discard_staging`]); reading the records under
+/// the lock then finds them gone, and this worker lets go instead of publishing the run again.
 pub fn try_commit(
     sink: &Storage,
     run_id: &str,
@@ -145,17 +150,15 @@ pub fn try_commit(
     own: Option<u32>,
     force: bool,
 ) -> Result<CommitOutcome> {
-    let found = records(sink, run_id, count)?;
-    if found.len() < count as usize {
-        if own.is_some_and(|i| !found.contains_key(&i)) {
+    let waiting = missing(sink, run_id, count)?;
+    if !waiting.is_empty() {
+        if own.is_some_and(|i| waiting.contains(&i)) {
             // Our own record is gone: a worker that saw it has published it.
             return Ok(CommitOutcome::PublishedElsewhere);
         }
-        return Ok(CommitOutcome::Waiting(
-            (0..count).filter(|i| !found.contains_key(i)).collect(),
-        ));
+        return Ok(CommitOutcome::Waiting(waiting));
     }
-    let lock = lock_path(run_id);
+    let lock = commit::lock_path(run_id);
     if !sink.put_if_absent(&lock, lock_token())? && !force {
         tracing::info!(run_id, "Another worker is committing this run.");
         return Ok(CommitOutcome::PublishedElsewhere);
