@@ -12,7 +12,8 @@ exits 0). The first 80% of each digit's rows are its training rows; every other 
 The best configuration measured (README, "Decisions"), about 4 minutes on 2 cores:
 
     python3 scripts/one_class.py --kind nade --set model.hidden=200 --set train.epochs=40 \\
-        --set train.patience=3 --methods nll,complexity
+        --set train.patience=3 --set model.k=3 --set model.context=\\"neighbourhood\\" \\
+        --set score.background=\\"ar\\" --methods likelihood_ratio
 
 Needs pyarrow and a release build (`cargo build --release`).
 """

@@ -346,7 +346,10 @@ pub struct ScoreConfig {
     pub method: ScoreMethod,
     /// For `likelihood_ratio`: the background model. `"mutated"` fits the same kind on the
     /// training images with a fraction `mutation_rate` of their pixels replaced at random; a
-    /// model kind (e.g. `"bernoulli"`) fits that simpler kind on the same images.
+    /// model kind (e.g. `"ar"`) fits that kind on the same images with the `[model]` settings
+    /// that apply to it: with `kind = "nade"`, `background = "ar"`, `k = 3` and `context =
+    /// "neighbourhood"`, the background is a local AR-3 model that explains stroke continuity
+    /// but not shape (the best one-class MNIST score measured; README, "Decisions").
     pub background: String,
     /// For `background = "mutated"`: the fraction of pixels replaced by uniform random values,
     /// in (0, 1].
