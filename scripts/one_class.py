@@ -9,7 +9,7 @@ exits 0). The first 80% of each digit's rows are its training rows; every other 
     python3 scripts/one_class.py [--kind ar --set model.k=12 --set model.context=\\"neighbourhood\\"]
                                  [--methods nll,likelihood_ratio,complexity] [--work DIR]
 
-The best configuration measured (README, "Decisions"), about 4 minutes on 2 cores:
+The best configuration measured (README, "Decisions"), 4 to 5 minutes on 2 cores:
 
     python3 scripts/one_class.py --kind nade --set model.hidden=200 --set train.epochs=40 \\
         --set train.patience=3 --set model.k=3 --set model.context=\\"neighbourhood\\" \\
@@ -85,10 +85,13 @@ def main() -> int:
         line = f"{c:>5} "
         for m in methods:
             sink = f"out-{c}-{m}"
-            cfg = work / f"{c}-{m}.toml"
-            cfg.write_text(TEMPLATE.format(source=f"fit-{c}.parquet", kind=args.kind, sink=sink, fdr=args.fdr))
-            score_cfg = work / f"{c}-{m}-score.toml"
-            score_cfg.write_text(TEMPLATE.format(source=f"test-{c}.parquet", kind=args.kind, sink=sink, fdr=args.fdr))
+            def config(name, source):
+                path = work / name
+                path.write_text(TEMPLATE.format(source=source, kind=args.kind, sink=sink, fdr=args.fdr))
+                return path
+
+            cfg = config(f"{c}-{m}.toml", f"fit-{c}.parquet")
+            score_cfg = config(f"{c}-{m}-score.toml", f"test-{c}.parquet")
             fit = subprocess.run(
                 [binary, "fit", cfg.name, "-q", "--set", f'score.method="{m}"', *sets],
                 cwd=work, check=True, capture_output=True, text=True,

@@ -343,8 +343,7 @@ fn a_crash_at_every_commit_step_leaves_the_previous_run_or_nothing_and_a_rerun_r
 
     // A shard dies after staging its rows; rerunning it and the other publishes them once. The
     // file is one row group, so shard 1 owns none: it must stage an empty share, not fail.
-    let fit = pipeline(d, &["fit", "p.toml"], &[]);
-    let model = fitted_model(&fit);
+    let model = fit_model(d, "p.toml");
     let shard = |i: &'static str| {
         [
             "score", "p.toml", "--model", &model, "--run-id", "sharded", "--shard", i, "-q",

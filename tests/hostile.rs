@@ -242,7 +242,7 @@ fn a_png_decompression_bomb_is_rejected_per_row() {
 }
 
 /// Fits a small model and returns its directory.
-fn fitted_model(d: &Path) -> std::path::PathBuf {
+fn small_fitted_model(d: &Path) -> std::path::PathBuf {
     write_tensor_u8(
         &d.join("f.parquet"),
         &ids(0, 200),
@@ -263,7 +263,7 @@ fn fitted_model(d: &Path) -> std::path::PathBuf {
 fn tampered_model_artifacts_are_data_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let model = fitted_model(d);
+    let model = small_fitted_model(d);
     let model_arg = model.to_str().unwrap().to_string();
     let score = ["score", "p.toml", "--model", &model_arg];
     let json_path = model.join("model.json");

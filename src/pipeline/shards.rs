@@ -80,11 +80,7 @@ pub fn stage(
 /// meanwhile (it removes the records after publishing); it counts as not staged.
 fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, ShardRecord>> {
     let mut found = BTreeMap::new();
-    for object in sink.list(&shards_dir(run_id))? {
-        let rel = sink.relative(&object.location);
-        if !rel.ends_with(&format!("-of-{count}.json")) {
-            continue;
-        }
+    for (_, rel) in staged(sink, run_id, count)? {
         let bytes = match sink.get(&rel) {
             Ok(bytes) => bytes,
             Err(Error::InputMissing { .. }) => continue,
@@ -97,18 +93,32 @@ fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, Sha
     Ok(found)
 }
 
-/// The shards of `count` that have not staged their record yet, by the records' names alone
-/// (one listing, no reads).
-pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
+/// The records staged for `run_id` by shards of `count`, as (shard index, path), known by their
+/// names `<index>-of-<count>.json` from one listing.
+fn staged(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<(u32, String)>> {
     let suffix = format!("-of-{count}.json");
-    let staged: BTreeSet<u32> = sink
+    Ok(sink
         .list(&shards_dir(run_id))?
         .iter()
         .filter_map(|object| {
             let rel = sink.relative(&object.location);
-            let name = rel.rsplit('/').next()?;
-            name.strip_suffix(&suffix)?.parse().ok()
+            let index = rel
+                .rsplit('/')
+                .next()?
+                .strip_suffix(&suffix)?
+                .parse()
+                .ok()?;
+            Some((index, rel))
         })
+        .collect())
+}
+
+/// The shards of `count` that have not staged their record yet, by the records' names alone
+/// (one listing, no reads).
+pub fn missing(sink: &Storage, run_id: &str, count: u32) -> Result<Vec<u32>> {
+    let staged: BTreeSet<u32> = staged(sink, run_id, count)?
+        .into_iter()
+        .map(|(index, _)| index)
         .collect();
     Ok((0..count).filter(|i| !staged.contains(i)).collect())
 }

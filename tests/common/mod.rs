@@ -84,13 +84,7 @@ pub fn pipeline(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Runs `pipeline fit CONFIG` in `dir` and returns the model directory it printed.
 pub fn fit_model(dir: &Path, config: &str) -> String {
-    let fit = pipeline(dir, &["fit", config], &[]);
-    fit.expect(0);
-    fit.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("model: "))
-        .expect("fit prints the model's directory")
-        .to_string()
+    fitted_model(&pipeline(dir, &["fit", config], &[]))
 }
 
 /// Writes a pipeline file with the given source and sink and extra TOML.
@@ -524,13 +518,12 @@ pub fn optional_floats(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> 
         .collect()
 }
 
-/// The model directory a successful `pipeline fit` printed (its last line, `model: DIR`).
+/// The model directory a successful `pipeline fit` printed (its line `model: DIR`).
 pub fn fitted_model(fit: &Output) -> String {
     fit.expect(0);
     fit.stdout
         .lines()
-        .last()
-        .expect("fit prints the model")
-        .trim_start_matches("model: ")
+        .find_map(|l| l.strip_prefix("model: "))
+        .expect("fit prints the model's directory")
         .to_string()
 }
