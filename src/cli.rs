@@ -63,6 +63,9 @@ pub enum Command {
     /// Write one self-contained HTML report of a run: score histogram with the threshold,
     /// counts per group, and the top anomalies beside their per-pixel heat maps.
     Report(ReportArgs),
+    /// Query a sink's tables (`scores`, `anomalies`, `rejects`) with SQL (polars dialect), e.g.
+    /// `pipeline query --sink out/demo "SELECT run_id, count(*) FROM scores GROUP BY run_id"`.
+    Query(QueryArgs),
     /// Publish a sharded run whose shards have all staged (when no worker could).
     Commit(CommitArgs),
     /// Measure NADE training and scoring speed: fast kernels on every instruction set this
@@ -217,6 +220,27 @@ pub struct ReportArgs {
     /// Count images per value of this column of the scores table (default: by `model_id`).
     #[arg(long, value_name = "COLUMN")]
     pub by: Option<String>,
+}
+
+/// `pipeline query`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Printed results show the first and last rows of a long result; \
+    set POLARS_FMT_MAX_ROWS (and POLARS_FMT_MAX_COLS) to show more, or write every row with --out."
+)]
+pub struct QueryArgs {
+    /// The SQL query. Tables: `scores` (one row per image), `anomalies` (flagged images with
+    /// per-pixel maps) and `rejects` (rows that could not be used), each over every run the
+    /// sink holds (filter on `run_id`).
+    pub sql: String,
+
+    /// The sink to query (`sink.uri` of the pipeline): a path or an s3://, gs://, az:// URI.
+    #[arg(long, value_name = "URI", env = "PIPELINE_SINK")]
+    pub sink: String,
+
+    /// Write the result to this .parquet or .csv file (a path or URI) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<String>,
 }
 
 /// `pipeline commit`.

@@ -87,6 +87,29 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
     evaluate.expect(0);
     let report: serde_json::Value = serde_json::from_str(&evaluate.stdout).unwrap();
     assert_eq!(report["overall"]["images"], 2000);
+    let query = pipeline(
+        &repo(),
+        &[
+            "query",
+            "--sink",
+            "s3://frames/out",
+            "SELECT count(*) AS images, sum(CAST(is_anomaly AS INT)) AS flagged FROM scores",
+            "--out",
+            "s3://frames/answers/counts.csv",
+        ],
+        &env,
+    );
+    query.expect(0);
+    let answers = tempfile::tempdir().unwrap();
+    server.download("frames", "answers", answers.path());
+    let flagged = bools(&read_table(&local_out.join("scores")), "is_anomaly")
+        .into_iter()
+        .filter(|&f| f)
+        .count();
+    assert_eq!(
+        std::fs::read_to_string(answers.path().join("counts.csv")).unwrap(),
+        format!("images,flagged\n2000,{flagged}\n")
+    );
     // No credential in anything the run printed or wrote.
     let runs = tempfile::tempdir().unwrap();
     server.download("frames", "out/runs", runs.path());
@@ -97,6 +120,8 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
         &run.stderr,
         &evaluate.stdout,
         &evaluate.stderr,
+        &query.stdout,
+        &query.stderr,
         &manifest,
     ] {
         assert!(!text.contains("test-secret") && !text.contains("test-key-id"));

@@ -11,4 +11,5 @@ mod full_disk;
 mod hostile;
 mod layouts;
 mod object_storage;
+mod query;
 mod sharding;

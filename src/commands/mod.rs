@@ -3,6 +3,8 @@
 mod bench;
 mod evaluate;
 mod inspect;
+#[cfg(feature = "query")]
+mod query;
 mod report;
 mod sample;
 
@@ -110,6 +112,14 @@ pub fn dispatch(command: &Command, ctx: &Context) -> Result<()> {
         }
         Command::Evaluate(a) => evaluate::evaluate(a, ctx)?,
         Command::Report(a) => report::report(a, ctx)?,
+        #[cfg(feature = "query")]
+        Command::Query(a) => query::query(a, ctx)?,
+        #[cfg(not(feature = "query"))]
+        Command::Query(_) => {
+            return Err(Error::Usage(
+                "this pipeline was built without `query` (cargo feature `query`, on by default): rebuild with `cargo build --release --features query`, or read the tables with DuckDB or polars".into(),
+            ));
+        }
         Command::Schema(a) => match &a.out_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| crate::error::from_io(dir, e))?;
