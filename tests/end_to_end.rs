@@ -712,3 +712,81 @@ fn the_textures_demo_scores_rgb_patches_and_samples_a_colour_grid() {
         "most sampled pixels have distinct channels: {coloured}"
     );
 }
+
+#[test]
+fn scores_averaged_over_binarization_draws_are_fixed_at_fit_and_keep_maps_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut imgs = images(400, 5, 6, 21);
+    // Images of only 0 and 255 binarize the same way in every draw.
+    for (i, img) in imgs.iter_mut().enumerate().take(10) {
+        img.iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = if (i + j) % 3 == 0 { 255 } else { 0 });
+    }
+    write_tensor_u8(&d.join("d.parquet"), &ids(0, 400), &imgs, &[5, 6]);
+    let extra = |draws: usize| {
+        format!(
+            "[preprocess]\nbinarize = \"stochastic\"\ndraws = {draws}\n\n[threshold]\nquantile = 0.5\n"
+        )
+    };
+    write_config(d, "one.toml", "d.parquet", "out-one", &extra(1));
+    write_config(d, "four.toml", "d.parquet", "out-four", &extra(4));
+    pipeline(d, &["run", "one.toml", "--run-id", "r"], &[]).expect(0);
+    pipeline(d, &["run", "four.toml", "--run-id", "r"], &[]).expect(0);
+    let one = likelihoods(&d.join("out-one/scores"));
+    let four = likelihoods(&d.join("out-four/scores"));
+    // Draw 0 is what both models trained on, so they are the same model: the deterministic
+    // images score alike, and the others are means over three more draws.
+    for (i, id) in ids(0, 400).iter().enumerate() {
+        if i < 10 {
+            assert!(
+                (one[id] - four[id]).abs() < 1e-9,
+                "{id}: {} vs {}",
+                one[id],
+                four[id]
+            );
+        } else {
+            assert_ne!(one[id], four[id], "{id}");
+        }
+    }
+    // The maps of flagged images are averaged over the same draws as their scores.
+    let anomalies = read_table(&d.join("out-four/anomalies"));
+    let maps = float_lists(&anomalies, "pixel_nll");
+    let ll = floats(&anomalies, "log_likelihood");
+    assert!(
+        maps.len() > 100,
+        "quantile 0.5 flags about half: {}",
+        maps.len()
+    );
+    for (map, l) in maps.iter().zip(&ll) {
+        let total: f64 = map.iter().map(|&v| f64::from(v)).sum();
+        assert!(
+            (total + l).abs() < 1e-4 * l.abs(),
+            "map {total} vs nll {}",
+            -l
+        );
+    }
+    // The draws are fixed at fit: scoring with the four-draw model under a one-draw config
+    // warns and gives the four-draw scores.
+    let model_dir = fit_model(d, "four.toml");
+    let scored = pipeline(
+        d,
+        &[
+            "score",
+            "one.toml",
+            "--model",
+            &model_dir,
+            "--set",
+            "sink.uri=\"out-again\"",
+            "--run-id",
+            "again",
+        ],
+        &[],
+    );
+    scored.expect(0).mentions(&["other [preprocess] settings"]);
+    let again = likelihoods(&d.join("out-again/scores"));
+    for id in ids(0, 400) {
+        assert!((again[&id] - four[&id]).abs() < 1e-9, "{id}");
+    }
+}

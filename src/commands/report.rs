@@ -9,7 +9,6 @@ use arrow::datatypes::{Float32Type, Float64Type, Int32Type};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
 use crate::cli::ReportArgs;
-use crate::config::{Binarize, PreprocessConfig};
 use crate::data::ImageShape;
 use crate::data::preprocess::Preprocessor;
 use crate::error::{Error, Result, from_io};
@@ -277,10 +276,7 @@ fn attach_pixels(manifest: &Manifest, flagged: &mut [Flagged], ctx: &Context) {
         .collect();
     let result = (|| -> Result<()> {
         let source = Source::open(&manifest.config.source.uri, &ctx.rt)?;
-        let raw = Preprocessor::new(PreprocessConfig {
-            binarize: Binarize::None,
-            ..PreprocessConfig::default()
-        });
+        let raw = Preprocessor::raw();
         read::for_each_batch(
             &source,
             &manifest.config.source,

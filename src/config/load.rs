@@ -26,6 +26,10 @@ pub struct LoadOptions {
 /// a mistake or an attack (a 10 MB string would end up in every log line and manifest).
 pub const MAX_PIPELINE_FILE_BYTES: u64 = 1 << 20;
 
+/// The most binarizations of an image `preprocess.draws` may ask for: the gain has long levelled
+/// off by then (8 draws measured), and the cost grows with every one.
+pub const MAX_DRAWS: usize = 256;
+
 /// Reads, resolves and validates a pipeline file from disk, with `${VAR}` from the environment.
 pub fn load_file(path: &str, opts: &LoadOptions) -> Result<PipelineConfig> {
     if let Ok(meta) = std::fs::metadata(path)
@@ -221,6 +225,20 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
                 "`model.kind = \"{}\"` needs binary pixels: set `preprocess.binarize` to \"threshold\" or \"stochastic\", or use `kind = \"categorical\"`",
                 c.model.kind.name()
             ),
+        ));
+    }
+    if !(1..=MAX_DRAWS).contains(&c.preprocess.draws) {
+        p.push((
+            "preprocess.draws",
+            format!(
+                "`preprocess.draws` must be between 1 and {MAX_DRAWS}, got {}",
+                c.preprocess.draws
+            ),
+        ));
+    } else if c.preprocess.draws > 1 && c.preprocess.binarize != Binarize::Stochastic {
+        p.push((
+            "preprocess.draws",
+            "more than one draw needs `preprocess.binarize = \"stochastic\"`: other preprocessing gives the same pixels every time".into(),
         ));
     }
     if c.model.kind.needs_intensities() && c.preprocess.binarize != Binarize::None {
@@ -575,6 +593,29 @@ uri = "out/"
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("Some(15): `model.alpha` must be a positive number"));
         assert!(p[1].starts_with("Some(12): `threshold.quantile` must be strictly between"));
+    }
+
+    #[test]
+    fn draws_need_stochastic_binarization_and_a_sane_count() {
+        let zero = format!("{GOOD}\n[preprocess]\nbinarize = \"stochastic\"\ndraws = 0\n");
+        let p = problems(&zero, &LoadOptions::default());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("`preprocess.draws` must be between 1 and 256, got 0"),
+            "{p:?}"
+        );
+        let thresholded = format!("{GOOD}\n[preprocess]\nbinarize = \"threshold\"\ndraws = 4\n");
+        let p = problems(&thresholded, &LoadOptions::default());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("needs `preprocess.binarize = \"stochastic\"`"),
+            "{p:?}"
+        );
+        let fine = format!("{GOOD}\n[preprocess]\nbinarize = \"stochastic\"\ndraws = 4\n");
+        assert_eq!(
+            problems(&fine, &LoadOptions::default()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Preprocessing: 8-bit intensities to model inputs (binary pixels or the 256 levels).
 
+use ndarray::{Array2, ArrayView2};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -18,6 +19,15 @@ impl Preprocessor {
     /// Builds the step from its config.
     pub fn new(config: PreprocessConfig) -> Self {
         Self { config }
+    }
+
+    /// The step that keeps the 8-bit intensities as they are: for stages that binarize later,
+    /// once per draw.
+    pub fn raw() -> Self {
+        Self::new(PreprocessConfig {
+            binarize: Binarize::None,
+            ..PreprocessConfig::default()
+        })
     }
 
     /// The config it was built from.
@@ -50,8 +60,40 @@ impl Preprocessor {
             .for_each(|(image, id)| self.apply_one(id, image));
     }
 
-    /// Transforms one image whose id is `id`.
+    /// How many binarizations of each image are scored: `preprocess.draws` for stochastic
+    /// binarization; 1 for the others, which give the same pixels every time.
+    pub fn draws(&self) -> usize {
+        match self.config.binarize {
+            Binarize::Stochastic => self.config.draws.max(1),
+            Binarize::Threshold | Binarize::None => 1,
+        }
+    }
+
+    /// Draw `draw` (below [`Self::draws`]) of every row of `raw` (8-bit intensities), row i
+    /// being the image whose id is `ids[i]`. Draw 0 is what [`Self::apply`] gives.
+    pub fn draw(&self, draw: usize, ids: &[&str], raw: ArrayView2<'_, u8>) -> Array2<u8> {
+        let mut out = raw.as_standard_layout().into_owned();
+        let dims = out.ncols();
+        if dims == 0 {
+            return out;
+        }
+        out.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(dims)
+            .zip(ids.par_iter())
+            .for_each(|(image, id)| self.apply_draw(draw, id, image));
+        out
+    }
+
+    /// Transforms one image whose id is `id` (draw 0).
     pub fn apply_one(&self, id: &str, image: &mut [u8]) {
+        self.apply_draw(0, id, image);
+    }
+
+    /// Draw `draw` of one image whose id is `id`: each draw of a stochastic binarization flips
+    /// coins from a seed of its own, and draw 0's seed is `preprocess.seed` itself, so that one
+    /// draw is what fitting trained on.
+    pub fn apply_draw(&self, draw: usize, id: &str, image: &mut [u8]) {
         match self.config.binarize {
             Binarize::None => {}
             Binarize::Threshold => {
@@ -61,7 +103,8 @@ impl Preprocessor {
                 }
             }
             Binarize::Stochastic => {
-                let mut rng = ChaCha8Rng::seed_from_u64(id_hash(self.config.seed, id));
+                let seed = self.config.seed ^ (draw as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut rng = ChaCha8Rng::seed_from_u64(id_hash(seed, id));
                 for p in image {
                     // P(1) = p / 255 exactly: compare a uniform u32 against p/255 · 2^32.
                     let u = u64::from(rng.next_u32()) * 255;
@@ -81,6 +124,7 @@ mod tests {
             binarize,
             threshold: 128,
             seed: 3,
+            draws: 4,
         })
     }
 
@@ -108,6 +152,51 @@ mod tests {
         let mut ends = [0u8, 255];
         p.apply_one("x", &mut ends);
         assert_eq!(ends, [0, 1]);
+    }
+
+    #[test]
+    fn draws_are_independent_binarizations_and_draw_zero_is_the_fitted_one() {
+        let p = pre(Binarize::Stochastic);
+        assert_eq!(p.draws(), 4);
+        assert_eq!(pre(Binarize::Threshold).draws(), 1);
+        let raw = Array2::from_shape_fn((3, 5_000), |(i, j)| ((i * 97 + j * 13) % 256) as u8);
+        let ids = ["a", "b", "c"];
+        let mut applied = raw.clone();
+        for (row, id) in applied.outer_iter_mut().zip(ids) {
+            p.apply_one(id, row.into_slice().unwrap());
+        }
+        assert_eq!(p.draw(0, &ids, raw.view()), applied);
+        let draws: Vec<Array2<u8>> = (0..4).map(|d| p.draw(d, &ids, raw.view())).collect();
+        for d in 1..4 {
+            assert_ne!(draws[d], draws[0], "draw {d} repeats draw 0");
+            assert_eq!(
+                draws[d],
+                p.draw(d, &ids, raw.view()),
+                "draw {d} is not reproducible"
+            );
+        }
+        // Each draw is Bernoulli(intensity / 255): over 15,000 pixels of mean intensity ~127.5
+        // the share of ones has standard error ~0.004; allow 4 of them.
+        let expected = raw.iter().map(|&v| f64::from(v) / 255.0).sum::<f64>() / raw.len() as f64;
+        for (d, x) in draws.iter().enumerate() {
+            let ones = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
+            assert!(
+                (ones - expected).abs() < 0.016,
+                "draw {d}: {ones} vs {expected}"
+            );
+        }
+        // Two draws agree on a pixel of probability q with chance q² + (1 − q)²; averaged over
+        // these intensities that is ~0.67, far from the 1.0 of a repeated draw.
+        let same = draws[1]
+            .iter()
+            .zip(&draws[2])
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            (same as f64) < 0.75 * raw.len() as f64,
+            "{same} of {} agree",
+            raw.len()
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ use crate::models::{self, DensityModel, TrainingSet};
 struct Gathered {
     train: Vec<u8>,
     validation: Vec<u8>,
+    /// The validation images' 8-bit intensities and ids, from which the calibration scores
+    /// are computed over `preprocess.draws` binarizations, as scoring will.
+    validation_raw: Vec<u8>,
+    validation_ids: Vec<String>,
     hasher: Sha256,
 }
 
@@ -52,6 +56,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
     let preprocess = Preprocessor::new(config.preprocess.clone());
     let fraction = config.train.validation_fraction;
     let seed = config.train.seed;
+    // Read as 8-bit intensities and preprocessed below, keeping the validation images' own.
     tracing::info!(
         files = source.files().len(),
         rows = source.total_rows(),
@@ -65,21 +70,25 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
     let counts = for_each_batch(
         &source,
         &config.source,
-        &preprocess,
+        &Preprocessor::raw(),
         None,
         &progress,
-        |batch, _rejects| {
+        |mut batch, _rejects| {
             if batch.is_empty() {
                 return Ok(());
             }
+            let raw = batch.pixels.clone();
+            preprocess.apply(&mut batch);
             shape = Some(batch.shape);
             let keys = partition_keys(&batch, &config.source)?;
             let dims = batch.shape.dims();
             let pixels = batch.pixels.as_slice().expect("contiguous");
-            for ((id, image), key) in batch
+            let raw = raw.as_slice().expect("contiguous");
+            for (((id, image), raw), key) in batch
                 .ids
                 .iter()
                 .zip(pixels.chunks_exact(dims.max(1)))
+                .zip(raw.chunks_exact(dims.max(1)))
                 .zip(keys)
             {
                 let g = groups.entry(key).or_default();
@@ -88,6 +97,8 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
                 g.hasher.update(image);
                 if unit_interval(id_hash(seed, id)) < fraction {
                     g.validation.extend_from_slice(image);
+                    g.validation_raw.extend_from_slice(raw);
+                    g.validation_ids.push(id.clone());
                 } else {
                     g.train.extend_from_slice(image);
                 }
@@ -240,7 +251,10 @@ fn fit_gathered(
         model: model.as_ref(),
         background: background.as_deref(),
     };
-    let held_out = scorer.scores(validation.view())?;
+    let validation_raw = ArrayView2::from_shape((validation.nrows(), dims), &g.validation_raw)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let ids: Vec<&str> = g.validation_ids.iter().map(String::as_str).collect();
+    let held_out = scorer.mean_scores(&preprocess, &ids, validation_raw)?;
     let mut calibration = held_out.score;
     calibration.sort_by(f64::total_cmp);
     let validation_nll = (!held_out.nll.is_empty())

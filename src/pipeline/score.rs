@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::Context;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
-use super::scorer::{Scorer, Scores};
+use super::scorer::{Scorer, Scores, pixel_nll_map};
 use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::decide;
@@ -131,7 +131,10 @@ pub fn score(
             "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
         );
     }
+    // The source is read as 8-bit intensities and binarized per draw by the scorer, which
+    // averages over `preprocess.draws` binarizations as the model's calibration scores did.
     let preprocess = Preprocessor::new(first.meta.preprocess.clone());
+    let raw = Preprocessor::raw();
     let shape = first.meta.shape;
     let source = Source::open(&config.source.uri, &ctx.rt)?.with_shard(shard);
     let part = shard.map_or(0, |s| s.index);
@@ -145,7 +148,7 @@ pub fn score(
         for_each_batch(
             &source,
             &config.source,
-            &preprocess,
+            &raw,
             Some(shape),
             &progress,
             |batch, _| {
@@ -155,7 +158,11 @@ pub fn score(
                 let keys = partition_keys(&batch, &config.source)?;
                 for (value, rows) in group_rows(&keys) {
                     if let Some(part) = parts.get(value) {
-                        let s = part.scorer.scores(rows_of(&batch.pixels, &rows).view())?;
+                        let s = part.scorer.mean_scores(
+                            &preprocess,
+                            &ids_of(&batch.ids, &rows),
+                            rows_of(&batch.pixels, &rows).view(),
+                        )?;
                         all.entry(value.to_string())
                             .or_default()
                             .extend(s.nll.into_iter().zip(s.score));
@@ -217,7 +224,7 @@ pub fn score(
     let counts = for_each_batch(
         &source,
         &config.source,
-        &preprocess,
+        &raw,
         Some(shape),
         &progress,
         |batch, batch_rejects| {
@@ -250,7 +257,11 @@ pub fn score(
                             score: got.iter().map(|p| p.1).collect(),
                         }
                     }
-                    None => part.scorer.scores(rows_of(&batch.pixels, &rows).view())?,
+                    None => part.scorer.mean_scores(
+                        &preprocess,
+                        &ids_of(&batch.ids, &rows),
+                        rows_of(&batch.pixels, &rows).view(),
+                    )?,
                 };
                 let meta = &part.model.meta;
                 let calibration = &meta.calibration_scores;
@@ -294,12 +305,12 @@ pub fn score(
                     .map(|&i| {
                         let model = parts[owner[i].expect("flagged rows have a model")].model;
                         let image = batch.pixels.row(i);
-                        let mut map = vec![0f32; image.len()];
-                        model
-                            .model
-                            .pixel_log_likelihood(image.as_slice().expect("contiguous"), &mut map);
-                        map.iter_mut().for_each(|v| *v = -*v);
-                        map
+                        pixel_nll_map(
+                            model.model.as_ref(),
+                            &preprocess,
+                            &batch.ids[i],
+                            image.as_slice().expect("contiguous"),
+                        )
                     })
                     .collect();
                 let a = tables::anomalies_batch(
@@ -371,6 +382,11 @@ fn rows_of<'a>(pixels: &'a Array2<u8>, rows: &[usize]) -> CowArray<'a, u8, Ix2> 
     } else {
         CowArray::from(pixels.select(Axis(0), rows))
     }
+}
+
+/// The ids of the rows `rows` of a batch whose ids are `ids`.
+fn ids_of<'a>(ids: &'a [String], rows: &[usize]) -> Vec<&'a str> {
+    rows.iter().map(|&r| ids[r].as_str()).collect()
 }
 
 /// Row indices per partition value, in first-seen order within each value.

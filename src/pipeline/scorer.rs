@@ -8,8 +8,9 @@
 //! - `complexity`: −log p(x) − L(x), with L(x) the PNG-compressed length in nats, since simple
 //!   images get high likelihood under any model (Serrà et al. 2020).
 //!
-//! Fitting (for the calibration scores) and scoring both go through [`Scorer`], so a model's
-//! threshold and its run's scores are in the same units.
+//! Fitting (for the calibration scores) and scoring both go through [`Scorer::mean_scores`], so
+//! a model's threshold and its run's scores are in the same units — including the same number
+//! of stochastic binarizations averaged (`preprocess.draws`).
 
 use ndarray::ArrayView2;
 use rayon::prelude::*;
@@ -17,6 +18,7 @@ use rayon::prelude::*;
 use super::fit::nll_scores;
 use crate::config::ScoreMethod;
 use crate::data::ImageShape;
+use crate::data::preprocess::Preprocessor;
 use crate::error::{Error, Result};
 use crate::io::png;
 use crate::models::DensityModel;
@@ -75,6 +77,60 @@ impl Scorer<'_> {
     }
 }
 
+impl Scorer<'_> {
+    /// Scores every row of `raw` (8-bit intensities; row i is the image whose id is `ids[i]`)
+    /// as the mean, over `preprocess`'s draws, of the scores of its binarizations. With one
+    /// draw this is exactly [`Self::scores`] of the preprocessed images.
+    pub fn mean_scores(
+        &self,
+        preprocess: &Preprocessor,
+        ids: &[&str],
+        raw: ArrayView2<'_, u8>,
+    ) -> Result<Scores> {
+        let draws = preprocess.draws();
+        let mut total = self.scores(preprocess.draw(0, ids, raw).view())?;
+        for draw in 1..draws {
+            let s = self.scores(preprocess.draw(draw, ids, raw).view())?;
+            total.nll.iter_mut().zip(s.nll).for_each(|(t, v)| *t += v);
+            total
+                .score
+                .iter_mut()
+                .zip(s.score)
+                .for_each(|(t, v)| *t += v);
+        }
+        if draws > 1 {
+            let n = draws as f64;
+            total.nll.iter_mut().for_each(|t| *t /= n);
+            total.score.iter_mut().for_each(|t| *t /= n);
+        }
+        Ok(total)
+    }
+}
+
+/// The per-pixel map of one image whose id is `id`, from its 8-bit intensities `raw`: −log of
+/// each sub-pixel's conditional under `model`, averaged over `preprocess`'s draws.
+pub fn pixel_nll_map(
+    model: &dyn DensityModel,
+    preprocess: &Preprocessor,
+    id: &str,
+    raw: &[u8],
+) -> Vec<f32> {
+    let draws = preprocess.draws();
+    let mut map = vec![0f32; raw.len()];
+    let mut image = vec![0u8; raw.len()];
+    let mut one = vec![0f32; raw.len()];
+    for draw in 0..draws {
+        image.copy_from_slice(raw);
+        preprocess.apply_draw(draw, id, &mut image);
+        model.pixel_log_likelihood(&image, &mut one);
+        map.iter_mut().zip(&one).for_each(|(m, v)| *m -= v);
+    }
+    if draws > 1 {
+        map.iter_mut().for_each(|m| *m /= draws as f32);
+    }
+    map
+}
+
 /// A compressed length in bytes, in nats.
 pub fn complexity_nats(bytes: usize) -> f64 {
     bytes as f64 * 8.0 * std::f64::consts::LN_2
@@ -116,6 +172,63 @@ mod tests {
         .unwrap();
         assert!(s.score.iter().all(|&v| v == 0.0), "{:?}", s.score);
         assert!(s.nll.iter().all(|&v| v > 0.0));
+    }
+
+    #[test]
+    fn scores_and_maps_over_draws_are_the_means_of_each_draws() {
+        use crate::config::{Binarize, PreprocessConfig};
+        let m = model();
+        let preprocess = Preprocessor::new(PreprocessConfig {
+            binarize: Binarize::Stochastic,
+            threshold: 128,
+            seed: 9,
+            draws: 3,
+        });
+        // 7 images (an odd count) of intermediate intensities, so that draws differ.
+        let raw = Array2::from_shape_fn((7, 16), |(i, j)| ((i * 31 + j * 57) % 256) as u8);
+        let ids = ["a", "b", "c", "d", "e", "f", "g"];
+        let scorer = Scorer {
+            method: ScoreMethod::Complexity,
+            model: &m,
+            background: None,
+        };
+        let got = scorer.mean_scores(&preprocess, &ids, raw.view()).unwrap();
+        // The reference: binarize each image by hand per draw, score it alone, average.
+        for (i, id) in ids.iter().enumerate() {
+            let (mut nll, mut score) = (0.0, 0.0);
+            for draw in 0..3 {
+                let mut image = raw.row(i).to_vec();
+                preprocess.apply_draw(draw, id, &mut image);
+                let one = Array2::from_shape_vec((1, 16), image).unwrap();
+                let s = scorer.scores(one.view()).unwrap();
+                nll += s.nll[0] / 3.0;
+                score += s.score[0] / 3.0;
+            }
+            assert!(
+                (got.nll[i] - nll).abs() < 1e-9,
+                "image {i}: {} vs {nll}",
+                got.nll[i]
+            );
+            assert!((got.score[i] - score).abs() < 1e-9, "image {i}");
+            // The map is per sub-pixel and sums to the image's (mean) NLL.
+            let map = pixel_nll_map(&m, &preprocess, id, raw.row(i).as_slice().unwrap());
+            let total: f64 = map.iter().map(|&v| f64::from(v)).sum();
+            assert!(
+                (total - nll).abs() < 1e-4 * nll,
+                "image {i}: map {total} vs {nll}"
+            );
+        }
+        let one_draw = Preprocessor::new(PreprocessConfig {
+            draws: 1,
+            ..preprocess.config().clone()
+        });
+        let first = scorer.mean_scores(&one_draw, &ids, raw.view()).unwrap();
+        assert_ne!(
+            first.nll, got.nll,
+            "three draws average to something else than one"
+        );
+        let drawn = one_draw.draw(0, &ids, raw.view());
+        assert_eq!(first, scorer.scores(drawn.view()).unwrap());
     }
 
     #[test]
