@@ -597,25 +597,30 @@ uri = "out/"
 
     #[test]
     fn draws_need_stochastic_binarization_and_a_sane_count() {
-        let zero = format!("{GOOD}\n[preprocess]\nbinarize = \"stochastic\"\ndraws = 0\n");
-        let p = problems(&zero, &LoadOptions::default());
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(
-            p[0].contains("`preprocess.draws` must be between 1 and 256, got 0"),
-            "{p:?}"
-        );
-        let thresholded = format!("{GOOD}\n[preprocess]\nbinarize = \"threshold\"\ndraws = 4\n");
-        let p = problems(&thresholded, &LoadOptions::default());
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(
-            p[0].contains("needs `preprocess.binarize = \"stochastic\"`"),
-            "{p:?}"
-        );
-        let fine = format!("{GOOD}\n[preprocess]\nbinarize = \"stochastic\"\ndraws = 4\n");
-        assert_eq!(
-            problems(&fine, &LoadOptions::default()),
-            Vec::<String>::new()
-        );
+        for (binarize, draws, wanted) in [
+            (
+                "stochastic",
+                0,
+                Some("`preprocess.draws` must be between 1 and 256, got 0"),
+            ),
+            (
+                "threshold",
+                4,
+                Some("needs `preprocess.binarize = \"stochastic\"`"),
+            ),
+            ("stochastic", 4, None),
+        ] {
+            let text =
+                format!("{GOOD}\n[preprocess]\nbinarize = \"{binarize}\"\ndraws = {draws}\n");
+            let p = problems(&text, &LoadOptions::default());
+            match wanted {
+                Some(message) => {
+                    assert_eq!(p.len(), 1, "{binarize} × {draws}: {p:?}");
+                    assert!(p[0].contains(message), "{binarize} × {draws}: {p:?}");
+                }
+                None => assert_eq!(p, Vec::<String>::new(), "{binarize} × {draws}"),
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Preprocessing: 8-bit intensities to model inputs (binary pixels or the 256 levels).
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{ArrayView2, CowArray, Ix2};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -45,19 +45,24 @@ impl Preprocessor {
 
     /// Transforms a batch's pixels in place, in parallel over images.
     pub fn apply(&self, batch: &mut ImageBatch) {
-        let ids = &batch.ids;
         let dims = batch.shape.dims();
         let pixels = batch
             .pixels
             .as_slice_mut()
             .expect("image batches are contiguous");
-        if dims == 0 {
-            return;
+        self.apply_draw_rows(0, &batch.ids, pixels, dims);
+    }
+
+    /// Splits the step between the reader and the scorer, as (what the reader applies, what
+    /// is applied once per draw after it). With one draw the reader does it all, on its own
+    /// thread ahead of scoring, and the per-draw step is the identity; with several, the reader
+    /// keeps the 8-bit intensities, which each draw binarizes anew.
+    pub fn split_for_draws(&self) -> (Preprocessor, Preprocessor) {
+        if self.draws() > 1 {
+            (Self::raw(), self.clone())
+        } else {
+            (self.clone(), Self::raw())
         }
-        pixels
-            .par_chunks_mut(dims)
-            .zip(ids.par_iter())
-            .for_each(|(image, id)| self.apply_one(id, image));
     }
 
     /// How many binarizations of each image are scored: `preprocess.draws` for stochastic
@@ -70,19 +75,40 @@ impl Preprocessor {
     }
 
     /// Draw `draw` (below [`Self::draws`]) of every row of `raw` (8-bit intensities), row i
-    /// being the image whose id is `ids[i]`. Draw 0 is what [`Self::apply`] gives.
-    pub fn draw(&self, draw: usize, ids: &[&str], raw: ArrayView2<'_, u8>) -> Array2<u8> {
+    /// being the image whose id is `ids[i]`. Draw 0 is what [`Self::apply`] gives; the identity
+    /// step (`binarize = "none"`) borrows `raw` rather than copy it.
+    pub fn draw<'a>(
+        &self,
+        draw: usize,
+        ids: &[&str],
+        raw: ArrayView2<'a, u8>,
+    ) -> CowArray<'a, u8, Ix2> {
+        if self.config.binarize == Binarize::None {
+            return CowArray::from(raw);
+        }
         let mut out = raw.as_standard_layout().into_owned();
         let dims = out.ncols();
+        let pixels = out.as_slice_mut().expect("standard layout");
+        self.apply_draw_rows(draw, ids, pixels, dims);
+        CowArray::from(out)
+    }
+
+    /// Applies draw `draw` to every image of `pixels` (`dims` values each, the i-th image's id
+    /// being `ids[i]`), in parallel over images.
+    fn apply_draw_rows<S: AsRef<str> + Sync>(
+        &self,
+        draw: usize,
+        ids: &[S],
+        pixels: &mut [u8],
+        dims: usize,
+    ) {
         if dims == 0 {
-            return out;
+            return;
         }
-        out.as_slice_mut()
-            .expect("standard layout")
+        pixels
             .par_chunks_mut(dims)
             .zip(ids.par_iter())
-            .for_each(|(image, id)| self.apply_draw(draw, id, image));
-        out
+            .for_each(|(image, id)| self.apply_draw(draw, id.as_ref(), image));
     }
 
     /// Transforms one image whose id is `id` (draw 0).
@@ -118,6 +144,7 @@ impl Preprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::Array2;
 
     fn pre(binarize: Binarize) -> Preprocessor {
         Preprocessor::new(PreprocessConfig {
@@ -166,7 +193,9 @@ mod tests {
             p.apply_one(id, row.into_slice().unwrap());
         }
         assert_eq!(p.draw(0, &ids, raw.view()), applied);
-        let draws: Vec<Array2<u8>> = (0..4).map(|d| p.draw(d, &ids, raw.view())).collect();
+        let draws: Vec<Array2<u8>> = (0..4)
+            .map(|d| p.draw(d, &ids, raw.view()).into_owned())
+            .collect();
         for d in 1..4 {
             assert_ne!(draws[d], draws[0], "draw {d} repeats draw 0");
             assert_eq!(

@@ -35,8 +35,9 @@ use crate::models::{self, DensityModel, TrainingSet};
 struct Gathered {
     train: Vec<u8>,
     validation: Vec<u8>,
-    /// The validation images' 8-bit intensities and ids, from which the calibration scores
-    /// are computed over `preprocess.draws` binarizations, as scoring will.
+    /// With several `preprocess.draws`, the validation images' 8-bit intensities, from which
+    /// the calibration scores are computed over as many binarizations, as scoring will; empty
+    /// with one draw, where `validation` is what scoring sees.
     validation_raw: Vec<u8>,
     validation_ids: Vec<String>,
     hasher: Sha256,
@@ -53,10 +54,11 @@ impl Gathered {
 /// sink.
 pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<ModelSet> {
     let source = Source::open(&config.source.uri, &ctx.rt)?;
-    let preprocess = Preprocessor::new(config.preprocess.clone());
+    // With several draws the images are read as 8-bit intensities and binarized below (draw
+    // 0, what the model trains on), keeping the validation images' intensities for the others.
+    let (reading, per_draw) = Preprocessor::new(config.preprocess.clone()).split_for_draws();
     let fraction = config.train.validation_fraction;
     let seed = config.train.seed;
-    // Read as 8-bit intensities and preprocessed below, keeping the validation images' own.
     tracing::info!(
         files = source.files().len(),
         rows = source.total_rows(),
@@ -70,26 +72,29 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
     let counts = for_each_batch(
         &source,
         &config.source,
-        &Preprocessor::raw(),
+        &reading,
         None,
         &progress,
         |mut batch, _rejects| {
             if batch.is_empty() {
                 return Ok(());
             }
-            let raw = batch.pixels.clone();
-            preprocess.apply(&mut batch);
+            let raw = (per_draw.draws() > 1).then(|| {
+                let raw = batch.pixels.clone();
+                per_draw.apply(&mut batch);
+                raw
+            });
             shape = Some(batch.shape);
             let keys = partition_keys(&batch, &config.source)?;
             let dims = batch.shape.dims();
             let pixels = batch.pixels.as_slice().expect("contiguous");
-            let raw = raw.as_slice().expect("contiguous");
-            for (((id, image), raw), key) in batch
+            let raw = raw.as_ref().map(|r| r.as_slice().expect("contiguous"));
+            for (i, ((id, image), key)) in batch
                 .ids
                 .iter()
                 .zip(pixels.chunks_exact(dims.max(1)))
-                .zip(raw.chunks_exact(dims.max(1)))
                 .zip(keys)
+                .enumerate()
             {
                 let g = groups.entry(key).or_default();
                 g.hasher.update(id.as_bytes());
@@ -97,7 +102,10 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
                 g.hasher.update(image);
                 if unit_interval(id_hash(seed, id)) < fraction {
                     g.validation.extend_from_slice(image);
-                    g.validation_raw.extend_from_slice(raw);
+                    if let Some(raw) = raw {
+                        g.validation_raw
+                            .extend_from_slice(&raw[i * dims..(i + 1) * dims]);
+                    }
                     g.validation_ids.push(id.clone());
                 } else {
                     g.train.extend_from_slice(image);
@@ -251,10 +259,15 @@ fn fit_gathered(
         model: model.as_ref(),
         background: background.as_deref(),
     };
-    let validation_raw = ArrayView2::from_shape((validation.nrows(), dims), &g.validation_raw)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (_, per_draw) = preprocess.split_for_draws();
+    let as_read = if per_draw.draws() > 1 {
+        ArrayView2::from_shape((validation.nrows(), dims), &g.validation_raw)
+            .map_err(|e| Error::Internal(e.to_string()))?
+    } else {
+        validation.view()
+    };
     let ids: Vec<&str> = g.validation_ids.iter().map(String::as_str).collect();
-    let held_out = scorer.mean_scores(&preprocess, &ids, validation_raw)?;
+    let held_out = scorer.mean_scores(&per_draw, &ids, as_read)?;
     let mut calibration = held_out.score;
     calibration.sort_by(f64::total_cmp);
     let validation_nll = (!held_out.nll.is_empty())

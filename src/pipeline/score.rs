@@ -131,10 +131,10 @@ pub fn score(
             "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
         );
     }
-    // The source is read as 8-bit intensities and binarized per draw by the scorer, which
-    // averages over `preprocess.draws` binarizations as the model's calibration scores did.
-    let preprocess = Preprocessor::new(first.meta.preprocess.clone());
-    let raw = Preprocessor::raw();
+    // With several draws the reader keeps the 8-bit intensities and the scorer binarizes them
+    // once per draw, averaging as the model's calibration scores did; with one, the reader
+    // preprocesses ahead of scoring and `per_draw` is the identity.
+    let (reading, per_draw) = Preprocessor::new(first.meta.preprocess.clone()).split_for_draws();
     let shape = first.meta.shape;
     let source = Source::open(&config.source.uri, &ctx.rt)?.with_shard(shard);
     let part = shard.map_or(0, |s| s.index);
@@ -148,7 +148,7 @@ pub fn score(
         for_each_batch(
             &source,
             &config.source,
-            &raw,
+            &reading,
             Some(shape),
             &progress,
             |batch, _| {
@@ -159,7 +159,7 @@ pub fn score(
                 for (value, rows) in group_rows(&keys) {
                     if let Some(part) = parts.get(value) {
                         let s = part.scorer.mean_scores(
-                            &preprocess,
+                            &per_draw,
                             &ids_of(&batch.ids, &rows),
                             rows_of(&batch.pixels, &rows).view(),
                         )?;
@@ -224,7 +224,7 @@ pub fn score(
     let counts = for_each_batch(
         &source,
         &config.source,
-        &raw,
+        &reading,
         Some(shape),
         &progress,
         |batch, batch_rejects| {
@@ -258,7 +258,7 @@ pub fn score(
                         }
                     }
                     None => part.scorer.mean_scores(
-                        &preprocess,
+                        &per_draw,
                         &ids_of(&batch.ids, &rows),
                         rows_of(&batch.pixels, &rows).view(),
                     )?,
@@ -307,7 +307,7 @@ pub fn score(
                         let image = batch.pixels.row(i);
                         pixel_nll_map(
                             model.model.as_ref(),
-                            &preprocess,
+                            &per_draw,
                             &batch.ids[i],
                             image.as_slice().expect("contiguous"),
                         )

@@ -75,9 +75,7 @@ impl Scorer<'_> {
         };
         Ok(Scores { nll, score })
     }
-}
 
-impl Scorer<'_> {
     /// Scores every row of `raw` (8-bit intensities; row i is the image whose id is `ids[i]`)
     /// as the mean, over `preprocess`'s draws, of the scores of its binarizations. With one
     /// draw this is exactly [`Self::scores`] of the preprocessed images.
