@@ -790,3 +790,30 @@ fn scores_averaged_over_binarization_draws_are_fixed_at_fit_and_keep_maps_in_ste
         assert!((again[&id] - four[&id]).abs() < 1e-9, "{id}");
     }
 }
+
+#[test]
+fn rebinarizing_each_epoch_trains_epoch_one_as_before_and_every_later_one_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("d.parquet"),
+        &ids(0, 300),
+        &images(300, 4, 5, 8),
+        &[4, 5],
+    );
+    let fit = |name: &str, epochs: u32, rebinarize: bool| {
+        let extra = format!(
+            "[preprocess]\nbinarize = \"stochastic\"\n\n[model]\nkind = \"fvsbn\"\n\n[train]\nepochs = {epochs}\nrebinarize = {rebinarize}\n"
+        );
+        write_config(d, &format!("{name}.toml"), "d.parquet", name, &extra);
+        pipeline(d, &["run", &format!("{name}.toml"), "--run-id", "r"], &[]).expect(0);
+        likelihoods(&d.join(name).join("scores"))
+    };
+    // Epoch 1 sees draw 0 either way, so one epoch gives the same model.
+    assert_eq!(fit("one", 1, false), fit("one-rebinarized", 1, true));
+    // Later epochs see other draws: another model, and the same one again on a rerun.
+    let fixed = fit("three", 3, false);
+    let rebinarized = fit("three-rebinarized", 3, true);
+    assert!(ids(0, 300).iter().all(|id| fixed[id] != rebinarized[id]));
+    assert_eq!(rebinarized, fit("three-rebinarized-again", 3, true));
+}

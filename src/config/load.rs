@@ -241,6 +241,22 @@ pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
             "more than one draw needs `preprocess.binarize = \"stochastic\"`: other preprocessing gives the same pixels every time".into(),
         ));
     }
+    if c.train.rebinarize {
+        if c.preprocess.binarize != Binarize::Stochastic {
+            p.push((
+                "train.rebinarize",
+                "`train.rebinarize` draws a fresh stochastic binarization each epoch: it needs `preprocess.binarize = \"stochastic\"`".into(),
+            ));
+        } else if !(c.model.kind.trained_by_gradient() && c.model.kind.needs_binary_pixels()) {
+            p.push((
+                "train.rebinarize",
+                format!(
+                    "`train.rebinarize` applies to models trained by gradient on binary pixels (`nade`, `fvsbn`), not `model.kind = \"{}\"`, which has no epochs",
+                    c.model.kind.name()
+                ),
+            ));
+        }
+    }
     if c.model.kind.needs_intensities() && c.preprocess.binarize != Binarize::None {
         p.push((
             "model.kind",
@@ -595,30 +611,46 @@ uri = "out/"
         assert!(p[1].starts_with("Some(12): `threshold.quantile` must be strictly between"));
     }
 
+    /// `preprocess.draws` and `train.rebinarize`: each is checked against the binarization
+    /// and model kind it needs.
     #[test]
-    fn draws_need_stochastic_binarization_and_a_sane_count() {
-        for (binarize, draws, wanted) in [
+    fn sampling_keys_need_stochastic_binarization() {
+        let draws = |binarize: &str, draws: u32| {
+            format!("[preprocess]\nbinarize = \"{binarize}\"\ndraws = {draws}\n")
+        };
+        let rebinarize = |binarize: &str, kind: &str| {
+            format!(
+                "[preprocess]\nbinarize = \"{binarize}\"\n[model]\nkind = \"{kind}\"\n[train]\nrebinarize = true\n"
+            )
+        };
+        for (table, wanted) in [
             (
-                "stochastic",
-                0,
+                draws("stochastic", 0),
                 Some("`preprocess.draws` must be between 1 and 256, got 0"),
             ),
             (
-                "threshold",
-                4,
-                Some("needs `preprocess.binarize = \"stochastic\"`"),
+                draws("threshold", 4),
+                Some("more than one draw needs `preprocess.binarize = \"stochastic\"`"),
             ),
-            ("stochastic", 4, None),
+            (draws("stochastic", 4), None),
+            (
+                rebinarize("threshold", "nade"),
+                Some("each epoch: it needs `preprocess.binarize = \"stochastic\"`"),
+            ),
+            (
+                rebinarize("stochastic", "bernoulli"),
+                Some("not `model.kind = \"bernoulli\"`, which has no epochs"),
+            ),
+            (rebinarize("stochastic", "nade"), None),
+            (rebinarize("stochastic", "fvsbn"), None),
         ] {
-            let text =
-                format!("{GOOD}\n[preprocess]\nbinarize = \"{binarize}\"\ndraws = {draws}\n");
-            let p = problems(&text, &LoadOptions::default());
+            let p = problems(&format!("{GOOD}\n{table}"), &LoadOptions::default());
             match wanted {
                 Some(message) => {
-                    assert_eq!(p.len(), 1, "{binarize} × {draws}: {p:?}");
-                    assert!(p[0].contains(message), "{binarize} × {draws}: {p:?}");
+                    assert_eq!(p.len(), 1, "{table}: {p:?}");
+                    assert!(p[0].contains(message), "{table}: {p:?}");
                 }
-                None => assert_eq!(p, Vec::<String>::new(), "{binarize} × {draws}"),
+                None => assert_eq!(p, Vec::<String>::new(), "{table}"),
             }
         }
     }

@@ -310,6 +310,13 @@ pub struct TrainConfig {
     /// With `source.partition_by`: a partition value with fewer images than this gets no
     /// model; its images are scored by none and never flagged (and the run reports it).
     pub min_images: u64,
+    /// Train on a fresh stochastic binarization of the training images every epoch (epoch e
+    /// sees draw e − 1, so epoch 1 sees what `preprocess.draws` calls draw 0), instead of on one
+    /// binarization throughout: the model learns the intensities' coin flips rather than one
+    /// outcome of them. Needs `preprocess.binarize = "stochastic"` and a kind trained by
+    /// gradient on binary pixels (`nade`, `fvsbn`); a background model is still fitted on draw
+    /// 0, and the validation images keep draw 0 so that early stopping compares like with like.
+    pub rebinarize: bool,
     /// Seed for the validation split and for training.
     pub seed: u64,
 }
@@ -325,6 +332,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             validation_fraction: 0.1,
             min_images: 100,
+            rebinarize: false,
             seed: 0,
         }
     }

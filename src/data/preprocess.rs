@@ -74,13 +74,14 @@ impl Preprocessor {
         }
     }
 
-    /// Draw `draw` (below [`Self::draws`]) of every row of `raw` (8-bit intensities), row i
-    /// being the image whose id is `ids[i]`. Draw 0 is what [`Self::apply`] gives; the identity
-    /// step (`binarize = "none"`) borrows `raw` rather than copy it.
-    pub fn draw<'a>(
+    /// Draw `draw` of every row of `raw` (8-bit intensities), row i being the image whose id
+    /// is `ids[i]`: scoring averages draws 0 to [`Self::draws`] − 1, and `train.rebinarize`
+    /// trains epoch e on draw e − 1. Draw 0 is what [`Self::apply`] gives; the identity step
+    /// (`binarize = "none"`) borrows `raw` rather than copy it.
+    pub fn draw<'a, S: AsRef<str> + Sync>(
         &self,
         draw: usize,
-        ids: &[&str],
+        ids: &[S],
         raw: ArrayView2<'a, u8>,
     ) -> CowArray<'a, u8, Ix2> {
         if self.config.binarize == Binarize::None {

@@ -317,6 +317,7 @@ mod tests {
             levels: 2,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         let params = ArParams {
             k,
@@ -377,6 +378,7 @@ mod tests {
             levels: 2,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         let params = ArParams {
             k: 1,

@@ -132,7 +132,7 @@ impl ArMixture {
         progress: &Progress,
     ) -> Result<(Self, Vec<EpochRecord>)> {
         let mut model = Self::init(data.shape, data.levels, params)?;
-        let curve = train::train(&mut model, data.pixels, data.validation, settings, progress);
+        let curve = train::train(&mut model, data, settings, progress);
         Ok((model, curve))
     }
 
@@ -585,6 +585,7 @@ mod tests {
             levels: 256,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..300, ..]),
+            redraw: None,
         };
         let settings = TrainSettings {
             epochs: 150,

@@ -145,6 +145,7 @@ mod tests {
             levels: 2,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         Bernoulli::fit(alpha, &data)
     }

@@ -157,6 +157,7 @@ mod tests {
             levels,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         Categorical::fit(0.7, &data).unwrap()
     }
@@ -183,6 +184,7 @@ mod tests {
             levels: 256,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         let m = Categorical::fit(1.0, &data).unwrap();
         let p = |v: u8| m.log_likelihood(&[v]).exp();

@@ -69,7 +69,7 @@ impl Fvsbn {
         progress: &Progress,
     ) -> (Self, Vec<EpochRecord>) {
         let mut model = Self::init(data.shape, order_kind, seed, data.pixels);
-        let curve = train::train(&mut model, data.pixels, data.validation, settings, progress);
+        let curve = train::train(&mut model, data, settings, progress);
         (model, curve)
     }
 
@@ -312,6 +312,7 @@ mod tests {
             levels: 2,
             pixels: train,
             validation: valid,
+            redraw: None,
         };
         // A step far too large for the problem, so the validation NLL soon stalls.
         let settings = TrainSettings {
@@ -333,6 +334,72 @@ mod tests {
             .filter_map(|r| r.validation_nll)
             .fold(f64::INFINITY, f64::min);
         assert!((train::mean_nll(&m, valid) - best).abs() < 1e-9);
+    }
+
+    /// `train.rebinarize`: trained on a fresh binarization each epoch, the model learns the
+    /// intensities' coin flips; trained on one binarization, it learns those few outcomes.
+    #[test]
+    fn rebinarizing_each_epoch_learns_the_intensities_not_one_draw_of_them() {
+        use crate::config::{Binarize, PreprocessConfig};
+        use crate::data::preprocess::Preprocessor;
+        use crate::models::Redraw;
+
+        // Every pixel of every image has intensity 64: independent coins with P(1) = 64/255.
+        let (shape, n) = (ImageShape::new(3, 4, 1), 8);
+        let raw = Array2::from_elem((n, 12), 64u8);
+        let ids: Vec<String> = (0..n).map(|i| format!("train-{i}")).collect();
+        let preprocess = Preprocessor::new(PreprocessConfig {
+            binarize: Binarize::Stochastic,
+            ..PreprocessConfig::default()
+        });
+        let first = preprocess.draw(0, &ids, raw.view()).into_owned();
+        let redraw = Redraw {
+            preprocess: &preprocess,
+            ids: &ids,
+            raw: raw.view(),
+        };
+        assert_eq!(redraw.epoch(1), first, "epoch 1 trains on draw 0");
+        assert_ne!(redraw.epoch(2), first, "later epochs draw afresh");
+
+        let settings = TrainSettings {
+            epochs: 1500,
+            batch_size: n,
+            learning_rate: 0.02,
+            patience: 3,
+            anneal: 0,
+            weight_decay: 0.0,
+            seed: 1,
+        };
+        let fit = |redraw| {
+            let data = TrainingSet {
+                shape,
+                levels: 2,
+                pixels: first.view(),
+                validation: first.slice(ndarray::s![..0, ..]),
+                redraw,
+            };
+            Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden()).0
+        };
+        let (fixed, rebinarized) = (fit(None), fit(Some(redraw)));
+
+        // Images the training never saw, drawn from the same intensities.
+        let unseen_ids: Vec<String> = (0..4000).map(|i| format!("unseen-{i}")).collect();
+        let unseen_raw = Array2::from_elem((4000, 12), 64u8);
+        let unseen = preprocess.draw(0, &unseen_ids, unseen_raw.view());
+        let p = 64.0 / 255.0f64;
+        let entropy = -12.0 * (p * p.ln() + (1.0 - p) * (1.0 - p).ln());
+        let (fixed_nll, rebinarized_nll) = (
+            train::mean_nll(&fixed, unseen.view()),
+            train::mean_nll(&rebinarized, unseen.view()),
+        );
+        assert!(
+            (rebinarized_nll - entropy).abs() < 0.3,
+            "rebinarized {rebinarized_nll} vs the coins' entropy {entropy}"
+        );
+        assert!(
+            fixed_nll > entropy + 1.0,
+            "one draw {fixed_nll} vs the coins' entropy {entropy}"
+        );
     }
 
     #[test]
@@ -395,6 +462,7 @@ mod tests {
             levels: 2,
             pixels: train,
             validation: valid,
+            redraw: None,
         };
         let settings = TrainSettings {
             epochs: 30,

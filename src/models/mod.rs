@@ -15,12 +15,13 @@ pub mod nade;
 pub mod ordering;
 pub mod rnade;
 
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2};
 use rand::RngCore;
 use rayon::prelude::*;
 
 use crate::config::{ModelConfig, ModelKind, TrainConfig};
 use crate::data::ImageShape;
+use crate::data::preprocess::Preprocessor;
 use crate::error::{Error, Result};
 use crate::pipeline::progress::Progress;
 use crate::train::{EpochRecord, TrainSettings};
@@ -88,6 +89,33 @@ pub struct TrainingSet<'a> {
     pub pixels: ArrayView2<'a, u8>,
     /// Held-out images (same layout) for early stopping; may have no rows.
     pub validation: ArrayView2<'a, u8>,
+    /// With `train.rebinarize`: where each epoch's fresh binarization of `pixels` comes from.
+    /// Models fitted in closed form ignore it and fit `pixels`.
+    pub redraw: Option<Redraw<'a>>,
+}
+
+/// The training images as 8-bit intensities and the stochastic binarization that draws them
+/// anew for every epoch (`train.rebinarize`).
+///
+/// Invariant: `raw` has one row per id, in the order of [`TrainingSet::pixels`], and draw 0
+/// of it is `pixels`.
+#[derive(Debug, Clone, Copy)]
+pub struct Redraw<'a> {
+    /// The binarization (`preprocess.binarize = "stochastic"`).
+    pub preprocess: &'a Preprocessor,
+    /// The training images' ids, which seed their coins.
+    pub ids: &'a [String],
+    /// The training images' 8-bit intensities.
+    pub raw: ArrayView2<'a, u8>,
+}
+
+impl Redraw<'_> {
+    /// The training images of epoch `epoch` (1-based): draw `epoch − 1`, so that epoch 1 sees
+    /// the binarization the set's `pixels` hold and every later epoch a fresh one.
+    pub fn epoch(&self, epoch: u32) -> Array2<u8> {
+        let draw = epoch.saturating_sub(1) as usize;
+        self.preprocess.draw(draw, self.ids, self.raw).into_owned()
+    }
 }
 
 /// A fitted model and, for models trained by gradient, its training curve.
@@ -358,6 +386,7 @@ mod tests {
             levels: 256,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         for kind in [ModelKind::Bernoulli, ModelKind::Fvsbn, ModelKind::Nade] {
             let config = ModelConfig {

@@ -110,7 +110,7 @@ impl Nade {
         progress: &Progress,
     ) -> (Self, Vec<EpochRecord>) {
         let mut model = Self::init(data.shape, hidden, order_kind, seed, data.pixels);
-        let curve = train::train(&mut model, data.pixels, data.validation, settings, progress);
+        let curve = train::train(&mut model, data, settings, progress);
         (model, curve)
     }
 
@@ -487,6 +487,7 @@ mod tests {
             levels: 2,
             pixels: train,
             validation: valid,
+            redraw: None,
         };
         let settings = TrainSettings {
             epochs: 15,

@@ -143,7 +143,7 @@ impl Rnade {
         progress: &Progress,
     ) -> Result<(Self, Vec<EpochRecord>)> {
         let mut model = Self::init(data.shape, data.levels, params)?;
-        let curve = train::train(&mut model, data.pixels, data.validation, settings, progress);
+        let curve = train::train(&mut model, data, settings, progress);
         Ok((model, curve))
     }
 
@@ -648,6 +648,7 @@ mod tests {
             levels: 256,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..400, ..]),
+            redraw: None,
         };
         let settings = TrainSettings {
             epochs: 300,

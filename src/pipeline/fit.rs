@@ -28,7 +28,7 @@ use crate::models::artifact::{
     self, FORMAT_VERSION, LoadedModel, ModelMeta, ModelSet, PartitionIndex, StoredBackground,
     StoredScore, TrainingSummary,
 };
-use crate::models::{self, DensityModel, TrainingSet};
+use crate::models::{self, DensityModel, Redraw, TrainingSet};
 
 /// Images of one partition gathered for fitting, split into training and validation rows.
 #[derive(Default)]
@@ -40,6 +40,10 @@ struct Gathered {
     /// with one draw, where `validation` is what scoring sees.
     validation_raw: Vec<u8>,
     validation_ids: Vec<String>,
+    /// With `train.rebinarize`, the training images' 8-bit intensities and ids, from which
+    /// each epoch draws a fresh binarization; empty otherwise.
+    train_raw: Vec<u8>,
+    train_ids: Vec<String>,
     hasher: Sha256,
 }
 
@@ -54,9 +58,17 @@ impl Gathered {
 /// sink.
 pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<ModelSet> {
     let source = Source::open(&config.source.uri, &ctx.rt)?;
-    // With several draws the images are read as 8-bit intensities and binarized below (draw
-    // 0, what the model trains on), keeping the validation images' intensities for the others.
-    let (reading, per_draw) = Preprocessor::new(config.preprocess.clone()).split_for_draws();
+    // With several draws, or a fresh binarization each epoch, the images are read as 8-bit
+    // intensities and binarized below (draw 0, what the model trains on first), keeping the
+    // intensities the other draws need.
+    let preprocess = Preprocessor::new(config.preprocess.clone());
+    let keep_validation_raw = preprocess.draws() > 1;
+    let keep_train_raw = config.train.rebinarize;
+    let reading = if keep_validation_raw || keep_train_raw {
+        Preprocessor::raw()
+    } else {
+        preprocess.clone()
+    };
     let fraction = config.train.validation_fraction;
     let seed = config.train.seed;
     tracing::info!(
@@ -79,9 +91,9 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
             if batch.is_empty() {
                 return Ok(());
             }
-            let raw = (per_draw.draws() > 1).then(|| {
+            let raw = (keep_validation_raw || keep_train_raw).then(|| {
                 let raw = batch.pixels.clone();
-                per_draw.apply(&mut batch);
+                preprocess.apply(&mut batch);
                 raw
             });
             shape = Some(batch.shape);
@@ -100,15 +112,19 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
                 g.hasher.update(id.as_bytes());
                 g.hasher.update([0u8]);
                 g.hasher.update(image);
+                let raw = raw.map(|r| &r[i * dims..(i + 1) * dims]);
                 if unit_interval(id_hash(seed, id)) < fraction {
                     g.validation.extend_from_slice(image);
-                    if let Some(raw) = raw {
-                        g.validation_raw
-                            .extend_from_slice(&raw[i * dims..(i + 1) * dims]);
+                    if let Some(raw) = raw.filter(|_| keep_validation_raw) {
+                        g.validation_raw.extend_from_slice(raw);
                     }
                     g.validation_ids.push(id.clone());
                 } else {
                     g.train.extend_from_slice(image);
+                    if let Some(raw) = raw.filter(|_| keep_train_raw) {
+                        g.train_raw.extend_from_slice(raw);
+                        g.train_ids.push(id.clone());
+                    }
                 }
             }
             Ok(())
@@ -225,11 +241,18 @@ fn fit_gathered(
     let validation = Array2::from_shape_vec((g.validation.len() / dims, dims), g.validation)
         .map_err(|e| Error::Internal(e.to_string()))?;
 
+    let train_raw = ArrayView2::from_shape((g.train_ids.len(), dims), &g.train_raw)
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let data = TrainingSet {
         shape,
         levels: preprocess.levels(),
         pixels: train.view(),
         validation: validation.view(),
+        redraw: config.train.rebinarize.then_some(Redraw {
+            preprocess: &preprocess,
+            ids: &g.train_ids,
+            raw: train_raw,
+        }),
     };
     tracing::info!(
         kind = config.model.kind.name(),
@@ -334,6 +357,12 @@ fn fit_background(
     data: &TrainingSet<'_>,
     ctx: &Context,
 ) -> Result<(Option<Box<dyn DensityModel>>, StoredScore)> {
+    // The background learns what is simple about the images from one binarization of them,
+    // whatever `train.rebinarize` asks of the model.
+    let data = &TrainingSet {
+        redraw: None,
+        ..data.clone()
+    };
     let method = config.score.method;
     if method != ScoreMethod::LikelihoodRatio {
         return Ok((

@@ -153,6 +153,7 @@ mod tests {
             levels: 2,
             pixels: pixels.view(),
             validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
         };
         Bernoulli::fit(1.0, &data)
     }

@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::models::TrainingSet;
 use crate::pipeline::progress::Progress;
 
 /// Images per gradient shard.
@@ -198,17 +199,18 @@ pub fn mean_nll<M: GradientModel>(model: &M, images: ArrayView2<'_, u8>) -> f64 
     total / images.nrows().max(1) as f64
 }
 
-/// Trains `model` on `train`, keeping the parameters of the epoch with the best validation NLL
-/// (the last epoch when there is no validation split). After `patience` epochs without a better
+/// Trains `model` on `data.pixels` (or, with `data.redraw`, on a fresh binarization of them
+/// each epoch), keeping the parameters of the epoch with the best NLL on `data.validation` (the
+/// last epoch when there is no validation split). After `patience` epochs without a better
 /// validation NLL it returns to the best epoch and halves the learning rate, up to `anneal`
 /// times, then stops. Returns the curve.
 pub fn train<M: GradientModel>(
     model: &mut M,
-    train: ArrayView2<'_, u8>,
-    validation: ArrayView2<'_, u8>,
+    data: &TrainingSet<'_>,
     settings: &TrainSettings,
     progress: &Progress,
 ) -> Vec<EpochRecord> {
+    let validation = data.validation;
     let mut lr = settings.learning_rate;
     let mut halvings = 0;
     let n = model.params().len();
@@ -217,7 +219,7 @@ pub fn train<M: GradientModel>(
     let mut adam = optimizer(lr);
     let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut index: Vec<usize> = (0..train.nrows()).collect();
+    let mut index: Vec<usize> = (0..data.pixels.nrows()).collect();
     let mut curve = Vec::new();
     let mut best: Option<(f64, Vec<f32>)> = None;
     let mut since_best = 0;
@@ -226,6 +228,8 @@ pub fn train<M: GradientModel>(
     let mut step = 0u64;
     for epoch in 1..=settings.epochs {
         index.shuffle(&mut rng);
+        let redrawn = data.redraw.map(|r| r.epoch(epoch));
+        let train = redrawn.as_ref().map_or(data.pixels, |r| r.view());
         let mut epoch_nll = 0.0;
         for chunk in index.chunks(batch_size) {
             if crate::pipeline::cancel::requested() {
@@ -243,7 +247,7 @@ pub fn train<M: GradientModel>(
         let validation_nll = (validation.nrows() > 0).then(|| mean_nll(model, validation));
         let record = EpochRecord {
             epoch,
-            train_nll: epoch_nll / train.nrows().max(1) as f64,
+            train_nll: epoch_nll / data.pixels.nrows().max(1) as f64,
             validation_nll,
             seconds: started.elapsed().as_secs_f64(),
             learning_rate: lr,
