@@ -24,6 +24,9 @@ MODELS = {
     "ar-neighbourhood-12": ["model.kind=ar", "model.k=12", 'model.context="neighbourhood"'],
     "fvsbn": ["model.kind=fvsbn", "train.epochs=40"],
     "nade": ["model.kind=nade", "model.hidden=500", "train.epochs=200", "train.patience=4", "train.anneal=3"],
+    # The same, trained on a fresh binarization of the fitted rows every epoch.
+    "fvsbn-rebinarized": ["model.kind=fvsbn", "train.epochs=40", "train.rebinarize=true"],
+    "nade-rebinarized": ["model.kind=nade", "model.hidden=500", "train.epochs=200", "train.patience=4", "train.anneal=3", "train.rebinarize=true"],
 }
 
 TEMPLATE = """[pipeline]
