@@ -289,8 +289,7 @@ fn fit_gathered(
     } else {
         validation.view()
     };
-    let ids: Vec<&str> = g.validation_ids.iter().map(String::as_str).collect();
-    let held_out = scorer.mean_scores(&per_draw, &ids, as_read)?;
+    let held_out = scorer.mean_scores(&per_draw, &g.validation_ids, as_read)?;
     let mut calibration = held_out.score;
     calibration.sort_by(f64::total_cmp);
     let validation_nll = (!held_out.nll.is_empty())

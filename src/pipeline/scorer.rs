@@ -79,10 +79,10 @@ impl Scorer<'_> {
     /// Scores every row of `raw` (8-bit intensities; row i is the image whose id is `ids[i]`)
     /// as the mean, over `preprocess`'s draws, of the scores of its binarizations. With one
     /// draw this is exactly [`Self::scores`] of the preprocessed images.
-    pub fn mean_scores(
+    pub fn mean_scores<S: AsRef<str> + Sync>(
         &self,
         preprocess: &Preprocessor,
-        ids: &[&str],
+        ids: &[S],
         raw: ArrayView2<'_, u8>,
     ) -> Result<Scores> {
         let draws = preprocess.draws();
