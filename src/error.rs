@@ -21,6 +21,16 @@ pub enum Error {
     #[error("{0}")]
     Config(ConfigProblems),
 
+    /// A setting that does not fit what the run found, such as a fitted model's calibration or
+    /// partitions (exit 78). For problems in the file itself, see [`Error::Config`].
+    #[error("`{key}`: {message}")]
+    Setting {
+        /// The dotted TOML key.
+        key: String,
+        /// What is wrong and what to do about it.
+        message: String,
+    },
+
     /// Input data that cannot be used: not Parquet, wrong schema or shape, too many bad rows
     /// (exit 65).
     #[error("{uri}{}: {message}", row.map(|r| format!(" (row {r})")).unwrap_or_default())]
@@ -31,6 +41,19 @@ pub enum Error {
         row: Option<u64>,
         /// What is wrong and what to do about it.
         message: String,
+    },
+
+    /// A model that cannot be fitted with the given settings (exit 78), or a stored one that
+    /// cannot be used (exit 65).
+    #[error("{uri}: {what}")]
+    Model {
+        /// The pipeline file, or the model file.
+        uri: String,
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: crate::models::ModelError,
     },
 
     /// The source URI matched no files (exit 66).
@@ -95,12 +118,18 @@ impl Error {
         match self {
             Error::Usage(_) => 64,
             Error::Data { .. } => 65,
+            Error::Model { source, .. } => match source {
+                crate::models::ModelError::Params(_) | crate::models::ModelError::Pixels { .. } => {
+                    78
+                }
+                _ => 65,
+            },
             Error::InputMissing { .. } => 66,
             Error::Internal(_) => 70,
             Error::Io { .. } => 74,
             Error::Transient { .. } | Error::Interrupted { .. } => 75,
             Error::Permission { .. } => 77,
-            Error::Config(_) => 78,
+            Error::Config(_) | Error::Setting { .. } => 78,
         }
     }
 
@@ -109,6 +138,31 @@ impl Error {
         Error::Data {
             uri: uri.into(),
             row: None,
+            message: message.into(),
+        }
+    }
+
+    /// A bug found while `doing` something: `err` should not have happened.
+    pub fn internal(err: impl fmt::Display, doing: &str) -> Self {
+        Error::Internal(format!("{doing}: {err}"))
+    }
+
+    /// The message with every cause after it, separated by ": ", on one line.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+
+    /// A setting, `key`, that does not fit what the run found.
+    pub fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Setting {
+            key: key.into(),
             message: message.into(),
         }
     }

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::config::SourceConfig;
 use crate::config::load::{LoadOptions, load_str};
-use crate::config::{ModelKind, SourceConfig};
 use crate::data::ImageShape;
 use crate::io::decode::{Decoder, decode_png};
 use crate::io::source::check_footer;
-use crate::models::artifact::{ModelMeta, from_safetensors};
-use crate::models::from_tensors;
+use crate::models::tensors::from_safetensors;
+use crate::pipeline::artifact::ModelMeta;
 
 /// Rows decoded per input at most, so one input stays fast.
 const MAX_ROWS: usize = 4096;
@@ -90,7 +90,7 @@ pub fn model_artifact(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let kinds = ModelKind::ALL;
+    let kinds = crate::models::registry::names();
     let kind = kinds[usize::from(selector) % kinds.len()];
     let shape = ImageShape::new(
         1 + usize::from(selector >> 4) % 4,
@@ -105,7 +105,13 @@ pub fn model_artifact(data: &[u8]) {
         "hidden": 3, "components": 2, "k": 2, "order": "raster", "context": "previous",
         "l2": 1.0, "seed": 0, "alpha": 1.0,
     });
-    if let Ok(model) = from_tensors(kind, shape, levels, &hyperparameters, &tensors) {
+    let stored = crate::models::Stored {
+        shape,
+        levels,
+        hyperparameters: &hyperparameters,
+        tensors: &tensors,
+    };
+    if let Ok(model) = crate::models::load(kind, &stored) {
         let image = vec![1u8; shape.dims()];
         let _ = model.log_likelihood(&image);
     }
@@ -219,7 +225,7 @@ mod tests {
 
     #[test]
     fn the_model_loader_survives_mutations() {
-        use crate::models::artifact::to_safetensors;
+        use crate::models::tensors::to_safetensors;
         let tensors = vec![
             crate::models::NamedTensor {
                 name: "log_prob".into(),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anomaly_pipeline::cli::{Cli, LogFormat};
 use anomaly_pipeline::error::Error;
+use anomaly_pipeline::kernels::{ISA_VAR, Isa};
 use anomaly_pipeline::pipeline::Context;
 use anomaly_pipeline::{commands, logging};
 use clap::Parser;
@@ -35,6 +36,8 @@ fn main() -> ExitCode {
         }
     }));
     let result = std::panic::catch_unwind(|| {
+        // Before any kernel runs: a forced instruction set the CPU lacks is refused here.
+        Isa::from_env().map_err(|e| Error::setting(ISA_VAR, e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("pipeline-io")
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
             .map_err(|e| Error::Internal(format!("starting the IO runtime: {e}")))?;
         anomaly_pipeline::pipeline::cancel::install(rt.handle());
         let ctx = Context {
-            rt: rt.handle().clone(),
+            io: anomaly_pipeline::io::storage::Io::new(rt.handle().clone()),
             progress: human,
         };
         let result = commands::dispatch(&cli.command, &ctx);
@@ -62,10 +65,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.exit_code();
+            let message = e.chain();
             if cli.log_format == LogFormat::Json || !human {
-                tracing::error!(exit_code = code, error = %e, "Failed.");
+                tracing::error!(exit_code = code, error = %message, "Failed.");
             }
-            eprintln!("error: {e}");
+            eprintln!("error: {message}");
             ExitCode::from(code)
         }
     }

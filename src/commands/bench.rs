@@ -17,10 +17,10 @@ use crate::error::{Error, Result, from_io};
 use crate::io::source::Source;
 use crate::kernels::Isa;
 use crate::kernels::{nade as nade_kernel, rnade as rnade_kernel};
-use crate::models::DensityModel;
 use crate::models::nade::Nade;
-use crate::models::ordering::Order;
-use crate::models::rnade::{Rnade, RnadeParams};
+use crate::models::rnade::{Hyperparameters, Rnade, RnadeParams};
+use crate::models::shared::ordering::Order;
+use crate::models::{DensityModel, Family};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Context, read};
 use crate::train::{Adam, GradientModel, GradientWorkspace};
@@ -72,25 +72,32 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             "--repeats, --images and --reference-images must be at least 1".into(),
         ));
     }
-    if !(1..=crate::models::nade::MAX_HIDDEN).contains(&a.hidden) {
-        return Err(Error::Usage(format!(
-            "--hidden must be between 1 and {}",
-            crate::models::nade::MAX_HIDDEN
-        )));
-    }
+    // The model's own check, so the bench takes exactly the sizes a pipeline would.
+    <Rnade as Family>::check(&RnadeParams {
+        hidden: a.hidden,
+        components: a.components,
+        order: Order::Raster,
+    })
+    .map_err(|problems| {
+        let list: Vec<String> = problems
+            .iter()
+            .map(|p| format!("--{} {}", p.key, p.message))
+            .collect();
+        Error::Usage(list.join("; "))
+    })?;
     let rnade = a.model == "rnade";
     let (shape, pixels) = load_images(a, ctx, !rnade)?;
     let (d, h) = (shape.dims(), a.hidden);
     let subset = pixels.slice(ndarray::s![..a.reference_images.min(pixels.nrows()), ..]);
     let reference_repeats = a.repeats.min(3);
     if rnade {
-        let params = RnadeParams {
+        let params = Hyperparameters {
             hidden: h,
             components: a.components,
             order: Order::Raster,
             seed: 0,
         };
-        let model = Rnade::init(shape, 256, params).map_err(|e| Error::Usage(e.to_string()))?;
+        let model = Rnade::init(shape, 256, params);
         let p = model.kernel_params();
         let values = ordered_centres(subset);
         let baseline = Baseline {
@@ -249,7 +256,7 @@ fn report<M: Measured>(
 
 /// The first `--images` images of `--data`, binarized stochastically with seed 0 when `binary`.
 fn load_images(a: &BenchArgs, ctx: &Context, binary: bool) -> Result<(ImageShape, Array2<u8>)> {
-    let source = Source::open(&a.data, &ctx.rt)?;
+    let source = Source::open(&a.data, &ctx.io)?;
     let config = SourceConfig {
         uri: a.data.clone(),
         image_column: a.image_column.clone(),

@@ -23,7 +23,7 @@ type Groups = BTreeMap<String, Vec<(f64, bool, bool)>>;
 
 /// Reads the scores table and prints the evaluation, overall and per `--by` value.
 pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
-    let source = Source::open(&a.scores, &ctx.rt)?;
+    let source = Source::open(&a.scores, &ctx.io)?;
     let schema = source.files()[0].schema().clone();
     let mut wanted = vec![
         "run_id".to_string(),

@@ -41,7 +41,7 @@ impl PixelStats {
 
 /// Prints the schema, row counts, image shape and pixel statistics, and draws images.
 pub fn inspect(a: &InspectArgs, ctx: &Context) -> Result<()> {
-    let source = Source::open(&a.uri, &ctx.rt)?;
+    let source = Source::open(&a.uri, &ctx.io)?;
     let first = &source.files()[0];
     let id_column = a.id_column.clone().unwrap_or_else(|| {
         if first.schema().field_with_name("id").is_ok() {

@@ -37,7 +37,7 @@ enum OutFormat {
 pub fn query(a: &QueryArgs, ctx: &Context) -> Result<()> {
     // Checked first, so that a typo in the file name costs no reading.
     let format = a.out.as_deref().map(out_format).transpose()?;
-    let sink = Storage::open(&a.sink, &ctx.rt)?;
+    let sink = Storage::open(&a.sink, &ctx.io)?;
     let mut sql = SQLContext::new();
     let mut described = Vec::new();
     for table in Table::ALL {
@@ -79,7 +79,7 @@ pub fn query(a: &QueryArgs, ctx: &Context) -> Result<()> {
 /// A lazy scan of every committed part file of `table`, or `None` when the sink has none.
 fn scan(sink: &Storage, table: Table, ctx: &Context) -> Result<Option<LazyFrame>> {
     let uri = sink.display(&format!("{}/", table.dir()));
-    let files = match Source::open(&uri, &ctx.rt) {
+    let files = match Source::open(&uri, &ctx.io) {
         Ok(source) => source.files().to_vec(),
         Err(Error::InputMissing { .. }) => return Ok(None),
         Err(e) => return Err(e),
@@ -96,6 +96,7 @@ fn scan(sink: &Storage, table: Table, ctx: &Context) -> Result<Option<LazyFrame>
         None => {
             let store = sink.store();
             let fetched: Vec<Vec<u8>> = ctx
+                .io
                 .rt
                 .block_on(
                     futures::stream::iter(&files)
@@ -151,7 +152,7 @@ fn write(result: &mut DataFrame, out: &str, format: OutFormat, ctx: &Context) ->
         Some((dir, name)) => (if dir.is_empty() { "/" } else { dir }, name),
         None => (".", out),
     };
-    let target = Storage::open(dir, &ctx.rt)?;
+    let target = Storage::open(dir, &ctx.io)?;
     target.put(name, bytes.into())?;
     let _ = writeln!(
         std::io::stdout().lock(),

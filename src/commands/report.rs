@@ -30,14 +30,14 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
     if a.top > MAX_TOP {
         return Err(Error::Usage(format!("--top must be at most {MAX_TOP}")));
     }
-    let sink = Storage::open(&a.sink, &ctx.rt)?;
+    let sink = Storage::open(&a.sink, &ctx.io)?;
     let manifest = find_manifest(&sink, a.run_id.as_deref())?;
     let run_id = manifest.run_id.clone();
     let by = a.by.clone().unwrap_or_else(|| "model_id".into());
 
     // Every score of the run, and counts per group.
     let scores_uri = sink.display("scores/");
-    let scores_source = Source::open(&scores_uri, &ctx.rt)?;
+    let scores_source = Source::open(&scores_uri, &ctx.io)?;
     if scores_source.files()[0]
         .schema()
         .field_with_name(&by)
@@ -202,7 +202,7 @@ fn top_anomalies(sink: &Storage, run_id: &str, top: usize, ctx: &Context) -> Res
     if sink.list("anomalies")?.is_empty() || top == 0 {
         return Ok(Vec::new());
     }
-    let source = Source::open(&uri, &ctx.rt)?;
+    let source = Source::open(&uri, &ctx.io)?;
     let columns: Vec<String> = [
         "run_id",
         "id",
@@ -275,7 +275,7 @@ fn attach_pixels(manifest: &Manifest, flagged: &mut [Flagged], ctx: &Context) {
         .map(|(i, f)| (f.id.clone(), i))
         .collect();
     let result = (|| -> Result<()> {
-        let source = Source::open(&manifest.config.source.uri, &ctx.rt)?;
+        let source = Source::open(&manifest.config.source.uri, &ctx.io)?;
         let raw = Preprocessor::raw();
         read::for_each_batch(
             &source,

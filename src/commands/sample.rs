@@ -7,8 +7,8 @@ use rayon::prelude::*;
 use crate::cli::SampleArgs;
 use crate::error::{Error, Result, from_io};
 use crate::io::png::grid_png;
-use crate::models::artifact;
 use crate::pipeline::Context;
+use crate::pipeline::artifact;
 
 /// The most images one grid may hold.
 const MAX_SAMPLES: usize = 10_000;
@@ -21,7 +21,7 @@ pub fn sample(a: &SampleArgs, ctx: &Context) -> Result<()> {
             a.count
         )));
     }
-    let loaded = artifact::load(&a.model, &ctx.rt)?;
+    let loaded = artifact::load(&a.model, &ctx.io)?;
     let model = loaded.model.as_ref();
     let dims = model.shape().dims();
     // One ChaCha stream per image: the same seed draws the same images on any thread count.

@@ -9,8 +9,11 @@ use std::str::FromStr;
 use toml_edit::{DocumentMut, Item, Value};
 
 use super::interpolate::{Environment, Lookup, interpolate};
-use super::{Binarize, ModelKind, PipelineConfig, ScoreMethod, ThresholdMethod};
+use super::model::{BackgroundConfig, keys_of};
+use super::{Binarize, PipelineConfig, ScoreMethod, ThresholdMethod};
 use crate::error::{ConfigProblem, ConfigProblems, Error, Result};
+use crate::models::registry::{DEFAULT_KIND, FAMILIES, Pixels};
+use crate::models::{Kind, ModelSpec};
 
 /// What the command line adds to a pipeline file.
 #[derive(Debug, Clone, Default)]
@@ -93,6 +96,7 @@ pub fn load_str(
 
     let mut path = Vec::new();
     interpolate_table(doc.as_table_mut(), &mut path, vars, &locate, &mut problems);
+    check_kind_tables(&mut doc, &locate, &mut problems);
 
     let resolved = doc.to_string();
     let mut unknown = Vec::new();
@@ -111,10 +115,12 @@ pub fn load_str(
     let mut config: PipelineConfig = match parsed {
         Ok(c) => c,
         Err(e) => {
-            problems.push(ConfigProblem {
-                line: e.span().map(|s| line_of(&resolved, s.start)),
-                message: e.message().trim().to_string(),
-            });
+            let message = e.message().trim().to_string();
+            // The model tables' own messages start with the key they are about.
+            let line = leading_key(&message)
+                .and_then(|key| locate.line(key))
+                .or_else(|| e.span().map(|s| line_of(&resolved, s.start)));
+            problems.push(ConfigProblem { line, message });
             return Err(fail(problems));
         }
     };
@@ -127,7 +133,7 @@ pub fn load_str(
     }
     for (key, message) in check_values(&config) {
         problems.push(ConfigProblem {
-            line: locate.line(key),
+            line: locate.line(&key),
             message,
         });
     }
@@ -138,275 +144,385 @@ pub fn load_str(
     }
 }
 
-/// Checks value ranges and combinations; each problem is `(key, message)`.
-pub fn check_values(c: &PipelineConfig) -> Vec<(&'static str, String)> {
-    let mut p = Vec::new();
-    if c.source.uri.trim().is_empty() {
-        p.push((
+/// The dotted key a message starts with, as in "`model.hidden`: …".
+fn leading_key(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix('`')?;
+    let key = &rest[..rest.find('`')?];
+    key.contains('.').then_some(key)
+}
+
+/// Keys of `[model]` and `[score.background]` that their kind does not take, and the old
+/// spellings of the background: each reported with its line, and removed so that the rest of
+/// the file is still checked (every problem at once).
+fn check_kind_tables(doc: &mut DocumentMut, locate: &Locator, problems: &mut Vec<ConfigProblem>) {
+    if let Some(score) = doc.get_mut("score").and_then(Item::as_table_like_mut) {
+        if let Some(kind) = score.get("background").and_then(Item::as_str) {
+            problems.push(ConfigProblem {
+                line: locate.line("score.background"),
+                message: format!(
+                    "`score.background = {kind:?}` is the old spelling: the background is a table now, with its own kind and keys: write `[score.background]` with `kind = {kind:?}` (and, for example, `k = 3` and `context = \"neighbourhood\"` for an `ar` background)"
+                ),
+            });
+            score.remove("background");
+        }
+        if score.contains_key("mutation_rate") {
+            problems.push(ConfigProblem {
+                line: locate.line("score.mutation_rate"),
+                message: "`score.mutation_rate` has moved: write `mutation_rate` under `[score.background]` with `kind = \"mutated\"`".into(),
+            });
+            score.remove("mutation_rate");
+        }
+    }
+    for (path, fixed, default_kind) in [
+        (&["model"][..], &["kind", "uri"][..], Some(DEFAULT_KIND)),
+        (&["score", "background"][..], &["kind"][..], None),
+    ] {
+        let mut item = Some(doc.as_item_mut());
+        for part in path {
+            item = item
+                .and_then(Item::as_table_like_mut)
+                .and_then(|t| t.get_mut(part));
+        }
+        let Some(table) = item.and_then(Item::as_table_like_mut) else {
+            continue;
+        };
+        let Some(kind) = table
+            .get("kind")
+            .and_then(Item::as_str)
+            .or(default_kind)
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        // An unknown kind is reported when the table is read.
+        let Some(keys) = keys_of(&kind) else {
+            continue;
+        };
+        let prefix = path.join(".");
+        let stray: Vec<String> = table
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| !fixed.contains(&k.as_str()) && !keys.contains(k))
+            .collect();
+        for key in stray {
+            let dotted = format!("{prefix}.{key}");
+            problems.push(ConfigProblem {
+                line: locate.line(&dotted),
+                message: stray_key_message(&dotted, &key, &kind, &keys),
+            });
+            table.remove(&key);
+        }
+    }
+}
+
+/// What to say of `key` in a table of `kind`, which takes `keys`.
+fn stray_key_message(dotted: &str, key: &str, kind: &str, keys: &[String]) -> String {
+    let takes = if keys.is_empty() {
+        "no other key".to_string()
+    } else {
+        keys.iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let owners: Vec<&str> = FAMILIES
+        .iter()
+        .filter(|f| f.keys().iter().any(|k| k == key))
+        .map(|f| f.name())
+        .collect();
+    if owners.is_empty() {
+        format!(
+            "unknown key `{dotted}`: `kind = \"{kind}\"` takes {takes}; see schemas/pipeline-toml.md"
+        )
+    } else {
+        format!(
+            "`{dotted}` is not a key of `kind = \"{kind}\"` (it is one of {}'s); `{kind}` takes {takes}",
+            owners.join(", ")
+        )
+    }
+}
+
+/// The levels pixels take after `binarize`.
+fn levels_after(binarize: Binarize) -> u16 {
+    if binarize == Binarize::None { 256 } else { 2 }
+}
+
+/// What `family` (called `subject` in the message) needs of `preprocess.binarize`, when pixels
+/// of `levels` values do not suit it.
+fn pixels_problem(family: &dyn Kind, levels: u16, subject: &str) -> Option<String> {
+    match family.pixels() {
+        _ if family.pixels().accepts(levels) => None,
+        Pixels::Binary => Some(format!(
+            "{subject} needs binary pixels: set `preprocess.binarize` to \"threshold\" or \"stochastic\", or use `kind = \"categorical\"`"
+        )),
+        _ => Some(format!(
+            "{subject} models 8-bit intensities: set `preprocess.binarize = \"none\"`"
+        )),
+    }
+}
+
+/// The family's own check of `spec`, as problems of the keys under `table`.
+fn spec_problems(table: &str, spec: &ModelSpec) -> Vec<(String, String)> {
+    spec.problems()
+        .into_iter()
+        .map(|p| {
+            let key = format!("{table}.{}", p.key);
+            let message = format!("`{key}` {}", p.message);
+            (key, message)
+        })
+        .collect()
+}
+
+/// Checks value ranges and combinations, table by table; each problem is `(key, message)`.
+pub fn check_values(c: &PipelineConfig) -> Vec<(String, String)> {
+    let mut p = Problems::default();
+    check_source(c, &mut p);
+    check_preprocess(c, &mut p);
+    check_model(c, &mut p);
+    check_train(c, &mut p);
+    check_score(c, &mut p);
+    check_threshold(c, &mut p);
+    if c.sink.max_rows_per_file == 0 {
+        p.add(
+            "sink.max_rows_per_file",
+            "`sink.max_rows_per_file` must be at least 1",
+        );
+    }
+    p.0
+}
+
+/// Problems found so far, as `(key, message)`.
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push((key.to_string(), message.into()));
+    }
+}
+
+fn check_source(c: &PipelineConfig, p: &mut Problems) {
+    let s = &c.source;
+    if s.uri.trim().is_empty() {
+        p.add(
             "source.uri",
-            "`source.uri` is required: the Parquet file, directory or glob to read".to_string(),
-        ));
+            "`source.uri` is required: the Parquet file, directory or glob to read",
+        );
     }
     if c.sink.uri.trim().is_empty() {
-        p.push((
+        p.add(
             "sink.uri",
-            "`sink.uri` is required: the directory to write the tables under".to_string(),
-        ));
+            "`sink.uri` is required: the directory to write the tables under",
+        );
     }
     for (key, value) in [
-        ("source.image_column", &c.source.image_column),
-        ("source.id_column", &c.source.id_column),
+        ("source.image_column", &s.image_column),
+        ("source.id_column", &s.id_column),
     ] {
         if value.is_empty() {
-            p.push((key, format!("`{key}` must name a column")));
+            p.add(key, format!("`{key}` must name a column"));
         }
     }
     if let Err(m) = check_run_id(&c.pipeline.run_id) {
-        p.push(("pipeline.run_id", m));
+        p.add("pipeline.run_id", m);
     }
-    if !(0.0..=1.0).contains(&c.source.max_reject_fraction) {
-        p.push((
+    if !(0.0..=1.0).contains(&s.max_reject_fraction) {
+        p.add(
             "source.max_reject_fraction",
             format!(
                 "`source.max_reject_fraction` must be between 0 and 1, got {}",
-                c.source.max_reject_fraction
+                s.max_reject_fraction
             ),
-        ));
+        );
     }
-    let shape = &c.source.shape;
+    let shape = &s.shape;
     if !shape.is_empty()
         && (!(2..=3).contains(&shape.len())
             || shape[..2].contains(&0)
             || (shape.len() == 3 && !matches!(shape[2], 1 | 3)))
     {
-        p.push((
+        p.add(
             "source.shape",
             format!(
                 "`source.shape` must be [height, width] or [height, width, channels] with channels 1 or 3, got {shape:?}"
             ),
-        ));
+        );
     }
-    if c.source.batch_size == 0 {
-        p.push((
+    if s.batch_size == 0 {
+        p.add(
             "source.batch_size",
-            "`source.batch_size` must be at least 1".to_string(),
-        ));
+            "`source.batch_size` must be at least 1",
+        );
     }
-    if !(c.source.float_max.is_finite() && c.source.float_max > 0.0) {
-        p.push((
+    if !(s.float_max.is_finite() && s.float_max > 0.0) {
+        p.add(
             "source.float_max",
             format!(
                 "`source.float_max` must be a positive number, got {}",
-                c.source.float_max
+                s.float_max
             ),
-        ));
+        );
     }
     let reserved = crate::io::tables::RESERVED_COLUMNS;
-    for name in &c.source.passthrough {
+    for name in &s.passthrough {
         if reserved.contains(&name.as_str()) {
-            p.push((
+            p.add(
                 "source.passthrough",
                 format!(
                     "passthrough column `{name}` clashes with a column the score tables already have; rename it in the source"
                 ),
-            ));
+            );
         }
-        if name == &c.source.image_column {
-            p.push((
+        if name == &s.image_column {
+            p.add(
                 "source.passthrough",
                 format!("`{name}` is the image column and cannot be passed through"),
-            ));
+            );
         }
     }
-    if c.model.kind.needs_binary_pixels() && c.preprocess.binarize == Binarize::None {
-        p.push((
-            "model.kind",
-            format!(
-                "`model.kind = \"{}\"` needs binary pixels: set `preprocess.binarize` to \"threshold\" or \"stochastic\", or use `kind = \"categorical\"`",
-                c.model.kind.name()
-            ),
-        ));
-    }
-    if !(1..=MAX_DRAWS).contains(&c.preprocess.draws) {
-        p.push((
+}
+
+fn check_preprocess(c: &PipelineConfig, p: &mut Problems) {
+    let draws = c.preprocess.draws;
+    if !(1..=MAX_DRAWS).contains(&draws) {
+        p.add(
             "preprocess.draws",
-            format!(
-                "`preprocess.draws` must be between 1 and {MAX_DRAWS}, got {}",
-                c.preprocess.draws
-            ),
-        ));
-    } else if c.preprocess.draws > 1 && c.preprocess.binarize != Binarize::Stochastic {
-        p.push((
+            format!("`preprocess.draws` must be between 1 and {MAX_DRAWS}, got {draws}"),
+        );
+    } else if draws > 1 && c.preprocess.binarize != Binarize::Stochastic {
+        p.add(
             "preprocess.draws",
-            "more than one draw needs `preprocess.binarize = \"stochastic\"`: other preprocessing gives the same pixels every time".into(),
-        ));
+            "more than one draw needs `preprocess.binarize = \"stochastic\"`: other preprocessing gives the same pixels every time",
+        );
     }
-    if c.train.rebinarize {
+}
+
+fn check_model(c: &PipelineConfig, p: &mut Problems) {
+    let spec = &c.model.spec;
+    for (key, message) in spec_problems("model", spec) {
+        p.add(&key, message);
+    }
+    let subject = format!("`model.kind = \"{}\"`", spec.name());
+    if let Some(message) =
+        pixels_problem(spec.kind(), levels_after(c.preprocess.binarize), &subject)
+    {
+        p.add("model.kind", message);
+    }
+}
+
+fn check_train(c: &PipelineConfig, p: &mut Problems) {
+    let t = &c.train;
+    if t.rebinarize {
+        let family = c.model.spec.kind();
         if c.preprocess.binarize != Binarize::Stochastic {
-            p.push((
+            p.add(
                 "train.rebinarize",
-                "`train.rebinarize` draws a fresh stochastic binarization each epoch: it needs `preprocess.binarize = \"stochastic\"`".into(),
-            ));
-        } else if !(c.model.kind.trained_by_gradient() && c.model.kind.needs_binary_pixels()) {
-            p.push((
+                "`train.rebinarize` draws a fresh stochastic binarization each epoch: it needs `preprocess.binarize = \"stochastic\"`",
+            );
+        } else if !(family.trained_by_gradient(2) && family.pixels().accepts(2)) {
+            let kinds: Vec<String> = FAMILIES
+                .iter()
+                .filter(|f| f.trained_by_gradient(2) && f.pixels().accepts(2))
+                .map(|f| format!("`{}`", f.name()))
+                .collect();
+            p.add(
                 "train.rebinarize",
                 format!(
-                    "`train.rebinarize` applies to models trained by gradient on binary pixels (`nade`, `fvsbn`), not `model.kind = \"{}\"`, which has no epochs",
-                    c.model.kind.name()
+                    "`train.rebinarize` applies to models trained by gradient on binary pixels ({}), not `model.kind = \"{}\"`, which has no epochs on them",
+                    kinds.join(", "),
+                    family.name()
                 ),
-            ));
+            );
         }
     }
-    if c.model.kind.needs_intensities() && c.preprocess.binarize != Binarize::None {
-        p.push((
-            "model.kind",
-            format!(
-                "`model.kind = \"{}\"` models 8-bit intensities: set `preprocess.binarize = \"none\"`",
-                c.model.kind.name()
-            ),
-        ));
-    }
-    if !(1..=crate::models::ar_mixture::MAX_COMPONENTS).contains(&c.model.components) {
-        p.push((
-            "model.components",
-            format!(
-                "`model.components` must be between 1 and {}, got {}",
-                crate::models::ar_mixture::MAX_COMPONENTS,
-                c.model.components
-            ),
-        ));
-    }
-    if c.model.k > crate::models::logistic::MAX_FEATURES {
-        p.push((
-            "model.k",
-            format!(
-                "`model.k` must be at most {}, got {}",
-                crate::models::logistic::MAX_FEATURES,
-                c.model.k
-            ),
-        ));
-    }
-    if !(1..=crate::models::nade::MAX_HIDDEN).contains(&c.model.hidden) {
-        p.push((
-            "model.hidden",
-            format!(
-                "`model.hidden` must be between 1 and {}, got {}",
-                crate::models::nade::MAX_HIDDEN,
-                c.model.hidden
-            ),
-        ));
-    }
-    if !(c.train.weight_decay.is_finite()
-        && c.train.weight_decay >= 0.0
-        && c.train.weight_decay * c.train.learning_rate < 1.0)
+    if !(t.weight_decay.is_finite()
+        && t.weight_decay >= 0.0
+        && t.weight_decay * t.learning_rate < 1.0)
     {
-        p.push((
+        p.add(
             "train.weight_decay",
             format!(
                 "`train.weight_decay` must be ≥ 0 and below 1 / learning_rate, got {}",
-                c.train.weight_decay
+                t.weight_decay
             ),
-        ));
+        );
     }
-    if !(c.threshold.fdr > 0.0 && c.threshold.fdr < 1.0) {
-        p.push((
-            "threshold.fdr",
-            format!("`threshold.fdr` must be in (0, 1), got {}", c.threshold.fdr),
-        ));
-    }
-    if !(c.model.l2.is_finite() && c.model.l2 > 0.0) {
-        p.push((
-            "model.l2",
-            format!("`model.l2` must be a positive number, got {}", c.model.l2),
-        ));
-    }
-    if !(c.model.alpha.is_finite() && c.model.alpha > 0.0) {
-        p.push((
-            "model.alpha",
-            format!(
-                "`model.alpha` must be a positive number, got {}",
-                c.model.alpha
-            ),
-        ));
-    }
-    if !(0.0..1.0).contains(&c.train.validation_fraction) {
-        p.push((
+    if !(0.0..1.0).contains(&t.validation_fraction) {
+        p.add(
             "train.validation_fraction",
             format!(
                 "`train.validation_fraction` must be in [0, 1), got {}",
-                c.train.validation_fraction
+                t.validation_fraction
             ),
-        ));
-    } else if c.train.validation_fraction == 0.0
+        );
+    } else if t.validation_fraction == 0.0
         && c.threshold.method == ThresholdMethod::Quantile
         && c.model.uri.is_empty()
     {
-        p.push((
+        p.add(
             "train.validation_fraction",
-            "`threshold.method = \"quantile\"` needs held-out images: set `train.validation_fraction` above 0".to_string(),
-        ));
+            "`threshold.method = \"quantile\"` needs held-out images: set `train.validation_fraction` above 0",
+        );
     }
-    if c.score.method == ScoreMethod::LikelihoodRatio {
-        let background = c.score.background.as_str();
-        if background != "mutated" {
-            match ModelKind::from_name(background) {
-                None => p.push((
-                    "score.background",
+}
+
+fn check_score(c: &PipelineConfig, p: &mut Problems) {
+    if c.score.method != ScoreMethod::LikelihoodRatio {
+        return;
+    }
+    match &c.score.background {
+        BackgroundConfig::Mutated { mutation_rate } => {
+            if !(*mutation_rate > 0.0 && *mutation_rate <= 1.0) {
+                p.add(
+                    "score.background.mutation_rate",
                     format!(
-                        "`score.background` must be \"mutated\" or a model kind ({}), got {background:?}",
-                        ModelKind::ALL.map(ModelKind::name).join(", ")
+                        "`score.background.mutation_rate` must be in (0, 1], got {mutation_rate}"
                     ),
-                )),
-                Some(kind)
-                    if kind.needs_binary_pixels() && c.preprocess.binarize == Binarize::None =>
-                {
-                    p.push((
-                        "score.background",
-                        format!("the background `{background}` needs binary pixels: set `preprocess.binarize`, or use \"categorical\" or \"mutated\""),
-                    ))
-                }
-                Some(_) => {}
+                );
             }
         }
-        if !(c.score.mutation_rate > 0.0 && c.score.mutation_rate <= 1.0) {
-            p.push((
-                "score.mutation_rate",
-                format!(
-                    "`score.mutation_rate` must be in (0, 1], got {}",
-                    c.score.mutation_rate
-                ),
-            ));
+        BackgroundConfig::Model(spec) => {
+            for (key, message) in spec_problems("score.background", spec) {
+                p.add(&key, message);
+            }
+            let subject = format!("the background `{}`", spec.name());
+            let levels = levels_after(c.preprocess.binarize);
+            if let Some(message) = pixels_problem(spec.kind(), levels, &subject) {
+                p.add("score.background.kind", message);
+            }
         }
     }
-    match c.threshold.method {
+}
+
+fn check_threshold(c: &PipelineConfig, p: &mut Problems) {
+    let t = &c.threshold;
+    if !(t.fdr > 0.0 && t.fdr < 1.0) {
+        p.add(
+            "threshold.fdr",
+            format!("`threshold.fdr` must be in (0, 1), got {}", t.fdr),
+        );
+    }
+    match t.method {
         ThresholdMethod::Quantile => {
-            if !(c.threshold.quantile > 0.0 && c.threshold.quantile < 1.0) {
-                p.push((
+            if !(t.quantile > 0.0 && t.quantile < 1.0) {
+                p.add(
                     "threshold.quantile",
                     format!(
                         "`threshold.quantile` must be strictly between 0 and 1, got {}",
-                        c.threshold.quantile
+                        t.quantile
                     ),
-                ));
+                );
             }
         }
-        ThresholdMethod::Fixed => match c.threshold.value {
+        ThresholdMethod::Fixed => match t.value {
             Some(v) if v.is_finite() => {}
-            _ => p.push((
+            _ => p.add(
                 "threshold.value",
-                "`threshold.method = \"fixed\"` needs `threshold.value`, a finite score in nats"
-                    .to_string(),
-            )),
+                "`threshold.method = \"fixed\"` needs `threshold.value`, a finite score in nats",
+            ),
         },
         ThresholdMethod::Conformal => {}
     }
-    if c.sink.max_rows_per_file == 0 {
-        p.push((
-            "sink.max_rows_per_file",
-            "`sink.max_rows_per_file` must be at least 1".to_string(),
-        ));
-    }
-    p
 }
 
 /// A run id is used in file names, so it is restricted to a safe alphabet.
@@ -596,10 +712,145 @@ uri = "out/"
         assert_eq!(
             p,
             vec![
-                "Some(12): unknown key `model.hiden`: see schemas/pipeline-toml.md for the keys of each table",
+                "Some(12): unknown key `model.hiden`: `kind = \"bernoulli\"` takes `alpha`; see schemas/pipeline-toml.md",
                 "Some(15): unknown key `train.epoks`: see schemas/pipeline-toml.md for the keys of each table",
             ]
         );
+    }
+
+    /// Under every kind, a key that only other kinds take is a problem naming the key, its
+    /// line, the kinds it belongs to and the keys this kind takes; and the rest of the file is
+    /// still checked.
+    #[test]
+    fn a_key_of_another_kind_is_refused_with_its_line() {
+        for (kind, stray, owners, takes) in [
+            ("bernoulli", "hidden = 5", "nade, rnade", "`alpha`"),
+            ("categorical", "k = 3", "ar", "`alpha`"),
+            (
+                "ar",
+                "hidden = 5",
+                "nade, rnade",
+                "`k`, `context`, `order`, `l2`, `components`",
+            ),
+            ("fvsbn", "alpha = 1.0", "bernoulli, categorical", "`order`"),
+            ("nade", "components = 3", "ar, rnade", "`hidden`, `order`"),
+            ("rnade", "l2 = 1.0", "ar", "`hidden`, `components`, `order`"),
+        ] {
+            let key = stray.split(' ').next().unwrap();
+            let pixels = if kind == "rnade" { "none" } else { "threshold" };
+            let text = format!(
+                "{GOOD}\n[model]\nkind = \"{kind}\"\n{stray}\n[threshold]\nquantile = 2.0\n[preprocess]\nbinarize = \"{pixels}\"\n"
+            );
+            let p = problems(&text, &LoadOptions::default());
+            assert_eq!(p.len(), 2, "{kind}: {p:?}");
+            assert_eq!(
+                p[0],
+                format!(
+                    "Some(13): `model.{key}` is not a key of `kind = \"{kind}\"` (it is one of {owners}'s); `{kind}` takes {takes}"
+                ),
+                "{kind}"
+            );
+            assert!(
+                p[1].contains("`threshold.quantile` must be"),
+                "{kind}: {p:?}"
+            );
+        }
+    }
+
+    /// `[score.background]` is a table of its own kind: its keys are checked against that
+    /// kind, its values by that kind's check, and the old spellings say what to write.
+    #[test]
+    fn the_background_table_is_checked_against_its_own_kind() {
+        let lr = "[score]\nmethod = \"likelihood_ratio\"\n";
+        for (table, wanted) in [
+            (
+                format!("{lr}[score.background]\nkind = \"ar\"\nkk = 3\n"),
+                "Some(15): unknown key `score.background.kk`: `kind = \"ar\"` takes `k`, `context`, `order`, `l2`, `components`; see schemas/pipeline-toml.md",
+            ),
+            (
+                format!("{lr}[score.background]\nkind = \"mutated\"\nk = 3\n"),
+                "Some(15): `score.background.k` is not a key of `kind = \"mutated\"` (it is one of ar's); `mutated` takes `mutation_rate`",
+            ),
+            (
+                format!("{lr}[score.background]\nkind = \"ar\"\nk = 99\n"),
+                "Some(15): `score.background.k` must be between 0 and 64, got 99",
+            ),
+            (
+                format!("{lr}[score.background]\nkind = \"mutated\"\nmutation_rate = 0.0\n"),
+                "Some(15): `score.background.mutation_rate` must be in (0, 1], got 0",
+            ),
+            (
+                format!("{lr}background = \"ar\"\n"),
+                "Some(13): `score.background = \"ar\"` is the old spelling: the background is a table now",
+            ),
+            (
+                format!("{lr}mutation_rate = 0.3\n"),
+                "Some(13): `score.mutation_rate` has moved: write `mutation_rate` under `[score.background]` with `kind = \"mutated\"`",
+            ),
+            (
+                format!("{lr}[score.background]\nkind = \"pixelcnn\"\n"),
+                "`score.background.kind`: unknown model kind \"pixelcnn\"; one of mutated, bernoulli",
+            ),
+            (
+                format!(
+                    "[preprocess]\nbinarize = \"none\"\n[model]\nkind = \"categorical\"\n{lr}[score.background]\nkind = \"nade\"\n"
+                ),
+                "the background `nade` needs binary pixels",
+            ),
+        ] {
+            let p = problems(&format!("{GOOD}\n{table}"), &LoadOptions::default());
+            assert_eq!(p.len(), 1, "{table}: {p:?}");
+            assert!(
+                p[0].starts_with(wanted) || p[0].contains(wanted),
+                "{table}: {p:?}"
+            );
+        }
+    }
+
+    /// Without `[score.background]`, a likelihood ratio is against the background measured
+    /// best: an `ar` model over the 3 nearest earlier sub-pixels.
+    #[test]
+    fn the_default_background_is_a_local_ar3() {
+        let text = format!("{GOOD}\n[score]\nmethod = \"likelihood_ratio\"\n");
+        let c = load_str("p.toml", &text, &LoadOptions::default(), &no_vars).unwrap();
+        let BackgroundConfig::Model(spec) = &c.score.background else {
+            panic!("{:?}", c.score.background)
+        };
+        assert_eq!(
+            spec.to_json(),
+            serde_json::json!({"kind": "ar", "k": 3, "context": "neighbourhood", "order": "raster", "l2": 1.0, "components": 5})
+        );
+    }
+
+    /// A bad value under a kind names its key and line; an out-of-range one gets the family's
+    /// own wording; an unknown kind lists the kinds.
+    #[test]
+    fn model_values_are_checked_by_their_family() {
+        for (model, wanted) in [
+            (
+                "kind = \"nade\"\nhidden = \"many\"",
+                "Some(13): `model.hidden`: invalid type: string \"many\", expected usize",
+            ),
+            (
+                "kind = \"nade\"\nhidden = 0",
+                "Some(13): `model.hidden` must be between 1 and 65536, got 0",
+            ),
+            (
+                "kind = \"bernoulli\"\nalpha = -1.0",
+                "Some(13): `model.alpha` must be a positive number, got -1",
+            ),
+            (
+                "kind = \"pixelcnn\"",
+                "Some(12): `model.kind`: unknown model kind \"pixelcnn\"; one of bernoulli, categorical, ar, fvsbn, nade, rnade",
+            ),
+        ] {
+            let p = problems(
+                &format!("{GOOD}\n[model]\n{model}\n"),
+                &LoadOptions::default(),
+            );
+            assert_eq!(p.len(), 1, "{model}: {p:?}");
+            assert!(p[0].starts_with(wanted), "{model}: {p:?}");
+        }
     }
 
     #[test]
@@ -667,7 +918,7 @@ uri = "out/"
         };
         let c = load_str("p.toml", GOOD, &opts, &no_vars).unwrap();
         assert_eq!(c.threshold.quantile, 0.9);
-        assert_eq!(c.model.kind, crate::config::ModelKind::Categorical);
+        assert_eq!(c.model.spec.name(), "categorical");
         assert_eq!(c.sink.uri, "elsewhere/");
         assert_eq!(c.pipeline.run_id, "r1");
     }

@@ -7,14 +7,16 @@
 
 pub mod interpolate;
 pub mod load;
+pub mod model;
 pub mod reference;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use crate::models::ordering::{Context, Order};
-
 pub use load::{LoadOptions, load_file, load_str};
+pub use model::{BackgroundConfig, ModelConfig};
+
+use crate::train::TrainSettings;
 
 /// A whole pipeline file, as written by the user (before validation).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -167,123 +169,6 @@ impl Default for PreprocessConfig {
     }
 }
 
-/// The model families, by their `model.kind` name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    /// Independent binary pixels: p(x) = Π Bernoulli(x_d; p_d). D parameters.
-    Bernoulli,
-    /// Independent discrete pixels: p(x) = Π Categorical(x_d; π_d) over 2 or 256 levels.
-    Categorical,
-    /// AR-k: each sub-pixel conditioned on k earlier ones. Binary pixels: a logistic
-    /// regression, fitted exactly. 8-bit pixels: a mixture of `components` discretized
-    /// logistics whose weights, means and scales are linear in the context, trained by Adam.
-    Ar,
-    /// FVSBN: a logistic regression on every earlier sub-pixel, trained by Adam.
-    Fvsbn,
-    /// NADE: every conditional read off one shared hidden layer of `hidden` sigmoid units,
-    /// trained by Adam.
-    Nade,
-    /// RNADE: NADE's shared hidden layer with a mixture of `components` Gaussians per
-    /// conditional, over 8-bit intensities (dequantized), trained by Adam.
-    Rnade,
-}
-
-impl ModelKind {
-    /// Every kind.
-    pub const ALL: [ModelKind; 6] = [
-        ModelKind::Bernoulli,
-        ModelKind::Categorical,
-        ModelKind::Ar,
-        ModelKind::Fvsbn,
-        ModelKind::Nade,
-        ModelKind::Rnade,
-    ];
-
-    /// The kind named `name` (as in TOML).
-    pub fn from_name(name: &str) -> Option<ModelKind> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// The name used in TOML, tables and artifacts.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelKind::Bernoulli => "bernoulli",
-            ModelKind::Categorical => "categorical",
-            ModelKind::Ar => "ar",
-            ModelKind::Fvsbn => "fvsbn",
-            ModelKind::Nade => "nade",
-            ModelKind::Rnade => "rnade",
-        }
-    }
-
-    /// Whether the kind models binary pixels only (so `preprocess.binarize` must not be
-    /// `"none"`).
-    pub fn needs_binary_pixels(self) -> bool {
-        matches!(
-            self,
-            ModelKind::Bernoulli | ModelKind::Fvsbn | ModelKind::Nade
-        )
-    }
-
-    /// Whether the kind models 8-bit intensities only (so `preprocess.binarize` must be
-    /// `"none"`).
-    pub fn needs_intensities(self) -> bool {
-        self == ModelKind::Rnade
-    }
-
-    /// Whether the kind is trained by gradient over epochs (and so uses `[train]`'s epochs,
-    /// batch size, learning rate and patience).
-    pub fn trained_by_gradient(self) -> bool {
-        matches!(self, ModelKind::Fvsbn | ModelKind::Nade | ModelKind::Rnade)
-    }
-}
-
-/// `[model]`: the density model. Keys that a kind does not use are ignored by it.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(default)]
-pub struct ModelConfig {
-    /// The model family.
-    pub kind: ModelKind,
-    /// Laplace (add-alpha) smoothing for counting models: every value is seen `alpha` extra
-    /// times, so no pixel value has probability zero.
-    pub alpha: f64,
-    /// Context size of `ar`: how many earlier sub-pixels each conditional sees (0 to 64).
-    pub k: usize,
-    /// Pixel ordering of autoregressive models: `"raster"` or `"random"` (seeded by
-    /// `train.seed`). Colour channels always come R, G, B within a pixel.
-    pub order: Order,
-    /// Context of `ar`: `"previous"` (the k sub-pixels before in the ordering) or
-    /// `"neighbourhood"` (the k nearest already-seen sub-pixels in the image).
-    pub context: Context,
-    /// L2 penalty on the weights and bias of each `ar` conditional (keeps logits finite).
-    pub l2: f64,
-    /// Hidden units of `nade` and `rnade` (1 to 65,536).
-    pub hidden: usize,
-    /// Mixture components per conditional of `rnade` (Gaussians) and of `ar` on 8-bit pixels
-    /// (discretized logistics), 1 to 64.
-    pub components: usize,
-    /// Score with this fitted model (a `models/<model_id>/` directory or its `model.json`)
-    /// instead of fitting one. Empty: `pipeline run` fits a model on the source.
-    pub uri: String,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            kind: ModelKind::Bernoulli,
-            alpha: 1.0,
-            k: 1,
-            order: Order::Raster,
-            context: Context::Previous,
-            l2: 1.0,
-            hidden: 500,
-            components: 10,
-            uri: String::new(),
-        }
-    }
-}
-
 /// `[train]`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
@@ -323,17 +208,33 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
+        let s = TrainSettings::default();
         Self {
-            epochs: 20,
-            batch_size: 100,
-            learning_rate: 0.001,
-            patience: 3,
-            anneal: 2,
-            weight_decay: 0.0,
+            epochs: s.epochs,
+            batch_size: s.batch_size,
+            learning_rate: s.learning_rate,
+            patience: s.patience,
+            anneal: s.anneal,
+            weight_decay: s.weight_decay,
             validation_fraction: 0.1,
             min_images: 100,
             rebinarize: false,
-            seed: 0,
+            seed: s.seed,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The settings the training loop takes.
+    pub fn settings(&self) -> TrainSettings {
+        TrainSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            patience: self.patience,
+            anneal: self.anneal,
+            weight_decay: self.weight_decay,
+            seed: self.seed,
         }
     }
 }
@@ -360,24 +261,15 @@ pub struct ScoreConfig {
     /// `"nll"`, `"likelihood_ratio"` or `"complexity"`. Fixed when the model is fitted: a
     /// model's calibration scores are in its method's units.
     pub method: ScoreMethod,
-    /// For `likelihood_ratio`: the background model. `"mutated"` fits the same kind on the
-    /// training images with a fraction `mutation_rate` of their pixels replaced at random; a
-    /// model kind (e.g. `"ar"`) fits that kind on the same images with the `[model]` settings
-    /// that apply to it: with `kind = "nade"`, `background = "ar"`, `k = 3` and `context =
-    /// "neighbourhood"`, the background is a local AR-3 model that explains stroke continuity
-    /// but not shape (the best one-class MNIST score measured; README, "Decisions").
-    pub background: String,
-    /// For `background = "mutated"`: the fraction of pixels replaced by uniform random values,
-    /// in (0, 1].
-    pub mutation_rate: f64,
+    /// For `likelihood_ratio`: the background model, the table `[score.background]`.
+    pub background: BackgroundConfig,
 }
 
 impl Default for ScoreConfig {
     fn default() -> Self {
         Self {
             method: ScoreMethod::Nll,
-            background: "mutated".into(),
-            mutation_rate: 0.2,
+            background: BackgroundConfig::default(),
         }
     }
 }

@@ -29,7 +29,8 @@ pub fn tables_json_text() -> String {
     s
 }
 
-/// A Markdown reference: one table per TOML section, one row per key.
+/// A Markdown reference: one table per TOML section, one row per key; a table chosen by its
+/// `kind` (`[model]`, `[score.background]`) gets one more table per kind.
 pub fn markdown() -> String {
     let schema = json_schema();
     let defs = &schema["$defs"];
@@ -44,45 +45,105 @@ pub fn markdown() -> String {
     };
     for (section, prop) in sections {
         let def = resolve(prop, defs);
-        out.push_str(&format!("\n## `[{section}]`\n\n"));
-        if let Some(d) = prop["description"].as_str().or(def["description"].as_str()) {
-            out.push_str(&format!("{}\n\n", one_line(d)));
-        }
-        out.push_str("| key | type | default | meaning |\n|---|---|---|---|\n");
-        let Some(fields) = def["properties"].as_object() else {
-            continue;
-        };
-        for (key, field) in fields {
-            let ty = type_name(field, defs);
-            let default = field
-                .get("default")
-                .or_else(|| def.get("default").and_then(|d| d.get(key)))
-                .map(|d| format!("`{d}`"))
-                .unwrap_or_else(|| "—".into());
-            let mut meaning = field["description"]
-                .as_str()
-                .map(one_line)
-                .unwrap_or_default();
-            let target = resolve(field, defs);
-            if let Some(variants) = target["oneOf"].as_array() {
-                let list: Vec<String> = variants
-                    .iter()
-                    .filter_map(|v| {
-                        let name = v["const"].as_str().or_else(|| v["enum"][0].as_str())?;
-                        let doc = v["description"].as_str().map(one_line).unwrap_or_default();
-                        Some(format!("`{name}`: {doc}"))
-                    })
-                    .collect();
-                if !list.is_empty() {
-                    meaning.push_str(" Values: ");
-                    meaning.push_str(&list.join("; "));
+        section_markdown(section, prop, def, defs, &mut out);
+        // A key that is a table of its own (`[score.background]`) follows its section.
+        if let Some(fields) = def["properties"].as_object() {
+            for (key, field) in fields {
+                let target = resolve(field, defs);
+                if is_kind_table(target) {
+                    section_markdown(&format!("{section}.{key}"), target, target, defs, &mut out);
                 }
             }
-            out.push_str(&format!(
-                "| `{key}` | {ty} | {default} | {} |\n",
-                meaning.replace('|', "\\|")
-            ));
         }
+    }
+    out
+}
+
+/// `## [name]`, its description, its keys, and for a kind table one section per kind.
+fn section_markdown(name: &str, prop: &Value, def: &Value, defs: &Value, out: &mut String) {
+    out.push_str(&format!("\n## `[{name}]`\n\n"));
+    if let Some(d) = prop["description"].as_str().or(def["description"].as_str()) {
+        out.push_str(&format!("{}\n\n", one_line(d)));
+    }
+    out.push_str(&key_table(def, defs, &[]));
+    if !is_kind_table(def) {
+        return;
+    }
+    for branch in def["oneOf"].as_array().into_iter().flatten() {
+        let kind = branch["properties"]["kind"]["const"]
+            .as_str()
+            .unwrap_or("?");
+        out.push_str(&format!("\n### `[{name}]` `kind = \"{kind}\"`\n\n"));
+        if let Some(d) = branch["description"].as_str() {
+            out.push_str(&format!("{}\n\n", one_line(d)));
+        }
+        let own = branch["properties"]
+            .as_object()
+            .is_some_and(|p| p.keys().any(|k| k != "kind" && k != "uri"));
+        if own {
+            out.push_str(&key_table(branch, defs, &["kind", "uri"]));
+        } else {
+            out.push_str("No other keys.\n");
+        }
+    }
+}
+
+/// Whether `def` is a table chosen by its `kind`: `oneOf` branches, each with a `kind` constant.
+fn is_kind_table(def: &Value) -> bool {
+    def["oneOf"].as_array().is_some_and(|branches| {
+        !branches.is_empty()
+            && branches
+                .iter()
+                .all(|b| b["properties"]["kind"]["const"].is_string())
+    })
+}
+
+/// One row per key of `def` (but those in `skip`).
+fn key_table(def: &Value, defs: &Value, skip: &[&str]) -> String {
+    let mut out = String::from("| key | type | default | meaning |\n|---|---|---|---|\n");
+    let Some(fields) = def["properties"].as_object() else {
+        return out;
+    };
+    for (key, field) in fields.iter().filter(|(k, _)| !skip.contains(&k.as_str())) {
+        let target = resolve(field, defs);
+        let ty = if is_kind_table(target) {
+            "table".to_string()
+        } else {
+            type_name(field, defs)
+        };
+        let default = field
+            .get("default")
+            .or_else(|| def.get("default").and_then(|d| d.get(key)))
+            .filter(|_| !is_kind_table(target))
+            .map(|d| format!("`{d}`"))
+            .unwrap_or_else(|| "—".into());
+        let mut meaning = field["description"]
+            .as_str()
+            .map(one_line)
+            .unwrap_or_default();
+        if let Some(variants) = target["oneOf"]
+            .as_array()
+            .filter(|_| !is_kind_table(target))
+        {
+            let list: Vec<String> = variants
+                .iter()
+                .filter_map(|v| {
+                    let name = v["const"].as_str().or_else(|| v["enum"][0].as_str())?;
+                    Some(match v["description"].as_str().map(one_line) {
+                        Some(doc) if !doc.is_empty() => format!("`{name}`: {doc}"),
+                        _ => format!("`{name}`"),
+                    })
+                })
+                .collect();
+            if !list.is_empty() {
+                meaning.push_str(" Values: ");
+                meaning.push_str(&list.join("; "));
+            }
+        }
+        out.push_str(&format!(
+            "| `{key}` | {ty} | {default} | {} |\n",
+            meaning.replace('|', "\\|")
+        ));
     }
     out
 }

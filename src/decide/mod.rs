@@ -13,7 +13,23 @@ pub mod metrics;
 
 use crate::config::{ThresholdConfig, ThresholdMethod};
 use crate::error::{Error, Result};
-use crate::models::artifact::StoredThreshold;
+use serde::{Deserialize, Serialize};
+
+/// The threshold stored with a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredThreshold {
+    /// How it was chosen.
+    pub method: ThresholdMethod,
+    /// The quantile, for `quantile`.
+    pub quantile: Option<f64>,
+    /// The score above which an image is an anomaly. For `conformal` it is decided per run
+    /// (Benjamini–Hochberg over the run's p-values); a model stores the threshold that would
+    /// hold for a run of one image.
+    pub value: f64,
+    /// The false discovery rate, for `conformal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fdr: Option<f64>,
+}
 
 /// The ⌈q·n⌉-th smallest of `sorted` (ascending, non-empty), for q in (0, 1).
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -31,7 +47,7 @@ pub fn threshold(config: &ThresholdConfig, calibration: &[f64]) -> Result<Stored
     match config.method {
         ThresholdMethod::Quantile => {
             if calibration.is_empty() {
-                return Err(Error::config(
+                return Err(Error::setting(
                     "threshold.method",
                     "`quantile` needs the model's calibration scores, and this model has none: refit with train.validation_fraction > 0, or use threshold.method = \"fixed\"",
                 ));
@@ -53,14 +69,14 @@ pub fn threshold(config: &ThresholdConfig, calibration: &[f64]) -> Result<Stored
         ThresholdMethod::Fixed => Ok(StoredThreshold {
             method: ThresholdMethod::Fixed,
             quantile: None,
-            value: config
-                .value
-                .ok_or_else(|| Error::config("threshold.value", "`fixed` needs threshold.value"))?,
+            value: config.value.ok_or_else(|| {
+                Error::setting("threshold.value", "`fixed` needs threshold.value")
+            })?,
             fdr: None,
         }),
         ThresholdMethod::Conformal => {
             if calibration.is_empty() {
-                return Err(Error::config(
+                return Err(Error::setting(
                     "threshold.method",
                     "`conformal` needs the model's calibration scores, and this model has none: refit with train.validation_fraction > 0",
                 ));

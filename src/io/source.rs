@@ -19,8 +19,9 @@ use parquet::errors::ParquetError;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use super::storage::{list_sorted, resolve};
+use super::storage::{Io, list_sorted, resolve};
 use super::store_reader::StoreReader;
+use crate::config::StorageConfig;
 use crate::error::{Error, Result, from_store};
 
 /// How many record batches may wait between the reader and the compute thread.
@@ -114,8 +115,9 @@ impl Source {
     /// Lists the files at `uri` and reads their footers.
     ///
     /// Errors: 66 when nothing matches, 65 for a file that is not readable Parquet.
-    pub fn open(uri: &str, rt: &Handle) -> Result<Self> {
-        let (store, files) = rt.block_on(find_files(uri))?;
+    pub fn open(uri: &str, io: &Io) -> Result<Self> {
+        let rt = &io.rt;
+        let (store, files) = rt.block_on(find_files(uri, &io.settings))?;
         let files = rt.block_on(read_footers(&store, files))?;
         Ok(Self {
             uri: uri.to_string(),
@@ -283,7 +285,10 @@ async fn stream_file(
 }
 
 /// Lists what `uri` names: one file, every `*.parquet` below a directory, or a glob's matches.
-async fn find_files(uri: &str) -> Result<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)> {
+async fn find_files(
+    uri: &str,
+    settings: &StorageConfig,
+) -> Result<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)> {
     let glob_at = uri.find(['*', '?', '[']);
     let (base, pattern) = match glob_at {
         Some(i) => {
@@ -292,7 +297,7 @@ async fn find_files(uri: &str) -> Result<(Arc<dyn ObjectStore>, Vec<(Arc<str>, P
         }
         None => (uri, None),
     };
-    let (store, base_path) = resolve(if base.is_empty() { "." } else { base })?;
+    let (store, base_path) = resolve(if base.is_empty() { "." } else { base }, settings)?;
     let display_base = base.trim_end_matches('/');
     let show = |p: &Path| -> Arc<str> {
         let rel: Vec<String> = p

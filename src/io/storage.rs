@@ -5,13 +5,13 @@
 //! Credentials, regions and endpoints come from the standard environment (each builder's
 //! `from_env`: `AWS_*` including `AWS_ENDPOINT` and `AWS_ALLOW_HTTP` for S3-compatible stores,
 //! `GOOGLE_*`, `AZURE_*`), never from the pipeline file, so they appear in no config, manifest or
-//! log. `[storage]` sets retries and timeouts ([`set_settings`], once per process).
+//! log. `[storage]` sets retries and timeouts, carried by the [`Io`] every store is opened with.
 //!
 //! [`Storage`] is a directory-like root (a store plus a prefix) with blocking helpers that run
 //! the async calls on the IO runtime; compute code calls them from its own threads, never from
 //! inside the runtime.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,17 +24,32 @@ use tokio::runtime::Handle;
 use crate::config::StorageConfig;
 use crate::error::{Error, Result, from_store};
 
-/// The `[storage]` settings every cloud store of this process is built with.
-static SETTINGS: OnceLock<StorageConfig> = OnceLock::new();
-
-/// Sets the retry and timeout settings of the cloud stores opened from now on. The first call
-/// wins (one pipeline per process); without a call the defaults apply.
-pub fn set_settings(settings: &StorageConfig) {
-    let _ = SETTINGS.set(settings.clone());
+/// How stores are reached: the IO runtime their async calls run on, and the `[storage]`
+/// settings (retries, timeouts) of the stores opened through it.
+#[derive(Debug, Clone)]
+pub struct Io {
+    /// The IO runtime; compute threads call into it, never code running on it.
+    pub rt: Handle,
+    /// Retries and timeouts.
+    pub settings: StorageConfig,
 }
 
-fn settings() -> StorageConfig {
-    SETTINGS.get().cloned().unwrap_or_default()
+impl Io {
+    /// Stores on `rt` with the default `[storage]` settings.
+    pub fn new(rt: Handle) -> Self {
+        Self {
+            rt,
+            settings: StorageConfig::default(),
+        }
+    }
+
+    /// The same runtime with a pipeline's `[storage]` settings.
+    pub fn with_settings(&self, settings: &StorageConfig) -> Self {
+        Self {
+            rt: self.rt.clone(),
+            settings: settings.clone(),
+        }
+    }
 }
 
 /// The wait before retry `attempt` (from 1) of a request we retry ourselves: 100 ms doubling,
@@ -51,6 +66,8 @@ pub struct Storage {
     /// How the root is shown in messages: the user's path or URI, without a trailing `/`.
     display_root: String,
     rt: Handle,
+    /// Retries of the requests this code retries itself.
+    max_retries: usize,
     /// True for the local filesystem, where directories exist apart from the files in them.
     local: bool,
 }
@@ -63,13 +80,14 @@ impl std::fmt::Debug for Storage {
 
 impl Storage {
     /// Opens the directory-like root named by `uri` (a path, `file://…`).
-    pub fn open(uri: &str, rt: &Handle) -> Result<Self> {
-        let (store, root) = resolve(uri)?;
+    pub fn open(uri: &str, io: &Io) -> Result<Self> {
+        let (store, root) = resolve(uri, &io.settings)?;
         Ok(Self {
             store,
             root,
             display_root: uri.trim_end_matches('/').to_string(),
-            rt: rt.clone(),
+            rt: io.rt.clone(),
+            max_retries: io.settings.max_retries,
             local: !is_cloud(uri),
         })
     }
@@ -173,7 +191,7 @@ impl Storage {
         what: &str,
         mut op: impl FnMut(usize) -> Result<T>,
     ) -> Result<T> {
-        let retries = settings().max_retries;
+        let retries = self.max_retries;
         let mut attempt = 0;
         loop {
             match op(attempt) {
@@ -259,7 +277,7 @@ pub fn is_cloud(uri: &str) -> bool {
 }
 
 /// Resolves a URI to its store and the path inside it.
-pub fn resolve(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+pub fn resolve(uri: &str, settings: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     let local = match scheme.as_deref() {
         None => std::path::PathBuf::from(uri),
@@ -271,7 +289,7 @@ pub fn resolve(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                     "{uri} is not a valid file:// URI; write file:///absolute/path"
                 ))
             })?,
-        Some(_) => return cloud(uri),
+        Some(_) => return cloud(uri, settings),
     };
     let absolute = std::path::absolute(&local)
         .map_err(|e| Error::Usage(format!("{uri}: cannot make the path absolute: {e}")))?;
@@ -281,7 +299,7 @@ pub fn resolve(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
 }
 
 /// A cloud store for `uri`, configured from the environment and `[storage]`.
-fn cloud(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
     use object_store::{ClientConfigKey, ObjectStoreScheme, RetryConfig};
     let bad = |message: String| Error::Usage(format!("{uri}: {message}"));
     let url = url::Url::parse(uri).map_err(|e| bad(format!("not a valid URI: {e}")))?;
@@ -291,7 +309,6 @@ fn cloud(uri: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
         ))
     })?;
     let path = Path::parse(path).map_err(|e| bad(e.to_string()))?;
-    let s = settings();
     let timeout = format!("{}s", s.request_timeout_seconds.max(1));
     let retry = RetryConfig {
         max_retries: s.max_retries,
@@ -362,7 +379,7 @@ mod tests {
     fn put_get_rename_list_delete_round_trip() {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path().to_str().unwrap(), rt.handle()).unwrap();
+        let s = Storage::open(dir.path().to_str().unwrap(), &Io::new(rt.handle().clone())).unwrap();
         assert!(
             s.list("t").unwrap().is_empty(),
             "a missing directory lists empty"
@@ -387,7 +404,7 @@ mod tests {
     #[test]
     fn unsupported_schemes_are_usage_errors() {
         let rt = runtime();
-        let e = Storage::open("ftp://x/y", rt.handle()).unwrap_err();
+        let e = Storage::open("ftp://x/y", &Io::new(rt.handle().clone())).unwrap_err();
         assert_eq!(e.exit_code(), 64);
         assert!(is_cloud("s3://b/k") && !is_cloud("file:///x") && !is_cloud("rel/path"));
     }

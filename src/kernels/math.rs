@@ -262,10 +262,10 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
             let mut got = vec![Portable::dot(&a, &b)];
-            if super::super::Isa::available().contains(&super::super::Isa::Avx2) {
+            if super::super::Isa::named("avx2").is_ok() {
                 got.push(Avx2::dot(&a, &b));
             }
-            if super::super::Isa::available().contains(&super::super::Isa::Avx512) {
+            if super::super::Isa::named("avx512").is_ok() {
                 got.push(Avx512::dot(&a, &b));
             }
             for got in got {

@@ -455,7 +455,7 @@ mod tests {
 
     #[test]
     fn fast_log_likelihood_equals_the_reference_on_every_isa() {
-        for isa in Isa::available() {
+        for isa in Isa::for_tests() {
             for (dims, hidden, n) in CASES {
                 let m = Owned::random(dims, hidden, dims as u64);
                 let x = images(n, dims, 1);
@@ -481,7 +481,7 @@ mod tests {
 
     #[test]
     fn fast_gradient_equals_the_reference_on_every_isa() {
-        for isa in Isa::available() {
+        for isa in Isa::for_tests() {
             for (dims, hidden, n) in CASES {
                 let m = Owned::random(dims, hidden, 100 + dims as u64);
                 let x = images(n, dims, 2);

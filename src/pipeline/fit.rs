@@ -14,21 +14,22 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::Context;
+use super::artifact::{
+    self, FORMAT_VERSION, LoadedModel, ModelMeta, ModelSet, PartitionIndex, StoredBackground,
+    StoredScore, TrainingSummary,
+};
 use super::progress::Progress;
-use super::read::{for_each_batch, partition_keys};
+use super::read::{ReadCounts, for_each_batch, partition_keys};
 use super::scorer::Scorer;
-use crate::config::{ModelConfig, ModelKind, PipelineConfig, ScoreMethod};
+use crate::config::{BackgroundConfig, PipelineConfig, ScoreMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::data::{ImageShape, id_hash, unit_interval};
 use crate::decide;
 use crate::error::{Error, Result};
 use crate::io::source::Source;
 use crate::io::storage::Storage;
-use crate::models::artifact::{
-    self, FORMAT_VERSION, LoadedModel, ModelMeta, ModelSet, PartitionIndex, StoredBackground,
-    StoredScore, TrainingSummary,
-};
-use crate::models::{self, DensityModel, Redraw, TrainingSet};
+use crate::models::{DensityModel, Fitted, ModelSpec};
+use crate::train::{Monitor, Redraw, Training, TrainingSet};
 
 /// Images of one partition gathered for fitting, split into training and validation rows.
 #[derive(Default)]
@@ -53,11 +54,47 @@ impl Gathered {
     }
 }
 
+/// What training reports to: the progress bar, and the stop that SIGTERM asks for (the model is
+/// then discarded, and the run fails with exit 75).
+struct RunMonitor<'a>(&'a Progress);
+
+impl Monitor for RunMonitor<'_> {
+    fn advance(&self, images: u64) {
+        self.0.inc(images);
+    }
+
+    fn should_stop(&self) -> bool {
+        super::cancel::requested()
+    }
+}
+
 /// Fits the configured model on the source — one per value of `source.partition_by`, in
 /// parallel — and writes `models/<model_id>/` (and, for partitions, the set's index) under the
 /// sink.
 pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<ModelSet> {
-    let source = Source::open(&config.source.uri, &ctx.rt)?;
+    let (shape, mut groups, counts) = gather(ctx, config)?;
+    if config.source.partition_by.is_empty() {
+        let g = groups.remove("").unwrap_or_default();
+        return Ok(ModelSet::single(fit_gathered(
+            ctx,
+            config,
+            sink,
+            shape,
+            None,
+            g,
+            counts.rejected,
+        )?));
+    }
+    fit_partitions(ctx, config, sink, shape, groups, &counts)
+}
+
+/// Reads the source once, splitting each partition's images into training and validation rows
+/// (by a hash of the id, so the split is stable) and fingerprinting what was read.
+fn gather(
+    ctx: &Context,
+    config: &PipelineConfig,
+) -> Result<(ImageShape, BTreeMap<String, Gathered>, ReadCounts)> {
+    let source = Source::open(&config.source.uri, &ctx.io)?;
     // With several draws, or a fresh binarization each epoch, the images are read as 8-bit
     // intensities and binarized below (draw 0, what the model trains on first), keeping the
     // intensities the other draws need.
@@ -138,19 +175,19 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
             "no usable images: every row was rejected",
         )
     })?;
-    if config.source.partition_by.is_empty() {
-        let g = groups.remove("").unwrap_or_default();
-        return Ok(ModelSet::single(fit_gathered(
-            ctx,
-            config,
-            sink,
-            shape,
-            None,
-            g,
-            counts.rejected,
-        )?));
-    }
+    Ok((shape, groups, counts))
+}
 
+/// Fits one model per partition with at least `train.min_images` images, in parallel, and
+/// writes the set's index.
+fn fit_partitions(
+    ctx: &Context,
+    config: &PipelineConfig,
+    sink: &Storage,
+    shape: ImageShape,
+    groups: BTreeMap<String, Gathered>,
+    counts: &ReadCounts,
+) -> Result<ModelSet> {
     let dims = shape.dims();
     let (large, small): (Vec<_>, Vec<_>) = groups
         .into_iter()
@@ -180,7 +217,7 @@ pub fn fit(ctx: &Context, config: &PipelineConfig, sink: &Storage) -> Result<Mod
     tracing::info!(partitions = large.len(), "Fitting one model per partition.");
     // Bars from parallel fits would overwrite each other: the partitions log instead.
     let quiet = Context {
-        rt: ctx.rt.clone(),
+        io: ctx.io.clone(),
         progress: false,
     };
     let fitted: Vec<(String, Result<LoadedModel>)> = large
@@ -234,15 +271,15 @@ fn fit_gathered(
     rejected_rows: u64,
 ) -> Result<LoadedModel> {
     let preprocess = Preprocessor::new(config.preprocess.clone());
-    let fraction = config.train.validation_fraction;
     let dims = shape.dims();
-    let train = Array2::from_shape_vec((g.train.len() / dims, dims), g.train)
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let validation = Array2::from_shape_vec((g.validation.len() / dims, dims), g.validation)
-        .map_err(|e| Error::Internal(e.to_string()))?;
-
+    let rows = |v: Vec<u8>| {
+        Array2::from_shape_vec((v.len() / dims, dims), v)
+            .map_err(|e| Error::internal(e, "gathering images"))
+    };
+    let train = rows(g.train)?;
+    let validation = rows(g.validation)?;
     let train_raw = ArrayView2::from_shape((g.train_ids.len(), dims), &g.train_raw)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| Error::internal(e, "gathering images"))?;
     let data = TrainingSet {
         shape,
         levels: preprocess.levels(),
@@ -255,7 +292,7 @@ fn fit_gathered(
         }),
     };
     tracing::info!(
-        kind = config.model.kind.name(),
+        kind = config.model.spec.name(),
         partition = partition.unwrap_or(""),
         train = train.nrows(),
         validation = validation.nrows(),
@@ -263,18 +300,9 @@ fn fit_gathered(
         "Fitting the model."
     );
     let started = Instant::now();
-    let epochs_rows = u64::from(config.train.epochs) * train.nrows() as u64;
-    let training = Progress::new(
-        ctx.progress && config.model.kind.trained_by_gradient(),
-        epochs_rows,
-        "training",
-    );
-    let fitted = models::fit(&config.model, &config.train, &data, &training)?;
-    super::cancel::check()?;
-    training.finish();
-    let model = fitted.model;
+    let fitted = fit_spec(ctx, config, &config.model.spec, &data, "training")?;
     let seconds = started.elapsed().as_secs_f64();
-
+    let model = fitted.model;
     let (background, stored_score) = fit_background(config, &data, ctx)?;
     let train_nll = mean_nll(model.as_ref(), train.view())?;
     let scorer = Scorer {
@@ -282,24 +310,20 @@ fn fit_gathered(
         model: model.as_ref(),
         background: background.as_deref(),
     };
-    let (_, per_draw) = preprocess.split_for_draws();
-    let as_read = if per_draw.draws() > 1 {
-        ArrayView2::from_shape((validation.nrows(), dims), &g.validation_raw)
-            .map_err(|e| Error::Internal(e.to_string()))?
-    } else {
-        validation.view()
-    };
-    let held_out = scorer.mean_scores(&per_draw, &g.validation_ids, as_read)?;
-    let mut calibration = held_out.score;
-    calibration.sort_by(f64::total_cmp);
-    let validation_nll = (!held_out.nll.is_empty())
-        .then(|| held_out.nll.iter().sum::<f64>() / held_out.nll.len() as f64);
-    let threshold = decide::threshold(&config.threshold, &calibration).map_err(|e| match e {
-        Error::Config(_) if calibration.is_empty() => Error::data(
+    let calibration = calibrate(
+        &scorer,
+        &preprocess,
+        &validation,
+        &g.validation_raw,
+        &g.validation_ids,
+    )?;
+    let threshold = decide::threshold(&config.threshold, &calibration.scores).map_err(|e| match e {
+        Error::Setting { .. } if calibration.scores.is_empty() => Error::data(
             &config.source.uri,
             format!(
-                "no image was held out for the threshold ({} images, train.validation_fraction = {fraction}); add images or raise the fraction",
-                train.nrows()
+                "no image was held out for the threshold ({} images, train.validation_fraction = {}); add images or raise the fraction",
+                train.nrows(),
+                config.train.validation_fraction
             ),
         ),
         e => e,
@@ -308,7 +332,7 @@ fn fit_gathered(
     let meta = ModelMeta {
         format_version: FORMAT_VERSION,
         model_id: String::new(),
-        kind: model.kind(),
+        kind: model.kind().to_string(),
         shape,
         levels: model.levels(),
         hyperparameters: model.hyperparameters(),
@@ -319,13 +343,13 @@ fn fit_gathered(
             rejected_rows,
             fingerprint: format!("sha256:{:x}", g.hasher.finalize()),
             train_nll,
-            validation_nll,
+            validation_nll: calibration.validation_nll,
             curve: fitted.curve,
             seconds,
         },
         score: stored_score,
         threshold,
-        calibration_scores: calibration,
+        calibration_scores: calibration.scores,
         created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
         partition: partition.map(str::to_string),
     };
@@ -335,7 +359,7 @@ fn fit_gathered(
         model_id = %meta.model_id,
         partition = partition.unwrap_or(""),
         train_nll,
-        validation_nll = validation_nll.unwrap_or(f64::NAN),
+        validation_nll = meta.training.validation_nll.unwrap_or(f64::NAN),
         threshold = meta.threshold.value,
         seconds,
         "Model fitted."
@@ -348,20 +372,77 @@ fn fit_gathered(
     })
 }
 
-/// For a likelihood-ratio score, fits the background model: the same kind on the training
-/// images with `score.mutation_rate` of their pixels replaced by uniform random values (seeded
-/// by `train.seed`), or the kind `score.background` on the images as they are.
+/// Fits `spec` on `data` with the `[train]` settings, showing a bar labelled `what` for a
+/// family that trains by gradient; a stop asked for meanwhile fails with exit 75.
+fn fit_spec(
+    ctx: &Context,
+    config: &PipelineConfig,
+    spec: &ModelSpec,
+    data: &TrainingSet<'_>,
+    what: &str,
+) -> Result<Fitted> {
+    let epochs_rows = u64::from(config.train.epochs) * data.pixels.nrows() as u64;
+    let bar = Progress::new(
+        ctx.progress && spec.kind().trained_by_gradient(data.levels),
+        epochs_rows,
+        what,
+    );
+    let settings = config.train.settings();
+    let training = Training {
+        settings: &settings,
+        monitor: &RunMonitor(&bar),
+    };
+    let fitted = spec.fit(data, &training).map_err(|source| Error::Model {
+        uri: config.source.uri.clone(),
+        what: "cannot fit the model on these images",
+        source,
+    })?;
+    super::cancel::check()?;
+    bar.finish();
+    Ok(fitted)
+}
+
+/// The held-out images' scores, sorted (the calibration set), and their mean NLL.
+struct Calibration {
+    scores: Vec<f64>,
+    validation_nll: Option<f64>,
+}
+
+/// Scores the held-out images as scoring will: over as many binarizations as
+/// `preprocess.draws` (from their intensities, `raw`, when there are several).
+fn calibrate(
+    scorer: &Scorer<'_>,
+    preprocess: &Preprocessor,
+    validation: &Array2<u8>,
+    raw: &[u8],
+    ids: &[String],
+) -> Result<Calibration> {
+    let (_, per_draw) = preprocess.split_for_draws();
+    let as_read = if per_draw.draws() > 1 {
+        ArrayView2::from_shape(validation.dim(), raw)
+            .map_err(|e| Error::internal(e, "calibrating"))?
+    } else {
+        validation.view()
+    };
+    let held_out = scorer.mean_scores(&per_draw, ids, as_read)?;
+    let mut scores = held_out.score;
+    scores.sort_by(f64::total_cmp);
+    let validation_nll = (!held_out.nll.is_empty())
+        .then(|| held_out.nll.iter().sum::<f64>() / held_out.nll.len() as f64);
+    Ok(Calibration {
+        scores,
+        validation_nll,
+    })
+}
+
+/// For a likelihood-ratio score, fits the background model (`[score.background]`): the model's
+/// own kind on the training images with a fraction of their pixels replaced by uniform random
+/// values (seeded by `train.seed`), or a kind of its own on the images as they are.
 fn fit_background(
     config: &PipelineConfig,
     data: &TrainingSet<'_>,
     ctx: &Context,
 ) -> Result<(Option<Box<dyn DensityModel>>, StoredScore)> {
-    // The background learns what is simple about the images from one binarization of them,
-    // whatever `train.rebinarize` asks of the model.
-    let data = &TrainingSet {
-        redraw: None,
-        ..data.clone()
-    };
     let method = config.score.method;
     if method != ScoreMethod::LikelihoodRatio {
         return Ok((
@@ -372,50 +453,52 @@ fn fit_background(
             },
         ));
     }
-    let mutated = config.score.background == "mutated";
-    let kind = if mutated {
-        config.model.kind
-    } else {
-        ModelKind::from_name(&config.score.background)
-            .ok_or_else(|| Error::config("score.background", "not a model kind or \"mutated\""))?
+    // The background learns what is simple about the images from one binarization of them,
+    // whatever `train.rebinarize` asks of the model.
+    let data = TrainingSet {
+        redraw: None,
+        ..data.clone()
     };
-    let model_config = ModelConfig {
-        kind,
-        ..config.model.clone()
-    };
+    let background = &config.score.background;
     tracing::info!(
-        kind = kind.name(),
-        mutated,
+        kind = background.kind_name(),
         "Fitting the background model of the likelihood ratio."
     );
-    let epochs_rows = u64::from(config.train.epochs) * data.pixels.nrows() as u64;
-    let training = Progress::new(
-        ctx.progress && kind.trained_by_gradient(),
-        epochs_rows,
-        "background",
-    );
-    let fitted = if mutated {
-        let rate = config.score.mutation_rate;
-        let seed = config.train.seed ^ 0x6d75_7461_7465;
-        let pixels = mutate(data.pixels, data.levels, rate, seed);
-        let validation = mutate(data.validation, data.levels, rate, seed.rotate_left(1));
-        let mutated_data = TrainingSet {
-            pixels: pixels.view(),
-            validation: validation.view(),
-            ..data.clone()
-        };
-        models::fit(&model_config, &config.train, &mutated_data, &training)?
-    } else {
-        models::fit(&model_config, &config.train, data, &training)?
+    let (fitted, mutation_rate) = match background {
+        BackgroundConfig::Mutated { mutation_rate } => {
+            let seed = config.train.seed ^ 0x6d75_7461_7465;
+            let pixels = mutate(data.pixels, data.levels, *mutation_rate, seed);
+            let validation = mutate(
+                data.validation,
+                data.levels,
+                *mutation_rate,
+                seed.rotate_left(1),
+            );
+            let mutated = TrainingSet {
+                pixels: pixels.view(),
+                validation: validation.view(),
+                ..data.clone()
+            };
+            let spec = &config.model.spec;
+            (
+                fit_spec(ctx, config, spec, &mutated, "background")?,
+                Some(*mutation_rate),
+            )
+        }
+        BackgroundConfig::Model(spec) => (fit_spec(ctx, config, spec, &data, "background")?, None),
     };
-    training.finish();
     let stored = StoredScore {
         method,
         background: Some(StoredBackground {
-            kind,
+            kind: fitted.model.kind().to_string(),
             hyperparameters: fitted.model.hyperparameters(),
-            fitted_on: if mutated { "mutated" } else { "same_images" }.into(),
-            mutation_rate: mutated.then_some(config.score.mutation_rate),
+            fitted_on: if mutation_rate.is_some() {
+                "mutated"
+            } else {
+                "same_images"
+            }
+            .into(),
+            mutation_rate,
         }),
     };
     Ok((Some(fitted.model), stored))
@@ -441,7 +524,7 @@ pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Resul
     if let Some(bad) = ll.par_iter().position_any(|v| !v.is_finite()) {
         return Err(Error::Internal(format!(
             "the {} model gave log-likelihood {} to image {bad}",
-            model.kind().name(),
+            model.kind(),
             ll[bad]
         )));
     }

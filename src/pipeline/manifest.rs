@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PipelineConfig;
-use crate::models::artifact::StoredThreshold;
+use crate::decide::StoredThreshold;
 
 /// The run manifest, written after every table is in place and before `_SUCCESS`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

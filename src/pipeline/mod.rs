@@ -5,6 +5,7 @@
 //! read.rs   io/decode  data/         fit.rs                score.rs  decide/   commit.rs
 //! ```
 
+pub mod artifact;
 pub mod cancel;
 pub mod commit;
 pub mod crash_point;
@@ -18,23 +19,32 @@ pub mod shards;
 
 use std::collections::BTreeMap;
 
-use tokio::runtime::Handle;
-
 use crate::config::PipelineConfig;
 use crate::config::load::check_run_id;
 use crate::error::{Error, Result};
 use crate::io::source::Shard;
-use crate::io::storage::Storage;
-use crate::models::artifact::{self, ModelSet};
+use crate::io::storage::{Io, Storage};
+use artifact::ModelSet;
 use manifest::{Manifest, ModelRef, PartitionRecord, RowCounts};
 
 /// What every stage needs from the program around it.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The IO runtime; stages call into it from their own threads.
-    pub rt: Handle,
+    /// How stores are reached: the IO runtime (stages call into it from their own threads) and
+    /// the `[storage]` settings.
+    pub io: Io,
     /// Whether to draw progress bars (a terminal with human-readable logs).
     pub progress: bool,
+}
+
+impl Context {
+    /// The same context, opening stores with a pipeline's `[storage]` settings.
+    pub fn for_config(&self, config: &PipelineConfig) -> Self {
+        Self {
+            io: self.io.with_settings(&config.storage),
+            progress: self.progress,
+        }
+    }
 }
 
 /// Where the model for scoring comes from.
@@ -69,13 +79,13 @@ pub fn run_id(config: &PipelineConfig, started: &chrono::DateTime<chrono::Utc>) 
     } else {
         config.pipeline.run_id.clone()
     };
-    check_run_id(&id).map_err(|m| Error::config("pipeline.run_id", m))?;
+    check_run_id(&id).map_err(Error::Usage)?;
     Ok(id)
 }
 
 /// Fits the configured model and writes its artifact under the sink.
 pub fn fit_only(ctx: &Context, config: &PipelineConfig) -> Result<ModelSet> {
-    let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
+    let sink = Storage::open(&config.sink.uri, &ctx.io)?;
     fit::fit(ctx, config, &sink)
 }
 
@@ -94,14 +104,14 @@ pub fn run(
     }
     let started = chrono::Utc::now();
     let run_id = run_id(config, &started)?;
-    let sink = Storage::open(&config.sink.uri, &ctx.rt)?;
+    let sink = Storage::open(&config.sink.uri, &ctx.io)?;
     let span = tracing::info_span!("run", run_id = %run_id, pipeline = %config.pipeline.name);
     let _enter = span.enter();
 
     let fitted = matches!(model_source, ModelSource::Fit);
     let model = match model_source {
         ModelSource::Fit => fit::fit(ctx, config, &sink)?,
-        ModelSource::Load(uri) => artifact::load_set(&uri, &ctx.rt)?,
+        ModelSource::Load(uri) => artifact::load_set(&uri, &ctx.io)?,
     };
     // A shard clears only its own earlier attempt: the other shards' staged files are theirs.
     let discard = |sink: &Storage| match shard {
@@ -137,7 +147,7 @@ pub fn run(
         },
         model: ModelRef {
             model_id: model.id.clone(),
-            kind: model.kind().name().to_string(),
+            kind: model.kind().to_string(),
             uri: model.uri.clone(),
             fitted_by_this_run: fitted,
         },

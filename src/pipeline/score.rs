@@ -15,6 +15,7 @@ use super::scorer::{Scorer, Scores, pixel_nll_map};
 use crate::config::{PipelineConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::decide;
+use crate::decide::StoredThreshold;
 use crate::error::{Error, Result};
 use crate::io::source::{Shard, Source};
 use crate::io::storage::Storage;
@@ -22,7 +23,7 @@ use crate::io::tables::{
     self, RowScore, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema,
     passthrough_fields, rejects_schema, scores_schema,
 };
-use crate::models::artifact::{LoadedModel, ModelSet, StoredThreshold};
+use crate::pipeline::artifact::{LoadedModel, ModelSet};
 
 /// What one partition's model did in a run.
 #[derive(Debug, Clone, Default)]
@@ -84,13 +85,13 @@ pub fn score(
     shard: Option<Shard>,
 ) -> Result<Scored> {
     if shard.is_some() && config.threshold.method == ThresholdMethod::Conformal {
-        return Err(Error::config(
+        return Err(Error::setting(
             "threshold.method",
             "a conformal decision needs every image of the run at once, so it cannot be sharded: score in one process, or use \"quantile\"",
         ));
     }
     if models.partition_by != config.source.partition_by {
-        return Err(Error::config(
+        return Err(Error::setting(
             "source.partition_by",
             format!(
                 "the models were fitted per {:?} but the pipeline partitions by {:?}: make them agree",
@@ -136,7 +137,7 @@ pub fn score(
     // preprocesses ahead of scoring and `per_draw` is the identity.
     let (reading, per_draw) = Preprocessor::new(first.meta.preprocess.clone()).split_for_draws();
     let shape = first.meta.shape;
-    let source = Source::open(&config.source.uri, &ctx.rt)?.with_shard(shard);
+    let source = Source::open(&config.source.uri, &ctx.io)?.with_shard(shard);
     let part = shard.map_or(0, |s| s.index);
 
     // A conformal decision needs every p-value of the run (per partition) before any row is
@@ -272,7 +273,7 @@ pub fn score(
                     stats.anomalies += u64::from(flagged);
                     owner[row] = Some(value);
                     results[row] = Some(RowScore {
-                        model: meta.kind.name(),
+                        model: &meta.kind,
                         model_id: &meta.model_id,
                         log_likelihood: -nll[k],
                         score: score[k],

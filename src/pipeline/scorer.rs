@@ -142,8 +142,8 @@ pub fn complexity(pixels: &[u8], shape: ImageShape, levels: u16) -> Result<f64> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::TrainingSet;
     use crate::models::bernoulli::Bernoulli;
+    use crate::train::TrainingSet;
     use ndarray::Array2;
 
     fn model() -> Bernoulli {

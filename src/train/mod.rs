@@ -7,15 +7,93 @@
 
 use std::time::Instant;
 
-use ndarray::{ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::models::TrainingSet;
-use crate::pipeline::progress::Progress;
+use crate::data::ImageShape;
+use crate::data::preprocess::Preprocessor;
+
+/// The images a model is fitted on: preprocessed pixels, one row per image.
+#[derive(Debug, Clone)]
+pub struct TrainingSet<'a> {
+    /// Shape of every image.
+    pub shape: ImageShape,
+    /// Values a pixel takes after preprocessing.
+    pub levels: u16,
+    /// One row per image.
+    pub pixels: ArrayView2<'a, u8>,
+    /// Held-out images (same layout) for early stopping; may have no rows.
+    pub validation: ArrayView2<'a, u8>,
+    /// With `train.rebinarize`: where each epoch's fresh binarization of `pixels` comes from.
+    /// Models fitted in closed form ignore it and fit `pixels`.
+    pub redraw: Option<Redraw<'a>>,
+}
+
+/// The training images as 8-bit intensities and the stochastic binarization that draws them
+/// anew for every epoch (`train.rebinarize`).
+///
+/// Invariant: `raw` has one row per id, in the order of [`TrainingSet::pixels`], and draw 0
+/// of it is `pixels`.
+#[derive(Debug, Clone, Copy)]
+pub struct Redraw<'a> {
+    /// The binarization (`preprocess.binarize = "stochastic"`).
+    pub preprocess: &'a Preprocessor,
+    /// The training images' ids, which seed their coins.
+    pub ids: &'a [String],
+    /// The training images' 8-bit intensities.
+    pub raw: ArrayView2<'a, u8>,
+}
+
+impl Redraw<'_> {
+    /// The training images of epoch `epoch` (1-based): draw `epoch − 1`, so that epoch 1 sees
+    /// the binarization the set's `pixels` hold and every later epoch a fresh one.
+    pub fn epoch(&self, epoch: u32) -> Array2<u8> {
+        let draw = epoch.saturating_sub(1) as usize;
+        self.preprocess.draw(draw, self.ids, self.raw).into_owned()
+    }
+}
+
+/// What a training run reports to and asks whether to go on: the caller's progress display and
+/// stop request, passed in so that training knows nothing of either.
+pub trait Monitor: Sync {
+    /// `images` more images went through a gradient step.
+    fn advance(&self, _images: u64) {}
+
+    /// Whether to stop now. Training then returns at once with what it has; the caller, which
+    /// asked, discards the model.
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// A monitor that shows nothing and never stops training.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unmonitored;
+
+impl Monitor for Unmonitored {}
+
+/// Everything a fit takes besides the data and the model's own parameters.
+#[derive(Clone, Copy)]
+pub struct Training<'a> {
+    /// The `[train]` settings.
+    pub settings: &'a TrainSettings,
+    /// Where progress goes, and whether to stop.
+    pub monitor: &'a dyn Monitor,
+}
+
+impl<'a> Training<'a> {
+    /// Training with `settings` that reports nowhere and never stops early.
+    pub fn unmonitored(settings: &'a TrainSettings) -> Self {
+        Self {
+            settings,
+            monitor: &Unmonitored,
+        }
+    }
+}
 
 /// Images per gradient shard.
 pub const SHARD_ROWS: usize = 32;
@@ -102,8 +180,8 @@ impl Adam {
     }
 }
 
-/// Settings of a training run.
-#[derive(Debug, Clone)]
+/// Settings of a training run (`[train]`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainSettings {
     /// Passes over the training images.
     pub epochs: u32,
@@ -117,8 +195,23 @@ pub struct TrainSettings {
     pub anneal: u32,
     /// Decoupled (AdamW) weight decay per unit of learning rate.
     pub weight_decay: f64,
-    /// Seed of the minibatch shuffle.
+    /// Seed of the minibatch shuffle, and of anything random in the model (initial weights, a
+    /// random ordering, dequantization noise).
     pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            batch_size: 100,
+            learning_rate: 0.001,
+            patience: 3,
+            anneal: 2,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
 }
 
 /// One epoch of the training curve.
@@ -207,9 +300,9 @@ pub fn mean_nll<M: GradientModel>(model: &M, images: ArrayView2<'_, u8>) -> f64 
 pub fn train<M: GradientModel>(
     model: &mut M,
     data: &TrainingSet<'_>,
-    settings: &TrainSettings,
-    progress: &Progress,
+    training: &Training<'_>,
 ) -> Vec<EpochRecord> {
+    let (settings, monitor) = (training.settings, training.monitor);
     let validation = data.validation;
     let mut lr = settings.learning_rate;
     let mut halvings = 0;
@@ -232,8 +325,7 @@ pub fn train<M: GradientModel>(
         let train = redrawn.as_ref().map_or(data.pixels, |r| r.view());
         let mut epoch_nll = 0.0;
         for chunk in index.chunks(batch_size) {
-            if crate::pipeline::cancel::requested() {
-                // The caller sees the flag and fails the run; the model is never saved.
+            if monitor.should_stop() {
                 return curve;
             }
             let batch = train.select(Axis(0), chunk);
@@ -242,7 +334,7 @@ pub fn train<M: GradientModel>(
             let (nll, grad) = workspace.mean_gradient(model, batch.view());
             adam.step(model.params_mut(), grad);
             epoch_nll += nll;
-            progress.inc(chunk.len() as u64);
+            monitor.advance(chunk.len() as u64);
         }
         let validation_nll = (validation.nrows() > 0).then(|| mean_nll(model, validation));
         let record = EpochRecord {

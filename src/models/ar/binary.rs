@@ -4,24 +4,25 @@
 //!
 //! With k = 1 and `context = "previous"` this is a first-order Markov chain along the ordering
 //! (2D − 1 free parameters). Every conditional is its own convex problem, fitted exactly by
-//! Newton's method ([`logistic`](super::logistic)), in parallel over pixels with rayon: the
+//! Newton's method ([`logistic`](crate::models::shared::logistic)), in parallel over pixels with rayon: the
 //! maximum-penalized-likelihood answer, with no learning rate to tune.
 
 use rand::RngCore;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::logistic::{self, MAX_FEATURES, Patterns, sigmoid};
-use super::ordering::{self, Context, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, binary_chain_log_likelihood, tensor};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::error::{Error, Result};
+use crate::models::shared::logistic::{self, Patterns, sigmoid};
+use crate::models::shared::ordering::{self, Context, Order};
+use crate::models::shared::{
+    binary_chain_log_likelihood, order_tensor, permutation, tensor, uniform,
+};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::TrainingSet;
 
-/// Hyper-parameters of an AR-k model.
+/// Hyper-parameters of a binary AR-k model, as stored in model.json.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ArParams {
+pub struct Hyperparameters {
     /// Context size (0 to 64).
     pub k: usize,
     /// The pixel ordering.
@@ -38,7 +39,7 @@ pub struct ArParams {
 #[derive(Debug, Clone)]
 pub struct Ar {
     shape: ImageShape,
-    params: ArParams,
+    params: Hyperparameters,
     /// Position i holds the sub-pixel index modelled i-th.
     order: Vec<usize>,
     /// The context (sub-pixel indices) of each position.
@@ -51,16 +52,7 @@ pub struct Ar {
 
 impl Ar {
     /// Fits every conditional exactly, in parallel over positions.
-    pub fn fit(params: ArParams, data: &TrainingSet<'_>) -> Result<Self> {
-        if params.k > MAX_FEATURES {
-            return Err(Error::config(
-                "model.k",
-                format!(
-                    "`model.k` is at most {MAX_FEATURES} for `ar`, got {}",
-                    params.k
-                ),
-            ));
-        }
+    pub fn fit(params: Hyperparameters, data: &TrainingSet<'_>) -> Self {
         let order = ordering::ordering(data.shape, params.order, params.seed);
         let context = ordering::contexts(data.shape, &order, params.context, params.k);
         // Pixel-major copy: each context column is then one contiguous run of bytes, and a
@@ -90,14 +82,14 @@ impl Ar {
                 (beta, b)
             })
             .unzip();
-        Ok(Self {
+        Self {
             shape: data.shape,
             params,
             order,
             context,
             weights,
             bias,
-        })
+        }
     }
 
     /// Rebuilds the model from model.safetensors, checking that every context looks only at
@@ -106,9 +98,11 @@ impl Ar {
         shape: ImageShape,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
-        let params: ArParams = serde_json::from_value(hyperparameters.clone())
-            .map_err(|e| format!("hyper-parameters: {e}"))?;
+    ) -> Result<Self, ModelError> {
+        let params: Hyperparameters = serde_json::from_value(hyperparameters.clone())?;
+        if let Some(p) = super::k_problem(params.k) {
+            return Err(ModelError::Params(vec![p]));
+        }
         let d = shape.dims();
         let k = params.k;
         let (order, context) = stored_contexts(d, k, tensors)?;
@@ -125,7 +119,7 @@ impl Ar {
             .chain(&bias)
             .any(|v| !v.is_finite())
         {
-            return Err("weights are not all finite".into());
+            return Err(ModelError::invalid("weights are not all finite"));
         }
         Ok(Self {
             shape,
@@ -154,26 +148,9 @@ impl Ar {
     }
 }
 
-/// Reads a stored ordering, checking that it is a permutation of 0..len.
-pub fn permutation(values: &[f64]) -> std::result::Result<Vec<usize>, String> {
-    let d = values.len();
-    let mut seen = vec![false; d];
-    values
-        .iter()
-        .map(|&v| {
-            let idx = v as usize;
-            if v.fract() != 0.0 || v < 0.0 || idx >= d || std::mem::replace(&mut seen[idx], true) {
-                Err("tensor `order` is not a permutation of the sub-pixels".to_string())
-            } else {
-                Ok(idx)
-            }
-        })
-        .collect()
-}
-
 impl DensityModel for Ar {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Ar
+    fn kind(&self) -> &'static str {
+        <Self as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -239,11 +216,7 @@ pub(super) fn order_and_context_tensors(
         }
     }
     vec![
-        NamedTensor {
-            name: "order".into(),
-            shape: vec![d],
-            data: order.iter().map(|&o| o as f64).collect(),
-        },
+        order_tensor(order),
         NamedTensor {
             name: "context".into(),
             shape: vec![d, k],
@@ -259,7 +232,7 @@ pub(super) fn stored_contexts(
     d: usize,
     k: usize,
     tensors: &[NamedTensor],
-) -> std::result::Result<(Vec<usize>, Vec<Vec<usize>>), String> {
+) -> Result<(Vec<usize>, Vec<Vec<usize>>), ModelError> {
     let order = permutation(tensor(tensors, "order", d)?)?;
     let context_f = tensor(tensors, "context", d * k)?;
     let mut position = vec![0; d];
@@ -274,9 +247,9 @@ pub(super) fn stored_contexts(
             } else if !padded && c.fract() == 0.0 && (c as usize) < d && position[c as usize] < i {
                 ctx.push(c as usize);
             } else {
-                return Err(format!(
+                return Err(ModelError::invalid(format!(
                     "tensor `context`: position {i} looks at sub-pixel {c}, which is not an earlier one (or follows padding)"
-                ));
+                )));
             }
         }
         context.push(ctx);
@@ -319,14 +292,14 @@ mod tests {
             validation: pixels.slice(ndarray::s![..0, ..]),
             redraw: None,
         };
-        let params = ArParams {
+        let params = Hyperparameters {
             k,
             order,
             context,
             l2: 0.1,
             seed,
         };
-        Ar::fit(params, &data).unwrap()
+        Ar::fit(params, &data)
     }
 
     #[test]
@@ -380,14 +353,14 @@ mod tests {
             validation: pixels.slice(ndarray::s![..0, ..]),
             redraw: None,
         };
-        let params = ArParams {
+        let params = Hyperparameters {
             k: 1,
             order: Order::Raster,
             context: Context::Previous,
             l2: 1e-3,
             seed: 0,
         };
-        let m = Ar::fit(params, &data).unwrap();
+        let m = Ar::fit(params, &data);
         for i in 0..d {
             let (wi, bi) = m.conditional(i);
             // Standard errors at n = 200,000 are below 0.02; allow 0.06.

@@ -6,19 +6,19 @@
 //! the same settings gives the same id and rewrites identical files. `model.json` is written
 //! last: a directory without one is an incomplete artifact and is refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::runtime::Handle;
 
-use super::{DensityModel, NamedTensor, from_tensors};
-use crate::config::{ModelKind, PreprocessConfig, ScoreMethod, ThresholdMethod};
+use crate::config::{PreprocessConfig, ScoreMethod};
 use crate::data::ImageShape;
+use crate::decide::StoredThreshold;
 use crate::error::{Error, Result};
-use crate::io::storage::Storage;
+use crate::io::storage::{Io, Storage};
+use crate::models::tensors::{from_safetensors, to_safetensors};
+use crate::models::{self, DensityModel, Stored};
 use crate::train::EpochRecord;
 
 /// The model.json format version this build writes and reads.
@@ -60,7 +60,7 @@ pub struct StoredScore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredBackground {
     /// Its kind.
-    pub kind: ModelKind,
+    pub kind: String,
     /// Its hyper-parameters.
     pub hyperparameters: serde_json::Value,
     /// `"mutated"` (fitted on the training images with a fraction of pixels randomized) or
@@ -71,22 +71,6 @@ pub struct StoredBackground {
     pub mutation_rate: Option<f64>,
 }
 
-/// The threshold stored with a model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredThreshold {
-    /// How it was chosen.
-    pub method: ThresholdMethod,
-    /// The quantile, for `quantile`.
-    pub quantile: Option<f64>,
-    /// The score above which an image is an anomaly. For `conformal` it is decided per run
-    /// (Benjamini–Hochberg over the run's p-values); a model stores the threshold that would
-    /// hold for a run of one image.
-    pub value: f64,
-    /// The false discovery rate, for `conformal`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fdr: Option<f64>,
-}
-
 /// The contents of model.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,8 +79,8 @@ pub struct ModelMeta {
     pub format_version: u32,
     /// `<kind>-<hash>`; empty while the hash is being computed.
     pub model_id: String,
-    /// The model family.
-    pub kind: ModelKind,
+    /// The model family (`model.kind`).
+    pub kind: String,
     /// Image shape.
     pub shape: ImageShape,
     /// Values a pixel takes after preprocessing.
@@ -167,13 +151,8 @@ impl ModelSet {
     }
 
     /// The model kind's name (all partitions share the configured kind).
-    pub fn kind(&self) -> ModelKind {
-        self.models
-            .values()
-            .next()
-            .expect("at least one model")
-            .meta
-            .kind
+    pub fn kind(&self) -> &str {
+        &self.first().meta.kind
     }
 
     /// Any one model (the only one, without partitions).
@@ -198,16 +177,16 @@ pub fn save_index(sink: &Storage, mut index: PartitionIndex) -> Result<(Partitio
 
 /// Loads a model directory, or a partitioned set's directory (one with `partitions.json`) and
 /// every model it lists.
-pub fn load_set(uri: &str, rt: &Handle) -> Result<ModelSet> {
+pub fn load_set(uri: &str, io: &Io) -> Result<ModelSet> {
     let dir = uri.trim_end_matches('/');
     let dir = dir
         .strip_suffix("partitions.json")
         .unwrap_or(dir)
         .trim_end_matches('/');
     let dir = if dir.is_empty() { "." } else { dir };
-    let storage = Storage::open(dir, rt)?;
+    let storage = Storage::open(dir, io)?;
     if !storage.exists("partitions.json")? {
-        return Ok(ModelSet::single(load(uri, rt)?));
+        return Ok(ModelSet::single(load(uri, io)?));
     }
     let bytes = storage.get("partitions.json")?;
     let index: PartitionIndex = serde_json::from_slice(&bytes).map_err(|e| {
@@ -225,7 +204,7 @@ pub fn load_set(uri: &str, rt: &Handle) -> Result<ModelSet> {
     let parent = dir.rsplit_once('/').map(|(p, _)| p).unwrap_or(".");
     let mut models = BTreeMap::new();
     for (value, model_id) in &index.models {
-        let model = load(&format!("{parent}/{model_id}"), rt)?;
+        let model = load(&format!("{parent}/{model_id}"), io)?;
         models.insert(value.clone(), model);
     }
     Ok(ModelSet {
@@ -250,52 +229,6 @@ pub struct LoadedModel {
     pub uri: String,
 }
 
-/// Serializes parameters to safetensors bytes (f64, little-endian).
-pub fn to_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|t| {
-            let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (t.name.clone(), raw, t.shape.clone())
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(name, raw, shape)| {
-            TensorView::new(Dtype::F64, shape.clone(), raw)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Internal(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None::<HashMap<String, String>>)
-        .map_err(|e| Error::Internal(format!("serializing weights: {e}")))
-}
-
-/// Reads parameters back from safetensors bytes; every tensor must be f64.
-pub fn from_safetensors(bytes: &[u8]) -> std::result::Result<Vec<NamedTensor>, String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F64 {
-            return Err(format!(
-                "tensor `{name}` is {:?}, expected F64",
-                view.dtype()
-            ));
-        }
-        let data = view
-            .data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        out.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
-        });
-    }
-    Ok(out)
-}
-
 /// Writes a model under `sink` as `models/<model_id>/` and returns its meta (with the id filled
 /// in) and the directory relative to the sink.
 pub fn save(
@@ -304,10 +237,12 @@ pub fn save(
     background: Option<&dyn DensityModel>,
     mut meta: ModelMeta,
 ) -> Result<(ModelMeta, String)> {
-    let weights = to_safetensors(&model.tensors())?;
+    let weights =
+        to_safetensors(&model.tensors()).map_err(|e| Error::internal(e, "serializing weights"))?;
     let background_weights = background
         .map(|b| to_safetensors(&b.tensors()))
-        .transpose()?;
+        .transpose()
+        .map_err(|e| Error::internal(e, "serializing weights"))?;
     meta.model_id = String::new();
     let mut identity = meta.clone();
     // Wall times differ between identical fits; the id must not.
@@ -325,7 +260,7 @@ pub fn save(
     }
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    meta.model_id = format!("{}-{hex}", meta.kind.name());
+    meta.model_id = format!("{}-{hex}", meta.kind);
     let dir = format!("models/{}", meta.model_id);
     sink.put(&format!("{dir}/model.safetensors"), Bytes::from(weights))?;
     if let Some(b) = background_weights {
@@ -339,14 +274,14 @@ pub fn save(
 }
 
 /// Loads a model from its directory (or its model.json) URI.
-pub fn load(uri: &str, rt: &Handle) -> Result<LoadedModel> {
+pub fn load(uri: &str, io: &Io) -> Result<LoadedModel> {
     let dir = uri
         .trim_end_matches('/')
         .strip_suffix("model.json")
         .unwrap_or(uri)
         .trim_end_matches('/');
     let dir = if dir.is_empty() { "." } else { dir };
-    let storage = Storage::open(dir, rt)?;
+    let storage = Storage::open(dir, io)?;
     let json = storage.get("model.json").map_err(|e| match e {
         Error::InputMissing { .. } => Error::InputMissing {
             uri: storage.display("model.json"),
@@ -372,44 +307,22 @@ pub fn load(uri: &str, rt: &Handle) -> Result<LoadedModel> {
             ),
         ));
     }
-    let weights = storage.get("model.safetensors")?;
-    let tensors = from_safetensors(&weights)
-        .map_err(|e| bad("model.safetensors", format!("unreadable weights: {e}")))?;
-    let model = from_tensors(
-        meta.kind,
-        meta.shape,
-        meta.levels,
+    let model = load_weights(
+        &storage,
+        "model.safetensors",
+        &meta.kind,
+        &meta,
         &meta.hyperparameters,
-        &tensors,
-    )
-    .map_err(|e| {
-        bad(
-            "model.safetensors",
-            format!("weights do not fit model.json: {e}"),
-        )
-    })?;
+    )?;
     let background = match &meta.score.background {
         None => None,
-        Some(b) => {
-            let weights = storage.get("background.safetensors")?;
-            let tensors = from_safetensors(&weights)
-                .map_err(|e| bad("background.safetensors", format!("unreadable weights: {e}")))?;
-            Some(
-                from_tensors(
-                    b.kind,
-                    meta.shape,
-                    meta.levels,
-                    &b.hyperparameters,
-                    &tensors,
-                )
-                .map_err(|e| {
-                    bad(
-                        "background.safetensors",
-                        format!("weights do not fit model.json: {e}"),
-                    )
-                })?,
-            )
-        }
+        Some(b) => Some(load_weights(
+            &storage,
+            "background.safetensors",
+            &b.kind,
+            &meta,
+            &b.hyperparameters,
+        )?),
     };
     if meta.score.method == ScoreMethod::LikelihoodRatio && background.is_none() {
         return Err(bad(
@@ -425,28 +338,30 @@ pub fn load(uri: &str, rt: &Handle) -> Result<LoadedModel> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tensors_round_trip_through_safetensors() {
-        let t = vec![
-            NamedTensor {
-                name: "p".into(),
-                shape: vec![3],
-                data: vec![0.1, 0.5, 0.999],
-            },
-            NamedTensor {
-                name: "w".into(),
-                shape: vec![2, 2],
-                data: vec![-1.0, 2.0, f64::MIN_POSITIVE, 4.0],
-            },
-        ];
-        let bytes = to_safetensors(&t).unwrap();
-        let mut back = from_safetensors(&bytes).unwrap();
-        back.sort_by(|a, b| a.name.cmp(&b.name));
-        assert_eq!(back, t);
-        assert!(from_safetensors(&bytes[..bytes.len() - 1]).is_err());
-    }
+/// Reads the weights file `file` of a model of `kind` (the model's or its background's) and
+/// rebuilds the model its family describes.
+fn load_weights(
+    storage: &Storage,
+    file: &str,
+    kind: &str,
+    meta: &ModelMeta,
+    hyperparameters: &serde_json::Value,
+) -> Result<Box<dyn DensityModel>> {
+    let bad = |source: models::ModelError| Error::Model {
+        uri: storage.display(file),
+        what: "the weights do not fit model.json",
+        source,
+    };
+    let weights = storage.get(file)?;
+    let tensors = from_safetensors(&weights).map_err(|e| bad(e.into()))?;
+    models::load(
+        kind,
+        &Stored {
+            shape: meta.shape,
+            levels: meta.levels,
+            hyperparameters,
+            tensors: &tensors,
+        },
+    )
+    .map_err(bad)
 }

@@ -20,23 +20,18 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::nade::{MAX_HIDDEN, padded_width};
-use super::ordering::{self, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::error::{Error, Result};
 use crate::kernels::Isa;
-use crate::kernels::rnade::{
-    self as kernel, Grads, INPUT_CENTRE, LOG_SCALE_RANGE, MAX_COMPONENTS, Params, TILE,
-};
-use crate::pipeline::progress::Progress;
-use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
+use crate::kernels::rnade::{self as kernel, Grads, INPUT_CENTRE, LOG_SCALE_RANGE, Params, TILE};
+use crate::models::nade::padded_width;
+use crate::models::shared::ordering::{self, Order};
+use crate::models::shared::{order_tensor, stored_order, tensor, uniform};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
-/// Hyper-parameters of an RNADE.
+/// Hyper-parameters of an RNADE, as stored in model.json.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RnadeParams {
+pub struct Hyperparameters {
     /// Hidden units H.
     pub hidden: usize,
     /// Gaussians per conditional K.
@@ -55,7 +50,7 @@ pub struct RnadeParams {
 pub struct Rnade {
     shape: ImageShape,
     levels: u16,
-    params: RnadeParams,
+    params: Hyperparameters,
     /// Position i holds the sub-pixel index modelled i-th.
     order: Vec<usize>,
     hp: usize,
@@ -73,25 +68,7 @@ fn part_lens(d: usize, hp: usize, components: usize) -> [usize; 4] {
 impl Rnade {
     /// A model with small random weights (seeded), components spread evenly over [0, 1], and
     /// equal mixture weights, from which training starts.
-    pub fn init(shape: ImageShape, levels: u16, params: RnadeParams) -> Result<Self> {
-        if !(1..=MAX_HIDDEN).contains(&params.hidden) {
-            return Err(Error::config(
-                "model.hidden",
-                format!(
-                    "`model.hidden` must be 1 to {MAX_HIDDEN}, got {}",
-                    params.hidden
-                ),
-            ));
-        }
-        if !(1..=MAX_COMPONENTS).contains(&params.components) {
-            return Err(Error::config(
-                "model.components",
-                format!(
-                    "`model.components` must be 1 to {MAX_COMPONENTS}, got {}",
-                    params.components
-                ),
-            ));
-        }
+    pub fn init(shape: ImageShape, levels: u16, params: Hyperparameters) -> Self {
         let order = ordering::ordering(shape, params.order, params.seed);
         let mut model = Self::zeroed(shape, levels, params, order);
         let d = shape.dims();
@@ -117,11 +94,11 @@ impl Rnade {
                 heads[2 * k + m] = (1.0 / k as f32).ln();
             }
         }
-        Ok(model)
+        model
     }
 
     /// A model with every parameter zero (hyper-parameters already checked).
-    fn zeroed(shape: ImageShape, levels: u16, params: RnadeParams, order: Vec<usize>) -> Self {
+    fn zeroed(shape: ImageShape, levels: u16, params: Hyperparameters, order: Vec<usize>) -> Self {
         let hp = padded_width(params.hidden);
         Self {
             shape,
@@ -137,14 +114,13 @@ impl Rnade {
 
     /// Fits by Adam with early stopping on 8-bit intensities; returns the model and its curve.
     pub fn fit(
-        params: RnadeParams,
+        params: Hyperparameters,
         data: &TrainingSet<'_>,
-        settings: &TrainSettings,
-        progress: &Progress,
-    ) -> Result<(Self, Vec<EpochRecord>)> {
-        let mut model = Self::init(data.shape, data.levels, params)?;
-        let curve = train::train(&mut model, data, settings, progress);
-        Ok((model, curve))
+        training: &Training<'_>,
+    ) -> (Self, Vec<EpochRecord>) {
+        let mut model = Self::init(data.shape, data.levels, params);
+        let curve = train::train(&mut model, data, training);
+        (model, curve)
     }
 
     fn d(&self) -> usize {
@@ -169,9 +145,8 @@ impl Rnade {
         }
     }
 
-    /// The same model, running its kernels on `isa` (which the CPU must have).
+    /// The same model, running its kernels on `isa`.
     pub fn with_isa(mut self, isa: Isa) -> Self {
-        assert!(Isa::available().contains(&isa), "{isa:?} is not available");
         self.isa = isa;
         self
     }
@@ -226,24 +201,33 @@ impl Rnade {
         levels: u16,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
-        let params: RnadeParams = serde_json::from_value(hyperparameters.clone())
-            .map_err(|e| format!("hyper-parameters: {e}"))?;
-        if !(1..=MAX_HIDDEN).contains(&params.hidden)
-            || !(1..=MAX_COMPONENTS).contains(&params.components)
-            || !matches!(levels, 2..=256)
-        {
-            return Err(format!(
-                "hidden = {}, components = {} or levels = {levels} out of range",
-                params.hidden, params.components
-            ));
+    ) -> Result<Self, ModelError> {
+        let params: Hyperparameters = serde_json::from_value(hyperparameters.clone())?;
+        let problems: Vec<_> = [
+            crate::models::nade::hidden_problem(params.hidden),
+            super::components_problem(params.components),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !problems.is_empty() {
+            return Err(ModelError::Params(problems));
+        }
+        if !matches!(levels, 2..=256) {
+            return Err(ModelError::invalid(format!(
+                "levels is {levels}, expected 2 to 256"
+            )));
         }
         // Every tensor is checked against the shape before anything that size is allocated,
         // so a model.json that claims an enormous image fails on the (small) file's tensors.
         let d = shape.dims();
         let (h, nh) = (params.hidden, 3 * params.components);
-        let too_big = || format!("a {shape} image with {h} hidden units is too large");
-        let order = super::ar::permutation(tensor(tensors, "order", d)?)?;
+        let too_big = || {
+            ModelError::invalid(format!(
+                "a {shape} image with {h} hidden units is too large"
+            ))
+        };
+        let order = stored_order(tensors, d)?;
         let input = tensor(
             tensors,
             "input_weights",
@@ -279,7 +263,7 @@ impl Rnade {
             .zip(hidden_bias)
             .for_each(|(x, &s)| *x = s as f32);
         if model.theta.iter().any(|v| !v.is_finite()) {
-            return Err("weights are not all finite".into());
+            return Err(ModelError::invalid("weights are not all finite"));
         }
         Ok(model)
     }
@@ -336,8 +320,8 @@ impl GradientModel for Rnade {
 }
 
 impl DensityModel for Rnade {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Rnade
+    fn kind(&self) -> &'static str {
+        <Self as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -378,7 +362,7 @@ impl DensityModel for Rnade {
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
         let params = self.kernel_params();
         let correction = self.d() as f64 * self.log_levels();
-        super::score_in_chunks(images, out, 4 * TILE, |rows, out| {
+        crate::models::shared::score_in_chunks(images, out, 4 * TILE, |rows, out| {
             kernel::log_density(self.isa, &params, &self.centres(rows), None, out);
             out.iter_mut().for_each(|o| *o -= correction);
         });
@@ -440,11 +424,7 @@ impl DensityModel for Rnade {
         let p = self.kernel_params();
         let (d, h, nh) = (self.d(), self.params.hidden, p.heads());
         vec![
-            NamedTensor {
-                name: "order".into(),
-                shape: vec![d],
-                data: self.order.iter().map(|&o| o as f64).collect(),
-            },
+            order_tensor(&self.order),
             self.unpadded("input_weights", p.w, vec![d, h]),
             self.unpadded("output_weights", p.v, vec![d, nh, h]),
             NamedTensor {
@@ -465,18 +445,19 @@ impl DensityModel for Rnade {
 mod tests {
     use super::*;
     use crate::models::testing::*;
+    use crate::train::TrainSettings;
     use ndarray::Array2;
 
     /// A model with random weights: means kept inside (0.3, 0.7) and scales at most 0.06, so
     /// almost no mass falls outside [0, 1]; mixture weights and scales depend on the context.
     fn random_model(shape: ImageShape, hidden: usize, components: usize, seed: u64) -> Rnade {
-        let params = RnadeParams {
+        let params = Hyperparameters {
             hidden,
             components,
             order: Order::Random,
             seed,
         };
-        let mut m = Rnade::init(shape, 256, params).unwrap();
+        let mut m = Rnade::init(shape, 256, params);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (d, hp, k) = (shape.dims(), m.hp, components);
         let nh = 3 * k;
@@ -659,13 +640,13 @@ mod tests {
             weight_decay: 0.0,
             seed: 0,
         };
-        let params = RnadeParams {
+        let params = Hyperparameters {
             hidden: 32,
             components: 3,
             order: Order::Raster,
             seed: 0,
         };
-        let (m, _) = Rnade::fit(params, &data, &settings, &Progress::hidden()).unwrap();
+        let (m, _) = Rnade::fit(params, &data, &Training::unmonitored(&settings));
         let per_channel = per_channel_nll(&m, pixels.view());
         eprintln!("per-channel NLL {per_channel:?}");
         assert!(per_channel[0] > 4.0, "R is uncertain: {per_channel:?}");

@@ -13,23 +13,21 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::logistic::sigmoid;
-use super::ordering::{self, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
 use crate::kernels::Isa;
 use crate::kernels::math::LANES;
 use crate::kernels::nade::{self as kernel, Grads, Params, TILE};
-use crate::pipeline::progress::Progress;
-use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
+use crate::models::shared::logistic::sigmoid;
+use crate::models::shared::ordering::{self, Order};
+use crate::models::shared::{logits_at_pixel_means, order_tensor, stored_order, tensor, uniform};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// The largest hidden layer `model.hidden` accepts.
 pub const MAX_HIDDEN: usize = 65_536;
 
 /// H rounded up to the kernels' vector width.
-pub(crate) fn padded_width(hidden: usize) -> usize {
+pub fn padded_width(hidden: usize) -> usize {
     hidden.div_ceil(LANES) * LANES
 }
 
@@ -91,12 +89,7 @@ impl Nade {
                     .for_each(|x| *x = rng.random_range(-scale..scale));
             }
         }
-        let n = pixels.nrows() as f64;
-        for (i, &o) in model.order.iter().enumerate() {
-            let on = pixels.column(o).iter().filter(|&&v| v != 0).count() as f64;
-            let p = (on + 1.0) / (n + 2.0);
-            rest[i] = (p / (1.0 - p)).ln() as f32;
-        }
+        rest[..d].copy_from_slice(&logits_at_pixel_means(pixels, &model.order));
         model
     }
 
@@ -106,11 +99,10 @@ impl Nade {
         order_kind: Order,
         seed: u64,
         data: &TrainingSet<'_>,
-        settings: &TrainSettings,
-        progress: &Progress,
+        training: &Training<'_>,
     ) -> (Self, Vec<EpochRecord>) {
         let mut model = Self::init(data.shape, hidden, order_kind, seed, data.pixels);
-        let curve = train::train(&mut model, data, settings, progress);
+        let curve = train::train(&mut model, data, training);
         (model, curve)
     }
 
@@ -156,18 +148,19 @@ impl Nade {
         shape: ImageShape,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         let d = shape.dims();
-        let order_kind: Order = serde_json::from_value(hyperparameters["order"].clone())
-            .map_err(|e| format!("hyper-parameter `order`: {e}"))?;
+        let order_kind: Order = serde_json::from_value(hyperparameters["order"].clone())?;
         let seed = hyperparameters["seed"].as_u64().unwrap_or(0);
         let hidden = hyperparameters["hidden"]
             .as_u64()
-            .map(|h| h as usize)
-            .filter(|h| (1..=MAX_HIDDEN).contains(h))
-            .ok_or("hyper-parameter `hidden` is missing or out of range")?;
+            .ok_or_else(|| ModelError::invalid("hyper-parameter `hidden` is missing"))?
+            as usize;
+        if let Some(p) = super::hidden_problem(hidden) {
+            return Err(ModelError::Params(vec![p]));
+        }
         let hp = padded_width(hidden);
-        let order = super::ar::permutation(tensor(tensors, "order", d)?)?;
+        let order = stored_order(tensors, d)?;
         let mut params = vec![0f32; param_len(d, hp)];
         let (w, rest) = params.split_at_mut(d * hp);
         let (v, rest) = rest.split_at_mut(d * hp);
@@ -185,7 +178,7 @@ impl Nade {
             .zip(tensor(tensors, "hidden_bias", hidden)?)
             .for_each(|(x, &s)| *x = s as f32);
         if params.iter().any(|v| !v.is_finite()) {
-            return Err("weights are not all finite".into());
+            return Err(ModelError::invalid("weights are not all finite"));
         }
         Ok(Self {
             shape,
@@ -199,9 +192,8 @@ impl Nade {
         })
     }
 
-    /// The same model, running its kernels on `isa` (which the CPU must have).
+    /// The same model, running its kernels on `isa`.
     pub fn with_isa(mut self, isa: Isa) -> Self {
-        assert!(Isa::available().contains(&isa), "{isa:?} is not available");
         self.isa = isa;
         self
     }
@@ -256,8 +248,8 @@ impl GradientModel for Nade {
 }
 
 impl DensityModel for Nade {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Nade
+    fn kind(&self) -> &'static str {
+        <Self as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -295,7 +287,7 @@ impl DensityModel for Nade {
     /// Scores whole tiles per rayon task, so the kernel shares each weight row across images.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
         let params = self.kernel_params();
-        super::score_in_chunks(images, out, 4 * TILE, |rows, out| {
+        crate::models::shared::score_in_chunks(images, out, 4 * TILE, |rows, out| {
             kernel::log_likelihood(self.isa, &params, &self.ordered(rows), None, out);
         });
     }
@@ -332,11 +324,7 @@ impl DensityModel for Nade {
         let p = self.kernel_params();
         let d = self.d();
         vec![
-            NamedTensor {
-                name: "order".into(),
-                shape: vec![d],
-                data: self.order.iter().map(|&o| o as f64).collect(),
-            },
+            order_tensor(&self.order),
             self.unpadded("input_weights", p.w),
             self.unpadded("output_weights", p.v),
             NamedTensor {
@@ -357,6 +345,7 @@ impl DensityModel for Nade {
 mod tests {
     use super::*;
     use crate::models::testing::*;
+    use crate::train::TrainSettings;
     use ndarray::Array2;
 
     /// A NADE with larger-than-trained random weights, so every conditional matters.
@@ -500,7 +489,13 @@ mod tests {
         };
         let start = Nade::init(shape, 16, Order::Raster, 0, train);
         let before = train::mean_nll(&start, valid);
-        let (m, curve) = Nade::fit(16, Order::Raster, 0, &data, &settings, &Progress::hidden());
+        let (m, curve) = Nade::fit(
+            16,
+            Order::Raster,
+            0,
+            &data,
+            &Training::unmonitored(&settings),
+        );
         let after = train::mean_nll(&m, valid);
         assert!(after < before - 3.0, "validation NLL {before} → {after}");
         let best = curve
@@ -512,7 +507,14 @@ mod tests {
         for img in all_images(12, 2).iter().step_by(97) {
             assert_eq!(back.log_likelihood(img), m.log_likelihood(img));
         }
-        let again = Nade::fit(16, Order::Raster, 0, &data, &settings, &Progress::hidden()).0;
+        let again = Nade::fit(
+            16,
+            Order::Raster,
+            0,
+            &data,
+            &Training::unmonitored(&settings),
+        )
+        .0;
         assert_eq!(again.params, m.params, "a fixed seed gives the same model");
     }
 }

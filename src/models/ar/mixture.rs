@@ -28,15 +28,12 @@ use ndarray::ArrayView2;
 use rand::RngCore;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::logistic::{MAX_FEATURES, log_sigmoid, sigmoid};
-use super::ordering::{self, Context, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, tensor};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::error::{Error, Result};
-use crate::pipeline::progress::Progress;
-use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
+use crate::models::shared::logistic::{log_sigmoid, sigmoid};
+use crate::models::shared::ordering::{self, Context, Order};
+use crate::models::shared::{tensor, uniform};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// The most mixture components `model.components` accepts.
 pub const MAX_COMPONENTS: usize = 64;
@@ -45,9 +42,9 @@ pub const MAX_COMPONENTS: usize = 64;
 /// level), as in PixelCNN++: a component cannot collapse onto one level and blow up.
 const MIN_LOG_SCALE: f64 = -7.0;
 
-/// Hyper-parameters of an 8-bit AR-k model.
+/// Hyper-parameters of an 8-bit AR-k model, as stored in model.json.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ArMixtureParams {
+pub struct Hyperparameters {
     /// Context size (0 to 64).
     pub k: usize,
     /// The pixel ordering.
@@ -69,7 +66,7 @@ pub struct ArMixtureParams {
 pub struct ArMixture {
     shape: ImageShape,
     levels: u16,
-    params: ArMixtureParams,
+    params: Hyperparameters,
     /// Position i holds the sub-pixel index modelled i-th.
     order: Vec<usize>,
     /// The context (sub-pixel indices, each earlier) of each position; at most k.
@@ -85,22 +82,7 @@ impl ArMixture {
 
     /// A model whose components sit at evenly spaced means with equal weights and no context
     /// dependence yet, from which training starts.
-    pub fn init(shape: ImageShape, levels: u16, params: ArMixtureParams) -> Result<Self> {
-        if params.k > MAX_FEATURES {
-            return Err(Error::config(
-                "model.k",
-                format!("`model.k` is at most {MAX_FEATURES}, got {}", params.k),
-            ));
-        }
-        if !(1..=MAX_COMPONENTS).contains(&params.components) {
-            return Err(Error::config(
-                "model.components",
-                format!(
-                    "`model.components` must be 1 to {MAX_COMPONENTS}, got {}",
-                    params.components
-                ),
-            ));
-        }
+    pub fn init(shape: ImageShape, levels: u16, params: Hyperparameters) -> Self {
         let order = ordering::ordering(shape, params.order, params.seed);
         let context = ordering::contexts(shape, &order, params.context, params.k);
         let mut model = Self {
@@ -121,19 +103,18 @@ impl ArMixture {
             }
         }
         model.theta = theta;
-        Ok(model)
+        model
     }
 
     /// Fits by Adam with early stopping; returns the model and its training curve.
     pub fn fit(
-        params: ArMixtureParams,
+        params: Hyperparameters,
         data: &TrainingSet<'_>,
-        settings: &TrainSettings,
-        progress: &Progress,
-    ) -> Result<(Self, Vec<EpochRecord>)> {
-        let mut model = Self::init(data.shape, data.levels, params)?;
-        let curve = train::train(&mut model, data, settings, progress);
-        Ok((model, curve))
+        training: &Training<'_>,
+    ) -> (Self, Vec<EpochRecord>) {
+        let mut model = Self::init(data.shape, data.levels, params);
+        let curve = train::train(&mut model, data, training);
+        (model, curve)
     }
 
     /// Rebuilds the model from model.safetensors, checking that every context looks only at
@@ -143,20 +124,25 @@ impl ArMixture {
         levels: u16,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
-        let params: ArMixtureParams = serde_json::from_value(hyperparameters.clone())
-            .map_err(|e| format!("hyper-parameters: {e}"))?;
+    ) -> Result<Self, ModelError> {
+        let params: Hyperparameters = serde_json::from_value(hyperparameters.clone())?;
         if !matches!(levels, 2..=256) {
-            return Err(format!("levels is {levels}, expected 2 to 256"));
+            return Err(ModelError::invalid(format!(
+                "levels is {levels}, expected 2 to 256"
+            )));
         }
-        if params.k > MAX_FEATURES || !(1..=MAX_COMPONENTS).contains(&params.components) {
-            return Err(format!(
-                "hyper-parameters: k = {} (at most {MAX_FEATURES}) or components = {} (1 to {MAX_COMPONENTS}) out of range",
-                params.k, params.components
-            ));
+        let problems: Vec<_> = [
+            super::k_problem(params.k),
+            super::components_problem(params.components),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !problems.is_empty() {
+            return Err(ModelError::Params(problems));
         }
         let d = shape.dims();
-        let (order, context) = super::ar::stored_contexts(d, params.k, tensors)?;
+        let (order, context) = super::binary::stored_contexts(d, params.k, tensors)?;
         let mut model = Self {
             shape,
             levels,
@@ -167,7 +153,7 @@ impl ArMixture {
         };
         let theta = tensor(tensors, "theta", d * model.stride())?;
         if theta.iter().any(|v| !v.is_finite()) {
-            return Err("tensor `theta` is not all finite".into());
+            return Err(ModelError::invalid("tensor `theta` is not all finite"));
         }
         model.theta = theta.iter().map(|&v| v as f32).collect();
         Ok(model)
@@ -363,8 +349,8 @@ impl GradientModel for ArMixture {
 }
 
 impl DensityModel for ArMixture {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Ar
+    fn kind(&self) -> &'static str {
+        <super::Ar as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -420,7 +406,7 @@ impl DensityModel for ArMixture {
     fn tensors(&self) -> Vec<NamedTensor> {
         let d = self.shape.dims();
         let mut tensors =
-            super::ar::order_and_context_tensors(&self.order, &self.context, self.params.k);
+            super::binary::order_and_context_tensors(&self.order, &self.context, self.params.k);
         tensors.push(NamedTensor {
             name: "theta".into(),
             shape: vec![d, self.stride()],
@@ -434,12 +420,13 @@ impl DensityModel for ArMixture {
 mod tests {
     use super::*;
     use crate::models::testing::*;
+    use crate::train::TrainSettings;
     use ndarray::Array2;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    fn params(k: usize, components: usize) -> ArMixtureParams {
-        ArMixtureParams {
+    fn params(k: usize, components: usize) -> Hyperparameters {
+        Hyperparameters {
             k,
             order: Order::Raster,
             context: Context::Previous,
@@ -449,8 +436,8 @@ mod tests {
     }
 
     /// A model with random parameters of a size that makes every head matter.
-    fn random_model(shape: ImageShape, levels: u16, p: ArMixtureParams, seed: u64) -> ArMixture {
-        let mut m = ArMixture::init(shape, levels, p).unwrap();
+    fn random_model(shape: ImageShape, levels: u16, p: Hyperparameters, seed: u64) -> ArMixture {
+        let mut m = ArMixture::init(shape, levels, p);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let kk = m.params.k + 1;
         let stride = m.stride();
@@ -483,7 +470,7 @@ mod tests {
     fn normalizes_over_rgb_pixels_with_reduced_levels() {
         // 1×2×3 with 6 levels: 46,656 images; G sees R, B sees R and G.
         for context in [Context::Previous, Context::Neighbourhood] {
-            let p = ArMixtureParams {
+            let p = Hyperparameters {
                 context,
                 order: Order::Random,
                 ..params(4, 2)
@@ -596,7 +583,7 @@ mod tests {
             weight_decay: 0.0,
             seed: 0,
         };
-        let (m, _) = ArMixture::fit(params(2, 2), &data, &settings, &Progress::hidden()).unwrap();
+        let (m, _) = ArMixture::fit(params(2, 2), &data, &Training::unmonitored(&settings));
         let per_channel = per_channel_nll(&m, pixels.view());
         eprintln!("per-channel NLL {per_channel:?}");
         assert!(per_channel[0] > 4.0, "R is uncertain: {per_channel:?}");

@@ -7,9 +7,10 @@
 use rand::RngCore;
 use serde_json::json;
 
-use super::{DensityModel, NamedTensor, TrainingSet, tensor, value_counts};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
+use crate::models::shared::{tensor, uniform, value_counts};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::TrainingSet;
 
 /// Independent Bernoulli pixels.
 #[derive(Debug, Clone)]
@@ -53,12 +54,12 @@ impl Bernoulli {
         shape: ImageShape,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         let p = tensor(tensors, "p", shape.dims())?;
         if let Some(bad) = p.iter().find(|q| !(**q > 0.0 && **q < 1.0)) {
-            return Err(format!(
+            return Err(ModelError::invalid(format!(
                 "tensor `p` holds {bad}, not a probability in (0, 1)"
-            ));
+            )));
         }
         let alpha = hyperparameters["alpha"].as_f64().unwrap_or(1.0);
         Ok(Self::from_probabilities(shape, alpha, p.to_vec()))
@@ -71,8 +72,8 @@ impl Bernoulli {
 }
 
 impl DensityModel for Bernoulli {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Bernoulli
+    fn kind(&self) -> &'static str {
+        <super::Bernoulli as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -122,11 +123,6 @@ impl DensityModel for Bernoulli {
             data: self.p.clone(),
         }]
     }
-}
-
-/// A uniform draw from [0, 1) with 53 bits of resolution.
-pub(crate) fn uniform(rng: &mut dyn RngCore) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

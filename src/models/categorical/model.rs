@@ -7,11 +7,10 @@
 use rand::RngCore;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::{DensityModel, NamedTensor, TrainingSet, tensor, value_counts};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::error::Result;
+use crate::models::shared::{tensor, uniform, value_counts};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::TrainingSet;
 
 /// Independent categorical pixels.
 #[derive(Debug, Clone)]
@@ -25,7 +24,7 @@ pub struct Categorical {
 
 impl Categorical {
     /// Fits by counting, in parallel over images.
-    pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Result<Self> {
+    pub fn fit(alpha: f64, data: &TrainingSet<'_>) -> Self {
         let k = data.levels as usize;
         let n = data.pixels.nrows();
         let counts = value_counts(data);
@@ -34,12 +33,12 @@ impl Categorical {
             .iter()
             .map(|&c| (c as f64 + alpha).ln() - denominator)
             .collect();
-        Ok(Self {
+        Self {
             shape: data.shape,
             levels: data.levels,
             alpha,
             log_prob,
-        })
+        }
     }
 
     /// Rebuilds the model from model.safetensors.
@@ -48,18 +47,20 @@ impl Categorical {
         levels: u16,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         if !matches!(levels, 2..=256) {
-            return Err(format!("levels is {levels}, expected 2 to 256"));
+            return Err(ModelError::invalid(format!(
+                "levels is {levels}, expected 2 to 256"
+            )));
         }
         let k = levels as usize;
         let log_prob = tensor(tensors, "log_prob", shape.dims() * k)?;
         for (d, row) in log_prob.chunks(k).enumerate() {
             let total: f64 = row.iter().map(|l| l.exp()).sum();
             if !(total - 1.0).abs().lt(&1e-6) || row.iter().any(|l| l.is_nan()) {
-                return Err(format!(
+                return Err(ModelError::invalid(format!(
                     "tensor `log_prob`: the distribution of pixel {d} sums to {total}, not 1"
-                ));
+                )));
             }
         }
         let alpha = hyperparameters["alpha"].as_f64().unwrap_or(1.0);
@@ -78,8 +79,8 @@ impl Categorical {
 }
 
 impl DensityModel for Categorical {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Categorical
+    fn kind(&self) -> &'static str {
+        <super::Categorical as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -159,7 +160,7 @@ mod tests {
             validation: pixels.slice(ndarray::s![..0, ..]),
             redraw: None,
         };
-        Categorical::fit(0.7, &data).unwrap()
+        Categorical::fit(0.7, &data)
     }
 
     #[test]
@@ -186,7 +187,7 @@ mod tests {
             validation: pixels.slice(ndarray::s![..0, ..]),
             redraw: None,
         };
-        let m = Categorical::fit(1.0, &data).unwrap();
+        let m = Categorical::fit(1.0, &data);
         let p = |v: u8| m.log_likelihood(&[v]).exp();
         assert!((p(0) - 3.0 / 259.0).abs() < 1e-15);
         assert!((p(255) - 2.0 / 259.0).abs() < 1e-15);

@@ -11,14 +11,14 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
 use rand::RngCore;
 use serde_json::json;
 
-use super::bernoulli::uniform;
-use super::logistic::{log_sigmoid, sigmoid};
-use super::ordering::{self, Order};
-use super::{DensityModel, NamedTensor, TrainingSet, binary_chain_log_likelihood, tensor};
-use crate::config::ModelKind;
 use crate::data::ImageShape;
-use crate::pipeline::progress::Progress;
-use crate::train::{self, EpochRecord, GradientModel, TrainSettings};
+use crate::models::shared::logistic::{log_sigmoid, sigmoid};
+use crate::models::shared::ordering::{self, Order};
+use crate::models::shared::{
+    binary_chain_log_likelihood, logits_at_pixel_means, order_tensor, stored_order, tensor, uniform,
+};
+use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// A fitted (or training) FVSBN.
 #[derive(Debug, Clone)]
@@ -43,13 +43,8 @@ impl Fvsbn {
     ) -> Self {
         let d = shape.dims();
         let order = ordering::ordering(shape, order_kind, seed);
-        let n = pixels.nrows() as f64;
-        let mut params = vec![0f32; d * d + d];
-        for (i, &o) in order.iter().enumerate() {
-            let on = pixels.column(o).iter().filter(|&&v| v != 0).count() as f64;
-            let p = (on + 1.0) / (n + 2.0);
-            params[d * d + i] = (p / (1.0 - p)).ln() as f32;
-        }
+        let mut params = vec![0f32; d * d];
+        params.extend(logits_at_pixel_means(pixels, &order));
         Self {
             shape,
             order_kind,
@@ -65,11 +60,10 @@ impl Fvsbn {
         order_kind: Order,
         seed: u64,
         data: &TrainingSet<'_>,
-        settings: &TrainSettings,
-        progress: &Progress,
+        training: &Training<'_>,
     ) -> (Self, Vec<EpochRecord>) {
         let mut model = Self::init(data.shape, order_kind, seed, data.pixels);
-        let curve = train::train(&mut model, data, settings, progress);
+        let curve = train::train(&mut model, data, training);
         (model, curve)
     }
 
@@ -128,24 +122,23 @@ impl Fvsbn {
         shape: ImageShape,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
-    ) -> std::result::Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         let d = shape.dims();
-        let order_kind: Order = serde_json::from_value(hyperparameters["order"].clone())
-            .map_err(|e| format!("hyper-parameter `order`: {e}"))?;
+        let order_kind: Order = serde_json::from_value(hyperparameters["order"].clone())?;
         let seed = hyperparameters["seed"].as_u64().unwrap_or(0);
-        let order = super::ar::permutation(tensor(tensors, "order", d)?)?;
+        let order = stored_order(tensors, d)?;
         let w = tensor(tensors, "weights", d * d)?;
         let b = tensor(tensors, "bias", d)?;
         for i in 0..d {
             if let Some(j) = (i..d).find(|&j| w[i * d + j] != 0.0) {
-                return Err(format!(
+                return Err(ModelError::invalid(format!(
                     "tensor `weights`: position {i} has a weight on later position {j}"
-                ));
+                )));
             }
         }
         let params: Vec<f32> = w.iter().chain(b).map(|&v| v as f32).collect();
         if params.iter().any(|v| !v.is_finite()) {
-            return Err("weights are not all finite".into());
+            return Err(ModelError::invalid("weights are not all finite"));
         }
         Ok(Self {
             shape,
@@ -205,8 +198,8 @@ impl GradientModel for Fvsbn {
 }
 
 impl DensityModel for Fvsbn {
-    fn kind(&self) -> ModelKind {
-        ModelKind::Fvsbn
+    fn kind(&self) -> &'static str {
+        <super::Fvsbn as Family>::NAME
     }
 
     fn shape(&self) -> ImageShape {
@@ -245,11 +238,7 @@ impl DensityModel for Fvsbn {
     fn tensors(&self) -> Vec<NamedTensor> {
         let d = self.d();
         vec![
-            NamedTensor {
-                name: "order".into(),
-                shape: vec![d],
-                data: self.order.iter().map(|&o| o as f64).collect(),
-            },
+            order_tensor(&self.order),
             NamedTensor {
                 name: "weights".into(),
                 shape: vec![d, d],
@@ -268,6 +257,7 @@ impl DensityModel for Fvsbn {
 mod tests {
     use super::*;
     use crate::models::testing::*;
+    use crate::train::TrainSettings;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -324,7 +314,7 @@ mod tests {
             weight_decay: 0.0,
             seed: 1,
         };
-        let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden());
+        let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &Training::unmonitored(&settings));
         let rates: Vec<f64> = curve.iter().map(|r| r.learning_rate).collect();
         assert!(rates.contains(&0.25) && rates.contains(&0.125), "{rates:?}");
         assert!(rates.windows(2).all(|w| w[1] <= w[0]), "{rates:?}");
@@ -342,7 +332,7 @@ mod tests {
     fn rebinarizing_each_epoch_learns_the_intensities_not_one_draw_of_them() {
         use crate::config::{Binarize, PreprocessConfig};
         use crate::data::preprocess::Preprocessor;
-        use crate::models::Redraw;
+        use crate::train::Redraw;
 
         // Every pixel of every image has intensity 64: independent coins with P(1) = 64/255.
         let (shape, n) = (ImageShape::new(3, 4, 1), 8);
@@ -378,7 +368,7 @@ mod tests {
                 validation: first.slice(ndarray::s![..0, ..]),
                 redraw,
             };
-            Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden()).0
+            Fvsbn::fit(Order::Raster, 0, &data, &Training::unmonitored(&settings)).0
         };
         let (fixed, rebinarized) = (fit(None), fit(Some(redraw)));
 
@@ -475,7 +465,7 @@ mod tests {
         };
         let start = Fvsbn::init(shape, Order::Raster, 0, train);
         let before = train::mean_nll(&start, valid);
-        let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &settings, &Progress::hidden());
+        let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &Training::unmonitored(&settings));
         let after = train::mean_nll(&m, valid);
         assert!(after < before - 3.0, "validation NLL {before} → {after}");
         let best = curve

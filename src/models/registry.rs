@@ -1,0 +1,396 @@
+//! The registry of model families: one list, [`FAMILIES`], and the [`Family`] trait every
+//! family implements, so that what a family takes (its `[model]` keys, binary or 8-bit pixels,
+//! whether it trains by gradient) is answered by the family itself and no caller keeps a list of
+//! its own.
+//!
+//! A family's parameters come in two types, as in linfa: `Params` is the `[model]` table as
+//! written (every key with its default and doc comment, from which the TOML reference is
+//! generated) and `Valid` is what [`Family::check`] makes of it. Only `Valid` can fit, so a
+//! model never sees a value its family has not checked.
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::{DensityModel, Fitted, ModelError, NamedTensor};
+use crate::data::ImageShape;
+use crate::train::{Training, TrainingSet};
+
+/// Every model family, in the order the reference lists them. Adding a family is adding its
+/// folder under `src/models/` and one line here.
+pub static FAMILIES: &[&dyn Kind] = &[
+    &Registered::<super::bernoulli::Bernoulli>(PhantomData),
+    &Registered::<super::categorical::Categorical>(PhantomData),
+    &Registered::<super::ar::Ar>(PhantomData),
+    &Registered::<super::fvsbn::Fvsbn>(PhantomData),
+    &Registered::<super::nade::Nade>(PhantomData),
+    &Registered::<super::rnade::Rnade>(PhantomData),
+];
+
+/// The kind `[model]` gets when it names none.
+pub const DEFAULT_KIND: &str = "bernoulli";
+
+/// The family named `name` (as in TOML, tables and artifacts).
+pub fn find(name: &str) -> Option<&'static dyn Kind> {
+    FAMILIES.iter().copied().find(|f| f.name() == name)
+}
+
+/// The names of every family, for messages.
+pub fn names() -> Vec<&'static str> {
+    FAMILIES.iter().map(|f| f.name()).collect()
+}
+
+/// Which pixel values a family models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixels {
+    /// Binary pixels only (`preprocess.binarize = "threshold"` or `"stochastic"`).
+    Binary,
+    /// 8-bit intensities only (`preprocess.binarize = "none"`).
+    Intensities,
+    /// Either.
+    Any,
+}
+
+impl Pixels {
+    /// Whether pixels taking `levels` values suit the family.
+    pub fn accepts(self, levels: u16) -> bool {
+        match self {
+            Pixels::Binary => levels == 2,
+            Pixels::Intensities => levels > 2,
+            Pixels::Any => true,
+        }
+    }
+}
+
+/// One problem with a family's parameters: the key (without its table) and what is wrong.
+///
+/// Displayed as "`key` message", e.g. "`hidden` must be between 1 and 65536, got 0"; the config
+/// loader names the table (`model.hidden`) and the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` {message}")]
+pub struct ParamProblem {
+    /// The key, as in the TOML table.
+    pub key: &'static str,
+    /// What is wrong with its value, starting with "must".
+    pub message: String,
+}
+
+impl ParamProblem {
+    /// `key` must lie in `lo..=hi`; a problem when `value` does not.
+    pub fn range(key: &'static str, value: usize, lo: usize, hi: usize) -> Option<Self> {
+        (!(lo..=hi).contains(&value)).then(|| Self {
+            key,
+            message: format!("must be between {lo} and {hi}, got {value}"),
+        })
+    }
+
+    /// `key` must be a finite number above zero; a problem when `value` is not.
+    pub fn positive(key: &'static str, value: f64) -> Option<Self> {
+        (!(value.is_finite() && value > 0.0)).then(|| Self {
+            key,
+            message: format!("must be a positive number, got {value}"),
+        })
+    }
+}
+
+/// `valid` when none of `problems` is a problem, else every one of them.
+pub fn checked<T>(
+    valid: T,
+    problems: impl IntoIterator<Item = Option<ParamProblem>>,
+) -> Result<T, Vec<ParamProblem>> {
+    let problems: Vec<ParamProblem> = problems.into_iter().flatten().collect();
+    if problems.is_empty() {
+        Ok(valid)
+    } else {
+        Err(problems)
+    }
+}
+
+/// What a model is rebuilt from: model.json's description and model.safetensors' tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    /// The image shape it was fitted on.
+    pub shape: ImageShape,
+    /// Values a pixel takes.
+    pub levels: u16,
+    /// Its `hyperparameters` object, as the model wrote it.
+    pub hyperparameters: &'a Value,
+    /// Its weights.
+    pub tensors: &'a [NamedTensor],
+}
+
+/// A model family. Implemented by one type per family (its model type, by convention), and
+/// registered with one line in [`FAMILIES`].
+pub trait Family: 'static {
+    /// Its `model.kind`, also written to the tables and artifacts.
+    const NAME: &'static str;
+
+    /// The family's `[model]` keys as written, each with its default; the doc comments of the
+    /// type and its fields are the TOML reference. Deserialized with unknown keys denied.
+    type Params: Serialize + DeserializeOwned + JsonSchema + Default + Clone + Debug + Send + Sync;
+
+    /// Parameters [`check`](Family::check) accepted: the only ones that fit.
+    type Valid;
+
+    /// The pixel values the family models.
+    fn pixels() -> Pixels;
+
+    /// Whether fitting on pixels of `levels` values trains by gradient over epochs (so uses
+    /// `[train]`'s epochs, batch size and learning rate, and shows a progress bar).
+    fn trained_by_gradient(levels: u16) -> bool;
+
+    /// Checks every value, reporting every problem at once.
+    fn check(params: &Self::Params) -> Result<Self::Valid, Vec<ParamProblem>>;
+
+    /// Fits a model on `data` (whose pixels [`pixels`](Family::pixels) accepts, at least one
+    /// image); `training.settings.seed` fixes anything random.
+    fn fit(
+        params: &Self::Valid,
+        data: &TrainingSet<'_>,
+        training: &Training<'_>,
+    ) -> Result<Fitted, ModelError>;
+
+    /// Rebuilds a fitted model from what it stored, refusing anything that does not fit.
+    fn load(stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError>;
+}
+
+/// A family as the rest of the program sees it: [`Family`] without its types, one object per
+/// family in [`FAMILIES`].
+pub trait Kind: Send + Sync {
+    /// Its `model.kind`.
+    fn name(&self) -> &'static str;
+
+    /// The pixel values it models.
+    fn pixels(&self) -> Pixels;
+
+    /// Whether it trains by gradient on pixels of `levels` values.
+    fn trained_by_gradient(&self, levels: u16) -> bool;
+
+    /// The JSON Schema of its `[model]` keys (without `kind`).
+    fn params_schema(&self) -> schemars::Schema;
+
+    /// Its `[model]` keys (without `kind`), in declaration order.
+    fn keys(&self) -> Vec<String> {
+        self.params_schema()
+            .get("properties")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads its parameters from a table of keys (without `kind`); every key missing takes its
+    /// default. On a bad key or value: the key (where one is to blame) and the message.
+    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, (Option<String>, String)>;
+
+    /// Its parameters with every default.
+    fn default_spec(&self) -> ModelSpec;
+
+    /// Rebuilds a fitted model of this family.
+    fn load(&self, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError>;
+}
+
+/// The [`Kind`] of a [`Family`]: a zero-sized handle.
+pub struct Registered<F>(pub PhantomData<fn() -> F>);
+
+impl<F: Family> Registered<F> {
+    /// The handle as a `'static` object (a zero-sized value, so leaking it costs nothing).
+    fn handle() -> &'static dyn Kind {
+        Box::leak(Box::new(Registered::<F>(PhantomData)))
+    }
+}
+
+impl<F: Family> Kind for Registered<F> {
+    fn name(&self) -> &'static str {
+        F::NAME
+    }
+
+    fn pixels(&self) -> Pixels {
+        F::pixels()
+    }
+
+    fn trained_by_gradient(&self, levels: u16) -> bool {
+        F::trained_by_gradient(levels)
+    }
+
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(F::Params)
+    }
+
+    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, (Option<String>, String)> {
+        match serde_json::from_value::<F::Params>(Value::Object(table.clone())) {
+            Ok(params) => Ok(ModelSpec::new::<F>(params)),
+            Err(e) => {
+                // serde names no key for a bad value: the one key that fails alone is to blame.
+                let culprit = table.iter().find_map(|(k, v)| {
+                    let alone = Map::from_iter([(k.clone(), v.clone())]);
+                    serde_json::from_value::<F::Params>(Value::Object(alone))
+                        .err()
+                        .map(|e| (k.clone(), e))
+                });
+                Err(match culprit {
+                    Some((key, e)) => (Some(key), e.to_string()),
+                    None => (None, e.to_string()),
+                })
+            }
+        }
+    }
+
+    fn default_spec(&self) -> ModelSpec {
+        ModelSpec::new::<F>(F::Params::default())
+    }
+
+    fn load(&self, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
+        F::load(stored)
+    }
+}
+
+/// A family and its parameters as written (unchecked): what `[model]` (or
+/// `[score.background]`) says to fit. Cheap to clone.
+#[derive(Clone)]
+pub struct ModelSpec(Arc<dyn SpecObject>);
+
+/// [`ModelSpec`]'s inside, typed by its family.
+trait SpecObject: Send + Sync + Debug {
+    fn kind(&self) -> &'static dyn Kind;
+    fn problems(&self) -> Vec<ParamProblem>;
+    fn fit(&self, data: &TrainingSet<'_>, training: &Training<'_>) -> Result<Fitted, ModelError>;
+    fn params_json(&self) -> Value;
+}
+
+struct Spec<F: Family>(F::Params);
+
+impl<F: Family> Debug for Spec<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?}", F::NAME, self.0)
+    }
+}
+
+impl<F: Family> SpecObject for Spec<F> {
+    fn kind(&self) -> &'static dyn Kind {
+        Registered::<F>::handle()
+    }
+
+    fn problems(&self) -> Vec<ParamProblem> {
+        F::check(&self.0).err().unwrap_or_default()
+    }
+
+    fn fit(&self, data: &TrainingSet<'_>, training: &Training<'_>) -> Result<Fitted, ModelError> {
+        let valid = F::check(&self.0).map_err(ModelError::Params)?;
+        if !F::pixels().accepts(data.levels) {
+            return Err(ModelError::Pixels {
+                kind: F::NAME,
+                pixels: F::pixels(),
+                levels: data.levels,
+            });
+        }
+        if data.pixels.nrows() == 0 {
+            return Err(ModelError::NoImages);
+        }
+        F::fit(&valid, data, training)
+    }
+
+    fn params_json(&self) -> Value {
+        serde_json::to_value(&self.0).expect("parameters serialize to JSON")
+    }
+}
+
+impl ModelSpec {
+    /// Family `F` with `params`.
+    pub fn new<F: Family>(params: F::Params) -> Self {
+        Self(Arc::new(Spec::<F>(params)))
+    }
+
+    /// The family.
+    pub fn kind(&self) -> &'static dyn Kind {
+        self.0.kind()
+    }
+
+    /// The family's name.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// Every problem the family's check finds (none: the parameters can fit).
+    pub fn problems(&self) -> Vec<ParamProblem> {
+        self.0.problems()
+    }
+
+    /// Checks the parameters and the pixels, then fits on `data`.
+    pub fn fit(
+        &self,
+        data: &TrainingSet<'_>,
+        training: &Training<'_>,
+    ) -> Result<Fitted, ModelError> {
+        self.0.fit(data, training)
+    }
+
+    /// The parameters as a JSON object, `kind` first.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        out.insert("kind".into(), Value::from(self.name()));
+        if let Value::Object(params) = self.0.params_json() {
+            out.extend(params);
+        }
+        Value::Object(out)
+    }
+}
+
+impl Debug for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq for ModelSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_json() == other.to_json()
+    }
+}
+
+impl Serialize for ModelSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_listed_once_and_found_by_name() {
+        let names = names();
+        for name in &names {
+            assert_eq!(find(name).unwrap().name(), *name);
+            assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name}");
+        }
+        assert!(find(DEFAULT_KIND).is_some());
+        assert!(find("pixelcnn").is_none());
+    }
+
+    /// A spec knows its family, and its JSON names the kind first.
+    #[test]
+    fn a_spec_round_trips_through_its_family() {
+        for family in FAMILIES {
+            let spec = family.default_spec();
+            assert_eq!(spec.name(), family.name());
+            assert!(
+                spec.problems().is_empty(),
+                "{}: defaults must be valid",
+                spec.name()
+            );
+            let json = spec.to_json();
+            assert_eq!(json["kind"], family.name());
+            let Value::Object(mut table) = json else {
+                panic!("an object")
+            };
+            table.remove("kind");
+            assert_eq!(family.parse(table).unwrap(), spec);
+        }
+    }
+}

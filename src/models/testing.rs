@@ -1,0 +1,119 @@
+//! Test helpers shared by every model's tests.
+use ndarray::ArrayView2;
+
+use super::DensityModel;
+
+/// Every image of D pixels with `levels` values, in lexicographic order.
+pub fn all_images(dims: usize, levels: u16) -> Vec<Vec<u8>> {
+    let total = (levels as usize).pow(dims as u32);
+    (0..total)
+        .map(|mut k| {
+            (0..dims)
+                .map(|_| {
+                    let v = (k % levels as usize) as u8;
+                    k /= levels as usize;
+                    v
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Σ over all images of p(x), summed in f64.
+pub fn total_probability(model: &dyn DensityModel) -> f64 {
+    all_images(model.shape().dims(), model.levels())
+        .iter()
+        .map(|x| model.log_likelihood(x).exp())
+        .sum()
+}
+
+/// Draws `n` images and checks their histogram against the exact p(x) of every image with a
+/// chi-square test at the 99.9th percentile (Wilson–Hilferty), so a sampler that disagrees
+/// with the likelihood fails. For small D only: every image is a category.
+pub fn assert_samples_follow_the_model(model: &dyn DensityModel, n: u32, seed: u64) {
+    use rand::SeedableRng;
+    let (dims, levels) = (model.shape().dims(), usize::from(model.levels()));
+    let index = |x: &[u8]| x.iter().rev().fold(0, |k, &v| k * levels + usize::from(v));
+    let images = all_images(dims, model.levels());
+    let mut counts = vec![0u32; images.len()];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut img = vec![0u8; dims];
+    for _ in 0..n {
+        model.sample(&mut rng, &mut img);
+        counts[index(&img)] += 1;
+    }
+    let chi2: f64 = images
+        .iter()
+        .map(|x| {
+            let expected = f64::from(n) * model.log_likelihood(x).exp();
+            (f64::from(counts[index(x)]) - expected).powi(2) / expected
+        })
+        .sum();
+    let dof = (images.len() - 1) as f64;
+    let q = 2.0 / (9.0 * dof);
+    let critical = dof * (1.0 - q + 3.09 * q.sqrt()).powi(3);
+    assert!(
+        chi2 < critical,
+        "chi-square {chi2} ≥ {critical} ({dof} degrees of freedom)"
+    );
+}
+
+/// `n` binary images of `d` pixels in which each pixel copies its predecessor with
+/// probability 0.9: far more likely under a chain rule than under independent pixels.
+pub fn sticky_chains(n: usize, d: usize, seed: u64) -> ndarray::Array2<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut x = ndarray::Array2::<u8>::zeros((n, d));
+    for mut row in x.rows_mut() {
+        let mut prev = rng.random_bool(0.5);
+        for v in row.iter_mut() {
+            prev = if rng.random_bool(0.9) { prev } else { !prev };
+            *v = u8::from(prev);
+        }
+    }
+    x
+}
+
+/// `n` one-pixel RGB images with R uniform on 20..236, G = R and B = 255 − G: G and B are
+/// certain given their predecessors in R, G, B order.
+pub fn copied_channels(n: usize, seed: u64) -> ndarray::Array2<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut v = Vec::with_capacity(n * 3);
+    for _ in 0..n {
+        let r: u8 = rng.random_range(20..236);
+        v.extend([r, r, 255 - r]);
+    }
+    ndarray::Array2::from_shape_vec((n, 3), v).unwrap()
+}
+
+/// Mean −log p(x_c | x_<c) of each channel over one-pixel RGB images.
+pub fn per_channel_nll(model: &dyn DensityModel, pixels: ArrayView2<'_, u8>) -> [f64; 3] {
+    let mut per_channel = [0f64; 3];
+    let mut map = [0f32; 3];
+    for row in pixels.rows() {
+        model.pixel_log_likelihood(row.as_slice().unwrap(), &mut map);
+        for (total, &m) in per_channel.iter_mut().zip(&map) {
+            *total -= f64::from(m) / pixels.nrows() as f64;
+        }
+    }
+    per_channel
+}
+
+/// Checks that the per-pixel map sums to the log-likelihood on a few images.
+pub fn assert_maps_sum_to_likelihood(model: &dyn DensityModel, images: &[Vec<u8>]) {
+    for x in images {
+        let mut map = vec![0f32; x.len()];
+        let total = model.pixel_log_likelihood(x, &mut map);
+        let ll = model.log_likelihood(x);
+        assert!(
+            (total - ll).abs() < 1e-9 * ll.abs().max(1.0),
+            "{total} vs {ll}"
+        );
+        let summed: f64 = map.iter().map(|&v| f64::from(v)).sum();
+        assert!(
+            (summed - ll).abs() < 1e-4 * ll.abs().max(1.0),
+            "{summed} vs {ll}"
+        );
+    }
+}
