@@ -14,8 +14,11 @@ to choose a configuration on, and `report`, to quote it on rows that played no p
 The best configuration measured (README, "Decisions": mean AUROC 0.9827), about 10 minutes on 2 cores:
 
     python3 scripts/one_class.py --kind nade --set model.hidden=200 --set train.epochs=40 \\
-        --set train.patience=3 --set model.k=3 --set model.context=\\"neighbourhood\\" \\
-        --set score.background=\\"ar\\" --set preprocess.draws=8 --methods likelihood_ratio
+        --set train.patience=3 --set preprocess.draws=8 --methods likelihood_ratio
+
+(the likelihood ratio's default background, a local `ar` with k = 3 and context =
+"neighbourhood", is the one measured best; another is `--set score.background.kind=\\"ar\\"
+--set score.background.k=4`.)
 
 Needs pyarrow and a release build (`cargo build --release`).
 """

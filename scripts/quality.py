@@ -19,8 +19,8 @@ import time
 
 MODELS = {
     "bernoulli": [],
-    "ar-k1": ["model.kind=ar", "model.k=1"],
-    "ar-previous-28": ["model.kind=ar", "model.k=28"],
+    "ar-k1": ["model.kind=ar", "model.k=1", 'model.context="previous"'],
+    "ar-previous-28": ["model.kind=ar", "model.k=28", 'model.context="previous"'],
     "ar-neighbourhood-12": ["model.kind=ar", "model.k=12", 'model.context="neighbourhood"'],
     "fvsbn": ["model.kind=fvsbn", "train.epochs=40"],
     "nade": ["model.kind=nade", "model.hidden=500", "train.epochs=200", "train.patience=4", "train.anneal=3"],

@@ -86,6 +86,51 @@ fn unknown_keys_and_unset_variables_are_config_errors_with_lines() {
         .mentions(&["unknown key `model.knd`"]);
 }
 
+/// A key the chosen kind does not take (here NADE's `hidden` under `bernoulli`, as set on the
+/// command line) is a configuration error that names the key, its line, and the keys the kind
+/// takes; so is a forced instruction set the CPU lacks.
+#[test]
+fn a_key_of_another_kind_and_an_impossible_isa_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    good_file(dir.path(), "d.parquet");
+    write_config(
+        dir.path(),
+        "p.toml",
+        "d.parquet",
+        "out",
+        "[model]\nkind = \"bernoulli\"\nhidden = 5\n",
+    );
+    pipeline(dir.path(), &["validate", "p.toml"], &[])
+        .expect(78)
+        .mentions(&[
+            "p.toml:12: `model.hidden` is not a key of `kind = \"bernoulli\"`",
+            "`bernoulli` takes `alpha`",
+        ]);
+    pipeline(
+        dir.path(),
+        &[
+            "run",
+            "p.toml",
+            "--set",
+            "model.kind=nade",
+            "--set",
+            "model.hidden=0",
+        ],
+        &[],
+    )
+    .expect(78)
+    .mentions(&["`model.hidden` must be between 1 and 65536, got 0"]);
+    for isa in ["avx9000", "sse1"] {
+        pipeline(
+            dir.path(),
+            &["validate", "p.toml"],
+            &[("PIPELINE_ISA", isa)],
+        )
+        .expect(78)
+        .mentions(&["PIPELINE_ISA", isa, "portable"]);
+    }
+}
+
 #[test]
 fn a_source_with_no_files_is_input_missing() {
     let dir = tempfile::tempdir().unwrap();

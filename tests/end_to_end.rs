@@ -1,5 +1,7 @@
 //! The demo and the fit → score path, end to end, with the written tables read back.
 
+use std::collections::HashMap;
+
 use anomaly_pipeline::data::{id_hash, unit_interval};
 
 use crate::common::*;
@@ -416,11 +418,15 @@ fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
     for (name, extra) in [
         (
             "lr-mutated",
-            "[score]\nmethod = \"likelihood_ratio\"\nmutation_rate = 0.3\n",
+            "[score]\nmethod = \"likelihood_ratio\"\n[score.background]\nkind = \"mutated\"\nmutation_rate = 0.3\n",
         ),
         (
             "lr-bernoulli",
-            "[model]\nkind = \"ar\"\nk = 2\n\n[score]\nmethod = \"likelihood_ratio\"\nbackground = \"bernoulli\"\n",
+            "[model]\nkind = \"ar\"\nk = 2\n\n[score]\nmethod = \"likelihood_ratio\"\n[score.background]\nkind = \"bernoulli\"\nalpha = 0.5\n",
+        ),
+        (
+            "lr-default",
+            "[model]\nkind = \"nade\"\nhidden = 5\n[train]\nepochs = 2\n[score]\nmethod = \"likelihood_ratio\"\n",
         ),
         ("complexity", "[score]\nmethod = \"complexity\"\n"),
     ] {
@@ -434,8 +440,23 @@ fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
         let method = meta["score"]["method"].as_str().unwrap();
         let has_background = d.join(&model_dir).join("background.safetensors").exists();
         assert_eq!(has_background, method == "likelihood_ratio", "{name}");
-        if name == "lr-bernoulli" {
-            assert_eq!(meta["score"]["background"]["kind"], "bernoulli");
+        let background = &meta["score"]["background"];
+        match name {
+            "lr-bernoulli" => {
+                assert_eq!(background["kind"], "bernoulli");
+                assert_eq!(background["hyperparameters"]["alpha"], 0.5);
+            }
+            "lr-mutated" => {
+                assert_eq!(background["fitted_on"], "mutated");
+                assert_eq!(background["mutation_rate"], 0.3);
+            }
+            // Without `[score.background]`: the local AR-3 measured best.
+            "lr-default" => {
+                assert_eq!(background["kind"], "ar");
+                assert_eq!(background["hyperparameters"]["k"], 3);
+                assert_eq!(background["hyperparameters"]["context"], "neighbourhood");
+            }
+            _ => {}
         }
         // Scoring with the stored model (and its background) gives finite scores in the
         // method's units: a ratio is not the NLL, the complexity score is below it.
@@ -461,17 +482,99 @@ fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
             other => panic!("unexpected method {other}"),
         }
     }
-    // A background that is neither "mutated" nor a kind is a config error naming the key.
-    write_config(
+    // A background that is neither "mutated" nor a kind, the old spelling of one, and a
+    // misspelt key under the table are config errors naming the key and its line.
+    for (extra, wanted) in [
+        (
+            "[score.background]\nkind = \"gaussian\"\n",
+            vec![
+                "bad.toml:13:",
+                "`score.background.kind`: unknown model kind \"gaussian\"",
+                "mutated",
+            ],
+        ),
+        (
+            "background = \"ar\"\n",
+            vec![
+                "bad.toml:12:",
+                "old spelling",
+                "[score.background]",
+                "kind = \"ar\"",
+            ],
+        ),
+        (
+            "[score.background]\nkind = \"ar\"\ncontxt = \"neighbourhood\"\n",
+            vec![
+                "bad.toml:14:",
+                "unknown key `score.background.contxt`",
+                "`context`",
+            ],
+        ),
+    ] {
+        write_config(
+            d,
+            "bad.toml",
+            "d.parquet",
+            "out",
+            &format!("[score]\nmethod = \"likelihood_ratio\"\n{extra}"),
+        );
+        pipeline(d, &["validate", "bad.toml"], &[])
+            .expect(78)
+            .mentions(&wanted);
+    }
+}
+
+/// A model written by the previous version of the program (model.json format 1, before the
+/// model layer became one folder per family) still loads, and scores the demo digits exactly
+/// as that version did: a NADE-8 with a likelihood ratio against an AR-3 background, fitted by
+/// `pipeline run pipelines/demo.toml --set model.kind=nade --set model.hidden=8 --set
+/// train.epochs=2 --set score.method=likelihood_ratio --set score.background=ar --set model.k=3
+/// --set 'model.context="neighbourhood"'` (commit eb27741), with every tenth image's scores.
+#[test]
+fn a_model_written_by_the_previous_version_scores_as_it_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = repo().join("tests/data");
+    let config = std::fs::read_to_string(repo().join("pipelines/demo.toml"))
+        .unwrap()
+        .replace(
+            "data/demo/digits.parquet",
+            repo().join("data/demo/digits.parquet").to_str().unwrap(),
+        );
+    std::fs::write(d.join("demo.toml"), config).unwrap();
+    let model = data.join("model-v1-nade-lr");
+    pipeline(
         d,
-        "bad.toml",
-        "d.parquet",
-        "out",
-        "[score]\nmethod = \"likelihood_ratio\"\nbackground = \"gaussian\"\n",
-    );
-    pipeline(d, &["validate", "bad.toml"], &[])
-        .expect(78)
-        .mentions(&["score.background", "mutated"]);
+        &[
+            "score",
+            "demo.toml",
+            "--model",
+            model.to_str().unwrap(),
+            "--run-id",
+            "v2",
+        ],
+        &[("DEMO_OUT", "out")],
+    )
+    .expect(0);
+    let scores = read_table(&d.join("out/scores"));
+    let got: HashMap<String, (f64, f64)> = strings(&scores, "id")
+        .into_iter()
+        .map(Option::unwrap)
+        .zip(
+            floats(&scores, "log_likelihood")
+                .into_iter()
+                .zip(floats(&scores, "score")),
+        )
+        .collect();
+    let expected = std::fs::read_to_string(data.join("model-v1-nade-lr-scores.csv")).unwrap();
+    let mut compared = 0;
+    for line in expected.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (ll, score): (f64, f64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        assert_eq!(got[f[0]], (ll, score), "{}", f[0]);
+        compared += 1;
+    }
+    assert_eq!(compared, 200);
 }
 
 #[test]

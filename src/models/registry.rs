@@ -361,6 +361,202 @@ impl Serialize for ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::shared::tensor;
+    use ndarray::Array2;
+    use rand::RngCore;
+
+    /// A throwaway family, written as a new family's folder would be: its params, its model and
+    /// its `Family` impl, and nothing anywhere else. Every image of D binary pixels is equally
+    /// likely, each pixel on with probability `p` (checked to lie in (0, 1)).
+    #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+    #[serde(default, deny_unknown_fields)]
+    struct CoinParams {
+        /// P(pixel on).
+        p: f64,
+    }
+
+    impl Default for CoinParams {
+        fn default() -> Self {
+            Self { p: 0.5 }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Coin {
+        shape: ImageShape,
+        p: f64,
+    }
+
+    impl DensityModel for Coin {
+        fn kind(&self) -> &'static str {
+            <Self as Family>::NAME
+        }
+        fn shape(&self) -> ImageShape {
+            self.shape
+        }
+        fn levels(&self) -> u16 {
+            2
+        }
+        fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
+            for (o, &x) in out.iter_mut().zip(image) {
+                *o = if x != 0 {
+                    self.p.ln()
+                } else {
+                    (1.0 - self.p).ln()
+                } as f32;
+            }
+            self.log_likelihood(image)
+        }
+        fn log_likelihood(&self, image: &[u8]) -> f64 {
+            let on = image.iter().filter(|&&x| x != 0).count() as f64;
+            on * self.p.ln() + (image.len() as f64 - on) * (1.0 - self.p).ln()
+        }
+        fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {
+            out.iter_mut()
+                .for_each(|o| *o = u8::from(crate::models::shared::uniform(rng) < self.p));
+        }
+        fn hyperparameters(&self) -> Value {
+            serde_json::json!({})
+        }
+        fn tensors(&self) -> Vec<NamedTensor> {
+            vec![NamedTensor {
+                name: "p".into(),
+                shape: vec![1],
+                data: vec![self.p],
+            }]
+        }
+    }
+
+    impl Family for Coin {
+        const NAME: &'static str = "coin";
+        type Params = CoinParams;
+        type Valid = f64;
+        fn pixels() -> Pixels {
+            Pixels::Binary
+        }
+        fn trained_by_gradient(_levels: u16) -> bool {
+            false
+        }
+        fn check(params: &CoinParams) -> Result<f64, Vec<ParamProblem>> {
+            let bad = !(params.p > 0.0 && params.p < 1.0);
+            checked(
+                params.p,
+                [bad.then(|| ParamProblem {
+                    key: "p",
+                    message: format!("must be in (0, 1), got {}", params.p),
+                })],
+            )
+        }
+        fn fit(
+            p: &f64,
+            data: &TrainingSet<'_>,
+            _training: &Training<'_>,
+        ) -> Result<Fitted, ModelError> {
+            Ok(Fitted::closed(Coin {
+                shape: data.shape,
+                p: *p,
+            }))
+        }
+        fn load(stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
+            let p = tensor(stored.tensors, "p", 1)?[0];
+            Ok(Box::new(Coin {
+                shape: stored.shape,
+                p,
+            }))
+        }
+    }
+
+    /// Everything the program asks of a family is answered by its folder alone: keys and
+    /// defaults from its params, parsing with unknown keys refused, the check before a fit,
+    /// the pixel check, and loading back what it stored.
+    #[test]
+    fn a_new_family_needs_nothing_outside_its_own_code() {
+        let kind = Registered::<Coin>::handle();
+        assert_eq!((kind.name(), kind.keys()), ("coin", vec!["p".to_string()]));
+        assert!(!kind.trained_by_gradient(2));
+        let spec = kind
+            .parse(Map::from_iter([("p".into(), Value::from(0.25))]))
+            .unwrap();
+        assert_eq!(
+            spec.to_json(),
+            serde_json::json!({"kind": "coin", "p": 0.25})
+        );
+        let (key, message) = kind
+            .parse(Map::from_iter([("q".into(), Value::from(1))]))
+            .unwrap_err();
+        assert_eq!(key.as_deref(), Some("q"), "{message}");
+        let bad = ModelSpec::new::<Coin>(CoinParams { p: 1.5 });
+        assert_eq!(
+            bad.problems()[0].to_string(),
+            "`p` must be in (0, 1), got 1.5"
+        );
+
+        let pixels = Array2::<u8>::zeros((3, 4));
+        let mut data = TrainingSet {
+            shape: ImageShape::new(2, 2, 1),
+            levels: 2,
+            pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
+        };
+        let settings = crate::train::TrainSettings::default();
+        let training = Training::unmonitored(&settings);
+        assert!(matches!(
+            bad.fit(&data, &training),
+            Err(ModelError::Params(_))
+        ));
+        let fitted = spec.fit(&data, &training).unwrap();
+        let tensors = fitted.model.tensors();
+        let hyperparameters = fitted.model.hyperparameters();
+        let back = kind
+            .load(&Stored {
+                shape: data.shape,
+                levels: 2,
+                hyperparameters: &hyperparameters,
+                tensors: &tensors,
+            })
+            .unwrap();
+        let x = [1u8, 0, 0, 1];
+        assert_eq!(back.log_likelihood(&x), fitted.model.log_likelihood(&x));
+        assert!((crate::models::testing::total_probability(back.as_ref()) - 1.0).abs() < 1e-12);
+
+        data.levels = 256;
+        assert!(matches!(
+            spec.fit(&data, &training),
+            Err(ModelError::Pixels { kind: "coin", .. })
+        ));
+    }
+
+    /// Every registered family refuses pixels it does not model, before fitting anything.
+    #[test]
+    fn families_refuse_pixels_they_do_not_model() {
+        for levels in [2u16, 256] {
+            let pixels = Array2::<u8>::zeros((2, 4));
+            let data = TrainingSet {
+                shape: ImageShape::new(2, 2, 1),
+                levels,
+                pixels: pixels.view(),
+                validation: pixels.slice(ndarray::s![..0, ..]),
+                redraw: None,
+            };
+            let settings = crate::train::TrainSettings {
+                epochs: 1,
+                ..Default::default()
+            };
+            for family in FAMILIES {
+                let result = family
+                    .default_spec()
+                    .fit(&data, &Training::unmonitored(&settings));
+                let refused = matches!(result, Err(ModelError::Pixels { .. }));
+                assert_eq!(
+                    refused,
+                    !family.pixels().accepts(levels),
+                    "{} on {levels} levels: {result:?}",
+                    family.name()
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_family_is_listed_once_and_found_by_name() {
