@@ -1,9 +1,9 @@
 //! The pipeline TOML: one struct per table, deserialized with serde.
 //!
 //! The doc comment on each field is the user reference: `schemas/pipeline.schema.json` and
-//! `schemas/pipeline-toml.md` are generated from these structs (see [`reference`]) and a test
+//! `schemas/pipeline-toml.md` are generated from these structs (see [`reference`](mod@reference)) and a test
 //! checks that the committed copies are current. Unknown keys are rejected by
-//! [`load`](crate::config::load), which reports every problem at once with its line.
+//! [`load`], which reports every problem at once with its line.
 
 pub mod interpolate;
 pub mod load;

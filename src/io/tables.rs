@@ -103,7 +103,7 @@ pub fn scores_schema(passthrough: &[Field]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// `anomalies/`: the scores columns plus pixel_nll (list<float32>, row-major), height, width,
+/// `anomalies/`: the scores columns plus `pixel_nll` (`list<float32>`, row-major), height, width,
 /// channels.
 pub fn anomalies_schema(passthrough: &[Field]) -> SchemaRef {
     let mut fields: Vec<Field> = scores_schema(passthrough)

@@ -12,8 +12,9 @@ use super::Context;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
 use super::scorer::{Scorer, Scores, pixel_nll_map};
-use crate::config::{PipelineConfig, ThresholdMethod};
+use crate::config::{PipelineConfig, SourceConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
+use crate::data::{ImageBatch, ImageShape, Reject};
 use crate::decide;
 use crate::decide::StoredThreshold;
 use crate::error::{Error, Result};
@@ -84,6 +85,49 @@ pub fn score(
     run_id: &str,
     shard: Option<Shard>,
 ) -> Result<Scored> {
+    check_settings(config, models, shard)?;
+    let mut parts = partitions(config, models)?;
+    let first = models.first();
+    if first.meta.preprocess != config.preprocess {
+        tracing::warn!(
+            model = %models.id,
+            "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
+        );
+    }
+    // With several draws the reader keeps the 8-bit intensities and the scorer binarizes them
+    // once per draw, averaging as the model's calibration scores did; with one, the reader
+    // preprocesses ahead of scoring and `per_draw` is the identity.
+    let (reading, per_draw) = Preprocessor::new(first.meta.preprocess.clone()).split_for_draws();
+    let pass = Pass {
+        ctx,
+        config,
+        source: Source::open(&config.source.uri, &ctx.io)?.with_shard(shard),
+        reading,
+        per_draw,
+        shape: first.meta.shape,
+    };
+    if config.threshold.method == ThresholdMethod::Conformal {
+        pass.decide_conformal(&mut parts)?;
+    }
+    tracing::info!(
+        files = pass.source.files().len(),
+        rows = pass.source.total_rows(),
+        models = %models.id,
+        partitions = parts.len(),
+        "Scoring."
+    );
+    let mut run = RunTables::new(&pass, sink, run_id, shard.map_or(0, |s| s.index), parts);
+    let progress = Progress::new(ctx.progress, pass.source.total_rows(), "scoring");
+    let counts = pass.for_each_batch(&progress, |batch, rejects| {
+        run.write_batch(&pass.per_draw, batch, rejects)
+    })?;
+    progress.finish();
+    run.finish(&pass, shard, counts)
+}
+
+/// What `score` refuses before reading anything: a sharded conformal run, and models fitted
+/// per other partitions.
+fn check_settings(config: &PipelineConfig, models: &ModelSet, shard: Option<Shard>) -> Result<()> {
     if shard.is_some() && config.threshold.method == ThresholdMethod::Conformal {
         return Err(Error::setting(
             "threshold.method",
@@ -99,7 +143,15 @@ pub fn score(
             ),
         ));
     }
-    let mut parts: BTreeMap<&str, Partition<'_>> = BTreeMap::new();
+    Ok(())
+}
+
+/// Each partition's model with its threshold for this run's `[threshold]`.
+fn partitions<'a>(
+    config: &PipelineConfig,
+    models: &'a ModelSet,
+) -> Result<BTreeMap<&'a str, Partition<'a>>> {
+    let mut parts = BTreeMap::new();
     for (value, model) in &models.models {
         let meta = &model.meta;
         if meta.preprocess != models.first().meta.preprocess
@@ -125,53 +177,67 @@ pub fn score(
             },
         );
     }
-    let first = models.first();
-    if first.meta.preprocess != config.preprocess {
-        tracing::warn!(
-            model = %models.id,
-            "The model was fitted with other [preprocess] settings; scoring uses the model's, so that scores mean the same."
-        );
-    }
-    // With several draws the reader keeps the 8-bit intensities and the scorer binarizes them
-    // once per draw, averaging as the model's calibration scores did; with one, the reader
-    // preprocesses ahead of scoring and `per_draw` is the identity.
-    let (reading, per_draw) = Preprocessor::new(first.meta.preprocess.clone()).split_for_draws();
-    let shape = first.meta.shape;
-    let source = Source::open(&config.source.uri, &ctx.io)?.with_shard(shard);
-    let part = shard.map_or(0, |s| s.index);
+    Ok(parts)
+}
 
-    // A conformal decision needs every p-value of the run (per partition) before any row is
-    // flagged: a first pass scores the whole source, keeping two f64 per image, and the second
-    // writes the tables with those scores.
-    if config.threshold.method == ThresholdMethod::Conformal {
-        let progress = Progress::new(ctx.progress, source.total_rows(), "scoring (p-values)");
-        let mut all: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+/// One pass over the source, as scoring reads it.
+struct Pass<'a> {
+    ctx: &'a Context,
+    config: &'a PipelineConfig,
+    source: Source,
+    /// What the reader applies to each batch.
+    reading: Preprocessor,
+    /// The binarizations the scorer averages over (the identity with one draw).
+    per_draw: Preprocessor,
+    /// The models' image shape.
+    shape: ImageShape,
+}
+
+impl Pass<'_> {
+    fn for_each_batch(
+        &self,
+        progress: &Progress,
+        each: impl FnMut(ImageBatch, Vec<Reject>) -> Result<()>,
+    ) -> Result<ReadCounts> {
         for_each_batch(
-            &source,
-            &config.source,
-            &reading,
-            Some(shape),
-            &progress,
-            |batch, _| {
-                if batch.is_empty() {
-                    return Ok(());
+            &self.source,
+            &self.config.source,
+            &self.reading,
+            Some(self.shape),
+            progress,
+            each,
+        )
+    }
+
+    /// A conformal decision needs every p-value of the run (per partition) before any row is
+    /// flagged: this first pass scores the whole source, keeping two f64 per image, sets each
+    /// partition's run threshold, and leaves the scores for the pass that writes the tables.
+    fn decide_conformal(&self, parts: &mut BTreeMap<&str, Partition<'_>>) -> Result<()> {
+        let progress = Progress::new(
+            self.ctx.progress,
+            self.source.total_rows(),
+            "scoring (p-values)",
+        );
+        let mut all: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        self.for_each_batch(&progress, |batch, _| {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let keys = partition_keys(&batch, &self.config.source)?;
+            for (value, rows) in group_rows(&keys) {
+                if let Some(part) = parts.get(value) {
+                    let s = part.scorer.mean_scores(
+                        &self.per_draw,
+                        &ids_of(&batch.ids, &rows),
+                        rows_of(&batch.pixels, &rows).view(),
+                    )?;
+                    all.entry(value.to_string())
+                        .or_default()
+                        .extend(s.nll.into_iter().zip(s.score));
                 }
-                let keys = partition_keys(&batch, &config.source)?;
-                for (value, rows) in group_rows(&keys) {
-                    if let Some(part) = parts.get(value) {
-                        let s = part.scorer.mean_scores(
-                            &per_draw,
-                            &ids_of(&batch.ids, &rows),
-                            rows_of(&batch.pixels, &rows).view(),
-                        )?;
-                        all.entry(value.to_string())
-                            .or_default()
-                            .extend(s.nll.into_iter().zip(s.score));
-                    }
-                }
-                Ok(())
-            },
-        )?;
+            }
+            Ok(())
+        })?;
         progress.finish();
         for (value, part) in parts.iter_mut() {
             let scores = all.remove(*value).unwrap_or_default();
@@ -183,196 +249,224 @@ pub fn score(
             );
             part.precomputed = Some((scores, 0));
         }
+        Ok(())
     }
-    tracing::info!(
-        files = source.files().len(),
-        rows = source.total_rows(),
-        models = %models.id,
-        partitions = parts.len(),
-        "Scoring."
-    );
+}
 
-    let passthrough = passthrough_fields(source.files()[0].schema(), &config.source.passthrough);
-    let max_rows = config.sink.max_rows_per_file;
-    let mut scores = TableWriter::new(
-        sink,
-        Table::Scores,
-        run_id,
-        part,
-        scores_schema(&passthrough),
-        max_rows,
-    );
-    let mut anomalies = TableWriter::new(
-        sink,
-        Table::Anomalies,
-        run_id,
-        part,
-        anomalies_schema(&passthrough),
-        max_rows,
-    );
-    let mut rejects = TableWriter::new(
-        sink,
-        Table::Rejects,
-        run_id,
-        part,
-        rejects_schema(),
-        max_rows,
-    );
-    let mut per_partition: BTreeMap<String, PartitionScored> = BTreeMap::new();
-    let mut unmodelled_values: BTreeMap<String, u64> = BTreeMap::new();
+/// The staged tables of a run being scored, and its counts so far.
+struct RunTables<'a> {
+    run_id: &'a str,
+    source_config: &'a SourceConfig,
+    parts: BTreeMap<&'a str, Partition<'a>>,
+    scores: TableWriter,
+    anomalies: TableWriter,
+    rejects: TableWriter,
+    per_partition: BTreeMap<String, PartitionScored>,
+    unmodelled: BTreeMap<String, u64>,
+}
 
-    let progress = Progress::new(ctx.progress, source.total_rows(), "scoring");
-    let counts = for_each_batch(
-        &source,
-        &config.source,
-        &reading,
-        Some(shape),
-        &progress,
-        |batch, batch_rejects| {
-            if !batch_rejects.is_empty() {
-                rejects.write(&tables::rejects_batch(run_id, &batch_rejects)?)?;
-            }
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let keys = partition_keys(&batch, &config.source)?;
-            let mut results: Vec<Option<RowScore<'_>>> = vec![None; batch.len()];
-            let mut owner: Vec<Option<&str>> = vec![None; batch.len()];
-            for (value, rows) in group_rows(&keys) {
-                let Some(part) = parts.get_mut(value) else {
-                    *unmodelled_values.entry(value.to_string()).or_default() += rows.len() as u64;
-                    continue;
-                };
-                let Scores { nll, score } = match &mut part.precomputed {
-                    Some((all, used)) => {
-                        let range = *used..*used + rows.len();
-                        *used = range.end;
-                        let got = all.get(range).ok_or_else(|| {
-                            Error::data(
-                                &*batch.source,
-                                "the source changed while it was being scored (more images on the second pass); run again",
-                            )
-                        })?;
-                        Scores {
-                            nll: got.iter().map(|p| p.0).collect(),
-                            score: got.iter().map(|p| p.1).collect(),
-                        }
-                    }
-                    None => part.scorer.mean_scores(
-                        &per_draw,
-                        &ids_of(&batch.ids, &rows),
-                        rows_of(&batch.pixels, &rows).view(),
-                    )?,
-                };
-                let meta = &part.model.meta;
-                let calibration = &meta.calibration_scores;
-                let stats = per_partition.entry(value.to_string()).or_default();
-                for (k, &row) in rows.iter().enumerate() {
-                    let flagged = decide::is_anomaly(score[k], part.threshold.value);
-                    stats.scored += 1;
-                    stats.anomalies += u64::from(flagged);
-                    owner[row] = Some(value);
-                    results[row] = Some(RowScore {
-                        model: &meta.kind,
-                        model_id: &meta.model_id,
-                        log_likelihood: -nll[k],
-                        score: score[k],
-                        threshold: part.threshold.value,
-                        is_anomaly: flagged,
-                        p_value: (!calibration.is_empty())
-                            .then(|| decide::conformal::p_value(calibration, score[k])),
-                    });
-                }
-            }
-            let rows = ScoredRows {
-                run_id,
-                source: &batch.source,
-                ids: &batch.ids,
-                passthrough: &batch.passthrough,
-                dims: batch.shape.dims(),
-                results: &results,
-            };
-            let scores_batch = tables::scores_batch(scores.schema(), &rows)?;
-            scores.write(&scores_batch)?;
-
-            let flags: Vec<bool> = results
-                .iter()
-                .map(|r| r.is_some_and(|r| r.is_anomaly))
-                .collect();
-            let flagged_rows: Vec<usize> = (0..batch.len()).filter(|&i| flags[i]).collect();
-            if !flagged_rows.is_empty() {
-                let maps: Vec<Vec<f32>> = flagged_rows
-                    .par_iter()
-                    .map(|&i| {
-                        let model = parts[owner[i].expect("flagged rows have a model")].model;
-                        let image = batch.pixels.row(i);
-                        pixel_nll_map(
-                            model.model.as_ref(),
-                            &per_draw,
-                            &batch.ids[i],
-                            image.as_slice().expect("contiguous"),
-                        )
-                    })
-                    .collect();
-                let a = tables::anomalies_batch(
-                    anomalies.schema(),
-                    &scores_batch,
-                    &flags,
-                    &maps,
-                    batch.shape,
-                )?;
-                anomalies.write(&a)?;
-            }
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    if parts.values().any(|p| {
-        p.precomputed
-            .as_ref()
-            .is_some_and(|(all, used)| all.len() != *used)
-    }) {
-        return Err(Error::data(
-            &config.source.uri,
-            "the source changed while it was being scored (fewer images on the second pass); run again",
-        ));
-    }
-    let scored: u64 = per_partition.values().map(|p| p.scored).sum();
-    let unmodelled: u64 = unmodelled_values.values().sum();
-    if shard.is_some() && counts.rows == 0 && source.total_rows() > 0 {
-        // More shards than row groups: this worker's share is empty, and it must still stage
-        // it, or the run would wait for it forever.
-        tracing::info!("This shard owns no row group of the source; it stages an empty share.");
-    } else {
-        counts.check(&config.source.uri, config.source.max_reject_fraction)?;
-        if scored == 0 && unmodelled == 0 {
-            return Err(Error::data(
-                &config.source.uri,
-                "no image could be scored: every row was rejected",
-            ));
+impl<'a> RunTables<'a> {
+    fn new(
+        pass: &Pass<'a>,
+        sink: &Storage,
+        run_id: &'a str,
+        part: u32,
+        parts: BTreeMap<&'a str, Partition<'a>>,
+    ) -> Self {
+        let config = pass.config;
+        let passthrough =
+            passthrough_fields(pass.source.files()[0].schema(), &config.source.passthrough);
+        let max_rows = config.sink.max_rows_per_file;
+        let writer = |table, schema| TableWriter::new(sink, table, run_id, part, schema, max_rows);
+        Self {
+            run_id,
+            source_config: &config.source,
+            parts,
+            scores: writer(Table::Scores, scores_schema(&passthrough)),
+            anomalies: writer(Table::Anomalies, anomalies_schema(&passthrough)),
+            rejects: writer(Table::Rejects, rejects_schema()),
+            per_partition: BTreeMap::new(),
+            unmodelled: BTreeMap::new(),
         }
     }
-    for (value, images) in &unmodelled_values {
-        tracing::warn!(partition = %value, images, "No model for this partition: its images were scored by none and not flagged.");
-    }
-    Ok(Scored {
-        counts,
-        scored,
-        anomalies: per_partition.values().map(|p| p.anomalies).sum(),
-        unmodelled,
-        unmodelled_partitions: unmodelled_values,
-        thresholds: parts
+
+    /// Scores one batch with each image's partition model and writes its rows: every image to
+    /// `scores`, the flagged ones with their per-pixel maps to `anomalies`, the unusable rows
+    /// to `rejects`.
+    fn write_batch(
+        &mut self,
+        per_draw: &Preprocessor,
+        batch: ImageBatch,
+        batch_rejects: Vec<Reject>,
+    ) -> Result<()> {
+        if !batch_rejects.is_empty() {
+            self.rejects
+                .write(&tables::rejects_batch(self.run_id, &batch_rejects)?)?;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let keys = partition_keys(&batch, self.source_config)?;
+        let mut results: Vec<Option<RowScore<'_>>> = vec![None; batch.len()];
+        let mut owner: Vec<Option<&str>> = vec![None; batch.len()];
+        for (value, rows) in group_rows(&keys) {
+            let Some(part) = self.parts.get_mut(value) else {
+                *self.unmodelled.entry(value.to_string()).or_default() += rows.len() as u64;
+                continue;
+            };
+            let Scores { nll, score } = part.scores(per_draw, &batch, &rows)?;
+            let meta = &part.model.meta;
+            let calibration = &meta.calibration_scores;
+            let stats = self.per_partition.entry(value.to_string()).or_default();
+            for (k, &row) in rows.iter().enumerate() {
+                let flagged = decide::is_anomaly(score[k], part.threshold.value);
+                stats.scored += 1;
+                stats.anomalies += u64::from(flagged);
+                owner[row] = Some(value);
+                results[row] = Some(RowScore {
+                    model: &meta.kind,
+                    model_id: &meta.model_id,
+                    log_likelihood: -nll[k],
+                    score: score[k],
+                    threshold: part.threshold.value,
+                    is_anomaly: flagged,
+                    p_value: (!calibration.is_empty())
+                        .then(|| decide::conformal::p_value(calibration, score[k])),
+                });
+            }
+        }
+        let rows = ScoredRows {
+            run_id: self.run_id,
+            source: &batch.source,
+            ids: &batch.ids,
+            passthrough: &batch.passthrough,
+            dims: batch.shape.dims(),
+            results: &results,
+        };
+        let scores_batch = tables::scores_batch(self.scores.schema(), &rows)?;
+        self.scores.write(&scores_batch)?;
+
+        let flags: Vec<bool> = results
             .iter()
-            .map(|(k, p)| (k.to_string(), p.threshold.clone()))
-            .collect(),
-        partitions: per_partition,
-        tables: vec![
-            (Table::Scores, scores.finish()?),
-            (Table::Anomalies, anomalies.finish()?),
-            (Table::Rejects, rejects.finish()?),
-        ],
-        source_files: source.files().iter().map(|f| f.uri.to_string()).collect(),
-    })
+            .map(|r| r.is_some_and(|r| r.is_anomaly))
+            .collect();
+        let flagged_rows: Vec<usize> = (0..batch.len()).filter(|&i| flags[i]).collect();
+        if flagged_rows.is_empty() {
+            return Ok(());
+        }
+        let parts = &self.parts;
+        let maps: Vec<Vec<f32>> = flagged_rows
+            .par_iter()
+            .map(|&i| {
+                let model = parts[owner[i].expect("flagged rows have a model")].model;
+                let image = batch.pixels.row(i);
+                pixel_nll_map(
+                    model.model.as_ref(),
+                    per_draw,
+                    &batch.ids[i],
+                    image.as_slice().expect("contiguous"),
+                )
+            })
+            .collect();
+        let a = tables::anomalies_batch(
+            self.anomalies.schema(),
+            &scores_batch,
+            &flags,
+            &maps,
+            batch.shape,
+        )?;
+        self.anomalies.write(&a)
+    }
+
+    /// Checks what the pass read and returns what was staged.
+    fn finish(self, pass: &Pass<'_>, shard: Option<Shard>, counts: ReadCounts) -> Result<Scored> {
+        let config = pass.config;
+        if self.parts.values().any(|p| {
+            p.precomputed
+                .as_ref()
+                .is_some_and(|(all, used)| all.len() != *used)
+        }) {
+            return Err(Error::data(
+                &config.source.uri,
+                "the source changed while it was being scored (fewer images on the second pass); run again",
+            ));
+        }
+        let scored: u64 = self.per_partition.values().map(|p| p.scored).sum();
+        let unmodelled: u64 = self.unmodelled.values().sum();
+        if shard.is_some() && counts.rows == 0 && pass.source.total_rows() > 0 {
+            // More shards than row groups: this worker's share is empty, and it must still stage
+            // it, or the run would wait for it forever.
+            tracing::info!("This shard owns no row group of the source; it stages an empty share.");
+        } else {
+            counts.check(&config.source.uri, config.source.max_reject_fraction)?;
+            if scored == 0 && unmodelled == 0 {
+                return Err(Error::data(
+                    &config.source.uri,
+                    "no image could be scored: every row was rejected",
+                ));
+            }
+        }
+        for (value, images) in &self.unmodelled {
+            tracing::warn!(partition = %value, images, "No model for this partition: its images were scored by none and not flagged.");
+        }
+        Ok(Scored {
+            counts,
+            scored,
+            anomalies: self.per_partition.values().map(|p| p.anomalies).sum(),
+            unmodelled,
+            unmodelled_partitions: self.unmodelled,
+            thresholds: self
+                .parts
+                .iter()
+                .map(|(k, p)| (k.to_string(), p.threshold.clone()))
+                .collect(),
+            partitions: self.per_partition,
+            tables: vec![
+                (Table::Scores, self.scores.finish()?),
+                (Table::Anomalies, self.anomalies.finish()?),
+                (Table::Rejects, self.rejects.finish()?),
+            ],
+            source_files: pass
+                .source
+                .files()
+                .iter()
+                .map(|f| f.uri.to_string())
+                .collect(),
+        })
+    }
+}
+
+impl Partition<'_> {
+    /// The (NLL, score) of the images `rows` of `batch`: from the conformal first pass when
+    /// there was one, else scored now.
+    fn scores(
+        &mut self,
+        per_draw: &Preprocessor,
+        batch: &ImageBatch,
+        rows: &[usize],
+    ) -> Result<Scores> {
+        match &mut self.precomputed {
+            Some((all, used)) => {
+                let range = *used..*used + rows.len();
+                *used = range.end;
+                let got = all.get(range).ok_or_else(|| {
+                    Error::data(
+                        &*batch.source,
+                        "the source changed while it was being scored (more images on the second pass); run again",
+                    )
+                })?;
+                Ok(Scores {
+                    nll: got.iter().map(|p| p.0).collect(),
+                    score: got.iter().map(|p| p.1).collect(),
+                })
+            }
+            None => self.scorer.mean_scores(
+                per_draw,
+                &ids_of(&batch.ids, rows),
+                rows_of(&batch.pixels, rows).view(),
+            ),
+        }
+    }
 }
 
 /// The rows `rows` (ascending) of `pixels`: borrowed when they are all of them (an unpartitioned

@@ -1,6 +1,6 @@
 //! The `ar` family: AR-k, each sub-pixel conditioned on k earlier ones. On binary pixels a
-//! logistic regression per conditional, fitted exactly ([`binary`]); on 8-bit pixels a mixture
-//! of discretized logistics linear in the context, trained by Adam ([`mixture`]).
+//! logistic regression per conditional, fitted exactly ([`Ar`]); on 8-bit pixels a mixture
+//! of discretized logistics linear in the context, trained by Adam ([`ArMixture`]).
 
 mod binary;
 mod mixture;
