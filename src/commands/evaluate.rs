@@ -23,6 +23,24 @@ type Groups = BTreeMap<String, Vec<(f64, bool, bool)>>;
 
 /// Reads the scores table and prints the evaluation, overall and per `--by` value.
 pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
+    let (source, wanted) = open_columns(a, ctx)?;
+    let runs = read_groups(a, &source, &wanted)?;
+    let (run_id, groups) = one_run(a, runs)?;
+    let all: Vec<(f64, bool, bool)> = groups.values().flatten().copied().collect();
+    let overall = metrics::evaluate(&all);
+    let per_group: Vec<(String, Evaluation)> = if a.by.is_some() {
+        groups
+            .iter()
+            .map(|(k, rows)| (k.clone(), metrics::evaluate(rows)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    print(a, &run_id, &overall, &per_group)
+}
+
+/// Opens the scores table and names the columns to read, checking that it has them.
+fn open_columns(a: &EvaluateArgs, ctx: &Context) -> Result<(Source, Vec<String>)> {
     let source = Source::open(&a.scores, &ctx.io)?;
     let schema = source.files()[0].schema().clone();
     let mut wanted = vec![
@@ -42,10 +60,19 @@ pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
             )));
         }
     }
+    Ok((source, wanted))
+}
+
+/// Every labelled row's (score, flagged, is anomaly), by run and by `--by` value.
+fn read_groups(
+    a: &EvaluateArgs,
+    source: &Source,
+    wanted: &[String],
+) -> Result<BTreeMap<String, Groups>> {
     let mut runs: BTreeMap<String, Groups> = BTreeMap::new();
     let mut unlabelled = 0u64;
     let options = FormatOptions::default();
-    for batch in source.stream(&wanted, BATCH_ROWS) {
+    for batch in source.stream(wanted, BATCH_ROWS) {
         let batch = batch?.batch;
         let column = |name: &str| batch.column_by_name(name).expect("projected");
         let run_ids = column("run_id").as_string_opt::<i32>().ok_or_else(|| {
@@ -107,7 +134,12 @@ pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
             "Rows without a label or score were left out."
         );
     }
-    let (run_id, groups) = match runs.len() {
+    Ok(runs)
+}
+
+/// The one run to evaluate: `--run-id`'s, or the only one the table holds.
+fn one_run(a: &EvaluateArgs, runs: BTreeMap<String, Groups>) -> Result<(String, Groups)> {
+    Ok(match runs.len() {
         0 => {
             return Err(Error::data(
                 &a.scores,
@@ -131,17 +163,16 @@ pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
                     .join(", ")
             )));
         }
-    };
-    let all: Vec<(f64, bool, bool)> = groups.values().flatten().copied().collect();
-    let overall = metrics::evaluate(&all);
-    let per_group: Vec<(String, Evaluation)> = if a.by.is_some() {
-        groups
-            .iter()
-            .map(|(k, rows)| (k.clone(), metrics::evaluate(rows)))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    })
+}
+
+/// Prints the evaluation as a table, or as JSON with `--json`.
+fn print(
+    a: &EvaluateArgs,
+    run_id: &str,
+    overall: &Evaluation,
+    per_group: &[(String, Evaluation)],
+) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let written = if a.json {
         let report = json!({
@@ -176,7 +207,7 @@ pub fn evaluate(a: &EvaluateArgs, ctx: &Context) -> Result<()> {
             "F1",
             "FDR"
         ));
-        for (name, e) in std::iter::once(("all".to_string(), &overall))
+        for (name, e) in std::iter::once(("all".to_string(), overall))
             .chain(per_group.iter().map(|(k, e)| (k.clone(), e)))
         {
             text.push_str(&row(&name, e));

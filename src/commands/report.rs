@@ -34,13 +34,53 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
     let manifest = find_manifest(&sink, a.run_id.as_deref())?;
     let run_id = manifest.run_id.clone();
     let by = a.by.clone().unwrap_or_else(|| "model_id".into());
+    let (scores, groups) = run_scores(&sink, &run_id, &by, ctx)?;
+    let mut flagged = top_anomalies(&sink, &run_id, a.top, ctx)?;
+    attach_pixels(&manifest, &mut flagged, ctx);
+    let report = Report {
+        title: format!("{} — run {run_id}", manifest.pipeline),
+        facts: facts(&manifest),
+        scores,
+        threshold: manifest
+            .threshold
+            .as_ref()
+            .map_or(f64::INFINITY, |t| t.value),
+        groups: groups
+            .into_iter()
+            .map(|(name, (images, flagged))| GroupCount {
+                name,
+                images,
+                flagged,
+            })
+            .collect(),
+        flagged,
+    };
+    let rows = &manifest.rows;
+    let html = report::render(&report)?;
+    std::fs::write(&a.out, html).map_err(|e| from_io(&a.out, e))?;
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "wrote {} (run {run_id}: {} images, {} flagged, top {} drawn)",
+        a.out,
+        rows.scored,
+        rows.anomalies,
+        report.flagged.len()
+    );
+    Ok(())
+}
 
-    // Every score of the run, and counts per group.
+/// Every score of run `run_id`, and (images, flagged) per value of the column `by`.
+fn run_scores(
+    sink: &Storage,
+    run_id: &str,
+    by: &str,
+    ctx: &Context,
+) -> Result<(Vec<f64>, BTreeMap<String, (u64, u64)>)> {
     let scores_uri = sink.display("scores/");
     let scores_source = Source::open(&scores_uri, &ctx.io)?;
     if scores_source.files()[0]
         .schema()
-        .field_with_name(&by)
+        .field_with_name(by)
         .is_err()
     {
         return Err(Error::Usage(format!(
@@ -53,7 +93,7 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
         "run_id".to_string(),
         "score".into(),
         "is_anomaly".into(),
-        by.clone(),
+        by.to_string(),
     ];
     let options = FormatOptions::default().with_null("(null)");
     for batch in scores_source.stream(&columns, BATCH_ROWS) {
@@ -76,7 +116,7 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
             .column_by_name("is_anomaly")
             .and_then(|c| c.as_boolean_opt())
             .ok_or_else(not_scores)?;
-        let group_column = batch.column_by_name(&by).expect("checked above");
+        let group_column = batch.column_by_name(by).expect("checked above");
         let group = ArrayFormatter::try_new(group_column.as_ref(), &options)
             .map_err(|e| Error::data(&scores_uri, e.to_string()))?;
         for i in 0..batch.num_rows() {
@@ -96,68 +136,45 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
         ));
     }
 
-    let mut flagged = top_anomalies(&sink, &run_id, a.top, ctx)?;
-    attach_pixels(&manifest, &mut flagged, ctx);
+    Ok((scores, groups))
+}
 
+/// The report's summary lines: model, score, threshold, counts, when and from where.
+fn facts(manifest: &Manifest) -> Vec<(String, String)> {
     let t = &manifest.threshold;
     let rows = &manifest.rows;
-    let report = Report {
-        title: format!("{} — run {run_id}", manifest.pipeline),
-        facts: vec![
-            (
-                "model".into(),
-                format!("{} ({})", manifest.model.model_id, manifest.model.kind),
-            ),
-            (
-                "score".into(),
-                format!("{:?}", manifest.config.score.method).to_lowercase(),
-            ),
-            (
-                "threshold".into(),
-                match t {
-                    Some(t) => format!(
-                        "{:?} {:.3} nats{}",
-                        t.method,
-                        t.value,
-                        t.fdr.map(|f| format!(" (FDR {f})")).unwrap_or_default()
-                    )
-                    .to_lowercase(),
-                    None => format!(
-                        "one per partition of {} ({} models)",
-                        manifest.config.source.partition_by.join(", "),
-                        manifest.partitions.len()
-                    ),
-                },
-            ),
-            ("images scored".into(), rows.scored.to_string()),
-            ("flagged".into(), rows.anomalies.to_string()),
-            ("rejected rows".into(), rows.rejected.to_string()),
-            ("finished".into(), manifest.finished_at.clone()),
-            ("source".into(), manifest.config.source.uri.clone()),
-        ],
-        scores,
-        threshold: t.as_ref().map_or(f64::INFINITY, |t| t.value),
-        groups: groups
-            .into_iter()
-            .map(|(name, (images, flagged))| GroupCount {
-                name,
-                images,
-                flagged,
-            })
-            .collect(),
-        flagged,
-    };
-    let html = report::render(&report)?;
-    std::fs::write(&a.out, html).map_err(|e| from_io(&a.out, e))?;
-    let _ = writeln!(
-        std::io::stdout().lock(),
-        "wrote {} (run {run_id}: {} images, {} flagged, top {} drawn)",
-        a.out,
-        rows.scored,
-        rows.anomalies,
-        report.flagged.len()
-    );
-    Ok(())
+    vec![
+        (
+            "model".into(),
+            format!("{} ({})", manifest.model.model_id, manifest.model.kind),
+        ),
+        (
+            "score".into(),
+            format!("{:?}", manifest.config.score.method).to_lowercase(),
+        ),
+        (
+            "threshold".into(),
+            match t {
+                Some(t) => format!(
+                    "{:?} {:.3} nats{}",
+                    t.method,
+                    t.value,
+                    t.fdr.map(|f| format!(" (FDR {f})")).unwrap_or_default()
+                )
+                .to_lowercase(),
+                None => format!(
+                    "one per partition of {} ({} models)",
+                    manifest.config.source.partition_by.join(", "),
+                    manifest.partitions.len()
+                ),
+            },
+        ),
+        ("images scored".into(), rows.scored.to_string()),
+        ("flagged".into(), rows.anomalies.to_string()),
+        ("rejected rows".into(), rows.rejected.to_string()),
+        ("finished".into(), manifest.finished_at.clone()),
+        ("source".into(), manifest.config.source.uri.clone()),
+    ]
 }
 
 /// The manifest of `run_id`, or of the most recently finished run in the sink.

@@ -113,71 +113,8 @@ pub fn run(
         ModelSource::Fit => fit::fit(ctx, config, &sink)?,
         ModelSource::Load(uri) => artifact::load_set(&uri, &ctx.io)?,
     };
-    // A shard clears only its own earlier attempt: the other shards' staged files are theirs.
-    let discard = |sink: &Storage| match shard {
-        Some(s) => shards::discard_own(sink, &run_id, s),
-        None => commit::discard_staging(sink, &run_id),
-    };
-    discard(&sink)?;
-    let scored = match score::score(ctx, config, &model, &sink, &run_id, shard)
-        .and_then(|s| cancel::check().map(|()| s))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            if let Err(cleanup) = discard(&sink) {
-                tracing::warn!(error = %cleanup, "Could not remove the failed run's staged files.");
-            }
-            return Err(e);
-        }
-    };
-    let mut manifest = Manifest {
-        run_id: run_id.clone(),
-        pipeline: config.pipeline.name.clone(),
-        command: command.to_string(),
-        created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
-        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        finished_at: String::new(),
-        source_files: scored.source_files.clone(),
-        rows: RowCounts {
-            read: scored.counts.rows,
-            scored: scored.scored,
-            rejected: scored.counts.rejected,
-            anomalies: scored.anomalies,
-            unmodelled: scored.unmodelled,
-        },
-        model: ModelRef {
-            model_id: model.id.clone(),
-            kind: model.kind().to_string(),
-            uri: model.uri.clone(),
-            fitted_by_this_run: fitted,
-        },
-        threshold: if model.partition_by.is_empty() {
-            scored.thresholds.values().next().cloned()
-        } else {
-            None
-        },
-        partitions: if model.partition_by.is_empty() {
-            BTreeMap::new()
-        } else {
-            scored
-                .thresholds
-                .iter()
-                .map(|(value, threshold)| {
-                    let counts = scored.partitions.get(value).cloned().unwrap_or_default();
-                    let record = PartitionRecord {
-                        model_id: model.models[value].meta.model_id.clone(),
-                        threshold: threshold.clone(),
-                        scored: counts.scored,
-                        anomalies: counts.anomalies,
-                    };
-                    (value.clone(), record)
-                })
-                .collect()
-        },
-        unmodelled_partitions: scored.unmodelled_partitions.clone(),
-        tables: Default::default(),
-        config: config.clone(),
-    };
+    let scored = score_staged(ctx, config, &model, &sink, &run_id, shard)?;
+    let mut manifest = manifest_of(config, &model, &scored, &run_id, &started, command, fitted);
     let summary = |manifest: Manifest, manifest_path: String, waiting_for: Vec<u32>| RunSummary {
         manifest,
         sink: config.sink.uri.clone(),
@@ -203,18 +140,105 @@ pub fn run(
         scored = scored.scored,
         "Shard staged."
     );
-    match shards::try_commit(&sink, &run_id, shard.count, Some(shard.index), false)? {
-        shards::CommitOutcome::Published(whole, committed) => {
-            tracing::info!(
-                scored = whole.rows.scored,
-                anomalies = whole.rows.anomalies,
-                "Run committed."
-            );
-            Ok(summary(*whole, committed.manifest, Vec::new()))
-        }
-        shards::CommitOutcome::Waiting(waiting) => Ok(summary(manifest, String::new(), waiting)),
-        shards::CommitOutcome::PublishedElsewhere => {
-            Ok(summary(manifest, String::new(), Vec::new()))
-        }
+    Ok(
+        match shards::try_commit(&sink, &run_id, shard.count, Some(shard.index), false)? {
+            shards::CommitOutcome::Published(whole, committed) => {
+                tracing::info!(
+                    scored = whole.rows.scored,
+                    anomalies = whole.rows.anomalies,
+                    "Run committed."
+                );
+                summary(*whole, committed.manifest, Vec::new())
+            }
+            shards::CommitOutcome::Waiting(waiting) => summary(manifest, String::new(), waiting),
+            shards::CommitOutcome::PublishedElsewhere => {
+                summary(manifest, String::new(), Vec::new())
+            }
+        },
+    )
+}
+
+/// Scores the source into the run's staging area, having cleared what an earlier attempt left
+/// there; on failure the staged files are removed again (a shard touches only its own).
+fn score_staged(
+    ctx: &Context,
+    config: &PipelineConfig,
+    model: &ModelSet,
+    sink: &Storage,
+    run_id: &str,
+    shard: Option<Shard>,
+) -> Result<score::Scored> {
+    let discard = |sink: &Storage| match shard {
+        Some(s) => shards::discard_own(sink, run_id, s),
+        None => commit::discard_staging(sink, run_id),
+    };
+    discard(sink)?;
+    score::score(ctx, config, model, sink, run_id, shard)
+        .and_then(|s| cancel::check().map(|()| s))
+        .inspect_err(|_| {
+            if let Err(cleanup) = discard(sink) {
+                tracing::warn!(error = %cleanup, "Could not remove the failed run's staged files.");
+            }
+        })
+}
+
+/// The run's manifest as scoring left it (its tables are filled in by the commit).
+fn manifest_of(
+    config: &PipelineConfig,
+    model: &ModelSet,
+    scored: &score::Scored,
+    run_id: &str,
+    started: &chrono::DateTime<chrono::Utc>,
+    command: &str,
+    fitted: bool,
+) -> Manifest {
+    let partitioned = !model.partition_by.is_empty();
+    Manifest {
+        run_id: run_id.to_string(),
+        pipeline: config.pipeline.name.clone(),
+        command: command.to_string(),
+        created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        finished_at: String::new(),
+        source_files: scored.source_files.clone(),
+        rows: RowCounts {
+            read: scored.counts.rows,
+            scored: scored.scored,
+            rejected: scored.counts.rejected,
+            anomalies: scored.anomalies,
+            unmodelled: scored.unmodelled,
+        },
+        model: ModelRef {
+            model_id: model.id.clone(),
+            kind: model.kind().to_string(),
+            uri: model.uri.clone(),
+            fitted_by_this_run: fitted,
+        },
+        threshold: if partitioned {
+            None
+        } else {
+            scored.thresholds.values().next().cloned()
+        },
+        partitions: if partitioned {
+            scored
+                .thresholds
+                .iter()
+                .map(|(value, threshold)| {
+                    let counts = scored.partitions.get(value).cloned().unwrap_or_default();
+                    let record = PartitionRecord {
+                        model_id: model.models[value].meta.model_id.clone(),
+                        threshold: threshold.clone(),
+                        scored: counts.scored,
+                        anomalies: counts.anomalies,
+                    };
+                    (value.clone(), record)
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        },
+        unmodelled_partitions: scored.unmodelled_partitions.clone(),
+        tables: Default::default(),
+        config: config.clone(),
     }
 }
