@@ -208,7 +208,8 @@ fn shard_from_env(count: u32) -> Result<crate::io::source::Shard> {
                 .into(),
         )
     })?;
-    crate::io::source::Shard::parse(&format!("{index}/{count}")).map_err(Error::Usage)
+    crate::io::source::Shard::parse(&format!("{index}/{count}"))
+        .map_err(|e| Error::Usage(e.to_string()))
 }
 
 fn print_run(s: &RunSummary) {

@@ -26,8 +26,51 @@ impl<F: Fn(&str) -> Option<String>> Lookup for F {
     }
 }
 
+/// Why a `${…}` form could not be expanded; each message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterpolateError {
+    /// A `${` with no `}` after it.
+    #[error("unterminated `${{` in {text:?}: close it with `}}`, or write `$$` for a literal `$`")]
+    Unterminated {
+        /// The whole string value.
+        text: String,
+    },
+    /// `${…}` whose inside is not a variable name.
+    #[error("`${{{body}}}` is not a variable reference: names are letters, digits and `_`")]
+    NotAName {
+        /// What stood between the braces.
+        body: String,
+    },
+    /// `${VAR}` with VAR unset.
+    #[error("environment variable {name} is not set: set it, or write `${{{name}:-default}}`")]
+    Unset {
+        /// The variable.
+        name: String,
+    },
+    /// `${VAR:?message}` with VAR unset or empty.
+    #[error("environment variable {name} is not set or empty{}", if .message.is_empty() { String::new() } else { format!(": {}", .message) })]
+    Required {
+        /// The variable.
+        name: String,
+        /// The file's own message.
+        message: String,
+    },
+    /// `${VAR:…}` with an operator other than `-` and `?`.
+    #[error(
+        "`${{{body}}}`: unsupported operator `:{op}`; use `${{{name}:-default}}` or `${{{name}:?message}}`"
+    )]
+    Operator {
+        /// What stood between the braces.
+        body: String,
+        /// The variable.
+        name: String,
+        /// The operator and what follows it.
+        op: String,
+    },
+}
+
 /// Expands every `${…}` form in `text`; the error says which variable and what to do.
-pub fn interpolate(text: &str, vars: &dyn Lookup) -> Result<String, String> {
+pub fn interpolate(text: &str, vars: &dyn Lookup) -> Result<String, InterpolateError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -39,7 +82,7 @@ pub fn interpolate(text: &str, vars: &dyn Lookup) -> Result<String, String> {
         } else if let Some(body_and_tail) = after.strip_prefix('{') {
             let end = body_and_tail
                 .find('}')
-                .ok_or_else(|| format!("unterminated `${{` in {text:?}: close it with `}}`, or write `$$` for a literal `$`"))?;
+                .ok_or_else(|| InterpolateError::Unterminated { text: text.into() })?;
             out.push_str(&expand(&body_and_tail[..end], vars)?);
             rest = &body_and_tail[end + 1..];
         } else {
@@ -52,7 +95,7 @@ pub fn interpolate(text: &str, vars: &dyn Lookup) -> Result<String, String> {
 }
 
 /// Expands the inside of one `${…}`.
-fn expand(body: &str, vars: &dyn Lookup) -> Result<String, String> {
+fn expand(body: &str, vars: &dyn Lookup) -> Result<String, InterpolateError> {
     let (name, op) = match body.find(':') {
         Some(i) => (&body[..i], Some(&body[i + 1..])),
         None => (body, None),
@@ -61,29 +104,23 @@ fn expand(body: &str, vars: &dyn Lookup) -> Result<String, String> {
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         || name.starts_with(|c: char| c.is_ascii_digit())
     {
-        return Err(format!(
-            "`${{{body}}}` is not a variable reference: names are letters, digits and `_`"
-        ));
+        return Err(InterpolateError::NotAName { body: body.into() });
     }
     let value = vars.get(name).filter(|v| !v.is_empty());
     match op {
-        None => vars.get(name).ok_or_else(|| {
-            format!(
-                "environment variable {name} is not set: set it, or write `${{{name}:-default}}`"
-            )
-        }),
+        None => vars
+            .get(name)
+            .ok_or_else(|| InterpolateError::Unset { name: name.into() }),
         Some(op) if op.starts_with('-') => Ok(value.unwrap_or_else(|| op[1..].to_string())),
-        Some(op) if op.starts_with('?') => value.ok_or_else(|| {
-            let msg = &op[1..];
-            if msg.is_empty() {
-                format!("environment variable {name} is not set or empty")
-            } else {
-                format!("environment variable {name} is not set or empty: {msg}")
-            }
+        Some(op) if op.starts_with('?') => value.ok_or_else(|| InterpolateError::Required {
+            name: name.into(),
+            message: op[1..].into(),
         }),
-        Some(op) => Err(format!(
-            "`${{{body}}}`: unsupported operator `:{op}`; use `${{{name}:-default}}` or `${{{name}:?message}}`"
-        )),
+        Some(op) => Err(InterpolateError::Operator {
+            body: body.into(),
+            name: name.into(),
+            op: op.into(),
+        }),
     }
 }
 
@@ -116,9 +153,11 @@ mod tests {
     #[test]
     fn unset_variables_are_errors_that_name_them() {
         let v = &vars as &dyn Lookup;
-        let e = interpolate("a${NOPE}b", v).unwrap_err();
+        let e = interpolate("a${NOPE}b", v).unwrap_err().to_string();
         assert!(e.contains("NOPE is not set"), "{e}");
-        let e = interpolate("${NOPE:?give the date}", v).unwrap_err();
+        let e = interpolate("${NOPE:?give the date}", v)
+            .unwrap_err()
+            .to_string();
         assert!(e.ends_with("give the date"), "{e}");
         assert!(interpolate("${unterminated", v).is_err());
         assert!(interpolate("${1BAD}", v).is_err());

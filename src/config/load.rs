@@ -79,10 +79,10 @@ pub fn load_str(
     let locate = Locator::new(text);
 
     for o in &opts.overrides {
-        if let Err(message) = apply_override(&mut doc, o) {
+        if let Err(e) = apply_override(&mut doc, o) {
             problems.push(ConfigProblem {
                 line: None,
-                message,
+                message: e.to_string(),
             });
         }
     }
@@ -323,8 +323,8 @@ fn check_source(c: &PipelineConfig, p: &mut Problems) {
             p.add(key, format!("`{key}` must name a column"));
         }
     }
-    if let Err(m) = check_run_id(&c.pipeline.run_id) {
-        p.add("pipeline.run_id", m);
+    if let Err(e) = check_run_id(&c.pipeline.run_id) {
+        p.add("pipeline.run_id", e.to_string());
     }
     if !(0.0..=1.0).contains(&s.max_reject_fraction) {
         p.add(
@@ -526,7 +526,7 @@ fn check_threshold(c: &PipelineConfig, p: &mut Problems) {
 }
 
 /// A run id is used in file names, so it is restricted to a safe alphabet.
-pub fn check_run_id(run_id: &str) -> std::result::Result<(), String> {
+pub fn check_run_id(run_id: &str) -> std::result::Result<(), BadRunId> {
     let ok = run_id.len() <= 128
         && run_id
             .chars()
@@ -535,22 +535,41 @@ pub fn check_run_id(run_id: &str) -> std::result::Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "run id {run_id:?} may hold only letters, digits, `.`, `_` and `-` (at most 128, not starting with `.`)"
-        ))
+        Err(BadRunId {
+            run_id: run_id.to_string(),
+        })
     }
 }
 
+/// A run id outside the alphabet file names allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "run id {run_id:?} may hold only letters, digits, `.`, `_` and `-` (at most 128, not starting with `.`)"
+)]
+pub struct BadRunId {
+    /// The id as given.
+    pub run_id: String,
+}
+
+/// A `--set` that is not `KEY=VALUE` with a dotted key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadOverride {
+    /// No `=`.
+    #[error("--set {0:?}: expected KEY=VALUE, e.g. threshold.quantile=0.99")]
+    NoValue(String),
+    /// An empty part in the dotted key.
+    #[error("--set {0:?}: the key must be dotted names like threshold.quantile")]
+    BadKey(String),
+}
+
 /// Applies one `KEY=VALUE` override to the document.
-fn apply_override(doc: &mut DocumentMut, text: &str) -> std::result::Result<(), String> {
+fn apply_override(doc: &mut DocumentMut, text: &str) -> std::result::Result<(), BadOverride> {
     let (key, raw) = text
         .split_once('=')
-        .ok_or_else(|| format!("--set {text:?}: expected KEY=VALUE, e.g. model.alpha=0.5"))?;
+        .ok_or_else(|| BadOverride::NoValue(text.into()))?;
     let path: Vec<&str> = key.trim().split('.').collect();
     if path.iter().any(|p| p.is_empty()) {
-        return Err(format!(
-            "--set {text:?}: the key must be dotted names like model.alpha"
-        ));
+        return Err(BadOverride::BadKey(text.into()));
     }
     let value = Value::from_str(raw.trim()).unwrap_or_else(|_| Value::from(raw));
     set_path(doc, &path, value);

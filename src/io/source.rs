@@ -64,22 +64,28 @@ pub struct Shard {
     pub count: u32,
 }
 
+/// A `--shard` that is not `I/N` with 0 ≤ I < N.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--shard {text:?}: {what}")]
+pub struct BadShard {
+    /// The text given.
+    pub text: String,
+    /// What is wrong with it.
+    pub what: &'static str,
+}
+
 impl Shard {
     /// Parses `I/N` (0 ≤ I < N).
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let (i, n) = text
-            .split_once('/')
-            .ok_or_else(|| format!("--shard {text:?}: expected I/N, e.g. 0/4"))?;
-        let index: u32 = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("--shard {text:?}: I is not a number"))?;
-        let count: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("--shard {text:?}: N is not a number"))?;
+    pub fn parse(text: &str) -> std::result::Result<Self, BadShard> {
+        let bad = |what| BadShard {
+            text: text.to_string(),
+            what,
+        };
+        let (i, n) = text.split_once('/').ok_or(bad("expected I/N, e.g. 0/4"))?;
+        let index: u32 = i.trim().parse().map_err(|_| bad("I is not a number"))?;
+        let count: u32 = n.trim().parse().map_err(|_| bad("N is not a number"))?;
         if count == 0 || index >= count {
-            return Err(format!("--shard {text:?}: need 0 ≤ I < N"));
+            return Err(bad("need 0 ≤ I < N"));
         }
         Ok(Self { index, count })
     }
@@ -374,7 +380,8 @@ async fn read_footers(
             let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
                 .await
                 .map_err(|e| from_parquet(&uri, e))?;
-            check_footer(metadata.metadata(), size).map_err(|m| Error::data(&*uri, m))?;
+            check_footer(metadata.metadata(), size)
+                .map_err(|e| Error::data(&*uri, e.to_string()))?;
             Ok(SourceFile {
                 uri,
                 path,
@@ -402,17 +409,59 @@ pub fn reader_panic(uri: &str, panic: &(dyn std::any::Any + Send)) -> Error {
     )
 }
 
+/// A Parquet footer that does not describe its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptFooter {
+    /// A row group with a negative row count.
+    #[error("row group {group} declares {rows} rows")]
+    NegativeRows {
+        /// The row group.
+        group: usize,
+        /// Its declared rows.
+        rows: i64,
+    },
+    /// A column chunk placed outside the file.
+    #[error(
+        "row group {group}, column `{column}`: the footer places it at bytes {start}..+{length}, outside the {file_size}-byte file; the file is corrupt"
+    )]
+    ChunkOutside {
+        /// The row group.
+        group: usize,
+        /// The column's path.
+        column: String,
+        /// Where the footer says the chunk starts.
+        start: i64,
+        /// Its declared length.
+        length: i64,
+        /// The file's size.
+        file_size: u64,
+    },
+    /// Row groups that do not add up to the file's row count.
+    #[error(
+        "the footer declares {declared} rows but its row groups hold {rows}; the file is corrupt"
+    )]
+    RowsDisagree {
+        /// The file's declared rows.
+        declared: i64,
+        /// The row groups' sum.
+        rows: i64,
+    },
+}
+
 /// Checks what the reader would otherwise trust blindly (and assert on): every column chunk
 /// lies inside the file, at a non-negative offset and size, and the row counts are
 /// non-negative and add up. A footer that fails is corrupt or hostile.
 pub fn check_footer(
     metadata: &parquet::file::metadata::ParquetMetaData,
     file_size: u64,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), CorruptFooter> {
     let mut rows: i64 = 0;
     for (g, group) in metadata.row_groups().iter().enumerate() {
         if group.num_rows() < 0 {
-            return Err(format!("row group {g} declares {} rows", group.num_rows()));
+            return Err(CorruptFooter::NegativeRows {
+                group: g,
+                rows: group.num_rows(),
+            });
         }
         rows = rows.saturating_add(group.num_rows());
         for column in group.columns() {
@@ -425,18 +474,19 @@ pub fn check_footer(
                 && column.data_page_offset() >= 0
                 && (start as u64).saturating_add(length as u64) <= file_size;
             if !inside {
-                return Err(format!(
-                    "row group {g}, column `{}`: the footer places it at bytes {start}..+{length}, outside the {file_size}-byte file; the file is corrupt",
-                    column.column_path()
-                ));
+                return Err(CorruptFooter::ChunkOutside {
+                    group: g,
+                    column: column.column_path().to_string(),
+                    start,
+                    length,
+                    file_size,
+                });
             }
         }
     }
     let declared = metadata.file_metadata().num_rows();
     if declared != rows {
-        return Err(format!(
-            "the footer declares {declared} rows but its row groups hold {rows}; the file is corrupt"
-        ));
+        return Err(CorruptFooter::RowsDisagree { declared, rows });
     }
     Ok(())
 }

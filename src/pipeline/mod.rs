@@ -79,7 +79,7 @@ pub fn run_id(config: &PipelineConfig, started: &chrono::DateTime<chrono::Utc>) 
     } else {
         config.pipeline.run_id.clone()
     };
-    check_run_id(&id).map_err(Error::Usage)?;
+    check_run_id(&id).map_err(|e| Error::Usage(e.to_string()))?;
     Ok(id)
 }
 
