@@ -69,13 +69,16 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+/// (images, flagged) per value of a column.
+type GroupCounts = BTreeMap<String, (u64, u64)>;
+
 /// Every score of run `run_id`, and (images, flagged) per value of the column `by`.
 fn run_scores(
     sink: &Storage,
     run_id: &str,
     by: &str,
     ctx: &Context,
-) -> Result<(Vec<f64>, BTreeMap<String, (u64, u64)>)> {
+) -> Result<(Vec<f64>, GroupCounts)> {
     let scores_uri = sink.display("scores/");
     let scores_source = Source::open(&scores_uri, &ctx.io)?;
     if scores_source.files()[0]
@@ -88,7 +91,7 @@ fn run_scores(
         )));
     }
     let mut scores = Vec::new();
-    let mut groups: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut groups = GroupCounts::new();
     let columns = [
         "run_id".to_string(),
         "score".into(),
