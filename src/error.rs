@@ -149,14 +149,7 @@ impl Error {
 
     /// The message with every cause after it, separated by ": ", on one line.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            out.push_str(": ");
-            out.push_str(&c.to_string());
-            cause = c.source();
-        }
-        out
+        chain_of(self)
     }
 
     /// A setting, `key`, that does not fit what the run found.
@@ -177,6 +170,18 @@ impl Error {
             }],
         })
     }
+}
+
+/// `err`'s message with every cause after it, separated by ": ", on one line.
+pub fn chain_of(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// One problem found in a pipeline TOML.

@@ -67,7 +67,72 @@ enum ShapeRule {
 }
 
 /// One row's pixels with their shape, or why the row cannot be used.
-type RowPixels<'a> = std::result::Result<(ImageShape, Cow<'a, [u8]>), String>;
+type RowPixels<'a> = std::result::Result<(ImageShape, Cow<'a, [u8]>), RowProblem>;
+
+/// Why one row's image cannot be used: its `reason` in the rejects table.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RowProblem {
+    /// The id is null.
+    #[error("id is null")]
+    NullId,
+    /// The image is null.
+    #[error("image is null")]
+    NullImage,
+    /// A struct image's `bytes` are null.
+    #[error("image bytes are null")]
+    NullBytes,
+    /// One of the shape columns is null.
+    #[error("height, width or channels is null")]
+    NullShape,
+    /// A shape no image has.
+    #[error("shape {0} is not an image with 1 or 3 channels")]
+    NotAnImage(ImageShape),
+    /// A list of the wrong length for its shape.
+    #[error("image has {got} values but shape {shape} needs {}", .shape.dims())]
+    Values {
+        /// Values in the row.
+        got: usize,
+        /// The shape it should have.
+        shape: ImageShape,
+    },
+    /// Raw bytes of the wrong length for the shape, and not a PNG.
+    #[error("image has {got} bytes but shape {shape} needs {}", .shape.dims())]
+    Bytes {
+        /// Bytes in the row.
+        got: usize,
+        /// The shape it should have.
+        shape: ImageShape,
+    },
+    /// A null pixel.
+    #[error("pixel {0} is null")]
+    NullPixel(usize),
+    /// A float pixel that is NaN or infinite.
+    #[error("pixel {0} is {1}")]
+    NotFinite(usize, f64),
+    /// A float pixel outside `[0, float_max]`.
+    #[error("pixel {pixel} is {value}, outside [0, {max}] (source.float_max)")]
+    OutOfRange {
+        /// Which pixel.
+        pixel: usize,
+        /// Its value.
+        value: f64,
+        /// `source.float_max`.
+        max: f64,
+    },
+    /// An image of another shape than the source's first image (or the model's).
+    #[error(
+        "image is {got}, expected {expected} (the shape of the source's first image, or the model's)"
+    )]
+    Shape {
+        /// This row's shape.
+        got: ImageShape,
+        /// The shape images must have.
+        expected: ImageShape,
+    },
+    /// Bytes that are not a PNG this decoder accepts (corrupt, or past its size limits).
+    #[error("not a decodable PNG image: {0}")]
+    Png(String),
+}
 
 /// Decodes the record batches of one source file; built from the file's schema.
 #[derive(Debug, Clone)]
@@ -128,7 +193,8 @@ impl Decoder {
         let name = &config.image_column;
 
         let (layout, shape) = if image.extension_type_name() == Some("arrow.fixed_shape_tensor") {
-            let (shape, values) = tensor_layout(image, name).map_err(bad)?;
+            let (shape, values) =
+                tensor_layout(image, name).map_err(|e| bad(crate::error::chain_of(&e)))?;
             (Layout::List(values), ShapeRule::Fixed(shape))
         } else {
             let need_shape = || {
@@ -241,10 +307,10 @@ impl Decoder {
             .into_par_iter()
             .map(|i| {
                 if ids.is_null(i) {
-                    return Err("id is null".into());
+                    return Err(RowProblem::NullId);
                 }
                 if image.is_null(i) {
-                    return Err("image is null".into());
+                    return Err(RowProblem::NullImage);
                 }
                 self.row_pixels(&image, i, row_shapes.as_ref().map(|s| s[i]))
             })
@@ -255,9 +321,10 @@ impl Decoder {
         let mut rejects = Vec::new();
         for (i, row) in decoded.into_iter().enumerate() {
             let checked = row.and_then(|(s, px)| match shape {
-                Some(expected) if *expected != s => Err(format!(
-                    "image is {s}, expected {expected} (the shape of the source's first image, or the model's)"
-                )),
+                Some(expected) if *expected != s => Err(RowProblem::Shape {
+                    got: s,
+                    expected: *expected,
+                }),
                 _ => {
                     *shape = Some(s);
                     Ok(px)
@@ -268,11 +335,11 @@ impl Decoder {
                     pixels.extend_from_slice(&px);
                     accepted.push(i as u32);
                 }
-                Err(reason) => rejects.push(Reject {
+                Err(problem) => rejects.push(Reject {
                     id: ids.is_valid(i).then(|| ids.value(i).to_string()),
                     source: Arc::clone(&self.uri),
                     row: first_row + i as u64,
-                    reason,
+                    reason: problem.to_string(),
                 }),
             }
         }
@@ -331,31 +398,30 @@ impl Decoder {
             (ShapeRule::Fixed(s), _) => Some(*s),
             (ShapeRule::Columns { .. }, Some(Some(s))) => Some(s),
             (ShapeRule::Columns { .. }, _) => {
-                return Err("height, width or channels is null".into());
+                return Err(RowProblem::NullShape);
             }
             (ShapeRule::Png, _) => None,
         };
         if let Some(s) = expected
             && (s.dims() == 0 || !matches!(s.channels, 1 | 3))
         {
-            return Err(format!("shape {s} is not an image with 1 or 3 channels"));
+            return Err(RowProblem::NotAnImage(s));
         }
         match &self.layout {
             Layout::List(values) => {
                 let elements = list_values(image, i);
                 let s = expected.expect("lists always have a shape rule");
                 if elements.len() != s.dims() {
-                    return Err(format!(
-                        "image has {} values but shape {s} needs {}",
-                        elements.len(),
-                        s.dims()
-                    ));
+                    return Err(RowProblem::Values {
+                        got: elements.len(),
+                        shape: s,
+                    });
                 }
                 if elements.null_count() > 0 {
                     let k = (0..elements.len())
                         .find(|&k| elements.is_null(k))
                         .unwrap_or(0);
-                    return Err(format!("pixel {k} is null"));
+                    return Err(RowProblem::NullPixel(k));
                 }
                 let px = match values {
                     Values::U8 => {
@@ -372,11 +438,10 @@ impl Decoder {
                 let bytes = binary_value(image, i);
                 match expected {
                     Some(s) if bytes.len() == s.dims() => Ok((s, Cow::Borrowed(bytes))),
-                    Some(s) if !bytes.starts_with(PNG_SIGNATURE) => Err(format!(
-                        "image has {} bytes but shape {s} needs {}",
-                        bytes.len(),
-                        s.dims()
-                    )),
+                    Some(s) if !bytes.starts_with(PNG_SIGNATURE) => Err(RowProblem::Bytes {
+                        got: bytes.len(),
+                        shape: s,
+                    }),
                     _ => decode_png(bytes).map(|(s, px)| (s, Cow::Owned(px))),
                 }
             }
@@ -386,7 +451,7 @@ impl Decoder {
                     .column_by_name("bytes")
                     .expect("checked when the decoder was built");
                 if bytes.is_null(i) {
-                    return Err("image bytes are null".into());
+                    return Err(RowProblem::NullBytes);
                 }
                 decode_png(binary_value(bytes, i)).map(|(s, px)| (s, Cow::Owned(px)))
             }
@@ -395,7 +460,7 @@ impl Decoder {
 
     /// Maps float pixels on `[0, float_max]` to 0..=255, rejecting NaN, infinities and values
     /// out of range.
-    fn floats_to_u8(&self, values: &[f32]) -> std::result::Result<Vec<u8>, String> {
+    fn floats_to_u8(&self, values: &[f32]) -> std::result::Result<Vec<u8>, RowProblem> {
         let scale = 255.0 / self.float_max;
         values
             .iter()
@@ -403,12 +468,13 @@ impl Decoder {
             .map(|(k, &v)| {
                 let v = f64::from(v);
                 if !v.is_finite() {
-                    Err(format!("pixel {k} is {v}"))
+                    Err(RowProblem::NotFinite(k, v))
                 } else if v < 0.0 || v > self.float_max {
-                    Err(format!(
-                        "pixel {k} is {v}, outside [0, {}] (source.float_max)",
-                        self.float_max
-                    ))
+                    Err(RowProblem::OutOfRange {
+                        pixel: k,
+                        value: v,
+                        max: self.float_max,
+                    })
                 } else {
                     Ok((v * scale).round() as u8)
                 }
@@ -521,47 +587,118 @@ struct TensorMetadata {
 fn tensor_layout(
     image: &arrow::datatypes::Field,
     name: &str,
-) -> std::result::Result<(ImageShape, Values), String> {
+) -> std::result::Result<(ImageShape, Values), TensorProblem> {
+    let column = name.to_string();
     let raw = image.extension_type_metadata().unwrap_or("{}");
-    let meta: TensorMetadata = serde_json::from_str(raw).map_err(|e| {
-        format!("column `{name}`: unreadable arrow.fixed_shape_tensor metadata {raw:?}: {e}")
-    })?;
+    let meta: TensorMetadata =
+        serde_json::from_str(raw).map_err(|source| TensorProblem::Metadata {
+            column: column.clone(),
+            raw: raw.to_string(),
+            source,
+        })?;
     if let Some(p) = &meta.permutation
         && p.iter().enumerate().any(|(i, &j)| i != j)
     {
-        return Err(format!(
-            "column `{name}`: permuted tensors ({p:?}) are not supported; write the images in row-major [height, width, channels] order"
-        ));
+        return Err(TensorProblem::Permuted {
+            column,
+            permutation: p.clone(),
+        });
     }
     let shape = match meta.shape.as_slice() {
         [h, w] => ImageShape::new(*h, *w, 1),
         [h, w, c] if matches!(c, 1 | 3) => ImageShape::new(*h, *w, *c),
         other => {
-            return Err(format!(
-                "column `{name}`: tensor shape {other:?} is not an image; expected [height, width] or [height, width, channels] with 1 or 3 channels"
-            ));
+            return Err(TensorProblem::NotAnImage {
+                column,
+                shape: other.to_vec(),
+            });
         }
     };
     let DataType::FixedSizeList(child, size) = image.data_type() else {
-        return Err(format!(
-            "column `{name}`: an arrow.fixed_shape_tensor must be stored as a fixed-size list, found {}",
-            image.data_type()
-        ));
+        return Err(TensorProblem::Storage {
+            column,
+            found: image.data_type().to_string(),
+        });
     };
     let dims = meta.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if dims != Some(*size as usize) {
-        return Err(format!(
-            "column `{name}`: tensor shape {:?} disagrees with its storage of {size} values per row",
-            meta.shape
-        ));
+        return Err(TensorProblem::Disagrees {
+            column,
+            shape: meta.shape.clone(),
+            size: *size,
+        });
     }
-    let values = value_kind(child.data_type()).ok_or_else(|| {
-        format!(
-            "column `{name}`: tensor values are {}, expected uint8 or float32",
-            child.data_type()
-        )
+    let values = value_kind(child.data_type()).ok_or_else(|| TensorProblem::Values {
+        column,
+        found: child.data_type().to_string(),
     })?;
     Ok((shape, values))
+}
+
+/// An `arrow.fixed_shape_tensor` image column this decoder cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorProblem {
+    /// Extension metadata that is not the canonical JSON.
+    #[error("column `{column}`: unreadable arrow.fixed_shape_tensor metadata {raw:?}")]
+    Metadata {
+        /// The image column.
+        column: String,
+        /// The metadata as stored.
+        raw: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A permuted tensor.
+    #[error(
+        "column `{column}`: permuted tensors ({permutation:?}) are not supported; write the images in row-major [height, width, channels] order"
+    )]
+    Permuted {
+        /// The image column.
+        column: String,
+        /// Its permutation.
+        permutation: Vec<usize>,
+    },
+    /// A tensor shape that is not an image's.
+    #[error(
+        "column `{column}`: tensor shape {shape:?} is not an image; expected [height, width] or [height, width, channels] with 1 or 3 channels"
+    )]
+    NotAnImage {
+        /// The image column.
+        column: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// Storage other than a fixed-size list.
+    #[error(
+        "column `{column}`: an arrow.fixed_shape_tensor must be stored as a fixed-size list, found {found}"
+    )]
+    Storage {
+        /// The image column.
+        column: String,
+        /// Its storage type.
+        found: String,
+    },
+    /// A shape whose size is not the storage's list size.
+    #[error(
+        "column `{column}`: tensor shape {shape:?} disagrees with its storage of {size} values per row"
+    )]
+    Disagrees {
+        /// The image column.
+        column: String,
+        /// The declared shape.
+        shape: Vec<usize>,
+        /// Values per row in storage.
+        size: i32,
+    },
+    /// Values other than uint8 or float32.
+    #[error("column `{column}`: tensor values are {found}, expected uint8 or float32")]
+    Values {
+        /// The image column.
+        column: String,
+        /// Their type.
+        found: String,
+    },
 }
 
 fn value_kind(t: &DataType) -> Option<Values> {
@@ -594,7 +731,7 @@ fn binary_value(array: &ArrayRef, i: usize) -> &[u8] {
 
 /// Decodes PNG bytes to 8-bit pixels: grayscale stays one channel, anything with colour becomes
 /// R, G, B (alpha dropped). Limits guard against decompression bombs.
-pub fn decode_png(bytes: &[u8]) -> std::result::Result<(ImageShape, Vec<u8>), String> {
+pub fn decode_png(bytes: &[u8]) -> std::result::Result<(ImageShape, Vec<u8>), RowProblem> {
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), image::ImageFormat::Png);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(PNG_MAX_SIDE);
@@ -603,7 +740,7 @@ pub fn decode_png(bytes: &[u8]) -> std::result::Result<(ImageShape, Vec<u8>), St
     reader.limits(limits);
     let img = reader
         .decode()
-        .map_err(|e| format!("not a decodable PNG image: {e}"))?;
+        .map_err(|e| RowProblem::Png(e.to_string()))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if img.color().has_color() {
         Ok((ImageShape::new(h, w, 3), img.into_rgb8().into_raw()))
@@ -634,7 +771,9 @@ mod tests {
 
     #[test]
     fn undecodable_and_oversized_pngs_are_reasons_not_crashes() {
-        let e = decode_png(b"\x89PNG\r\n\x1a\nnot really").unwrap_err();
+        let e = decode_png(b"\x89PNG\r\n\x1a\nnot really")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("not a decodable PNG"), "{e}");
         // A header that declares 100000 x 100000 grayscale pixels (10 GB decoded).
         let mut ihdr = b"IHDR".to_vec();
@@ -645,7 +784,7 @@ mod tests {
         png.extend(13u32.to_be_bytes());
         png.extend(&ihdr);
         png.extend(crc32(&ihdr).to_be_bytes());
-        let e = decode_png(&png).unwrap_err();
+        let e = decode_png(&png).unwrap_err().to_string();
         assert!(e.contains("limit"), "{e}");
     }
 
