@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+/// The underlying error of an I/O, storage or permission failure.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// A convenient alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -72,23 +75,23 @@ pub enum Error {
     Internal(String),
 
     /// A local I/O failure that retrying will not fix: disk full, write refused (exit 74).
-    #[error("I/O error at {uri}: {message}")]
+    #[error("I/O error at {uri}")]
     Io {
         /// The path or URI being read or written.
         uri: String,
         /// The underlying error.
-        message: String,
+        #[source]
+        source: Cause,
     },
 
     /// Storage unreachable or throttled after the in-process retries (exit 75; retry later).
-    #[error(
-        "storage unavailable at {uri}: {message} (transient: retrying the run later may succeed)"
-    )]
+    #[error("storage unavailable at {uri} (transient: retrying the run later may succeed)")]
     Transient {
         /// The URI being accessed.
         uri: String,
         /// The underlying error.
-        message: String,
+        #[source]
+        source: Cause,
     },
 
     /// Stopped by SIGTERM or SIGINT before the run completed (exit 75: rerunning is safe).
@@ -102,13 +105,14 @@ pub enum Error {
 
     /// Permission denied or not authenticated (exit 77).
     #[error(
-        "permission denied at {uri}: {message} (check the credentials in the environment and the access policy)"
+        "permission denied at {uri} (check the credentials in the environment and the access policy)"
     )]
     Permission {
         /// The URI being accessed.
         uri: String,
         /// The underlying error.
-        message: String,
+        #[source]
+        source: Cause,
     },
 }
 
@@ -233,7 +237,7 @@ pub fn from_store(uri: &str, err: object_store::Error) -> Error {
         },
         S::PermissionDenied { .. } | S::Unauthenticated { .. } => Error::Permission {
             uri: uri.to_string(),
-            message,
+            source: Box::new(err),
         },
         S::InvalidPath { .. } | S::NotSupported { .. } | S::NotImplemented { .. } => {
             Error::Usage(format!("{uri}: {message}"))
@@ -242,11 +246,11 @@ pub fn from_store(uri: &str, err: object_store::Error) -> Error {
             // A local filesystem error that retrying cannot fix.
             Some(kind) if !is_transient_io(kind) => Error::Io {
                 uri: uri.to_string(),
-                message,
+                source: Box::new(err),
             },
             _ => Error::Transient {
                 uri: uri.to_string(),
-                message,
+                source: Box::new(err),
             },
         },
     }
@@ -284,15 +288,15 @@ pub fn from_io(path: &str, err: std::io::Error) -> Error {
     match err.kind() {
         std::io::ErrorKind::PermissionDenied => Error::Permission {
             uri: path.to_string(),
-            message: err.to_string(),
+            source: Box::new(err),
         },
         k if is_transient_io(k) => Error::Transient {
             uri: path.to_string(),
-            message: err.to_string(),
+            source: Box::new(err),
         },
         _ => Error::Io {
             uri: path.to_string(),
-            message: err.to_string(),
+            source: Box::new(err),
         },
     }
 }

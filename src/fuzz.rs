@@ -90,7 +90,7 @@ pub fn model_artifact(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let kinds = crate::models::registry::names();
+    let kinds = crate::models::families::names();
     let kind = kinds[usize::from(selector) % kinds.len()];
     let shape = ImageShape::new(
         1 + usize::from(selector >> 4) % 4,
@@ -111,7 +111,7 @@ pub fn model_artifact(data: &[u8]) {
         hyperparameters: &hyperparameters,
         tensors: &tensors,
     };
-    if let Ok(model) = crate::models::load(kind, &stored) {
+    if let Ok(model) = crate::models::families::load(kind, &stored) {
         let image = vec![1u8; shape.dims()];
         let _ = model.log_likelihood(&image);
     }

@@ -319,6 +319,6 @@ fn attach_pixels(manifest: &Manifest, flagged: &mut [Flagged], ctx: &Context) {
         Ok(())
     })();
     if let Err(e) = result {
-        tracing::warn!(error = %e, "The source images could not be read back; the report shows heat maps only.");
+        tracing::warn!(error = %e.chain(), "The source images could not be read back; the report shows heat maps only.");
     }
 }

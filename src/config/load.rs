@@ -12,7 +12,8 @@ use super::interpolate::{Environment, Lookup, interpolate};
 use super::model::{BackgroundConfig, keys_of};
 use super::{Binarize, PipelineConfig, ScoreMethod, ThresholdMethod};
 use crate::error::{ConfigProblem, ConfigProblems, Error, Result};
-use crate::models::registry::{DEFAULT_KIND, FAMILIES, Pixels};
+use crate::models::Pixels;
+use crate::models::families::{DEFAULT_KIND, FAMILIES};
 use crate::models::{Kind, ModelSpec};
 
 /// What the command line adds to a pipeline file.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::models::ar::{Ar, ArParams};
-use crate::models::registry::{self, DEFAULT_KIND, FAMILIES};
+use crate::models::families::{self, DEFAULT_KIND, FAMILIES};
 use crate::models::shared::ordering::Context;
 use crate::models::{Kind, ModelSpec};
 
@@ -42,7 +42,7 @@ impl Default for ModelConfig {
 }
 
 fn default_family() -> &'static dyn Kind {
-    registry::find(DEFAULT_KIND).expect("the default kind is registered")
+    families::find(DEFAULT_KIND).expect("the default kind is registered")
 }
 
 /// The background model of a likelihood-ratio score (`[score.background]`).
@@ -91,13 +91,13 @@ pub fn keys_of(kind: &str) -> Option<Vec<String>> {
     if kind == MUTATED {
         return Some(vec!["mutation_rate".into()]);
     }
-    registry::find(kind).map(|f| f.keys())
+    families::find(kind).map(|f| f.keys())
 }
 
 /// Reads a family's spec from a table without `uri`; `table` names it in messages.
 fn spec_from<E: de::Error>(table: &str, mut map: Map<String, Value>) -> Result<ModelSpec, E> {
     let kind = take_kind(table, &mut map)?.unwrap_or_else(|| DEFAULT_KIND.into());
-    let family = registry::find(&kind).ok_or_else(|| unknown_kind(table, &kind, false))?;
+    let family = families::find(&kind).ok_or_else(|| unknown_kind(table, &kind, false))?;
     parse(table, family, map)
 }
 
@@ -123,7 +123,7 @@ fn take_kind<E: de::Error>(table: &str, map: &mut Map<String, Value>) -> Result<
 }
 
 fn unknown_kind<E: de::Error>(table: &str, kind: &str, mutated: bool) -> E {
-    let mut names = registry::names();
+    let mut names = families::names();
     if mutated {
         names.insert(0, MUTATED);
     }
@@ -199,7 +199,7 @@ impl<'de> Deserialize<'de> for BackgroundConfig {
                 mutation_rate: m.mutation_rate,
             });
         }
-        let family = registry::find(&kind).ok_or_else(|| unknown_kind(TABLE, &kind, true))?;
+        let family = families::find(&kind).ok_or_else(|| unknown_kind(TABLE, &kind, true))?;
         Ok(BackgroundConfig::Model(parse(TABLE, family, map)?))
     }
 }

@@ -494,21 +494,24 @@ pub fn check_footer(
 /// Maps a Parquet error on `uri`: a storage failure underneath keeps its own kind; anything
 /// else means the file is not readable Parquet (65).
 pub fn from_parquet(uri: &str, err: ParquetError) -> Error {
-    if let ParquetError::External(inner) = &err
-        && let Some(store_err) = inner.downcast_ref::<object_store::Error>()
-    {
-        let message = store_err.to_string();
-        return match store_err {
-            object_store::Error::NotFound { .. } => Error::InputMissing {
-                uri: uri.to_string(),
-                hint: format!("the file disappeared while reading: {message}"),
-            },
-            _ => Error::Transient {
-                uri: uri.to_string(),
-                message,
-            },
-        };
-    }
+    let err = match err {
+        ParquetError::External(inner) => match inner.downcast::<object_store::Error>() {
+            Ok(store_err) => {
+                return match *store_err {
+                    object_store::Error::NotFound { .. } => Error::InputMissing {
+                        uri: uri.to_string(),
+                        hint: format!("the file disappeared while reading: {store_err}"),
+                    },
+                    _ => Error::Transient {
+                        uri: uri.to_string(),
+                        source: store_err,
+                    },
+                };
+            }
+            Err(other) => ParquetError::External(other),
+        },
+        other => other,
+    };
     Error::data(
         uri,
         format!(

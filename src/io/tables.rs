@@ -464,10 +464,11 @@ impl TableWriter {
         match super::source::from_parquet(&uri, e) {
             // The read-side wording ("not a readable Parquet file") would mislead here.
             Error::Data { .. } => Error::Io {
-                message: format!(
+                source: format!(
                     "cannot write the table: {}; check free space and write access at the sink",
                     root_cause(&e_text)
-                ),
+                )
+                .into(),
                 uri,
             },
             other => other,

@@ -4,13 +4,14 @@
 //! A model scores an image by its exact log-likelihood log p(x) = Σ_d log p(x_d | x_<d) (in
 //! nats), explains the score pixel by pixel, and can draw new images. Each family lives in its
 //! own folder (`nade/`: its parameters and [`registry::Family`] impl in `mod.rs`, the model in
-//! `model.rs`) and is listed once in [`registry::FAMILIES`]; helpers more than one family uses
+//! `model.rs`) and is listed once in [`families::FAMILIES`]; helpers more than one family uses
 //! are in [`shared`]. Nothing here knows where artifacts are stored or how a run is driven:
 //! fitting takes its data and a [`Training`](crate::train::Training) context as arguments.
 
 pub mod ar;
 pub mod bernoulli;
 pub mod categorical;
+pub mod families;
 pub mod fvsbn;
 pub mod nade;
 pub mod registry;
@@ -133,10 +134,12 @@ pub enum ModelError {
     NoImages,
 
     /// A stored model names a kind no family has.
-    #[error("unknown model kind {kind:?}: this build knows {}", registry::names().join(", "))]
+    #[error("unknown model kind {kind:?}: this build knows {known}")]
     UnknownKind {
         /// The kind it names.
         kind: String,
+        /// The kinds this build has.
+        known: String,
     },
 
     /// A tensor the family stores is not in the weights file.
@@ -200,11 +203,4 @@ fn pixels_hint(p: Pixels) -> &'static str {
         Pixels::Binary => "set preprocess.binarize to \"threshold\" or \"stochastic\"",
         _ => "set preprocess.binarize = \"none\"",
     }
-}
-
-/// Rebuilds a stored model of family `kind`.
-pub fn load(kind: &str, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
-    registry::find(kind)
-        .ok_or_else(|| ModelError::UnknownKind { kind: kind.into() })?
-        .load(stored)
 }

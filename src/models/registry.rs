@@ -1,7 +1,7 @@
-//! The registry of model families: one list, [`FAMILIES`], and the [`Family`] trait every
-//! family implements, so that what a family takes (its `[model]` keys, binary or 8-bit pixels,
-//! whether it trains by gradient) is answered by the family itself and no caller keeps a list of
-//! its own.
+//! What a model family is: the [`Family`] trait every family implements (and the list of them,
+//! [`FAMILIES`](super::families::FAMILIES), hands out as [`Kind`] objects), so that what a family
+//! takes (its `[model]` keys, binary or 8-bit pixels, whether it trains by gradient) is answered
+//! by the family itself and no caller keeps a list of its own.
 //!
 //! A family's parameters come in two types, as in linfa: `Params` is the `[model]` table as
 //! written (every key with its default and doc comment, from which the TOML reference is
@@ -20,30 +20,6 @@ use serde_json::{Map, Value};
 use super::{DensityModel, Fitted, ModelError, NamedTensor};
 use crate::data::ImageShape;
 use crate::train::{Training, TrainingSet};
-
-/// Every model family, in the order the reference lists them. Adding a family is adding its
-/// folder under `src/models/` and one line here.
-pub static FAMILIES: &[&dyn Kind] = &[
-    &Registered::<super::bernoulli::Bernoulli>(PhantomData),
-    &Registered::<super::categorical::Categorical>(PhantomData),
-    &Registered::<super::ar::Ar>(PhantomData),
-    &Registered::<super::fvsbn::Fvsbn>(PhantomData),
-    &Registered::<super::nade::Nade>(PhantomData),
-    &Registered::<super::rnade::Rnade>(PhantomData),
-];
-
-/// The kind `[model]` gets when it names none.
-pub const DEFAULT_KIND: &str = "bernoulli";
-
-/// The family named `name` (as in TOML, tables and artifacts).
-pub fn find(name: &str) -> Option<&'static dyn Kind> {
-    FAMILIES.iter().copied().find(|f| f.name() == name)
-}
-
-/// The names of every family, for messages.
-pub fn names() -> Vec<&'static str> {
-    FAMILIES.iter().map(|f| f.name()).collect()
-}
 
 /// Which pixel values a family models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +101,7 @@ pub struct Stored<'a> {
 }
 
 /// A model family. Implemented by one type per family (its model type, by convention), and
-/// registered with one line in [`FAMILIES`].
+/// registered with one line in [`FAMILIES`](super::families::FAMILIES).
 pub trait Family: 'static {
     /// Its `model.kind`, also written to the tables and artifacts.
     const NAME: &'static str;
@@ -160,7 +136,7 @@ pub trait Family: 'static {
 }
 
 /// A family as the rest of the program sees it: [`Family`] without its types, one object per
-/// family in [`FAMILIES`].
+/// family in [`FAMILIES`](super::families::FAMILIES).
 pub trait Kind: Send + Sync {
     /// Its `model.kind`.
     fn name(&self) -> &'static str;
@@ -199,7 +175,7 @@ pub struct Registered<F>(pub PhantomData<fn() -> F>);
 
 impl<F: Family> Registered<F> {
     /// The handle as a `'static` object (a zero-sized value, so leaking it costs nothing).
-    fn handle() -> &'static dyn Kind {
+    pub fn handle() -> &'static dyn Kind {
         Box::leak(Box::new(Registered::<F>(PhantomData)))
     }
 }
@@ -361,6 +337,7 @@ impl Serialize for ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::families::{DEFAULT_KIND, FAMILIES, find, names};
     use crate::models::shared::tensor;
     use ndarray::Array2;
     use rand::RngCore;

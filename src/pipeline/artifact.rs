@@ -354,7 +354,7 @@ fn load_weights(
     };
     let weights = storage.get(file)?;
     let tensors = from_safetensors(&weights).map_err(|e| bad(e.into()))?;
-    models::load(
+    models::families::load(
         kind,
         &Stored {
             shape: meta.shape,

@@ -20,7 +20,7 @@ use super::artifact::{
 };
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
-use super::scorer::Scorer;
+use super::scorer::{Scorer, nll_scores};
 use crate::config::{BackgroundConfig, PipelineConfig, ScoreMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::data::{ImageShape, id_hash, unit_interval};
@@ -30,6 +30,28 @@ use crate::io::source::Source;
 use crate::io::storage::Storage;
 use crate::models::{DensityModel, Fitted, ModelSpec};
 use crate::train::{Monitor, Redraw, Training, TrainingSet};
+
+/// The training images as 8-bit intensities and the stochastic binarization that draws them
+/// anew for every epoch (`train.rebinarize`): epoch e sees draw e − 1 of `preprocess`, so
+/// epoch 1 sees the binarization the training set holds.
+///
+/// Invariant: `raw` has one row per id, in the order of the training set's pixels.
+#[derive(Debug, Clone, Copy)]
+pub struct Rebinarize<'a> {
+    /// The binarization (`preprocess.binarize = "stochastic"`).
+    pub preprocess: &'a Preprocessor,
+    /// The training images' ids, which seed their coins.
+    pub ids: &'a [String],
+    /// The training images' 8-bit intensities.
+    pub raw: ArrayView2<'a, u8>,
+}
+
+impl Redraw for Rebinarize<'_> {
+    fn epoch(&self, epoch: u32) -> Array2<u8> {
+        let draw = epoch.saturating_sub(1) as usize;
+        self.preprocess.draw(draw, self.ids, self.raw).into_owned()
+    }
+}
 
 /// Images of one partition gathered for fitting, split into training and validation rows.
 #[derive(Default)]
@@ -280,16 +302,20 @@ fn fit_gathered(
     let validation = rows(g.validation)?;
     let train_raw = ArrayView2::from_shape((g.train_ids.len(), dims), &g.train_raw)
         .map_err(|e| Error::internal(e, "gathering images"))?;
+    let rebinarize = Rebinarize {
+        preprocess: &preprocess,
+        ids: &g.train_ids,
+        raw: train_raw,
+    };
     let data = TrainingSet {
         shape,
         levels: preprocess.levels(),
         pixels: train.view(),
         validation: validation.view(),
-        redraw: config.train.rebinarize.then_some(Redraw {
-            preprocess: &preprocess,
-            ids: &g.train_ids,
-            raw: train_raw,
-        }),
+        redraw: config
+            .train
+            .rebinarize
+            .then_some(&rebinarize as &dyn Redraw),
     };
     tracing::info!(
         kind = config.model.spec.name(),
@@ -515,20 +541,6 @@ pub fn mutate(pixels: ArrayView2<'_, u8>, levels: u16, rate: f64, seed: u64) -> 
         }
     }
     out
-}
-
-/// −log p(x) for every row, checked to be finite.
-pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Result<Vec<f64>> {
-    let mut ll = vec![0.0; images.nrows()];
-    model.log_likelihood_batch(images, &mut ll);
-    if let Some(bad) = ll.par_iter().position_any(|v| !v.is_finite()) {
-        return Err(Error::Internal(format!(
-            "the {} model gave log-likelihood {} to image {bad}",
-            model.kind(),
-            ll[bad]
-        )));
-    }
-    Ok(ll.into_iter().map(|v| -v).collect())
 }
 
 fn mean_nll(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Result<f64> {

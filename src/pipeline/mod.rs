@@ -177,7 +177,7 @@ fn score_staged(
         .and_then(|s| cancel::check().map(|()| s))
         .inspect_err(|_| {
             if let Err(cleanup) = discard(sink) {
-                tracing::warn!(error = %cleanup, "Could not remove the failed run's staged files.");
+                tracing::warn!(error = %cleanup.chain(), "Could not remove the failed run's staged files.");
             }
         })
 }

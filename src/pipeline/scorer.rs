@@ -15,7 +15,6 @@
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
-use super::fit::nll_scores;
 use crate::config::ScoreMethod;
 use crate::data::ImageShape;
 use crate::data::preprocess::Preprocessor;
@@ -137,6 +136,20 @@ pub fn complexity_nats(bytes: usize) -> f64 {
 /// The complexity of one image, L(x) in nats (see [`png::compressed_len`]).
 pub fn complexity(pixels: &[u8], shape: ImageShape, levels: u16) -> Result<f64> {
     Ok(complexity_nats(png::compressed_len(pixels, shape, levels)?))
+}
+
+/// −log p(x) for every row, checked to be finite.
+pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Result<Vec<f64>> {
+    let mut ll = vec![0.0; images.nrows()];
+    model.log_likelihood_batch(images, &mut ll);
+    if let Some(bad) = ll.par_iter().position_any(|v| !v.is_finite()) {
+        return Err(Error::Internal(format!(
+            "the {} model gave log-likelihood {} to image {bad}",
+            model.kind(),
+            ll[bad]
+        )));
+    }
+    Ok(ll.into_iter().map(|v| -v).collect())
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::ImageShape;
-use crate::data::preprocess::Preprocessor;
 
 /// The images a model is fitted on: preprocessed pixels, one row per image.
 #[derive(Debug, Clone)]
@@ -30,31 +29,16 @@ pub struct TrainingSet<'a> {
     pub validation: ArrayView2<'a, u8>,
     /// With `train.rebinarize`: where each epoch's fresh binarization of `pixels` comes from.
     /// Models fitted in closed form ignore it and fit `pixels`.
-    pub redraw: Option<Redraw<'a>>,
+    pub redraw: Option<&'a dyn Redraw>,
 }
 
-/// The training images as 8-bit intensities and the stochastic binarization that draws them
-/// anew for every epoch (`train.rebinarize`).
-///
-/// Invariant: `raw` has one row per id, in the order of [`TrainingSet::pixels`], and draw 0
-/// of it is `pixels`.
-#[derive(Debug, Clone, Copy)]
-pub struct Redraw<'a> {
-    /// The binarization (`preprocess.binarize = "stochastic"`).
-    pub preprocess: &'a Preprocessor,
-    /// The training images' ids, which seed their coins.
-    pub ids: &'a [String],
-    /// The training images' 8-bit intensities.
-    pub raw: ArrayView2<'a, u8>,
-}
-
-impl Redraw<'_> {
-    /// The training images of epoch `epoch` (1-based): draw `epoch − 1`, so that epoch 1 sees
-    /// the binarization the set's `pixels` hold and every later epoch a fresh one.
-    pub fn epoch(&self, epoch: u32) -> Array2<u8> {
-        let draw = epoch.saturating_sub(1) as usize;
-        self.preprocess.draw(draw, self.ids, self.raw).into_owned()
-    }
+/// Where each epoch's fresh binarization of the training images comes from
+/// (`train.rebinarize`); the caller knows how the images were preprocessed, training does not.
+pub trait Redraw: Sync + std::fmt::Debug {
+    /// The training images of epoch `epoch` (1-based), one row per row of
+    /// [`TrainingSet::pixels`] and in its order: epoch 1 sees exactly `pixels`, every later
+    /// epoch a fresh draw.
+    fn epoch(&self, epoch: u32) -> Array2<u8>;
 }
 
 /// What a training run reports to and asks whether to go on: the caller's progress display and

@@ -334,6 +334,20 @@ mod tests {
         use crate::data::preprocess::Preprocessor;
         use crate::train::Redraw;
 
+        /// Epoch e draws binarization e − 1, as the pipeline's rebinarization does.
+        #[derive(Debug)]
+        struct Draws<'a> {
+            preprocess: &'a Preprocessor,
+            ids: &'a [String],
+            raw: ndarray::ArrayView2<'a, u8>,
+        }
+        impl Redraw for Draws<'_> {
+            fn epoch(&self, epoch: u32) -> Array2<u8> {
+                let draw = epoch.saturating_sub(1) as usize;
+                self.preprocess.draw(draw, self.ids, self.raw).into_owned()
+            }
+        }
+
         // Every pixel of every image has intensity 64: independent coins with P(1) = 64/255.
         let (shape, n) = (ImageShape::new(3, 4, 1), 8);
         let raw = Array2::from_elem((n, 12), 64u8);
@@ -343,7 +357,7 @@ mod tests {
             ..PreprocessConfig::default()
         });
         let first = preprocess.draw(0, &ids, raw.view()).into_owned();
-        let redraw = Redraw {
+        let redraw = Draws {
             preprocess: &preprocess,
             ids: &ids,
             raw: raw.view(),
@@ -370,7 +384,7 @@ mod tests {
             };
             Fvsbn::fit(Order::Raster, 0, &data, &Training::unmonitored(&settings)).0
         };
-        let (fixed, rebinarized) = (fit(None), fit(Some(redraw)));
+        let (fixed, rebinarized) = (fit(None), fit(Some(&redraw as &dyn Redraw)));
 
         // Images the training never saw, drawn from the same intensities.
         let unseen_ids: Vec<String> = (0..4000).map(|i| format!("unseen-{i}")).collect();
