@@ -106,9 +106,9 @@ fn parse<E: de::Error>(
     family: &dyn Kind,
     map: Map<String, Value>,
 ) -> Result<ModelSpec, E> {
-    family.parse(map).map_err(|(key, message)| match key {
-        Some(key) => E::custom(format!("`{table}.{key}`: {message}")),
-        None => E::custom(format!("`{table}`: {message}")),
+    family.parse(map).map_err(|e| match &e.key {
+        Some(key) => E::custom(format!("`{table}.{key}`: {e}")),
+        None => E::custom(format!("`{table}`: {e}")),
     })
 }
 

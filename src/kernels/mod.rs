@@ -9,6 +9,7 @@
 
 pub mod math;
 pub mod nade;
+pub mod pixelrnn;
 pub mod rnade;
 
 use std::sync::OnceLock;

@@ -87,6 +87,17 @@ pub fn checked<T>(
     }
 }
 
+/// A family's `[model]` table that does not deserialize: an unknown key or a value of the wrong
+/// type.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}")]
+pub struct BadParams {
+    /// The key to blame, where one alone is.
+    pub key: Option<String>,
+    /// serde's error, whose message is this one's.
+    pub cause: serde_json::Error,
+}
+
 /// What a model is rebuilt from: model.json's description and model.safetensors' tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct Stored<'a> {
@@ -160,8 +171,8 @@ pub trait Kind: Send + Sync {
     }
 
     /// Reads its parameters from a table of keys (without `kind`); every key missing takes its
-    /// default. On a bad key or value: the key (where one is to blame) and the message.
-    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, (Option<String>, String)>;
+    /// default. On a bad key or value: the key to blame, where one is, and serde's error.
+    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, BadParams>;
 
     /// Its parameters with every default.
     fn default_spec(&self) -> ModelSpec;
@@ -197,7 +208,7 @@ impl<F: Family> Kind for Registered<F> {
         schemars::schema_for!(F::Params)
     }
 
-    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, (Option<String>, String)> {
+    fn parse(&self, table: Map<String, Value>) -> Result<ModelSpec, BadParams> {
         match serde_json::from_value::<F::Params>(Value::Object(table.clone())) {
             Ok(params) => Ok(ModelSpec::new::<F>(params)),
             Err(e) => {
@@ -209,8 +220,14 @@ impl<F: Family> Kind for Registered<F> {
                         .map(|e| (k.clone(), e))
                 });
                 Err(match culprit {
-                    Some((key, e)) => (Some(key), e.to_string()),
-                    None => (None, e.to_string()),
+                    Some((key, cause)) => BadParams {
+                        key: Some(key),
+                        cause,
+                    },
+                    None => BadParams {
+                        key: None,
+                        cause: e,
+                    },
                 })
             }
         }
@@ -458,10 +475,10 @@ mod tests {
             spec.to_json(),
             serde_json::json!({"kind": "coin", "p": 0.25})
         );
-        let (key, message) = kind
+        let bad_key = kind
             .parse(Map::from_iter([("q".into(), Value::from(1))]))
             .unwrap_err();
-        assert_eq!(key.as_deref(), Some("q"), "{message}");
+        assert_eq!(bad_key.key.as_deref(), Some("q"), "{bad_key}");
         let bad = ModelSpec::new::<Coin>(CoinParams { p: 1.5 });
         assert_eq!(
             bad.problems()[0].to_string(),

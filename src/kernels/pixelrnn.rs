@@ -1,0 +1,575 @@
+//! PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016) for binary pixels: the naive f64
+//! reference of its forward pass, against which fast kernels are to be held.
+//!
+//! The network, for an H × W image x of 0/1 pixels, with `hidden` = h and 2h features:
+//! - a 7×7 convolution with mask A (the pixel itself and everything after it in raster order
+//!   excluded) from x to 2h feature maps;
+//! - `layers` residual recurrent layers: each turns its 2h input maps into h LSTM outputs,
+//!   brings them back to 2h with a 1×1 convolution and adds them to the input;
+//! - two ReLU + 1×1 layers and a sigmoid: p(x_{r,c} = 1 | x_{<(r,c)}).
+//!
+//! Row LSTM: row by row; the input-to-state is a 3×1 convolution along the row with mask B (the
+//! pixel and its left neighbour, never its right), the state-to-state a 3×1 convolution over the
+//! previous row's hidden state; gates o, f, i are sigmoids and g is tanh, c = f⊙c' + i⊙g,
+//! h = o⊙tanh(c). Its receptive field is the triangle above a pixel (widened by mask A).
+//!
+//! Diagonal BiLSTM: the input map is skewed (row r shifted right by r), its input-to-state a 1×1
+//! convolution, its state-to-state a 2×1 convolution down the previous column of the skewed map
+//! (the same row and the row above), and the result unskewed: at (r, c) it has seen the pixel to
+//! the left and the one above, recursively. A second LSTM runs on the mirrored map (right to
+//! left); its output is shifted down one row before it is added, since at (r, c) it has seen the
+//! rest of row r. Its receptive field is the whole past but one pixel: the last of the row
+//! above is held only by row r's features (mask A reaches it from c ≥ W − 4), and the shifted
+//! right-to-left LSTM brings only row r − 1's, which cannot hold it (the tests pin this down).
+//!
+//! Not yet a model family: the fast kernels, the gradient and the `pixelrnn` kind build on
+//! this reference.
+//!
+//! Every value is f64 and every sum a plain loop over pixels, gates and taps: slow and obviously
+//! right, which is its job.
+
+/// The recurrent layer kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Row LSTM.
+    RowLstm,
+    /// Diagonal BiLSTM.
+    DiagonalBiLstm,
+}
+
+/// Side of the mask-A input convolution.
+pub const INPUT_KERNEL: usize = 7;
+
+/// One recurrent layer's parameters (f64, row-major).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Input-to-state, per direction (one for Row LSTM, two for Diagonal BiLSTM):
+    /// `[4h][2h][taps]`, gates in the order o, f, i, g; taps dx = −1, 0 (Row LSTM) or one tap.
+    pub input: Vec<Vec<f64>>,
+    /// Input-to-state biases, per direction: `[4h]`.
+    pub input_bias: Vec<Vec<f64>>,
+    /// State-to-state, per direction: `[4h][h][taps]`; Row LSTM taps dx = −1, 0, +1 over the
+    /// previous row, Diagonal taps (same row, row above) of the previous skewed column.
+    pub state: Vec<Vec<f64>>,
+    /// The 1×1 convolution back to 2h features: `[2h][h]`.
+    pub output: Vec<f64>,
+    /// Its bias: `[2h]`.
+    pub output_bias: Vec<f64>,
+}
+
+/// All the parameters.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// The recurrent layers' kind.
+    pub architecture: Architecture,
+    /// LSTM units h per layer (and direction); the feature maps are 2h.
+    pub hidden: usize,
+    /// Mask-A convolution `[2h][7][7]` (taps at and after the centre are never read).
+    pub input: Vec<f64>,
+    /// Its bias `[2h]`.
+    pub input_bias: Vec<f64>,
+    /// The recurrent layers.
+    pub layers: Vec<Layer>,
+    /// First output 1×1 layer `[2h][2h]` and bias `[2h]`.
+    pub head: Vec<f64>,
+    /// Its bias.
+    pub head_bias: Vec<f64>,
+    /// The last 1×1 layer to one logit: `[2h]`.
+    pub logit: Vec<f64>,
+    /// Its bias.
+    pub logit_bias: f64,
+}
+
+impl Params {
+    /// Input-to-state taps per direction.
+    fn input_taps(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 2,
+            Architecture::DiagonalBiLstm => 1,
+        }
+    }
+
+    /// State-to-state taps.
+    fn state_taps(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 3,
+            Architecture::DiagonalBiLstm => 2,
+        }
+    }
+
+    /// Directions per layer.
+    fn directions(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 1,
+            Architecture::DiagonalBiLstm => 2,
+        }
+    }
+
+    /// Parameters drawn uniformly from ±`scale` (seeded), for tests.
+    pub fn random(
+        architecture: Architecture,
+        hidden: usize,
+        layers: usize,
+        scale: f64,
+        seed: u64,
+    ) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut draw =
+            |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
+        let f = 2 * hidden;
+        let k = INPUT_KERNEL;
+        let shape = Params {
+            architecture,
+            hidden,
+            input: Vec::new(),
+            input_bias: Vec::new(),
+            layers: Vec::new(),
+            head: Vec::new(),
+            head_bias: Vec::new(),
+            logit: Vec::new(),
+            logit_bias: 0.0,
+        };
+        let (it, st, dirs) = (shape.input_taps(), shape.state_taps(), shape.directions());
+        Params {
+            input: draw(f * k * k),
+            input_bias: draw(f),
+            layers: (0..layers)
+                .map(|_| Layer {
+                    input: (0..dirs).map(|_| draw(4 * hidden * f * it)).collect(),
+                    input_bias: (0..dirs).map(|_| draw(4 * hidden)).collect(),
+                    state: (0..dirs).map(|_| draw(4 * hidden * hidden * st)).collect(),
+                    output: draw(f * hidden),
+                    output_bias: draw(f),
+                })
+                .collect(),
+            head: draw(f * f),
+            head_bias: draw(f),
+            logit: draw(f),
+            logit_bias: draw(1)[0],
+            ..shape
+        }
+    }
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Feature maps: `[rows][cols][channels]`, flattened.
+#[derive(Debug, Clone)]
+struct Maps {
+    rows: usize,
+    cols: usize,
+    channels: usize,
+    v: Vec<f64>,
+}
+
+impl Maps {
+    fn zeros(rows: usize, cols: usize, channels: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            channels,
+            v: vec![0.0; rows * cols * channels],
+        }
+    }
+
+    fn at(&self, r: usize, c: usize) -> &[f64] {
+        let i = (r * self.cols + c) * self.channels;
+        &self.v[i..i + self.channels]
+    }
+
+    fn at_mut(&mut self, r: usize, c: usize) -> &mut [f64] {
+        let i = (r * self.cols + c) * self.channels;
+        &mut self.v[i..i + self.channels]
+    }
+}
+
+/// One LSTM step: gate pre-activations `z` ([4h]: o, f, i, g) and the previous cell state give
+/// the new cell state and hidden output.
+fn lstm_step(z: &[f64], c_prev: &[f64], c: &mut [f64], h: &mut [f64]) {
+    let n = h.len();
+    for u in 0..n {
+        let (o, f, i, g) = (
+            sigmoid(z[u]),
+            sigmoid(z[n + u]),
+            sigmoid(z[2 * n + u]),
+            z[3 * n + u].tanh(),
+        );
+        c[u] = f * c_prev[u] + i * g;
+        h[u] = o * c[u].tanh();
+    }
+}
+
+/// The logit of p(x_{r,c} = 1 | earlier pixels) for every pixel of the `height` × `width`
+/// image `x` (0/1 bytes, row-major), row-major.
+pub fn logits(p: &Params, x: &[u8], height: usize, width: usize) -> Vec<f64> {
+    let features = features(p, x, height, width);
+    let f = 2 * p.hidden;
+    let mut out = Vec::with_capacity(height * width);
+    for r in 0..height {
+        for c in 0..width {
+            let y: Vec<f64> = features.at(r, c).iter().map(|v| v.max(0.0)).collect();
+            let z: Vec<f64> = (0..f)
+                .map(|j| {
+                    (p.head_bias[j] + (0..f).map(|k| p.head[j * f + k] * y[k]).sum::<f64>())
+                        .max(0.0)
+                })
+                .collect();
+            out.push(p.logit_bias + (0..f).map(|k| p.logit[k] * z[k]).sum::<f64>());
+        }
+    }
+    out
+}
+
+/// The 2h feature maps the recurrent stack leaves, before the output layers (which see one
+/// pixel's features each, so these hold the whole receptive field).
+fn features(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
+    assert_eq!(x.len(), height * width);
+    let mut features = mask_a(p, x, height, width);
+    for layer in &p.layers {
+        let lstm = match p.architecture {
+            Architecture::RowLstm => row_lstm(p, layer, &features),
+            Architecture::DiagonalBiLstm => diagonal_bilstm(p, layer, &features),
+        };
+        // Back to 2h features with a 1×1 convolution, added to the layer's input.
+        let f = 2 * p.hidden;
+        for r in 0..height {
+            for c in 0..width {
+                let h = lstm.at(r, c).to_vec();
+                let out = features.at_mut(r, c);
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o += layer.output_bias[j]
+                        + (0..p.hidden)
+                            .map(|u| layer.output[j * p.hidden + u] * h[u])
+                            .sum::<f64>();
+                }
+                debug_assert_eq!(out.len(), f);
+            }
+        }
+    }
+    features
+}
+
+/// log p(x) in nats: Σ log σ(±logit).
+pub fn log_likelihood(p: &Params, x: &[u8], height: usize, width: usize) -> f64 {
+    logits(p, x, height, width)
+        .iter()
+        .zip(x)
+        .map(|(&z, &v)| {
+            let s = if v != 0 { z } else { -z };
+            -(1.0 + (-s).exp()).ln()
+        })
+        .sum()
+}
+
+/// The mask-A 7×7 convolution: at (r, c) only pixels strictly before it in raster order, i.e.
+/// rows above, and the same row to the left.
+fn mask_a(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
+    let f = 2 * p.hidden;
+    let k = INPUT_KERNEL as isize;
+    let half = k / 2;
+    let mut out = Maps::zeros(height, width, f);
+    for r in 0..height {
+        for c in 0..width {
+            let cell = out.at_mut(r, c);
+            cell.copy_from_slice(&p.input_bias);
+            for dy in -half..=0 {
+                for dx in -half..=half {
+                    if dy == 0 && dx >= 0 {
+                        continue;
+                    }
+                    let (rr, cc) = (r as isize + dy, c as isize + dx);
+                    if rr < 0 || cc < 0 || cc >= width as isize {
+                        continue;
+                    }
+                    if x[rr as usize * width + cc as usize] == 0 {
+                        continue;
+                    }
+                    let tap = ((dy + half) * k + (dx + half)) as usize;
+                    for (j, v) in cell.iter_mut().enumerate() {
+                        *v += p.input[j * (k * k) as usize + tap];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Row LSTM over `features` (2h maps): h outputs per pixel.
+fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
+    let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
+    let (w_in, b_in, w_state) = (&layer.input[0], &layer.input_bias[0], &layer.state[0]);
+    let mut h_out = Maps::zeros(height, width, n);
+    let mut cell = Maps::zeros(height, width, n);
+    let zeros = vec![0.0; n];
+    for r in 0..height {
+        for c in 0..width {
+            let mut z = b_in.clone();
+            // Input-to-state, mask B: the pixel's own features and its left neighbour's.
+            for (t, dx) in [-1isize, 0].into_iter().enumerate() {
+                let cc = c as isize + dx;
+                if cc < 0 {
+                    continue;
+                }
+                let x = features.at(r, cc as usize);
+                for (g, zg) in z.iter_mut().enumerate() {
+                    *zg += (0..f)
+                        .map(|k| w_in[(g * f + k) * 2 + t] * x[k])
+                        .sum::<f64>();
+                }
+            }
+            // State-to-state: the previous row's hidden state at c − 1, c, c + 1.
+            if r > 0 {
+                for (t, dx) in [-1isize, 0, 1].into_iter().enumerate() {
+                    let cc = c as isize + dx;
+                    if cc < 0 || cc >= width as isize {
+                        continue;
+                    }
+                    let h = h_out.at(r - 1, cc as usize).to_vec();
+                    for (g, zg) in z.iter_mut().enumerate() {
+                        *zg += (0..n)
+                            .map(|u| w_state[(g * n + u) * 3 + t] * h[u])
+                            .sum::<f64>();
+                    }
+                }
+            }
+            let c_prev = if r > 0 {
+                cell.at(r - 1, c).to_vec()
+            } else {
+                zeros.clone()
+            };
+            let (mut cn, mut hn) = (vec![0.0; n], vec![0.0; n]);
+            lstm_step(&z, &c_prev, &mut cn, &mut hn);
+            cell.at_mut(r, c).copy_from_slice(&cn);
+            h_out.at_mut(r, c).copy_from_slice(&hn);
+        }
+    }
+    h_out
+}
+
+/// Diagonal BiLSTM over `features`: the left-to-right LSTM plus the right-to-left one shifted
+/// down a row.
+fn diagonal_bilstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
+    let (height, width) = (features.rows, features.cols);
+    let forward = diagonal_lstm(p, layer, 0, features);
+    let mirrored = mirror(features);
+    let backward = mirror(&diagonal_lstm(p, layer, 1, &mirrored));
+    let mut out = forward;
+    for r in 1..height {
+        for c in 0..width {
+            let b = backward.at(r - 1, c).to_vec();
+            out.at_mut(r, c)
+                .iter_mut()
+                .zip(b)
+                .for_each(|(o, v)| *o += v);
+        }
+    }
+    out
+}
+
+/// The maps flipped left to right.
+fn mirror(m: &Maps) -> Maps {
+    let mut out = Maps::zeros(m.rows, m.cols, m.channels);
+    for r in 0..m.rows {
+        for c in 0..m.cols {
+            out.at_mut(r, m.cols - 1 - c).copy_from_slice(m.at(r, c));
+        }
+    }
+    out
+}
+
+/// One diagonal LSTM (direction `d`'s weights) over `features`, computed on the skewed map
+/// (pixel (r, c) at column r + c) column by column, and returned unskewed.
+fn diagonal_lstm(p: &Params, layer: &Layer, d: usize, features: &Maps) -> Maps {
+    let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
+    let (w_in, b_in, w_state) = (&layer.input[d], &layer.input_bias[d], &layer.state[d]);
+    let skewed_cols = width + height - 1;
+    // Hidden and cell state on the skewed grid; positions outside the image stay zero.
+    let mut h = Maps::zeros(height, skewed_cols, n);
+    let mut cell = Maps::zeros(height, skewed_cols, n);
+    for j in 0..skewed_cols {
+        for r in 0..height {
+            let inside = j >= r && j - r < width;
+            let mut z = b_in.clone();
+            if inside {
+                let x = features.at(r, j - r);
+                for (g, zg) in z.iter_mut().enumerate() {
+                    *zg += (0..f).map(|k| w_in[g * f + k] * x[k]).sum::<f64>();
+                }
+            } else {
+                continue;
+            }
+            let (mut c_prev, mut s_same, mut s_above) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            if j > 0 {
+                s_same = h.at(r, j - 1).to_vec();
+                c_prev = cell.at(r, j - 1).to_vec();
+                if r > 0 {
+                    s_above = h.at(r - 1, j - 1).to_vec();
+                }
+            }
+            for (g, zg) in z.iter_mut().enumerate() {
+                *zg += (0..n)
+                    .map(|u| {
+                        w_state[(g * n + u) * 2] * s_same[u]
+                            + w_state[(g * n + u) * 2 + 1] * s_above[u]
+                    })
+                    .sum::<f64>();
+            }
+            let (mut cn, mut hn) = (vec![0.0; n], vec![0.0; n]);
+            lstm_step(&z, &c_prev, &mut cn, &mut hn);
+            cell.at_mut(r, j).copy_from_slice(&cn);
+            h.at_mut(r, j).copy_from_slice(&hn);
+        }
+    }
+    let mut out = Maps::zeros(height, width, n);
+    for r in 0..height {
+        for c in 0..width {
+            out.at_mut(r, c).copy_from_slice(h.at(r, r + c));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const ARCHITECTURES: [Architecture; 2] = [Architecture::RowLstm, Architecture::DiagonalBiLstm];
+
+    /// Which earlier pixels a conditional may see: the Diagonal BiLSTM all of them; the Row
+    /// LSTM the rows above within its widening triangle and the same row to the left, as far
+    /// as mask A (3 pixels) and one more per layer reach.
+    fn may_see(arch: Architecture, layers: usize, p: (usize, usize), q: (usize, usize)) -> bool {
+        let before = q.0 < p.0 || (q.0 == p.0 && q.1 < p.1);
+        if !before {
+            return false;
+        }
+        match arch {
+            Architecture::DiagonalBiLstm => true,
+            Architecture::RowLstm => {
+                let (dr, dc) = (p.0 - q.0, q.1 as isize - p.1 as isize);
+                let reach = 3 + layers as isize;
+                if dr == 0 {
+                    -dc <= reach
+                } else {
+                    // Rows above: mask A reaches ±3 over 3 rows; each layer's state-to-state
+                    // widens the triangle by one column per row, its mask B one to the left.
+                    dc.abs() <= 3 + layers as isize * (dr as isize + 1)
+                }
+            }
+        }
+    }
+
+    /// The one earlier pixel a Diagonal BiLSTM cannot see from (r, c): the last of the row
+    /// above, which only row r's features hold (mask A reaches it from c ≥ W − 4), while the
+    /// right-to-left LSTM, shifted down a row, brings only row r − 1's features.
+    fn is_blind_spot(width: usize, p: (usize, usize), q: (usize, usize)) -> bool {
+        q == (p.0.wrapping_sub(1), width - 1) && p.1 + INPUT_KERNEL / 2 < width - 1
+    }
+
+    /// Every conditional is unchanged when any pixel at or after it changes, and changes for
+    /// some earlier pixel; no earlier pixel outside the receptive field changes it. Exhaustive
+    /// over the pixels of a 5×6 image, from several random images, both architectures, 1 to 3
+    /// layers.
+    #[test]
+    fn conditionals_see_only_the_past_and_the_diagonal_sees_all_of_it() {
+        let (height, width) = (5, 6);
+        let d = height * width;
+        for arch in ARCHITECTURES {
+            for layers in 1..=3 {
+                let p = Params::random(arch, 3, layers, 0.7, 11 + layers as u64);
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(layers as u64);
+                // seen[i][q]: flipping pixel q moved the features conditional i reads, from some
+                // base image (the output layers see one pixel's features, so these carry the
+                // receptive field; a logit behind a ReLU that is off may not move).
+                let mut seen = vec![vec![false; d]; d];
+                for _ in 0..4 {
+                    let x: Vec<u8> = (0..d).map(|_| u8::from(rng.random_bool(0.5))).collect();
+                    let (base, base_features) = (
+                        logits(&p, &x, height, width),
+                        features(&p, &x, height, width),
+                    );
+                    for q in 0..d {
+                        let mut y = x.clone();
+                        y[q] ^= 1;
+                        let (moved, moved_features) = (
+                            logits(&p, &y, height, width),
+                            features(&p, &y, height, width),
+                        );
+                        for i in 0..d {
+                            let at = (i / width, i % width);
+                            let changed =
+                                moved_features.at(at.0, at.1) != base_features.at(at.0, at.1);
+                            // A logit moves only where the features it reads do.
+                            assert!(changed || moved[i] == base[i], "{arch:?} {at:?}");
+                            seen[i][q] |= changed;
+                        }
+                    }
+                }
+                for i in 0..d {
+                    let pi = (i / width, i % width);
+                    for (q, _) in seen[i].iter().enumerate().filter(|(_, s)| **s) {
+                        let pq = (q / width, q % width);
+                        assert!(
+                            may_see(arch, layers, pi, pq),
+                            "{arch:?} L={layers}: pixel {pi:?} sees {pq:?}"
+                        );
+                    }
+                    if i > 0 {
+                        assert!(
+                            seen[i][..i].iter().any(|&s| s),
+                            "{arch:?} L={layers}: pixel {pi:?} sees no earlier pixel"
+                        );
+                    }
+                    if arch == Architecture::DiagonalBiLstm {
+                        let missed: Vec<(usize, usize)> = (0..i)
+                            .filter(|&q| !seen[i][q])
+                            .map(|q| (q / width, q % width))
+                            .collect();
+                        assert!(
+                            missed.iter().all(|&q| is_blind_spot(width, pi, q)),
+                            "{arch:?} L={layers}: pixel {pi:?} misses {missed:?} of its past"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A Row LSTM does not see the whole past: far to the left in its own row, and outside its
+    /// triangle above, pixels are invisible (which the Diagonal BiLSTM sees, above).
+    #[test]
+    fn the_row_lstm_misses_what_lies_outside_its_triangle() {
+        let (height, width) = (3, 12);
+        let p = Params::random(Architecture::RowLstm, 3, 1, 0.7, 5);
+        let x = vec![0u8; height * width];
+        let base = logits(&p, &x, height, width);
+        let mut y = x.clone();
+        y[0] = 1; // (0, 0)
+        let moved = logits(&p, &y, height, width);
+        // (0, 11) is 11 to the right of (0, 0) in its row: beyond mask A's 3 and one layer's 1.
+        assert_eq!(moved[11], base[11]);
+        assert_ne!(moved[1], base[1]);
+    }
+
+    /// Σ over all 2^12 images of a 3×4 image of p(x) is 1, for both architectures.
+    #[test]
+    fn probabilities_sum_to_one_over_every_image() {
+        let (height, width) = (3, 4);
+        let d = height * width;
+        for arch in ARCHITECTURES {
+            let p = Params::random(arch, 2, 2, 0.8, 3);
+            let total: f64 = (0..1u32 << d)
+                .map(|k| {
+                    let x: Vec<u8> = (0..d).map(|i| ((k >> i) & 1) as u8).collect();
+                    log_likelihood(&p, &x, height, width).exp()
+                })
+                .sum();
+            assert!((total - 1.0).abs() < 1e-9, "{arch:?}: Σ p(x) = {total}");
+        }
+    }
+}
