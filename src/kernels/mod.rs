@@ -11,6 +11,7 @@ pub mod math;
 pub mod nade;
 pub mod pixelrnn;
 pub mod rnade;
+pub mod tape;
 
 use std::sync::OnceLock;
 

@@ -25,8 +25,10 @@
 //! Not yet a model family: the fast kernels, the gradient and the `pixelrnn` kind build on
 //! this reference.
 //!
-//! Every value is f64 and every sum a plain loop over pixels, gates and taps: slow and obviously
-//! right, which is its job.
+//! Every value is f64 (or a [`Var`], whose [`Tape`] differentiates the same code) and every sum
+//! a plain loop over pixels, gates and taps: slow and obviously right, which is its job.
+
+pub use super::tape::{Scalar, Tape, Var};
 
 /// The recurrent layer kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,47 +42,80 @@ pub enum Architecture {
 /// Side of the mask-A input convolution.
 pub const INPUT_KERNEL: usize = 7;
 
-/// One recurrent layer's parameters (f64, row-major).
+/// One recurrent layer's parameters (row-major; `T` is f64, or a [`Var`] of a [`Tape`] to
+/// differentiate).
 #[derive(Debug, Clone)]
-pub struct Layer {
+pub struct Layer<T = f64> {
     /// Input-to-state, per direction (one for Row LSTM, two for Diagonal BiLSTM):
     /// `[4h][2h][taps]`, gates in the order o, f, i, g; taps dx = −1, 0 (Row LSTM) or one tap.
-    pub input: Vec<Vec<f64>>,
+    pub input: Vec<Vec<T>>,
     /// Input-to-state biases, per direction: `[4h]`.
-    pub input_bias: Vec<Vec<f64>>,
+    pub input_bias: Vec<Vec<T>>,
     /// State-to-state, per direction: `[4h][h][taps]`; Row LSTM taps dx = −1, 0, +1 over the
     /// previous row, Diagonal taps (same row, row above) of the previous skewed column.
-    pub state: Vec<Vec<f64>>,
+    pub state: Vec<Vec<T>>,
     /// The 1×1 convolution back to 2h features: `[2h][h]`.
-    pub output: Vec<f64>,
+    pub output: Vec<T>,
     /// Its bias: `[2h]`.
-    pub output_bias: Vec<f64>,
+    pub output_bias: Vec<T>,
 }
 
 /// All the parameters.
 #[derive(Debug, Clone)]
-pub struct Params {
+pub struct Params<T = f64> {
     /// The recurrent layers' kind.
     pub architecture: Architecture,
     /// LSTM units h per layer (and direction); the feature maps are 2h.
     pub hidden: usize,
     /// Mask-A convolution `[2h][7][7]` (taps at and after the centre are never read).
-    pub input: Vec<f64>,
+    pub input: Vec<T>,
     /// Its bias `[2h]`.
-    pub input_bias: Vec<f64>,
+    pub input_bias: Vec<T>,
     /// The recurrent layers.
-    pub layers: Vec<Layer>,
+    pub layers: Vec<Layer<T>>,
     /// First output 1×1 layer `[2h][2h]` and bias `[2h]`.
-    pub head: Vec<f64>,
+    pub head: Vec<T>,
     /// Its bias.
-    pub head_bias: Vec<f64>,
+    pub head_bias: Vec<T>,
     /// The last 1×1 layer to one logit: `[2h]`.
-    pub logit: Vec<f64>,
+    pub logit: Vec<T>,
     /// Its bias.
-    pub logit_bias: f64,
+    pub logit_bias: T,
 }
 
-impl Params {
+impl<T> Params<T> {
+    /// Every parameter mapped through `f`, in the order of the fields.
+    pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> Params<U> {
+        let mut all = |v: &[T]| v.iter().map(&mut *f).collect::<Vec<U>>();
+        let input = all(&self.input);
+        let input_bias = all(&self.input_bias);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Layer {
+                input: l.input.iter().map(|v| all(v)).collect(),
+                input_bias: l.input_bias.iter().map(|v| all(v)).collect(),
+                state: l.state.iter().map(|v| all(v)).collect(),
+                output: all(&l.output),
+                output_bias: all(&l.output_bias),
+            })
+            .collect();
+        let head = all(&self.head);
+        let head_bias = all(&self.head_bias);
+        let logit = all(&self.logit);
+        Params {
+            architecture: self.architecture,
+            hidden: self.hidden,
+            input,
+            input_bias,
+            layers,
+            head,
+            head_bias,
+            logit,
+            logit_bias: f(&self.logit_bias),
+        }
+    }
+
     /// Input-to-state taps per direction.
     fn input_taps(&self) -> usize {
         match self.architecture {
@@ -104,7 +139,9 @@ impl Params {
             Architecture::DiagonalBiLstm => 2,
         }
     }
+}
 
+impl Params {
     /// Parameters drawn uniformly from ±`scale` (seeded), for tests.
     pub fn random(
         architecture: Architecture,
@@ -119,7 +156,7 @@ impl Params {
             |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
         let f = 2 * hidden;
         let k = INPUT_KERNEL;
-        let shape = Params {
+        let shape: Params = Params {
             architecture,
             hidden,
             input: Vec::new(),
@@ -152,35 +189,31 @@ impl Params {
     }
 }
 
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
-
 /// Feature maps: `[rows][cols][channels]`, flattened.
 #[derive(Debug, Clone)]
-struct Maps {
+struct Maps<T> {
     rows: usize,
     cols: usize,
     channels: usize,
-    v: Vec<f64>,
+    v: Vec<T>,
 }
 
-impl Maps {
+impl<T: Scalar> Maps<T> {
     fn zeros(rows: usize, cols: usize, channels: usize) -> Self {
         Self {
             rows,
             cols,
             channels,
-            v: vec![0.0; rows * cols * channels],
+            v: vec![T::from(0.0); rows * cols * channels],
         }
     }
 
-    fn at(&self, r: usize, c: usize) -> &[f64] {
+    fn at(&self, r: usize, c: usize) -> &[T] {
         let i = (r * self.cols + c) * self.channels;
         &self.v[i..i + self.channels]
     }
 
-    fn at_mut(&mut self, r: usize, c: usize) -> &mut [f64] {
+    fn at_mut(&mut self, r: usize, c: usize) -> &mut [T] {
         let i = (r * self.cols + c) * self.channels;
         &mut self.v[i..i + self.channels]
     }
@@ -188,13 +221,13 @@ impl Maps {
 
 /// One LSTM step: gate pre-activations `z` ([4h]: o, f, i, g) and the previous cell state give
 /// the new cell state and hidden output.
-fn lstm_step(z: &[f64], c_prev: &[f64], c: &mut [f64], h: &mut [f64]) {
+fn lstm_step<T: Scalar>(z: &[T], c_prev: &[T], c: &mut [T], h: &mut [T]) {
     let n = h.len();
     for u in 0..n {
         let (o, f, i, g) = (
-            sigmoid(z[u]),
-            sigmoid(z[n + u]),
-            sigmoid(z[2 * n + u]),
+            z[u].sigmoid(),
+            z[n + u].sigmoid(),
+            z[2 * n + u].sigmoid(),
             z[3 * n + u].tanh(),
         );
         c[u] = f * c_prev[u] + i * g;
@@ -204,20 +237,17 @@ fn lstm_step(z: &[f64], c_prev: &[f64], c: &mut [f64], h: &mut [f64]) {
 
 /// The logit of p(x_{r,c} = 1 | earlier pixels) for every pixel of the `height` × `width`
 /// image `x` (0/1 bytes, row-major), row-major.
-pub fn logits(p: &Params, x: &[u8], height: usize, width: usize) -> Vec<f64> {
+pub fn logits<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Vec<T> {
     let features = features(p, x, height, width);
     let f = 2 * p.hidden;
     let mut out = Vec::with_capacity(height * width);
     for r in 0..height {
         for c in 0..width {
-            let y: Vec<f64> = features.at(r, c).iter().map(|v| v.max(0.0)).collect();
-            let z: Vec<f64> = (0..f)
-                .map(|j| {
-                    (p.head_bias[j] + (0..f).map(|k| p.head[j * f + k] * y[k]).sum::<f64>())
-                        .max(0.0)
-                })
+            let y: Vec<T> = features.at(r, c).iter().map(|v| v.relu()).collect();
+            let z: Vec<T> = (0..f)
+                .map(|j| (p.head_bias[j] + sum((0..f).map(|k| p.head[j * f + k] * y[k]))).relu())
                 .collect();
-            out.push(p.logit_bias + (0..f).map(|k| p.logit[k] * z[k]).sum::<f64>());
+            out.push(p.logit_bias + sum((0..f).map(|k| p.logit[k] * z[k])));
         }
     }
     out
@@ -225,7 +255,7 @@ pub fn logits(p: &Params, x: &[u8], height: usize, width: usize) -> Vec<f64> {
 
 /// The 2h feature maps the recurrent stack leaves, before the output layers (which see one
 /// pixel's features each, so these hold the whole receptive field).
-fn features(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
+fn features<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {
     assert_eq!(x.len(), height * width);
     let mut features = mask_a(p, x, height, width);
     for layer in &p.layers {
@@ -241,9 +271,7 @@ fn features(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
                 let out = features.at_mut(r, c);
                 for (j, o) in out.iter_mut().enumerate() {
                     *o += layer.output_bias[j]
-                        + (0..p.hidden)
-                            .map(|u| layer.output[j * p.hidden + u] * h[u])
-                            .sum::<f64>();
+                        + sum((0..p.hidden).map(|u| layer.output[j * p.hidden + u] * h[u]));
                 }
                 debug_assert_eq!(out.len(), f);
             }
@@ -253,20 +281,34 @@ fn features(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
 }
 
 /// log p(x) in nats: Σ log σ(±logit).
-pub fn log_likelihood(p: &Params, x: &[u8], height: usize, width: usize) -> f64 {
-    logits(p, x, height, width)
-        .iter()
+pub fn log_likelihood<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> T {
+    sum(logits(p, x, height, width)
+        .into_iter()
         .zip(x)
-        .map(|(&z, &v)| {
-            let s = if v != 0 { z } else { -z };
-            -(1.0 + (-s).exp()).ln()
-        })
-        .sum()
+        .map(|(z, &v)| if v != 0 { z } else { -z }.log_sigmoid()))
+}
+
+/// log p(x) and its gradient with respect to every parameter (laid out as `p`), by running the
+/// same reference on a [`Tape`]: the gradient a fast backward pass is held to.
+pub fn gradient(p: &Params, x: &[u8], height: usize, width: usize) -> (f64, Params) {
+    let tape = Tape::new();
+    let vars = p.map(&mut |&v| tape.var(v));
+    let ll = log_likelihood(&vars, x, height, width);
+    let grad = tape.gradient(ll);
+    (
+        ll.value(),
+        vars.map(&mut |v| v.index().map_or(0.0, |i| grad[i])),
+    )
+}
+
+/// Σ of `terms`, in order, from zero.
+fn sum<T: Scalar>(terms: impl Iterator<Item = T>) -> T {
+    terms.fold(T::from(0.0), |a, b| a + b)
 }
 
 /// The mask-A 7×7 convolution: at (r, c) only pixels strictly before it in raster order, i.e.
 /// rows above, and the same row to the left.
-fn mask_a(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
+fn mask_a<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {
     let f = 2 * p.hidden;
     let k = INPUT_KERNEL as isize;
     let half = k / 2;
@@ -299,12 +341,12 @@ fn mask_a(p: &Params, x: &[u8], height: usize, width: usize) -> Maps {
 }
 
 /// Row LSTM over `features` (2h maps): h outputs per pixel.
-fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
+fn row_lstm<T: Scalar>(p: &Params<T>, layer: &Layer<T>, features: &Maps<T>) -> Maps<T> {
     let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
     let (w_in, b_in, w_state) = (&layer.input[0], &layer.input_bias[0], &layer.state[0]);
     let mut h_out = Maps::zeros(height, width, n);
     let mut cell = Maps::zeros(height, width, n);
-    let zeros = vec![0.0; n];
+    let zeros = vec![T::from(0.0); n];
     for r in 0..height {
         for c in 0..width {
             let mut z = b_in.clone();
@@ -316,9 +358,7 @@ fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
                 }
                 let x = features.at(r, cc as usize);
                 for (g, zg) in z.iter_mut().enumerate() {
-                    *zg += (0..f)
-                        .map(|k| w_in[(g * f + k) * 2 + t] * x[k])
-                        .sum::<f64>();
+                    *zg += sum((0..f).map(|k| w_in[(g * f + k) * 2 + t] * x[k]));
                 }
             }
             // State-to-state: the previous row's hidden state at c − 1, c, c + 1.
@@ -330,9 +370,7 @@ fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
                     }
                     let h = h_out.at(r - 1, cc as usize).to_vec();
                     for (g, zg) in z.iter_mut().enumerate() {
-                        *zg += (0..n)
-                            .map(|u| w_state[(g * n + u) * 3 + t] * h[u])
-                            .sum::<f64>();
+                        *zg += sum((0..n).map(|u| w_state[(g * n + u) * 3 + t] * h[u]));
                     }
                 }
             }
@@ -341,7 +379,7 @@ fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
             } else {
                 zeros.clone()
             };
-            let (mut cn, mut hn) = (vec![0.0; n], vec![0.0; n]);
+            let (mut cn, mut hn) = (vec![T::from(0.0); n], vec![T::from(0.0); n]);
             lstm_step(&z, &c_prev, &mut cn, &mut hn);
             cell.at_mut(r, c).copy_from_slice(&cn);
             h_out.at_mut(r, c).copy_from_slice(&hn);
@@ -352,7 +390,7 @@ fn row_lstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
 
 /// Diagonal BiLSTM over `features`: the left-to-right LSTM plus the right-to-left one shifted
 /// down a row.
-fn diagonal_bilstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
+fn diagonal_bilstm<T: Scalar>(p: &Params<T>, layer: &Layer<T>, features: &Maps<T>) -> Maps<T> {
     let (height, width) = (features.rows, features.cols);
     let forward = diagonal_lstm(p, layer, 0, features);
     let mirrored = mirror(features);
@@ -371,7 +409,7 @@ fn diagonal_bilstm(p: &Params, layer: &Layer, features: &Maps) -> Maps {
 }
 
 /// The maps flipped left to right.
-fn mirror(m: &Maps) -> Maps {
+fn mirror<T: Scalar>(m: &Maps<T>) -> Maps<T> {
     let mut out = Maps::zeros(m.rows, m.cols, m.channels);
     for r in 0..m.rows {
         for c in 0..m.cols {
@@ -383,7 +421,12 @@ fn mirror(m: &Maps) -> Maps {
 
 /// One diagonal LSTM (direction `d`'s weights) over `features`, computed on the skewed map
 /// (pixel (r, c) at column r + c) column by column, and returned unskewed.
-fn diagonal_lstm(p: &Params, layer: &Layer, d: usize, features: &Maps) -> Maps {
+fn diagonal_lstm<T: Scalar>(
+    p: &Params<T>,
+    layer: &Layer<T>,
+    d: usize,
+    features: &Maps<T>,
+) -> Maps<T> {
     let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
     let (w_in, b_in, w_state) = (&layer.input[d], &layer.input_bias[d], &layer.state[d]);
     let skewed_cols = width + height - 1;
@@ -397,12 +440,16 @@ fn diagonal_lstm(p: &Params, layer: &Layer, d: usize, features: &Maps) -> Maps {
             if inside {
                 let x = features.at(r, j - r);
                 for (g, zg) in z.iter_mut().enumerate() {
-                    *zg += (0..f).map(|k| w_in[g * f + k] * x[k]).sum::<f64>();
+                    *zg += sum((0..f).map(|k| w_in[g * f + k] * x[k]));
                 }
             } else {
                 continue;
             }
-            let (mut c_prev, mut s_same, mut s_above) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let (mut c_prev, mut s_same, mut s_above) = (
+                vec![T::from(0.0); n],
+                vec![T::from(0.0); n],
+                vec![T::from(0.0); n],
+            );
             if j > 0 {
                 s_same = h.at(r, j - 1).to_vec();
                 c_prev = cell.at(r, j - 1).to_vec();
@@ -411,14 +458,11 @@ fn diagonal_lstm(p: &Params, layer: &Layer, d: usize, features: &Maps) -> Maps {
                 }
             }
             for (g, zg) in z.iter_mut().enumerate() {
-                *zg += (0..n)
-                    .map(|u| {
-                        w_state[(g * n + u) * 2] * s_same[u]
-                            + w_state[(g * n + u) * 2 + 1] * s_above[u]
-                    })
-                    .sum::<f64>();
+                *zg += sum((0..n).map(|u| {
+                    w_state[(g * n + u) * 2] * s_same[u] + w_state[(g * n + u) * 2 + 1] * s_above[u]
+                }));
             }
-            let (mut cn, mut hn) = (vec![0.0; n], vec![0.0; n]);
+            let (mut cn, mut hn) = (vec![T::from(0.0); n], vec![T::from(0.0); n]);
             lstm_step(&z, &c_prev, &mut cn, &mut hn);
             cell.at_mut(r, j).copy_from_slice(&cn);
             h.at_mut(r, j).copy_from_slice(&hn);
@@ -554,6 +598,40 @@ mod tests {
         // (0, 11) is 11 to the right of (0, 0) in its row: beyond mask A's 3 and one layer's 1.
         assert_eq!(moved[11], base[11]);
         assert_ne!(moved[1], base[1]);
+    }
+
+    /// The reference gradient agrees with central differences for every 5th parameter (every
+    /// tensor included), both architectures, two layers, odd sizes.
+    #[test]
+    fn the_gradient_matches_finite_differences() {
+        let (height, width) = (3, 5);
+        for arch in ARCHITECTURES {
+            let p = Params::random(arch, 3, 2, 0.6, 21);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+            let x: Vec<u8> = (0..height * width)
+                .map(|_| u8::from(rng.random_bool(0.5)))
+                .collect();
+            let (ll, grad) = gradient(&p, &x, height, width);
+            assert_eq!(ll, log_likelihood(&p, &x, height, width));
+            let mut flat = Vec::new();
+            grad.map(&mut |&g| flat.push(g));
+            let shifted = |k: usize, d: f64| {
+                let mut i = 0;
+                let q = p.map(&mut |&v| {
+                    i += 1;
+                    if i - 1 == k { v + d } else { v }
+                });
+                log_likelihood(&q, &x, height, width)
+            };
+            for k in (0..flat.len()).step_by(5) {
+                let numeric = (shifted(k, 1e-6) - shifted(k, -1e-6)) / 2e-6;
+                assert!(
+                    (numeric - flat[k]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                    "{arch:?} parameter {k}: {numeric} vs {}",
+                    flat[k]
+                );
+            }
+        }
     }
 
     /// Σ over all 2^12 images of a 3×4 image of p(x) is 1, for both architectures.
