@@ -2,8 +2,11 @@
 //! registry so that each family's keys, defaults and checks live in its own folder.
 //!
 //! Both tables are internally tagged by `kind`. A key the chosen kind does not take is caught
-//! before deserialization, with its line (see [`load`](super::load)); what reaches the
-//! deserializers here has only the kind's keys, and a bad value names its key.
+//! before deserialization, with its line (see [`load`](super::load)), and so are the old
+//! spellings of the background. The deserializers here therefore read only the kind's own keys
+//! and pass over any other: that is what lets a run manifest written by an earlier version (whose
+//! `[model]` held every kind's keys, and whose background was a kind's name) still be read. A
+//! bad value of a kind's own key names the key.
 
 use std::borrow::Cow;
 
@@ -101,11 +104,15 @@ fn spec_from<E: de::Error>(table: &str, mut map: Map<String, Value>) -> Result<M
     parse(table, family, map)
 }
 
+/// The family's spec from its own keys of `map` (see the module docs for why others are passed
+/// over).
 fn parse<E: de::Error>(
     table: &str,
     family: &dyn Kind,
-    map: Map<String, Value>,
+    mut map: Map<String, Value>,
 ) -> Result<ModelSpec, E> {
+    let keys = family.keys();
+    map.retain(|k, _| keys.contains(k));
     family.parse(map).map_err(|e| match &e.key {
         Some(key) => E::custom(format!("`{table}.{key}`: {e}")),
         None => E::custom(format!("`{table}`: {e}")),
@@ -167,10 +174,17 @@ impl<'de> Deserialize<'de> for BackgroundConfig {
         const TABLE: &str = "score.background";
         let mut map = match Value::deserialize(d)? {
             Value::Object(map) => map,
+            // An earlier version's manifest: the background's kind alone (a pipeline file that
+            // says so is refused, with what to write, before it gets here).
+            Value::String(kind) if kind == MUTATED => {
+                return Ok(BackgroundConfig::Mutated {
+                    mutation_rate: DEFAULT_MUTATION_RATE,
+                });
+            }
             Value::String(kind) => {
-                return Err(de::Error::custom(format!(
-                    "`{TABLE}` is a table now: write `[{TABLE}]` with `kind = {kind:?}` and that kind's keys"
-                )));
+                let family =
+                    families::find(&kind).ok_or_else(|| unknown_kind(TABLE, &kind, true))?;
+                return Ok(BackgroundConfig::Model(family.default_spec()));
             }
             other => {
                 return Err(de::Error::custom(format!(
@@ -185,7 +199,6 @@ impl<'de> Deserialize<'de> for BackgroundConfig {
         })?;
         if kind == MUTATED {
             #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
             struct Mutated {
                 #[serde(default = "default_rate")]
                 mutation_rate: f64,

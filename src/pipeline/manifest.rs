@@ -85,3 +85,21 @@ pub struct ModelRef {
     /// Whether this run fitted it.
     pub fitted_by_this_run: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest written by the previous version (eb27741: `[model]` held every kind's keys,
+    /// and the background was a kind's name) still reads, so `pipeline report` works on a sink
+    /// whose history predates this version.
+    #[test]
+    fn a_manifest_of_the_previous_version_still_reads() {
+        let text = include_str!("../../tests/data/manifest-v1.json");
+        let m: Manifest = serde_json::from_str(text).unwrap();
+        assert_eq!(m.config.model.spec.name(), "nade");
+        assert_eq!(m.config.model.spec.to_json()["hidden"], 8);
+        assert_eq!(m.config.score.background.kind_name(), "ar");
+        assert_eq!(m.rows.scored, 2000);
+    }
+}
