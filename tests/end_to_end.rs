@@ -524,6 +524,66 @@ fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
     }
 }
 
+/// `train.max_minutes`: a budget the first step already spends ends training there; the model
+/// keeps that epoch and its curve and the run's manifest say the budget ended it. Without the
+/// key, neither says anything.
+#[test]
+fn a_training_budget_ends_the_fit_and_the_manifest_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("d.parquet"),
+        &ids(0, 300),
+        &images(300, 6, 6, 2),
+        &[6, 6],
+    );
+    for (name, budget) in [("budget", "max_minutes = 1e-9\n"), ("none", "")] {
+        let cfg = format!("{name}.toml");
+        write_config(
+            d,
+            &cfg,
+            "d.parquet",
+            &format!("out-{name}"),
+            &format!(
+                "[model]\nkind = \"fvsbn\"\n[train]\nepochs = 3\nbatch_size = 10\nclip = 5.0\n{budget}"
+            ),
+        );
+        pipeline(d, &["run", &cfg, "--run-id", "r"], &[]).expect(0);
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join(format!("out-{name}/runs/r/manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        let model_dir = d
+            .join(format!("out-{name}/models"))
+            .join(manifest["model"]["model_id"].as_str().unwrap());
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
+        let curve = meta["training"]["curve"].as_array().unwrap();
+        if name == "budget" {
+            assert_eq!(curve.len(), 1, "{curve:?}");
+            assert_eq!(curve[0]["budget_ended"], true);
+            assert_eq!(manifest["model"]["training_budget_ended"], true);
+        } else {
+            assert_eq!(curve.len(), 3);
+            assert!(curve.iter().all(|r| r.get("budget_ended").is_none()));
+            assert!(manifest["model"].get("training_budget_ended").is_none());
+        }
+    }
+    write_config(
+        d,
+        "bad.toml",
+        "d.parquet",
+        "out",
+        "[train]\nmax_minutes = -1.0\nclip = 0.0\n",
+    );
+    pipeline(d, &["validate", "bad.toml"], &[])
+        .expect(78)
+        .mentions(&[
+            "`train.max_minutes` must be a positive number, got -1",
+            "`train.clip` must be a positive number, got 0",
+        ]);
+}
+
 /// A model written by the previous version of the program (model.json format 1, before the
 /// model layer became one folder per family) still loads, and scores the demo digits exactly
 /// as that version did: a NADE-8 with a likelihood ratio against an AR-3 background, fitted by

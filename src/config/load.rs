@@ -448,6 +448,13 @@ fn check_train(c: &PipelineConfig, p: &mut Problems) {
             ),
         );
     }
+    for (key, value) in [("train.max_minutes", t.max_minutes), ("train.clip", t.clip)] {
+        if let Some(v) = value
+            && !(v.is_finite() && v > 0.0)
+        {
+            p.add(key, format!("`{key}` must be a positive number, got {v}"));
+        }
+    }
     if !(0.0..1.0).contains(&t.validation_fraction) {
         p.add(
             "train.validation_fraction",

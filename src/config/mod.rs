@@ -204,6 +204,14 @@ pub struct TrainConfig {
     pub rebinarize: bool,
     /// Seed for the validation split and for training.
     pub seed: u64,
+    /// A wall-clock budget for models trained by gradient, in minutes: when it runs out,
+    /// training stops at the end of the step, keeps its best epoch, and the model's curve and
+    /// the run's manifest say the budget ended it (a nightly job must finish by morning).
+    /// Unset: no budget. A likelihood ratio's background model gets the same budget again.
+    pub max_minutes: Option<f64>,
+    /// Clip each step's mean gradient to this L2 norm (models trained by gradient); unset: no
+    /// clipping.
+    pub clip: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -220,6 +228,8 @@ impl Default for TrainConfig {
             min_images: 100,
             rebinarize: false,
             seed: s.seed,
+            max_minutes: None,
+            clip: None,
         }
     }
 }
@@ -235,6 +245,8 @@ impl TrainConfig {
             anneal: self.anneal,
             weight_decay: self.weight_decay,
             seed: self.seed,
+            max_seconds: self.max_minutes.map(|m| m * 60.0),
+            clip: self.clip,
         }
     }
 }

@@ -84,6 +84,10 @@ pub struct ModelRef {
     pub uri: String,
     /// Whether this run fitted it.
     pub fitted_by_this_run: bool,
+    /// Whether the training budget (`train.max_minutes`) ended the training of the model (or of
+    /// any partition's): it stopped short of converging. Absent when not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub training_budget_ended: bool,
 }
 
 #[cfg(test)]

@@ -213,6 +213,10 @@ fn manifest_of(
             kind: model.kind().to_string(),
             uri: model.uri.clone(),
             fitted_by_this_run: fitted,
+            training_budget_ended: model
+                .models
+                .values()
+                .any(|m| m.meta.training.curve.last().is_some_and(|r| r.budget_ended)),
         },
         threshold: if partitioned {
             None

@@ -182,6 +182,12 @@ pub struct TrainSettings {
     /// Seed of the minibatch shuffle, and of anything random in the model (initial weights, a
     /// random ordering, dequantization noise).
     pub seed: u64,
+    /// A wall-clock budget: training stops at the first step that ends after it, and keeps its
+    /// best epoch.
+    pub max_seconds: Option<f64>,
+    /// Clip each step's mean gradient to this L2 norm (a step whose gradient is longer is
+    /// scaled down to it, keeping its direction).
+    pub clip: Option<f64>,
 }
 
 impl Default for TrainSettings {
@@ -194,6 +200,8 @@ impl Default for TrainSettings {
             anneal: 2,
             weight_decay: 0.0,
             seed: 0,
+            max_seconds: None,
+            clip: None,
         }
     }
 }
@@ -212,6 +220,25 @@ pub struct EpochRecord {
     /// Adam's step size during the epoch (halved on plateaus, see `train.anneal`).
     #[serde(default)]
     pub learning_rate: f64,
+    /// Whether the wall-clock budget (`train.max_minutes`) ran out in this epoch, ending
+    /// training (the epoch's NLL is over the images it reached).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub budget_ended: bool,
+}
+
+/// Scales `grad` down to L2 norm `clip` when it is longer (its direction kept); returns the
+/// norm it had.
+pub fn clip_norm(grad: &mut [f32], clip: f64) -> f64 {
+    let norm = grad
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
+    if norm > clip {
+        let scale = (clip / norm) as f32;
+        grad.iter_mut().for_each(|g| *g *= scale);
+    }
+    norm
 }
 
 /// Reusable per-shard gradient buffers, so a training step neither allocates nor page-faults.
@@ -231,7 +258,7 @@ impl GradientWorkspace {
         &mut self,
         model: &M,
         images: ArrayView2<'_, u8>,
-    ) -> (f64, &[f32]) {
+    ) -> (f64, &mut [f32]) {
         let n = model.params().len();
         let count = images.nrows().div_ceil(SHARD_ROWS).max(1);
         if self.shards.len() < count {
@@ -280,7 +307,8 @@ pub fn mean_nll<M: GradientModel>(model: &M, images: ArrayView2<'_, u8>) -> f64 
 /// each epoch), keeping the parameters of the epoch with the best NLL on `data.validation` (the
 /// last epoch when there is no validation split). After `patience` epochs without a better
 /// validation NLL it returns to the best epoch and halves the learning rate, up to `anneal`
-/// times, then stops. Returns the curve.
+/// times, then stops; it also stops when `max_seconds` has passed (the last record says so).
+/// Returns the curve.
 pub fn train<M: GradientModel>(
     model: &mut M,
     data: &TrainingSet<'_>,
@@ -307,7 +335,8 @@ pub fn train<M: GradientModel>(
         index.shuffle(&mut rng);
         let redrawn = data.redraw.map(|r| r.epoch(epoch));
         let train = redrawn.as_ref().map_or(data.pixels, |r| r.view());
-        let mut epoch_nll = 0.0;
+        let (mut epoch_nll, mut seen) = (0.0, 0usize);
+        let mut budget_ended = false;
         for chunk in index.chunks(batch_size) {
             if monitor.should_stop() {
                 return curve;
@@ -316,17 +345,29 @@ pub fn train<M: GradientModel>(
             model.start_step(step);
             step += 1;
             let (nll, grad) = workspace.mean_gradient(model, batch.view());
+            if let Some(clip) = settings.clip {
+                clip_norm(grad, clip);
+            }
             adam.step(model.params_mut(), grad);
             epoch_nll += nll;
+            seen += chunk.len();
             monitor.advance(chunk.len() as u64);
+            if settings
+                .max_seconds
+                .is_some_and(|budget| started.elapsed().as_secs_f64() > budget)
+            {
+                budget_ended = true;
+                break;
+            }
         }
         let validation_nll = (validation.nrows() > 0).then(|| mean_nll(model, validation));
         let record = EpochRecord {
             epoch,
-            train_nll: epoch_nll / data.pixels.nrows().max(1) as f64,
+            train_nll: epoch_nll / seen.max(1) as f64,
             validation_nll,
             seconds: started.elapsed().as_secs_f64(),
             learning_rate: lr,
+            budget_ended,
         };
         tracing::info!(
             epoch,
@@ -363,6 +404,14 @@ pub fn train<M: GradientModel>(
                 }
             }
         }
+        if budget_ended {
+            tracing::warn!(
+                epoch,
+                seconds = started.elapsed().as_secs_f64(),
+                "The training budget (train.max_minutes) ran out; keeping the best epoch."
+            );
+            break;
+        }
     }
     if let Some((_, params)) = best {
         model.params_mut().copy_from_slice(&params);
@@ -385,6 +434,91 @@ mod tests {
         assert!(
             (p[0] - 2.0 * factor).abs() < 1e-6 && (p[1] + 4.0 * factor).abs() < 1e-6,
             "{p:?}"
+        );
+    }
+
+    #[test]
+    fn clipping_keeps_the_direction_and_bounds_the_norm() {
+        let mut g = vec![3.0f32, -4.0];
+        assert_eq!(clip_norm(&mut g, 1.0), 5.0);
+        assert!(
+            (g[0] - 0.6).abs() < 1e-6 && (g[1] + 0.8).abs() < 1e-6,
+            "{g:?}"
+        );
+        let mut short = vec![0.3f32, 0.4];
+        clip_norm(&mut short, 1.0);
+        assert_eq!(short, [0.3, 0.4]);
+    }
+
+    /// A quadratic bowl as a gradient model: parameter θ, NLL Σ (θ − x)² over the images'
+    /// first pixel.
+    struct Bowl(Vec<f32>);
+
+    impl GradientModel for Bowl {
+        fn params(&self) -> &[f32] {
+            &self.0
+        }
+        fn params_mut(&mut self) -> &mut [f32] {
+            &mut self.0
+        }
+        fn nll_gradient(&self, images: ArrayView2<'_, u8>, grad: &mut [f32]) -> f64 {
+            let mut nll = 0.0;
+            for row in images.rows() {
+                let d = self.0[0] - f32::from(row[0]);
+                grad[0] += 2.0 * d;
+                nll += f64::from(d * d);
+            }
+            nll
+        }
+        fn total_nll(&self, images: ArrayView2<'_, u8>) -> f64 {
+            images
+                .rows()
+                .into_iter()
+                .map(|r| f64::from((self.0[0] - f32::from(r[0])).powi(2)))
+                .sum()
+        }
+    }
+
+    /// With a budget that the first step already exceeds, training stops after one step of
+    /// epoch 1, says so in its curve, and keeps that epoch.
+    #[test]
+    fn a_spent_budget_ends_training_after_the_step_that_spent_it() {
+        let pixels = ndarray::Array2::<u8>::from_elem((64, 1), 3);
+        let data = TrainingSet {
+            shape: ImageShape::new(1, 1, 1),
+            levels: 256,
+            pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..8, ..]),
+            redraw: None,
+        };
+        let settings = TrainSettings {
+            epochs: 50,
+            batch_size: 8,
+            learning_rate: 0.1,
+            max_seconds: Some(0.0),
+            ..TrainSettings::default()
+        };
+        let mut model = Bowl(vec![0.0]);
+        let curve = train(&mut model, &data, &Training::unmonitored(&settings));
+        assert_eq!(curve.len(), 1, "{curve:?}");
+        assert!(curve[0].budget_ended);
+        // One Adam step of size 0.1 from 0 towards 3.
+        assert!((model.0[0] - 0.1).abs() < 1e-4, "{:?}", model.0);
+        let json = serde_json::to_value(&curve[0]).unwrap();
+        assert_eq!(json["budget_ended"], true);
+        let mut unbudgeted = Bowl(vec![0.0]);
+        let settings = TrainSettings {
+            max_seconds: None,
+            epochs: 2,
+            ..settings
+        };
+        let curve = train(&mut unbudgeted, &data, &Training::unmonitored(&settings));
+        assert_eq!(curve.len(), 2);
+        assert!(
+            serde_json::to_value(&curve[0])
+                .unwrap()
+                .get("budget_ended")
+                .is_none()
         );
     }
 

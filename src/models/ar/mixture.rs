@@ -582,6 +582,7 @@ mod tests {
             anneal: 2,
             weight_decay: 0.0,
             seed: 0,
+            ..TrainSettings::default()
         };
         let (m, _) = ArMixture::fit(params(2, 2), &data, &Training::unmonitored(&settings));
         let per_channel = per_channel_nll(&m, pixels.view());

@@ -313,6 +313,7 @@ mod tests {
             anneal: 2,
             weight_decay: 0.0,
             seed: 1,
+            ..TrainSettings::default()
         };
         let (m, curve) = Fvsbn::fit(Order::Raster, 0, &data, &Training::unmonitored(&settings));
         let rates: Vec<f64> = curve.iter().map(|r| r.learning_rate).collect();
@@ -373,6 +374,7 @@ mod tests {
             anneal: 0,
             weight_decay: 0.0,
             seed: 1,
+            ..TrainSettings::default()
         };
         let fit = |redraw| {
             let data = TrainingSet {
@@ -476,6 +478,7 @@ mod tests {
             anneal: 0,
             weight_decay: 0.0,
             seed: 1,
+            ..TrainSettings::default()
         };
         let start = Fvsbn::init(shape, Order::Raster, 0, train);
         let before = train::mean_nll(&start, valid);

@@ -486,6 +486,7 @@ mod tests {
             anneal: 0,
             weight_decay: 0.0,
             seed: 1,
+            ..TrainSettings::default()
         };
         let start = Nade::init(shape, 16, Order::Raster, 0, train);
         let before = train::mean_nll(&start, valid);

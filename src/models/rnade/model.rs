@@ -639,6 +639,7 @@ mod tests {
             anneal: 2,
             weight_decay: 0.0,
             seed: 0,
+            ..TrainSettings::default()
         };
         let params = Hyperparameters {
             hidden: 32,
