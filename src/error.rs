@@ -74,6 +74,41 @@ pub enum Error {
     )]
     Internal(String),
 
+    /// A bug shown by an error that should not have happened (exit 70).
+    #[error(
+        "internal error while {doing} (this is a bug in anomaly-pipeline; please report it with the command line)"
+    )]
+    InternalCause {
+        /// What was being done.
+        doing: String,
+        /// The error.
+        #[source]
+        source: Cause,
+    },
+
+    /// Bad usage shown by an underlying error, such as a URI or glob that does not parse
+    /// (exit 64).
+    #[error("{message}")]
+    UsageCause {
+        /// What is wrong and what to do.
+        message: String,
+        /// The parse error.
+        #[source]
+        source: Cause,
+    },
+
+    /// Input data that cannot be used, with the error that showed it (exit 65).
+    #[error("{uri}: {message}")]
+    DataCause {
+        /// The file the problem is in.
+        uri: String,
+        /// What is wrong and what to do about it.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Cause,
+    },
+
     /// A local I/O failure that retrying will not fix: disk full, write refused (exit 74).
     #[error("I/O error at {uri}")]
     Io {
@@ -120,8 +155,8 @@ impl Error {
     /// The process exit code for this error (DESIGN.md, "Exit codes").
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) => 64,
-            Error::Data { .. } => 65,
+            Error::Usage(_) | Error::UsageCause { .. } => 64,
+            Error::Data { .. } | Error::DataCause { .. } => 65,
             Error::Model { source, .. } => match source {
                 crate::models::ModelError::Params(_) | crate::models::ModelError::Pixels { .. } => {
                     78
@@ -129,7 +164,7 @@ impl Error {
                 _ => 65,
             },
             Error::InputMissing { .. } => 66,
-            Error::Internal(_) => 70,
+            Error::Internal(_) | Error::InternalCause { .. } => 70,
             Error::Io { .. } => 74,
             Error::Transient { .. } | Error::Interrupted { .. } => 75,
             Error::Permission { .. } => 77,
@@ -147,8 +182,32 @@ impl Error {
     }
 
     /// A bug found while `doing` something: `err` should not have happened.
-    pub fn internal(err: impl fmt::Display, doing: &str) -> Self {
-        Error::Internal(format!("{doing}: {err}"))
+    pub fn internal(err: impl Into<Cause>, doing: &str) -> Self {
+        Error::InternalCause {
+            doing: doing.to_string(),
+            source: err.into(),
+        }
+    }
+
+    /// Bad usage (`message`) that `err` showed.
+    pub fn usage_because(message: impl Into<String>, err: impl Into<Cause>) -> Self {
+        Error::UsageCause {
+            message: message.into(),
+            source: err.into(),
+        }
+    }
+
+    /// A data error about a whole file (`message`), shown by `err`.
+    pub fn data_because(
+        uri: impl Into<String>,
+        message: impl Into<String>,
+        err: impl Into<Cause>,
+    ) -> Self {
+        Error::DataCause {
+            uri: uri.into(),
+            message: message.into(),
+            source: err.into(),
+        }
     }
 
     /// The message with every cause after it, separated by ": ", on one line.

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             .thread_name("pipeline-io")
             .enable_all()
             .build()
-            .map_err(|e| Error::Internal(format!("starting the IO runtime: {e}")))?;
+            .map_err(|e| Error::internal(e, "starting the IO runtime"))?;
         anomaly_pipeline::pipeline::cancel::install(rt.handle());
         let ctx = Context {
             io: anomaly_pipeline::io::storage::Io::new(rt.handle().clone()),

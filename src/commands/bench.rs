@@ -297,7 +297,7 @@ fn load_images(a: &BenchArgs, ctx: &Context, binary: bool) -> Result<(ImageShape
     let dims = shape.dims();
     pixels.truncate(a.images * dims);
     let pixels = Array2::from_shape_vec((pixels.len() / dims, dims), pixels)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| Error::internal(e, "shaping the images to measure"))?;
     Ok((shape, pixels))
 }
 

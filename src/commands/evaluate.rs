@@ -97,12 +97,12 @@ fn read_groups(
         })?;
         let labels = column(&a.label_column);
         let label_text = ArrayFormatter::try_new(labels.as_ref(), &options)
-            .map_err(|e| Error::data(&a.scores, e.to_string()))?;
+            .map_err(|e| Error::data_because(&a.scores, "the label column cannot be shown", e))?;
         let by = a.by.as_deref().map(column);
         let by_text = by
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
             .transpose()
-            .map_err(|e| Error::data(&a.scores, e.to_string()))?;
+            .map_err(|e| Error::data_because(&a.scores, "the --by column cannot be shown", e))?;
         for i in 0..batch.num_rows() {
             if a.run_id.as_deref().is_some_and(|r| r != run_ids.value(i)) {
                 continue;

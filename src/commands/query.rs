@@ -43,9 +43,13 @@ pub fn query(a: &QueryArgs, ctx: &Context) -> Result<()> {
     for table in Table::ALL {
         if let Some(frame) = scan(&sink, table, ctx)? {
             let mut schema_probe = frame.clone();
-            let schema = schema_probe
-                .collect_schema()
-                .map_err(|e| Error::data(sink.display(table.dir()), e.to_string()))?;
+            let schema = schema_probe.collect_schema().map_err(|e| {
+                Error::data_because(
+                    sink.display(table.dir()),
+                    "cannot read the table's schema",
+                    e,
+                )
+            })?;
             let columns: Vec<&str> = schema.iter_names().map(|n| n.as_str()).collect();
             described.push(format!("{}({})", table.dir(), columns.join(", ")));
             sql.register(table.dir(), frame);
@@ -66,7 +70,7 @@ pub fn query(a: &QueryArgs, ctx: &Context) -> Result<()> {
         .map_err(|e| Error::Usage(format!("{e}\n  tables in {}: {tables}", a.sink)))?;
     let mut result = plan
         .collect()
-        .map_err(|e| Error::data(&a.sink, format!("the query failed while reading: {e}")))?;
+        .map_err(|e| Error::data_because(&a.sink, "the query failed while reading", e))?;
     match (&a.out, format) {
         (Some(out), Some(format)) => write(&mut result, out, format, ctx),
         _ => {
@@ -123,7 +127,7 @@ fn scan(sink: &Storage, table: Table, ctx: &Context) -> Result<Option<LazyFrame>
     };
     LazyFrame::scan_parquet_sources(sources, args)
         .map(Some)
-        .map_err(|e| Error::data(uri, e.to_string()))
+        .map_err(|e| Error::data_because(uri, "cannot scan the table", e))
 }
 
 /// The format named by `out`'s extension.
@@ -147,7 +151,7 @@ fn write(result: &mut DataFrame, out: &str, format: OutFormat, ctx: &Context) ->
         OutFormat::Parquet => ParquetWriter::new(&mut bytes).finish(result).map(|_| ()),
         OutFormat::Csv => CsvWriter::new(&mut bytes).finish(result),
     };
-    written.map_err(|e| Error::Internal(format!("encoding the query result: {e}")))?;
+    written.map_err(|e| Error::internal(e, "encoding the query result"))?;
     let (dir, name) = match out.rsplit_once('/') {
         Some((dir, name)) => (if dir.is_empty() { "/" } else { dir }, name),
         None => (".", out),

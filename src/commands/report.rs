@@ -120,8 +120,9 @@ fn run_scores(
             .and_then(|c| c.as_boolean_opt())
             .ok_or_else(not_scores)?;
         let group_column = batch.column_by_name(by).expect("checked above");
-        let group = ArrayFormatter::try_new(group_column.as_ref(), &options)
-            .map_err(|e| Error::data(&scores_uri, e.to_string()))?;
+        let group = ArrayFormatter::try_new(group_column.as_ref(), &options).map_err(|e| {
+            Error::data_because(&scores_uri, format!("column `{by}` cannot be shown"), e)
+        })?;
         for i in 0..batch.num_rows() {
             if runs.value(i) != run_id {
                 continue;
@@ -185,7 +186,7 @@ fn find_manifest(sink: &Storage, run_id: Option<&str>) -> Result<Manifest> {
     let parse = |rel: &str| -> Result<Manifest> {
         let bytes = sink.get(rel)?;
         serde_json::from_slice(&bytes)
-            .map_err(|e| Error::data(sink.display(rel), format!("not a run manifest: {e}")))
+            .map_err(|e| Error::data_because(sink.display(rel), "not a run manifest", e))
     };
     if let Some(id) = run_id {
         return parse(&format!("runs/{id}/manifest.json")).map_err(|e| match e {

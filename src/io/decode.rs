@@ -286,9 +286,10 @@ impl Decoder {
         };
         let ids: ArrayRef = match &self.id_column {
             Some(name) => cast(&column(name)?, &DataType::Utf8).map_err(|e| {
-                Error::data(
+                Error::data_because(
                     self.uri.to_string(),
-                    format!("id column `{name}` cannot be read as text: {e}"),
+                    format!("id column `{name}` cannot be read as text"),
+                    e,
                 )
             })?,
             None => Arc::new(StringArray::from_iter_values(
@@ -363,9 +364,10 @@ impl Decoder {
                 .column_by_name(name)
                 .ok_or_else(|| Error::Internal(format!("shape column `{name}` not projected")))?;
             let col = cast(col, &DataType::UInt64).map_err(|e| {
-                Error::data(
+                Error::data_because(
                     self.uri.to_string(),
-                    format!("shape column `{name}` is not an integer column: {e}"),
+                    format!("shape column `{name}` is not an integer column"),
+                    e,
                 )
             })?;
             let col = col.as_primitive::<arrow::datatypes::UInt64Type>();
@@ -518,7 +520,7 @@ impl Decoder {
     ) -> Result<(ImageBatch, Vec<Reject>)> {
         let n = batch.num_rows();
         let pixels = Array2::from_shape_vec((n, shape.dims()), px.to_vec())
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal(e, "shaping a batch's pixels"))?;
         let passthrough = self
             .passthrough
             .iter()
@@ -553,9 +555,9 @@ impl Decoder {
             .iter()
             .map(|p| take(batch.column_by_name(p).expect("projected"), &indices, None))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Internal(format!("selecting passthrough rows: {e}")))?;
+            .map_err(|e| Error::internal(e, "selecting passthrough rows"))?;
         let pixels = Array2::from_shape_vec((accepted.len(), shape.dims()), pixels)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal(e, "shaping a batch's pixels"))?;
         Ok(ImageBatch {
             shape,
             pixels,

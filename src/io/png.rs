@@ -65,7 +65,7 @@ pub fn encode(pixels: Vec<u8>, width: u32, height: u32, channels: usize) -> Resu
             .ok_or_else(|| Error::Internal("pixel buffer does not match its size".into()))?;
         img.write_to(&mut out, image::ImageFormat::Png)
     };
-    result.map_err(|e| Error::Internal(format!("encoding PNG: {e}")))?;
+    result.map_err(|e| Error::internal(e, "encoding PNG"))?;
     Ok(out.into_inner())
 }
 
@@ -91,7 +91,7 @@ pub fn compressed_len(pixels: &[u8], shape: ImageShape, levels: u16) -> Result<u
     let mut out = Vec::new();
     PngEncoder::new_with_quality(&mut out, CompressionType::Best, FilterType::Adaptive)
         .write_image(&scaled, shape.width as u32, shape.height as u32, color)
-        .map_err(|e| Error::Internal(format!("encoding PNG: {e}")))?;
+        .map_err(|e| Error::internal(e, "encoding PNG"))?;
     Ok(out.len())
 }
 

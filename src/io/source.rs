@@ -334,7 +334,7 @@ async fn find_files(
             globset::GlobBuilder::new(p)
                 .literal_separator(true)
                 .build()
-                .map_err(|e| Error::Usage(format!("{uri}: not a valid glob: {e}")))?
+                .map_err(|e| Error::usage_because(format!("{uri}: not a valid glob"), e))?
                 .compile_matcher(),
         ),
         None => None,
@@ -381,7 +381,7 @@ async fn read_footers(
                 .await
                 .map_err(|e| from_parquet(&uri, e))?;
             check_footer(metadata.metadata(), size)
-                .map_err(|e| Error::data(&*uri, e.to_string()))?;
+                .map_err(|e| Error::data_because(&*uri, "the Parquet footer is corrupt", e))?;
             Ok(SourceFile {
                 uri,
                 path,
@@ -512,10 +512,9 @@ pub fn from_parquet(uri: &str, err: ParquetError) -> Error {
         },
         other => other,
     };
-    Error::data(
+    Error::data_because(
         uri,
-        format!(
-            "not a readable Parquet file ({err}); check that it is complete and really Parquet"
-        ),
+        "not a readable Parquet file; check that it is complete and really Parquet",
+        err,
     )
 }

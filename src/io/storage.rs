@@ -292,9 +292,9 @@ pub fn resolve(uri: &str, settings: &StorageConfig) -> Result<(Arc<dyn ObjectSto
         Some(_) => return cloud(uri, settings),
     };
     let absolute = std::path::absolute(&local)
-        .map_err(|e| Error::Usage(format!("{uri}: cannot make the path absolute: {e}")))?;
+        .map_err(|e| Error::usage_because(format!("{uri}: cannot make the path absolute"), e))?;
     let path = Path::from_absolute_path(&absolute)
-        .map_err(|e| Error::Usage(format!("{uri}: not a usable path: {e}")))?;
+        .map_err(|e| Error::usage_because(format!("{uri}: not a usable path"), e))?;
     Ok((Arc::new(LocalFileSystem::new()), path))
 }
 
@@ -302,7 +302,8 @@ pub fn resolve(uri: &str, settings: &StorageConfig) -> Result<(Arc<dyn ObjectSto
 fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
     use object_store::{ClientConfigKey, ObjectStoreScheme, RetryConfig};
     let bad = |message: String| Error::Usage(format!("{uri}: {message}"));
-    let url = url::Url::parse(uri).map_err(|e| bad(format!("not a valid URI: {e}")))?;
+    let url = url::Url::parse(uri)
+        .map_err(|e| Error::usage_because(format!("{uri}: not a valid URI"), e))?;
     let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| {
         bad(format!(
             "{e}; supported: paths, file://, s3://, gs://, az://, abfs(s)://, http(s)://"
@@ -359,7 +360,8 @@ fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
             return Err(bad(format!("{other:?} stores are not supported here")));
         }
     };
-    let store = built.map_err(|e| bad(format!("cannot open the store: {e}")))?;
+    let store =
+        built.map_err(|e| Error::usage_because(format!("{uri}: cannot open the store"), e))?;
     Ok((store, path))
 }
 

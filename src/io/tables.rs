@@ -220,7 +220,7 @@ pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordB
     ]);
     debug_assert_eq!(r.len(), n);
     RecordBatch::try_new(Arc::clone(schema), columns)
-        .map_err(|e| Error::Internal(format!("building a scores batch: {e}")))
+        .map_err(|e| Error::internal(e, "building a scores batch"))
 }
 
 /// Builds an `anomalies` batch from a scores batch: its flagged rows (`flagged[i]`) plus their
@@ -235,14 +235,14 @@ pub fn anomalies_batch(
 ) -> Result<RecordBatch> {
     let mask = BooleanArray::from(flagged.to_vec());
     let flagged = filter_record_batch(scores, &mask)
-        .map_err(|e| Error::Internal(format!("selecting anomalies: {e}")))?;
+        .map_err(|e| Error::internal(e, "selecting anomalies"))?;
     let n = flagged.num_rows();
     debug_assert_eq!(n, maps.len());
     let values = Float32Array::from_iter_values(maps.iter().flatten().copied());
     let offsets = OffsetBuffer::from_lengths(maps.iter().map(Vec::len));
     let item = Arc::new(Field::new("item", DataType::Float32, false));
     let pixel_nll = ListArray::try_new(item, offsets, Arc::new(values), None)
-        .map_err(|e| Error::Internal(format!("building pixel_nll: {e}")))?;
+        .map_err(|e| Error::internal(e, "building pixel_nll"))?;
     let dim = |v: usize| Arc::new(Int32Array::from(vec![v as i32; n])) as ArrayRef;
     let mut columns = flagged.columns().to_vec();
     columns.extend([
@@ -252,7 +252,7 @@ pub fn anomalies_batch(
         dim(shape.channels),
     ]);
     RecordBatch::try_new(Arc::clone(schema), columns)
-        .map_err(|e| Error::Internal(format!("building an anomalies batch: {e}")))
+        .map_err(|e| Error::internal(e, "building an anomalies batch"))
 }
 
 /// Builds a `rejects` batch.
@@ -274,7 +274,7 @@ pub fn rejects_batch(run_id: &str, rejects: &[Reject]) -> Result<RecordBatch> {
             )),
         ],
     )
-    .map_err(|e| Error::Internal(format!("building a rejects batch: {e}")))
+    .map_err(|e| Error::internal(e, "building a rejects batch"))
 }
 
 /// The tables' columns as JSON (`schemas/tables.json`): for each table, its columns in order
@@ -435,7 +435,7 @@ impl TableWriter {
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))
-            .map_err(|e| Error::Internal(format!("opening a Parquet writer: {e}")))?;
+            .map_err(|e| Error::internal(e, "opening a Parquet writer"))?;
         self.current = Some(writer);
         self.rows_in_file = 0;
         self.written.staged.push(rel);
@@ -463,7 +463,7 @@ impl TableWriter {
         );
         match super::source::from_parquet(&uri, e) {
             // The read-side wording ("not a readable Parquet file") would mislead here.
-            Error::Data { .. } => Error::Io {
+            Error::Data { .. } | Error::DataCause { .. } => Error::Io {
                 source: format!(
                     "cannot write the table: {}; check free space and write access at the sink",
                     root_cause(&e_text)

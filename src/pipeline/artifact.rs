@@ -164,12 +164,14 @@ impl ModelSet {
 /// Writes the index of a partitioned fit under `models/<set_id>/` and returns its directory.
 pub fn save_index(sink: &Storage, mut index: PartitionIndex) -> Result<(PartitionIndex, String)> {
     index.set_id = String::new();
-    let digest =
-        Sha256::digest(serde_json::to_vec(&index).map_err(|e| Error::Internal(e.to_string()))?);
+    let digest = Sha256::digest(
+        serde_json::to_vec(&index).map_err(|e| Error::internal(e, "hashing the index"))?,
+    );
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     index.set_id = format!("partitioned-{hex}");
     let dir = format!("models/{}", index.set_id);
-    let mut json = serde_json::to_vec_pretty(&index).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut json =
+        serde_json::to_vec_pretty(&index).map_err(|e| Error::internal(e, "writing the index"))?;
     json.push(b'\n');
     sink.put(&format!("{dir}/partitions.json"), Bytes::from(json))?;
     Ok((index, dir))
@@ -190,9 +192,10 @@ pub fn load_set(uri: &str, io: &Io) -> Result<ModelSet> {
     }
     let bytes = storage.get("partitions.json")?;
     let index: PartitionIndex = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::data(
+        Error::data_because(
             storage.display("partitions.json"),
-            format!("not a partition index: {e}"),
+            "not a partition index",
+            e,
         )
     })?;
     if index.format_version != FORMAT_VERSION || index.models.is_empty() {
@@ -253,7 +256,9 @@ pub fn save(
         .iter_mut()
         .for_each(|r| r.seconds = 0.0);
     let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(&identity).map_err(|e| Error::Internal(e.to_string()))?);
+    hasher.update(
+        serde_json::to_vec(&identity).map_err(|e| Error::internal(e, "hashing model.json"))?,
+    );
     hasher.update(&weights);
     if let Some(b) = &background_weights {
         hasher.update(b);
@@ -267,7 +272,8 @@ pub fn save(
         sink.put(&format!("{dir}/background.safetensors"), Bytes::from(b))?;
     }
     crate::pipeline::crash_point::reached("model.weights-written");
-    let mut json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut json =
+        serde_json::to_vec_pretty(&meta).map_err(|e| Error::internal(e, "writing model.json"))?;
     json.push(b'\n');
     sink.put(&format!("{dir}/model.json"), Bytes::from(json))?;
     Ok((meta, dir))
@@ -293,9 +299,10 @@ pub fn load(uri: &str, io: &Io) -> Result<LoadedModel> {
     })?;
     let bad = |what: &str, message: String| Error::data(storage.display(what), message);
     let meta: ModelMeta = serde_json::from_slice(&json).map_err(|e| {
-        bad(
-            "model.json",
-            format!("not a model description this build can read: {e}"),
+        Error::data_because(
+            storage.display("model.json"),
+            "not a model description this build can read",
+            e,
         )
     })?;
     if meta.format_version != FORMAT_VERSION {

@@ -69,8 +69,8 @@ pub fn commit(
         .map(|(t, f)| (t.dir().to_string(), f.clone()))
         .collect();
     manifest.finished_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut json =
-        serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut json = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| Error::internal(e, "writing the manifest"))?;
     json.push(b'\n');
     let manifest_path = format!("{run_dir}/manifest.json");
     sink.put(&manifest_path, Bytes::from(json))?;

@@ -168,7 +168,13 @@ pub fn partition_keys(batch: &ImageBatch, config: &SourceConfig) -> Result<Vec<S
                     Error::Internal(format!("partition column `{name}` is not passed through"))
                 })?;
             arrow::util::display::ArrayFormatter::try_new(batch.passthrough[at].as_ref(), &options)
-                .map_err(|e| Error::data(&*batch.source, format!("partition column `{name}`: {e}")))
+                .map_err(|e| {
+                    Error::data_because(
+                        &*batch.source,
+                        format!("partition column `{name}` cannot be shown as text"),
+                        e,
+                    )
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((0..batch.len())

@@ -64,7 +64,8 @@ pub fn stage(
             .map(|(t, w)| (t.dir().to_string(), w.staged.clone()))
             .collect(),
     };
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Internal(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::internal(e, "writing a shard record"))?;
     let rel = format!(
         "{}/{}-of-{}.json",
         shards_dir(&manifest.run_id),
@@ -87,7 +88,7 @@ fn records(sink: &Storage, run_id: &str, count: u32) -> Result<BTreeMap<u32, Sha
             Err(e) => return Err(e),
         };
         let record: ShardRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::data(sink.display(&rel), format!("not a shard record: {e}")))?;
+            .map_err(|e| Error::data_because(sink.display(&rel), "not a shard record", e))?;
         found.insert(record.index, record);
     }
     Ok(found)
