@@ -28,7 +28,7 @@
 //! Every value is f64 (or a [`Var`], whose [`Tape`] differentiates the same code) and every sum
 //! a plain loop over pixels, gates and taps: slow and obviously right, which is its job.
 
-pub use super::tape::{Scalar, Tape, Var};
+pub use crate::kernels::tape::{Scalar, Tape, Var};
 
 /// The recurrent layer kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

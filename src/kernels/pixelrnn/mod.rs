@@ -1,0 +1,1716 @@
+//! PixelRNN's fast f32 passes (log-likelihood, per-pixel logits and the gradient) over chunks
+//! of images, and the naive f64 [`reference`] they are held to.
+//!
+//! Parameters are one flat f32 vector in the order of [`reference::Params::map`] (see
+//! [`Shape`]), so a reference model flattens into a fast one and back without any reshaping.
+//!
+//! Why it is fast: every convolution that is not recurrent — the input-to-state of every layer,
+//! the 1×1 back to 2h, the output layers — is one GEMM over all the pixels of a chunk of images
+//! at once; only the state-to-state products run step by step, and each step is still one GEMM
+//! over every image and column of a row (Row LSTM) or every image and row of a skewed column
+//! (Diagonal BiLSTM). The GEMMs are matrixmultiply's (through ndarray) on strided views of the
+//! parameters, so the weights are read in the reference's layout; the gates' σ and tanh are the
+//! vectorized ones of [`math`](super::math), compiled for each instruction set.
+//!
+//! Layouts inside a chunk of n images of H × W:
+//! - maps are `[row][image][column + 2][channels]`: one zero column either side of each image
+//!   row, so a tap dx = ±1 is a shift by one row of the matrix and a whole image row of the
+//!   chunk is one contiguous block (the padding columns are computed as junk by the shifted
+//!   GEMMs and set back to zero, or ignored);
+//! - the Diagonal BiLSTM's states live on the skewed grid `[column j][row r][image]`, pixel
+//!   (r, c) at j = r + c (mirrored: j = r + W − 1 − c), so one skewed column's valid cells, and
+//!   the row above them, are contiguous.
+//!
+//! The backward pass keeps every layer's activations from the forward pass in a workspace that
+//! is allocated once per thread and geometry, and runs back through the rows or skewed columns.
+
+pub mod reference;
+
+use std::cell::RefCell;
+
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder, linalg::general_mat_mul};
+use rayon::prelude::*;
+
+pub use reference::{Architecture, INPUT_KERNEL};
+
+use super::Isa;
+use super::dispatch;
+use super::math::{Target, fmadd, log_sigmoid, sigmoid};
+
+/// Images per chunk: each chunk runs the whole network on one thread, and chunks are summed in
+/// order, so results do not depend on the thread count.
+pub const CHUNK: usize = 8;
+
+/// Taps of the mask-A input convolution (7 × 7).
+const TAPS_A: usize = INPUT_KERNEL * INPUT_KERNEL;
+
+/// A network's size: what fixes its parameter layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// The recurrent layers' kind.
+    pub architecture: Architecture,
+    /// LSTM units h per layer and direction; feature maps are 2h.
+    pub hidden: usize,
+    /// Recurrent layers.
+    pub layers: usize,
+}
+
+/// Where one recurrent layer's tensors start in the flat vector.
+#[derive(Debug, Clone, Copy)]
+struct LayerAt {
+    input: [usize; 2],
+    input_bias: [usize; 2],
+    state: [usize; 2],
+    output: usize,
+    output_bias: usize,
+}
+
+/// Where every tensor starts in the flat vector.
+#[derive(Debug, Clone)]
+struct Offsets {
+    input: usize,
+    input_bias: usize,
+    layers: Vec<LayerAt>,
+    head: usize,
+    head_bias: usize,
+    logit: usize,
+    logit_bias: usize,
+    len: usize,
+}
+
+impl Shape {
+    /// Feature maps between layers, 2h.
+    pub fn features(&self) -> usize {
+        2 * self.hidden
+    }
+
+    fn directions(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 1,
+            Architecture::DiagonalBiLstm => 2,
+        }
+    }
+
+    fn input_taps(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 2,
+            Architecture::DiagonalBiLstm => 1,
+        }
+    }
+
+    fn state_taps(&self) -> usize {
+        match self.architecture {
+            Architecture::RowLstm => 3,
+            Architecture::DiagonalBiLstm => 2,
+        }
+    }
+
+    fn offsets(&self) -> Offsets {
+        let (f, h, dirs) = (self.features(), self.hidden, self.directions());
+        let mut at = 0;
+        let mut take = |n: usize| {
+            at += n;
+            at - n
+        };
+        let input = take(f * TAPS_A);
+        let input_bias = take(f);
+        let layers = (0..self.layers)
+            .map(|_| {
+                let mut l = LayerAt {
+                    input: [0; 2],
+                    input_bias: [0; 2],
+                    state: [0; 2],
+                    output: 0,
+                    output_bias: 0,
+                };
+                for d in 0..dirs {
+                    l.input[d] = take(4 * h * f * self.input_taps());
+                }
+                for d in 0..dirs {
+                    l.input_bias[d] = take(4 * h);
+                }
+                for d in 0..dirs {
+                    l.state[d] = take(4 * h * h * self.state_taps());
+                }
+                l.output = take(f * h);
+                l.output_bias = take(f);
+                l
+            })
+            .collect();
+        let head = take(f * f);
+        let head_bias = take(f);
+        let logit = take(f);
+        let logit_bias = take(1);
+        Offsets {
+            input,
+            input_bias,
+            layers,
+            head,
+            head_bias,
+            logit,
+            logit_bias,
+            len: at,
+        }
+    }
+
+    /// Length of the flat parameter vector.
+    pub fn param_len(&self) -> usize {
+        self.offsets().len
+    }
+
+    /// Each tensor's name and range in the flat vector, in order (for artifacts and for
+    /// initialization scales).
+    pub fn tensors(&self) -> Vec<(String, std::ops::Range<usize>, usize)> {
+        let o = self.offsets();
+        let (f, h) = (self.features(), self.hidden);
+        let mut out = vec![
+            ("input".to_string(), o.input..o.input + f * TAPS_A, TAPS_A),
+            ("input_bias".to_string(), o.input_bias..o.input_bias + f, 0),
+        ];
+        for (k, l) in o.layers.iter().enumerate() {
+            for d in 0..self.directions() {
+                let fan = f * self.input_taps();
+                out.push((
+                    format!("layer{k}.input{d}"),
+                    l.input[d]..l.input[d] + 4 * h * fan,
+                    fan,
+                ));
+            }
+            for d in 0..self.directions() {
+                out.push((
+                    format!("layer{k}.input_bias{d}"),
+                    l.input_bias[d]..l.input_bias[d] + 4 * h,
+                    0,
+                ));
+            }
+            for d in 0..self.directions() {
+                let fan = h * self.state_taps();
+                out.push((
+                    format!("layer{k}.state{d}"),
+                    l.state[d]..l.state[d] + 4 * h * fan,
+                    fan,
+                ));
+            }
+            out.push((format!("layer{k}.output"), l.output..l.output + f * h, h));
+            out.push((
+                format!("layer{k}.output_bias"),
+                l.output_bias..l.output_bias + f,
+                0,
+            ));
+        }
+        out.push(("head".to_string(), o.head..o.head + f * f, f));
+        out.push(("head_bias".to_string(), o.head_bias..o.head_bias + f, 0));
+        out.push(("logit".to_string(), o.logit..o.logit + f, f));
+        out.push(("logit_bias".to_string(), o.logit_bias..o.logit_bias + 1, 0));
+        out
+    }
+}
+
+/// The reference's parameters as one flat f32 vector.
+pub fn flatten(p: &reference::Params) -> Vec<f32> {
+    let mut flat = Vec::new();
+    p.map(&mut |&v| flat.push(v as f32));
+    flat
+}
+
+/// A flat vector as the reference's parameters (in f64).
+pub fn unflatten(shape: Shape, flat: &[f32]) -> reference::Params {
+    let mut at = 0;
+    reference::Params::random(shape.architecture, shape.hidden, shape.layers, 1.0, 0).map(
+        &mut |_| {
+            at += 1;
+            f64::from(flat[at - 1])
+        },
+    )
+}
+
+/// A network ready to run: its shape, flat parameters, image size and instruction set.
+#[derive(Debug, Clone, Copy)]
+pub struct Net<'a> {
+    /// Architecture and size.
+    pub shape: Shape,
+    /// The flat parameters ([`Shape::param_len`] values).
+    pub params: &'a [f32],
+    /// Image rows H.
+    pub height: usize,
+    /// Image columns W.
+    pub width: usize,
+    /// The instruction set of the element-wise kernels.
+    pub isa: Isa,
+}
+
+impl Net<'_> {
+    fn check(&self, images: &[u8]) -> usize {
+        assert_eq!(self.params.len(), self.shape.param_len(), "parameter count");
+        let d = self.height * self.width;
+        assert!(d > 0 && images.len() % d == 0, "images are H·W bytes each");
+        images.len() / d
+    }
+
+    /// log p(x) in nats of every image (`images`: H·W bytes each, non-zero meaning on) into
+    /// `out`, and every pixel's logit of p(x_p = 1 | x_<p) into `logits` (images × H·W) when
+    /// given. In parallel over chunks of [`CHUNK`] images.
+    pub fn log_likelihood(&self, images: &[u8], out: &mut [f64], logits: Option<&mut [f32]>) {
+        let n = self.check(images);
+        assert_eq!(out.len(), n);
+        let d = self.height * self.width;
+        let mut spare = Vec::new();
+        let logits = match logits {
+            Some(l) => l,
+            None => {
+                spare.resize(n * d, 0.0);
+                &mut spare[..]
+            }
+        };
+        assert_eq!(logits.len(), n * d);
+        images
+            .par_chunks(CHUNK * d)
+            .zip(out.par_chunks_mut(CHUNK))
+            .zip(logits.par_chunks_mut(CHUNK * d))
+            .for_each(|((x, out), logits)| {
+                with_workspace(|ws| {
+                    let g = ws.prepare(self, x.len() / d);
+                    forward(self, &g, ws, x, self.height);
+                    g.read_logits(&ws.logits, logits, self.height);
+                    for (o, (l, x)) in out.iter_mut().zip(logits.chunks(d).zip(x.chunks(d))) {
+                        *o = ll(self.isa, l, x);
+                    }
+                })
+            });
+    }
+
+    /// The logits of the first `rows` image rows of each image (the rest are left as they
+    /// are): what sampling row by row needs, at a fraction of a full pass.
+    pub fn logits_up_to(&self, images: &[u8], rows: usize, logits: &mut [f32]) {
+        let d = self.height * self.width;
+        let rows = rows.clamp(1, self.height);
+        images
+            .par_chunks(CHUNK * d)
+            .zip(logits.par_chunks_mut(CHUNK * d))
+            .for_each(|(x, logits)| {
+                with_workspace(|ws| {
+                    let g = ws.prepare(self, x.len() / d);
+                    forward(self, &g, ws, x, rows);
+                    g.read_logits(&ws.logits, logits, rows);
+                })
+            });
+    }
+
+    /// Adds ∂(Σ NLL)/∂θ over `images` into `grad` (flat, like the parameters) and returns Σ NLL
+    /// in nats. Chunks run in parallel; their gradients are summed in chunk order.
+    pub fn gradient(&self, images: &[u8], grad: &mut [f32]) -> f64 {
+        self.check(images);
+        assert_eq!(grad.len(), self.params.len());
+        let d = self.height * self.width;
+        let parts: Vec<(f64, Vec<f32>)> = images
+            .par_chunks(CHUNK * d)
+            .map(|x| {
+                with_workspace(|ws| {
+                    let g = ws.prepare(self, x.len() / d);
+                    forward(self, &g, ws, x, self.height);
+                    let mut part = vec![0f32; grad.len()];
+                    let nll = backward(self, &g, ws, x, &mut part);
+                    (nll, part)
+                })
+            })
+            .collect();
+        let mut nll = 0.0;
+        for (v, part) in parts {
+            nll += v;
+            grad.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        nll
+    }
+}
+
+/// log p(x) of one image from its logits: Σ log σ(±z), summed in f64.
+fn ll(isa: Isa, logits: &[f32], x: &[u8]) -> f64 {
+    signed_log_sigmoid_sum(isa, logits, x)
+}
+
+dispatch! {
+    fn signed_log_sigmoid_sum(logits: &[f32], x: &[u8]) -> f64 => signed_log_sigmoid_sum_body
+}
+
+#[inline(always)]
+fn signed_log_sigmoid_sum_body<T: Target>(logits: &[f32], x: &[u8]) -> f64 {
+    logits
+        .iter()
+        .zip(x)
+        .map(|(&z, &v)| f64::from(log_sigmoid::<T>(if v != 0 { z } else { -z })))
+        .sum()
+}
+
+/// The geometry of one chunk: n images of H × W, maps padded by a column either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    n: usize,
+    height: usize,
+    width: usize,
+    /// Padded row length W + 2.
+    p: usize,
+    /// Map rows H·n·p.
+    rows: usize,
+    /// Skewed columns W + H − 1.
+    skewed: usize,
+    /// Skewed-grid cells skewed·H·n.
+    cells: usize,
+}
+
+impl Geometry {
+    fn new(n: usize, height: usize, width: usize) -> Self {
+        let p = width + 2;
+        let skewed = width + height - 1;
+        Self {
+            n,
+            height,
+            width,
+            p,
+            rows: height * n * p,
+            skewed,
+            cells: skewed * height * n,
+        }
+    }
+
+    /// Map row of pixel (r, c) of image i.
+    #[inline]
+    fn pix(&self, r: usize, i: usize, c: usize) -> usize {
+        (r * self.n + i) * self.p + c + 1
+    }
+
+    /// Map rows of image rows `0..rows` (the chunk's first `rows` rows of every image).
+    fn rows_up_to(&self, rows: usize) -> usize {
+        rows * self.n * self.p
+    }
+
+    /// Skewed-grid cell of (column j, row r, image i).
+    #[inline]
+    fn cell(&self, j: usize, r: usize, i: usize) -> usize {
+        (j * self.height + r) * self.n + i
+    }
+
+    /// The rows valid in skewed column j, among the first `rows`.
+    fn valid(&self, j: usize, rows: usize) -> Option<(usize, usize)> {
+        let lo = (j + 1).saturating_sub(self.width);
+        let hi = j.min(rows - 1);
+        (lo <= hi).then_some((lo, hi))
+    }
+
+    /// The image column of skewed column j at row r, for direction d (1: mirrored).
+    #[inline]
+    fn column(&self, j: usize, r: usize, d: usize) -> usize {
+        let c = j - r;
+        if d == 0 { c } else { self.width - 1 - c }
+    }
+
+    /// Every pixel (image, row, column), in image order, with its map row.
+    fn pixels(&self, rows: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        (0..self.n).flat_map(move |i| {
+            (0..rows).flat_map(move |r| (0..self.width).map(move |c| (i, r, c, self.pix(r, i, c))))
+        })
+    }
+
+    /// The logits of image rows `0..rows` from map layout into images × H·W.
+    fn read_logits(&self, map: &[f32], out: &mut [f32], rows: usize) {
+        let d = self.height * self.width;
+        for (i, r, c, m) in self.pixels(rows) {
+            out[i * d + r * self.width + c] = map[m];
+        }
+    }
+
+    /// Sets the padding columns of a map with `ch` channels to zero.
+    fn zero_padding(&self, map: &mut [f32], ch: usize, rows: usize) {
+        for block in map[..self.rows_up_to(rows) * ch].chunks_mut(self.p * ch) {
+            block[..ch].fill(0.0);
+            block[(self.p - 1) * ch..].fill(0.0);
+        }
+    }
+}
+
+/// One LSTM direction's stored activations: gates after their nonlinearity (o, f, i, g per
+/// cell), cell state and output, on the map (Row LSTM) or the skewed grid (Diagonal BiLSTM).
+#[derive(Debug, Default)]
+struct Recurrence {
+    gates: Vec<f32>,
+    cell: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+/// One layer's stored activations.
+#[derive(Debug, Default)]
+struct LayerActs {
+    /// The map the 1×1 convolution back to 2h reads: h per map row.
+    lstm: Vec<f32>,
+    dirs: Vec<Recurrence>,
+}
+
+/// Every buffer a chunk's forward and backward pass use, allocated once per thread and
+/// geometry (cells the passes never write stay zero, which the recurrences rely on).
+#[derive(Debug, Default)]
+struct Workspace {
+    key: Option<(Shape, Geometry)>,
+    /// Each layer's input features, and the last layer's output: (L + 1) · rows · 2h.
+    feats: Vec<f32>,
+    layers: Vec<LayerActs>,
+    /// ReLU of the final features, and the first output layer after its ReLU: rows · 2h each.
+    relu: Vec<f32>,
+    head: Vec<f32>,
+    logits: Vec<f32>,
+    // Scratch of the passes.
+    z: Vec<f32>,
+    d_feat: Vec<f32>,
+    d_tmp: Vec<f32>,
+    d_h: Vec<f32>,
+    d_z: Vec<f32>,
+    d_c: Vec<f32>,
+    d_block: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
+    WORKSPACE.with(|ws| f(&mut ws.borrow_mut()))
+}
+
+impl Workspace {
+    /// Sizes the buffers for `net` on a chunk of n images, zeroing them when the geometry
+    /// changes.
+    fn prepare(&mut self, net: &Net<'_>, n: usize) -> Geometry {
+        let g = Geometry::new(n, net.height, net.width);
+        let key = Some((net.shape, g));
+        if self.key == key {
+            return g;
+        }
+        let (f, h) = (net.shape.features(), net.shape.hidden);
+        let zeros = |len: usize| vec![0f32; len];
+        let grid = match net.shape.architecture {
+            Architecture::RowLstm => g.rows,
+            Architecture::DiagonalBiLstm => g.cells,
+        };
+        *self = Workspace {
+            key,
+            feats: zeros((net.shape.layers + 1) * g.rows * f),
+            layers: (0..net.shape.layers)
+                .map(|_| LayerActs {
+                    lstm: zeros(g.rows * h),
+                    dirs: (0..net.shape.directions())
+                        .map(|_| Recurrence {
+                            gates: zeros(grid * 4 * h),
+                            cell: zeros(grid * h),
+                            hidden: zeros(grid * h),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            relu: zeros(g.rows * f),
+            head: zeros(g.rows * f),
+            logits: zeros(g.rows),
+            z: zeros(g.rows * 4 * h),
+            d_feat: zeros(g.rows * f),
+            d_tmp: zeros(g.rows * f),
+            d_h: zeros(grid.max(g.rows) * h),
+            d_z: zeros(g.rows * 4 * h),
+            d_c: zeros(g.rows.max(g.height * n) * h),
+            d_block: zeros(g.height * n * 4 * h),
+        };
+        g
+    }
+}
+
+/// A strided matrix: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
+    Mat { data, rs, cs }
+}
+
+/// C (m × n, at `c` with strides rsc, csc) = A (m × k) · B (k × n) + beta · C.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    c: &mut [f32],
+    rsc: usize,
+    csc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let span =
+        |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    let mut c =
+        ArrayViewMut2::from_shape((m, n).strides((rsc, csc)), &mut c[..span(m, n, rsc, csc)])
+            .expect("C lies in its buffer");
+    if k == 0 {
+        c.map_inplace(|v| *v *= beta);
+        return;
+    }
+    let a = ArrayView2::from_shape(
+        (m, k).strides((a.rs, a.cs)),
+        &a.data[..span(m, k, a.rs, a.cs)],
+    )
+    .expect("A lies in its buffer");
+    let b = ArrayView2::from_shape(
+        (k, n).strides((b.rs, b.cs)),
+        &b.data[..span(k, n, b.rs, b.cs)],
+    )
+    .expect("B lies in its buffer");
+    general_mat_mul(1.0, &a, &b, beta, &mut c);
+}
+
+/// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
+fn fill_rows(out: &mut [f32], bias: &[f32], rows: usize) {
+    for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
+        row.copy_from_slice(bias);
+    }
+}
+
+/// Adds the column sums of the first `rows` rows of `m` (width `out.len()`) into `out`.
+fn add_column_sums(m: &[f32], rows: usize, out: &mut [f32]) {
+    for row in m[..rows * out.len()].chunks_exact(out.len()) {
+        out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+    }
+}
+
+dispatch! {
+    /// LSTM step over a block of cells: `gates` holds the pre-activations (o, f, i, g per cell)
+    /// and is left holding the activations; `c_prev` is the previous cell state (empty: zero).
+    fn lstm_forward(gates: &mut [f32], c_prev: &[f32], cell: &mut [f32], hidden: &mut [f32], h: usize) -> ()
+        => lstm_forward_body
+}
+
+#[inline(always)]
+fn tanh<T: Target>(x: f32) -> f32 {
+    fmadd::<T>(2.0, sigmoid::<T>(2.0 * x), -1.0)
+}
+
+#[inline(always)]
+fn lstm_forward_body<T: Target>(
+    gates: &mut [f32],
+    c_prev: &[f32],
+    cell: &mut [f32],
+    hidden: &mut [f32],
+    h: usize,
+) {
+    for (k, (g, (c, out))) in gates
+        .chunks_exact_mut(4 * h)
+        .zip(cell.chunks_exact_mut(h).zip(hidden.chunks_exact_mut(h)))
+        .enumerate()
+    {
+        let (o, rest) = g.split_at_mut(h);
+        let (f, rest) = rest.split_at_mut(h);
+        let (i, gg) = rest.split_at_mut(h);
+        for u in 0..h {
+            o[u] = sigmoid::<T>(o[u]);
+            f[u] = sigmoid::<T>(f[u]);
+            i[u] = sigmoid::<T>(i[u]);
+            gg[u] = tanh::<T>(gg[u]);
+            let prev = if c_prev.is_empty() {
+                0.0
+            } else {
+                c_prev[k * h + u]
+            };
+            c[u] = fmadd::<T>(f[u], prev, i[u] * gg[u]);
+            out[u] = o[u] * tanh::<T>(c[u]);
+        }
+    }
+}
+
+dispatch! {
+    /// Back through one LSTM step over a block of cells: from ∂h (`d_h`) and the cell
+    /// gradient arriving from the next step (`d_c`, which is left holding what goes to the
+    /// previous step, ∂c ⊙ f), the gate pre-activations' gradient into `d_z`.
+    fn lstm_backward(gates: &[f32], c_prev: &[f32], cell: &[f32], d_h: &[f32], d_c: &mut [f32], d_z: &mut [f32], h: usize) -> ()
+        => lstm_backward_body
+}
+
+#[inline(always)]
+fn lstm_backward_body<T: Target>(
+    gates: &[f32],
+    c_prev: &[f32],
+    cell: &[f32],
+    d_h: &[f32],
+    d_c: &mut [f32],
+    d_z: &mut [f32],
+    h: usize,
+) {
+    for (k, (g, dz)) in gates
+        .chunks_exact(4 * h)
+        .zip(d_z.chunks_exact_mut(4 * h))
+        .enumerate()
+    {
+        let (o, f, i, gg) = (&g[..h], &g[h..2 * h], &g[2 * h..3 * h], &g[3 * h..]);
+        for u in 0..h {
+            let at = k * h + u;
+            let tc = tanh::<T>(cell[at]);
+            let dh = d_h[at];
+            let dc = fmadd::<T>(dh * o[u], 1.0 - tc * tc, d_c[at]);
+            let prev = if c_prev.is_empty() { 0.0 } else { c_prev[at] };
+            dz[u] = dh * tc * o[u] * (1.0 - o[u]);
+            dz[h + u] = dc * prev * f[u] * (1.0 - f[u]);
+            dz[2 * h + u] = dc * gg[u] * i[u] * (1.0 - i[u]);
+            dz[3 * h + u] = dc * i[u] * (1.0 - gg[u] * gg[u]);
+            d_c[at] = dc * f[u];
+        }
+    }
+}
+
+/// The forward pass over one chunk (`x`: n images) for image rows `0..rows`, leaving every
+/// activation and the logits (map layout) in `ws`.
+fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usize) {
+    let (f, h) = (net.shape.features(), net.shape.hidden);
+    let o = net.shape.offsets();
+    let w = net.params;
+    let active = g.rows_up_to(rows);
+    let plane = g.rows * f;
+
+    // Mask A: at (r, c), the pixels above within the 7 × 7 window and those to its left.
+    let mut taps = vec![0f32; TAPS_A * f];
+    for j in 0..f {
+        for t in 0..TAPS_A {
+            taps[t * f + j] = w[o.input + j * TAPS_A + t];
+        }
+    }
+    let bias = &w[o.input_bias..o.input_bias + f];
+    let half = (INPUT_KERNEL / 2) as isize;
+    let feat0 = &mut ws.feats[..plane];
+    feat0.fill(0.0);
+    let d = g.height * g.width;
+    for (i, r, c, m) in g.pixels(rows) {
+        let out = &mut feat0[m * f..(m + 1) * f];
+        out.copy_from_slice(bias);
+        let image = &x[i * d..(i + 1) * d];
+        for dy in -half..=0 {
+            let rr = r as isize + dy;
+            if rr < 0 {
+                continue;
+            }
+            for dx in -half..=half {
+                if dy == 0 && dx >= 0 {
+                    break;
+                }
+                let cc = c as isize + dx;
+                if cc < 0
+                    || cc >= g.width as isize
+                    || image[rr as usize * g.width + cc as usize] == 0
+                {
+                    continue;
+                }
+                let t = ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize;
+                out.iter_mut()
+                    .zip(&taps[t * f..(t + 1) * f])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+
+    for (l, at) in o.layers.iter().enumerate() {
+        let (before, after) = ws.feats.split_at_mut((l + 1) * plane);
+        let input = &before[l * plane..];
+        let acts = &mut ws.layers[l];
+        match net.shape.architecture {
+            Architecture::RowLstm => row_lstm_forward(net, g, at, input, acts, rows),
+            Architecture::DiagonalBiLstm => {
+                diagonal_forward(net, g, at, input, acts, &mut ws.z, rows)
+            }
+        }
+        // Back to 2h features, added to the layer's input.
+        let next = &mut after[..plane];
+        next[..active * f].copy_from_slice(&input[..active * f]);
+        for row in next[..active * f].chunks_exact_mut(f) {
+            row.iter_mut()
+                .zip(&w[at.output_bias..at.output_bias + f])
+                .for_each(|(a, b)| *a += b);
+        }
+        gemm(
+            active,
+            h,
+            f,
+            mat(&acts.lstm, h, 1),
+            mat(&w[at.output..], 1, h),
+            1.0,
+            next,
+            f,
+            1,
+        );
+        g.zero_padding(next, f, rows);
+    }
+
+    // Output: ReLU, 1×1 to 2h, ReLU, 1×1 to a logit.
+    let last = &ws.feats[net.shape.layers * plane..(net.shape.layers + 1) * plane];
+    ws.relu[..active * f]
+        .iter_mut()
+        .zip(&last[..active * f])
+        .for_each(|(y, v)| *y = v.max(0.0));
+    fill_rows(&mut ws.head, &w[o.head_bias..o.head_bias + f], active);
+    gemm(
+        active,
+        f,
+        f,
+        mat(&ws.relu, f, 1),
+        mat(&w[o.head..], 1, f),
+        1.0,
+        &mut ws.head,
+        f,
+        1,
+    );
+    ws.head[..active * f]
+        .iter_mut()
+        .for_each(|v| *v = v.max(0.0));
+    ws.logits[..active].fill(w[o.logit_bias]);
+    gemm(
+        active,
+        f,
+        1,
+        mat(&ws.head, f, 1),
+        mat(&w[o.logit..], 1, 1),
+        1.0,
+        &mut ws.logits,
+        1,
+        1,
+    );
+}
+
+/// Row LSTM forward: the input-to-state (taps dx = −1, 0) for all rows at once, then row by
+/// row the state-to-state (dx = −1, 0, +1 over the row above) and the gates.
+fn row_lstm_forward(
+    net: &Net<'_>,
+    g: &Geometry,
+    at: &LayerAt,
+    input: &[f32],
+    acts: &mut LayerActs,
+    rows: usize,
+) {
+    let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
+    let active = g.rows_up_to(rows);
+    let rec = &mut acts.dirs[0];
+    let z = &mut rec.gates;
+    fill_rows(z, &w[at.input_bias[0]..at.input_bias[0] + 4 * h], active);
+    // Tap dx = −1 reads the map row before; the first map row is padding, never a pixel.
+    gemm(
+        active - 1,
+        f,
+        4 * h,
+        mat(input, f, 1),
+        mat(&w[at.input[0]..], 2, 2 * f),
+        1.0,
+        &mut z[4 * h..],
+        4 * h,
+        1,
+    );
+    gemm(
+        active,
+        f,
+        4 * h,
+        mat(input, f, 1),
+        mat(&w[at.input[0] + 1..], 2, 2 * f),
+        1.0,
+        z,
+        4 * h,
+        1,
+    );
+    let block = g.n * g.p;
+    for r in 0..rows {
+        let (b0, b1) = (r * block, (r + 1) * block);
+        if r > 0 {
+            let prev = &rec.hidden[(b0 - block) * h..b0 * h];
+            let zr = &mut z[b0 * 4 * h..b1 * 4 * h];
+            let state = at.state[0];
+            gemm(
+                block - 1,
+                h,
+                4 * h,
+                mat(prev, h, 1),
+                mat(&w[state..], 3, 3 * h),
+                1.0,
+                &mut zr[4 * h..],
+                4 * h,
+                1,
+            );
+            gemm(
+                block,
+                h,
+                4 * h,
+                mat(prev, h, 1),
+                mat(&w[state + 1..], 3, 3 * h),
+                1.0,
+                zr,
+                4 * h,
+                1,
+            );
+            gemm(
+                block - 1,
+                h,
+                4 * h,
+                mat(&prev[h..], h, 1),
+                mat(&w[state + 2..], 3, 3 * h),
+                1.0,
+                zr,
+                4 * h,
+                1,
+            );
+        }
+        let (done, rest) = rec.cell.split_at_mut(b0 * h);
+        let c_prev = if r > 0 {
+            &done[(b0 - block) * h..]
+        } else {
+            &[][..]
+        };
+        lstm_forward(
+            net.isa,
+            &mut z[b0 * 4 * h..b1 * 4 * h],
+            c_prev,
+            &mut rest[..block * h],
+            &mut rec.hidden[b0 * h..b1 * h],
+            h,
+        );
+        // The padding columns' states are junk; the next row's taps must read zeros there.
+        for cells in rec.hidden[b0 * h..b1 * h]
+            .chunks_mut(g.p * h)
+            .chain(rec.cell[b0 * h..b1 * h].chunks_mut(g.p * h))
+        {
+            cells[..h].fill(0.0);
+            cells[(g.p - 1) * h..].fill(0.0);
+        }
+    }
+    acts.lstm[..active * h].copy_from_slice(&rec.hidden[..active * h]);
+}
+
+/// Diagonal BiLSTM forward: per direction, the 1×1 input-to-state for all pixels at once, then
+/// skewed column by column the state-to-state (same row and row above in the previous column)
+/// and the gates; the output map is the left-to-right LSTM plus the mirrored one shifted down a
+/// row.
+fn diagonal_forward(
+    net: &Net<'_>,
+    g: &Geometry,
+    at: &LayerAt,
+    input: &[f32],
+    acts: &mut LayerActs,
+    z: &mut [f32],
+    rows: usize,
+) {
+    let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
+    let active = g.rows_up_to(rows);
+    let columns = g.width + rows - 1;
+    for d in 0..2 {
+        fill_rows(z, &w[at.input_bias[d]..at.input_bias[d] + 4 * h], active);
+        gemm(
+            active,
+            f,
+            4 * h,
+            mat(input, f, 1),
+            mat(&w[at.input[d]..], 1, f),
+            1.0,
+            z,
+            4 * h,
+            1,
+        );
+        let rec = &mut acts.dirs[d];
+        for j in 0..columns {
+            let Some((lo, hi)) = g.valid(j, rows) else {
+                continue;
+            };
+            let (c0, c1) = (g.cell(j, lo, 0), g.cell(j, hi + 1, 0));
+            for r in lo..=hi {
+                let c = g.column(j, r, d);
+                for i in 0..g.n {
+                    let (cell, m) = (g.cell(j, r, i), g.pix(r, i, c));
+                    rec.gates[cell * 4 * h..(cell + 1) * 4 * h]
+                        .copy_from_slice(&z[m * 4 * h..(m + 1) * 4 * h]);
+                }
+            }
+            let cells = c1 - c0;
+            if j > 0 {
+                let state = at.state[d];
+                let prev = g.cell(j - 1, lo, 0);
+                let gates = &mut rec.gates[c0 * 4 * h..c1 * 4 * h];
+                gemm(
+                    cells,
+                    h,
+                    4 * h,
+                    mat(&rec.hidden[prev * h..], h, 1),
+                    mat(&w[state..], 2, 2 * h),
+                    1.0,
+                    gates,
+                    4 * h,
+                    1,
+                );
+                let r0 = lo.max(1);
+                if r0 <= hi {
+                    let skip = (r0 - lo) * g.n;
+                    let above = g.cell(j - 1, r0 - 1, 0);
+                    gemm(
+                        cells - skip,
+                        h,
+                        4 * h,
+                        mat(&rec.hidden[above * h..], h, 1),
+                        mat(&w[state + 1..], 2, 2 * h),
+                        1.0,
+                        &mut gates[skip * 4 * h..],
+                        4 * h,
+                        1,
+                    );
+                }
+            }
+            let (done, rest) = rec.cell.split_at_mut(c0 * h);
+            let c_prev = if j > 0 {
+                let prev = g.cell(j - 1, lo, 0);
+                &done[prev * h..(prev + cells) * h]
+            } else {
+                &[][..]
+            };
+            lstm_forward(
+                net.isa,
+                &mut rec.gates[c0 * 4 * h..c1 * 4 * h],
+                c_prev,
+                &mut rest[..cells * h],
+                &mut rec.hidden[c0 * h..c1 * h],
+                h,
+            );
+        }
+    }
+    let (fwd, bwd) = (&acts.dirs[0].hidden, &acts.dirs[1].hidden);
+    for (i, r, c, m) in g.pixels(rows) {
+        let out = &mut acts.lstm[m * h..(m + 1) * h];
+        let a = g.cell(r + c, r, i);
+        out.copy_from_slice(&fwd[a * h..(a + 1) * h]);
+        if r > 0 {
+            let b = g.cell(r - 1 + g.width - 1 - c, r - 1, i);
+            out.iter_mut()
+                .zip(&bwd[b * h..(b + 1) * h])
+                .for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+/// The backward pass over one chunk after [`forward`] over all its rows: adds ∂(Σ NLL)/∂θ into
+/// `grad` and returns Σ NLL.
+fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mut [f32]) -> f64 {
+    let (f, h) = (net.shape.features(), net.shape.hidden);
+    let o = net.shape.offsets();
+    let w = net.params;
+    let rows = g.rows;
+    let plane = rows * f;
+    let d = g.height * g.width;
+
+    // ∂NLL/∂logit = σ(z) − x at every pixel, zero on the padding.
+    let mut nll = 0.0;
+    let mut d_logit = vec![0f32; rows];
+    for (i, r, c, m) in g.pixels(g.height) {
+        let on = x[i * d + r * g.width + c] != 0;
+        let z = ws.logits[m];
+        nll -= signed_log_sigmoid_sum(net.isa, &[z], &[u8::from(on)]);
+        d_logit[m] = sigmoid_one(net.isa, z) - f32::from(u8::from(on));
+    }
+    grad[o.logit_bias] += d_logit.iter().sum::<f32>();
+    gemm(
+        1,
+        rows,
+        f,
+        mat(&d_logit, rows, 1),
+        mat(&ws.head, f, 1),
+        1.0,
+        &mut grad[o.logit..],
+        f,
+        1,
+    );
+    // Through the second ReLU: ∂head = ∂logit · v where the head is on.
+    let d_head = &mut ws.d_tmp;
+    for (m, (dh, hv)) in d_head[..plane]
+        .chunks_exact_mut(f)
+        .zip(ws.head.chunks_exact(f))
+        .enumerate()
+    {
+        for k in 0..f {
+            dh[k] = if hv[k] > 0.0 {
+                d_logit[m] * w[o.logit + k]
+            } else {
+                0.0
+            };
+        }
+    }
+    gemm(
+        f,
+        rows,
+        f,
+        mat(d_head, 1, f),
+        mat(&ws.relu, f, 1),
+        1.0,
+        &mut grad[o.head..],
+        f,
+        1,
+    );
+    add_column_sums(d_head, rows, &mut grad[o.head_bias..o.head_bias + f]);
+    gemm(
+        rows,
+        f,
+        f,
+        mat(d_head, f, 1),
+        mat(&w[o.head..], f, 1),
+        0.0,
+        &mut ws.d_feat,
+        f,
+        1,
+    );
+    let last = &ws.feats[net.shape.layers * plane..];
+    ws.d_feat[..plane]
+        .iter_mut()
+        .zip(&last[..plane])
+        .for_each(|(df, v)| {
+            if *v <= 0.0 {
+                *df = 0.0
+            }
+        });
+
+    for (l, at) in o.layers.iter().enumerate().rev() {
+        let input = &ws.feats[l * plane..(l + 1) * plane];
+        let acts = &ws.layers[l];
+        // The 1×1 back to 2h.
+        gemm(
+            f,
+            rows,
+            h,
+            mat(&ws.d_feat, 1, f),
+            mat(&acts.lstm, h, 1),
+            1.0,
+            &mut grad[at.output..],
+            h,
+            1,
+        );
+        add_column_sums(
+            &ws.d_feat,
+            rows,
+            &mut grad[at.output_bias..at.output_bias + f],
+        );
+        let d_lstm = &mut ws.d_tmp[..rows * h];
+        gemm(
+            rows,
+            f,
+            h,
+            mat(&ws.d_feat, f, 1),
+            mat(&w[at.output..], h, 1),
+            0.0,
+            d_lstm,
+            h,
+            1,
+        );
+        let scratch = Scratch {
+            d_h: &mut ws.d_h,
+            d_z: &mut ws.d_z,
+            d_c: &mut ws.d_c,
+            d_block: &mut ws.d_block,
+        };
+        match net.shape.architecture {
+            Architecture::RowLstm => row_lstm_backward(
+                net,
+                g,
+                at,
+                input,
+                acts,
+                d_lstm,
+                scratch,
+                &mut ws.d_feat,
+                grad,
+            ),
+            Architecture::DiagonalBiLstm => diagonal_backward(
+                net,
+                g,
+                at,
+                input,
+                acts,
+                d_lstm,
+                scratch,
+                &mut ws.d_feat,
+                grad,
+            ),
+        }
+        g.zero_padding(&mut ws.d_feat, f, g.height);
+    }
+
+    // Mask A.
+    let d_feat = &ws.d_feat;
+    let half = (INPUT_KERNEL / 2) as isize;
+    for (i, r, c, m) in g.pixels(g.height) {
+        let df = &d_feat[m * f..(m + 1) * f];
+        grad[o.input_bias..o.input_bias + f]
+            .iter_mut()
+            .zip(df)
+            .for_each(|(a, b)| *a += b);
+        let image = &x[i * d..(i + 1) * d];
+        for dy in -half..=0 {
+            let rr = r as isize + dy;
+            if rr < 0 {
+                continue;
+            }
+            for dx in -half..=half {
+                if dy == 0 && dx >= 0 {
+                    break;
+                }
+                let cc = c as isize + dx;
+                if cc < 0
+                    || cc >= g.width as isize
+                    || image[rr as usize * g.width + cc as usize] == 0
+                {
+                    continue;
+                }
+                let t = ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize;
+                for (j, v) in df.iter().enumerate() {
+                    grad[o.input + j * TAPS_A + t] += v;
+                }
+            }
+        }
+    }
+    nll
+}
+
+dispatch! {
+    fn sigmoid_one(z: f32) -> f32 => sigmoid_one_body
+}
+
+#[inline(always)]
+fn sigmoid_one_body<T: Target>(z: f32) -> f32 {
+    sigmoid::<T>(z)
+}
+
+/// The backward pass's scratch buffers.
+struct Scratch<'a> {
+    d_h: &'a mut [f32],
+    d_z: &'a mut [f32],
+    d_c: &'a mut [f32],
+    d_block: &'a mut [f32],
+}
+
+/// Row LSTM backward: back through the rows (gates, then the state-to-state into the row
+/// above), then the input-to-state for all rows at once. `d_lstm` is ∂ of the layer's LSTM
+/// output map; adds ∂ of the layer's input into `d_feat`.
+#[allow(clippy::too_many_arguments)]
+fn row_lstm_backward(
+    net: &Net<'_>,
+    g: &Geometry,
+    at: &LayerAt,
+    input: &[f32],
+    acts: &LayerActs,
+    d_lstm: &[f32],
+    s: Scratch<'_>,
+    d_feat: &mut [f32],
+    grad: &mut [f32],
+) {
+    let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
+    let rows = g.rows;
+    let rec = &acts.dirs[0];
+    let block = g.n * g.p;
+    let d_h = &mut s.d_h[..rows * h];
+    d_h.copy_from_slice(d_lstm);
+    let d_z = &mut s.d_z[..rows * 4 * h];
+    let d_c = &mut s.d_c[..block * h];
+    d_c.fill(0.0);
+    let state = at.state[0];
+    for r in (0..g.height).rev() {
+        let (b0, b1) = (r * block, (r + 1) * block);
+        // The padding columns' states are not the model's; what reached them goes nowhere.
+        for cells in d_h[b0 * h..b1 * h].chunks_mut(g.p * h) {
+            cells[..h].fill(0.0);
+            cells[(g.p - 1) * h..].fill(0.0);
+        }
+        let c_prev = if r > 0 {
+            &rec.cell[(b0 - block) * h..b0 * h]
+        } else {
+            &[][..]
+        };
+        lstm_backward(
+            net.isa,
+            &rec.gates[b0 * 4 * h..b1 * 4 * h],
+            c_prev,
+            &rec.cell[b0 * h..b1 * h],
+            &d_h[b0 * h..b1 * h],
+            d_c,
+            &mut d_z[b0 * 4 * h..b1 * 4 * h],
+            h,
+        );
+        if r > 0 {
+            let dz = &d_z[b0 * 4 * h..b1 * 4 * h];
+            let prev_h = &rec.hidden[(b0 - block) * h..b0 * h];
+            // dx = −1: z[m] read h[m − 1]; dx = 0: h[m]; dx = +1: h[m + 1].
+            gemm(
+                4 * h,
+                block - 1,
+                h,
+                mat(&dz[4 * h..], 1, 4 * h),
+                mat(prev_h, h, 1),
+                1.0,
+                &mut grad[state..],
+                3 * h,
+                3,
+            );
+            gemm(
+                4 * h,
+                block,
+                h,
+                mat(dz, 1, 4 * h),
+                mat(prev_h, h, 1),
+                1.0,
+                &mut grad[state + 1..],
+                3 * h,
+                3,
+            );
+            gemm(
+                4 * h,
+                block - 1,
+                h,
+                mat(dz, 1, 4 * h),
+                mat(&prev_h[h..], h, 1),
+                1.0,
+                &mut grad[state + 2..],
+                3 * h,
+                3,
+            );
+            let above = &mut d_h[(b0 - block) * h..b0 * h];
+            gemm(
+                block - 1,
+                4 * h,
+                h,
+                mat(&dz[4 * h..], 4 * h, 1),
+                mat(&w[state..], 3 * h, 3),
+                1.0,
+                above,
+                h,
+                1,
+            );
+            gemm(
+                block,
+                4 * h,
+                h,
+                mat(dz, 4 * h, 1),
+                mat(&w[state + 1..], 3 * h, 3),
+                1.0,
+                above,
+                h,
+                1,
+            );
+            gemm(
+                block - 1,
+                4 * h,
+                h,
+                mat(dz, 4 * h, 1),
+                mat(&w[state + 2..], 3 * h, 3),
+                1.0,
+                &mut above[h..],
+                h,
+                1,
+            );
+        }
+    }
+    // Input-to-state: dx = −1 (z[m] read x[m − 1]) and dx = 0.
+    let input_w = at.input[0];
+    gemm(
+        4 * h,
+        rows - 1,
+        f,
+        mat(&d_z[4 * h..], 1, 4 * h),
+        mat(input, f, 1),
+        1.0,
+        &mut grad[input_w..],
+        2 * f,
+        2,
+    );
+    gemm(
+        4 * h,
+        rows,
+        f,
+        mat(d_z, 1, 4 * h),
+        mat(input, f, 1),
+        1.0,
+        &mut grad[input_w + 1..],
+        2 * f,
+        2,
+    );
+    add_column_sums(
+        d_z,
+        rows,
+        &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h],
+    );
+    gemm(
+        rows - 1,
+        4 * h,
+        f,
+        mat(&d_z[4 * h..], 4 * h, 1),
+        mat(&w[input_w..], 2 * f, 2),
+        1.0,
+        d_feat,
+        f,
+        1,
+    );
+    gemm(
+        rows,
+        4 * h,
+        f,
+        mat(d_z, 4 * h, 1),
+        mat(&w[input_w + 1..], 2 * f, 2),
+        1.0,
+        d_feat,
+        f,
+        1,
+    );
+}
+
+/// Diagonal BiLSTM backward: the output map's gradient scattered onto both skewed grids, back
+/// through the skewed columns, then the 1×1 input-to-state for all pixels at once.
+#[allow(clippy::too_many_arguments)]
+fn diagonal_backward(
+    net: &Net<'_>,
+    g: &Geometry,
+    at: &LayerAt,
+    input: &[f32],
+    acts: &LayerActs,
+    d_lstm: &[f32],
+    s: Scratch<'_>,
+    d_feat: &mut [f32],
+    grad: &mut [f32],
+) {
+    let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
+    let rows = g.rows;
+    for d in 0..2 {
+        let rec = &acts.dirs[d];
+        let d_h = &mut s.d_h[..g.cells * h];
+        d_h.fill(0.0);
+        for (i, r, c, m) in g.pixels(g.height) {
+            let cell = if d == 0 {
+                g.cell(r + c, r, i)
+            } else if r + 1 < g.height {
+                // The mirrored LSTM's (r, c) feeds the output at (r + 1, c).
+                let m = g.pix(r + 1, i, c);
+                let cell = g.cell(r + g.width - 1 - c, r, i);
+                d_h[cell * h..(cell + 1) * h]
+                    .iter_mut()
+                    .zip(&d_lstm[m * h..(m + 1) * h])
+                    .for_each(|(a, b)| *a += b);
+                continue;
+            } else {
+                continue;
+            };
+            d_h[cell * h..(cell + 1) * h]
+                .iter_mut()
+                .zip(&d_lstm[m * h..(m + 1) * h])
+                .for_each(|(a, b)| *a += b);
+        }
+        let d_c = &mut s.d_c[..g.height * g.n * h];
+        d_c.fill(0.0);
+        let d_z = &mut s.d_z[..rows * 4 * h];
+        d_z.fill(0.0);
+        let state = at.state[d];
+        for j in (0..g.skewed).rev() {
+            let Some((lo, hi)) = g.valid(j, g.height) else {
+                continue;
+            };
+            let (c0, c1) = (g.cell(j, lo, 0), g.cell(j, hi + 1, 0));
+            let cells = c1 - c0;
+            let dz = &mut s.d_block[..cells * 4 * h];
+            let c_prev = if j > 0 {
+                let prev = g.cell(j - 1, lo, 0);
+                &rec.cell[prev * h..(prev + cells) * h]
+            } else {
+                &[][..]
+            };
+            lstm_backward(
+                net.isa,
+                &rec.gates[c0 * 4 * h..c1 * 4 * h],
+                c_prev,
+                &rec.cell[c0 * h..c1 * h],
+                &d_h[c0 * h..c1 * h],
+                &mut d_c[lo * g.n * h..(hi + 1) * g.n * h],
+                dz,
+                h,
+            );
+            if j > 0 {
+                let prev = g.cell(j - 1, lo, 0);
+                gemm(
+                    4 * h,
+                    cells,
+                    h,
+                    mat(dz, 1, 4 * h),
+                    mat(&rec.hidden[prev * h..], h, 1),
+                    1.0,
+                    &mut grad[state..],
+                    2 * h,
+                    2,
+                );
+                gemm(
+                    cells,
+                    4 * h,
+                    h,
+                    mat(dz, 4 * h, 1),
+                    mat(&w[state..], 2 * h, 2),
+                    1.0,
+                    &mut d_h[prev * h..],
+                    h,
+                    1,
+                );
+                let r0 = lo.max(1);
+                if r0 <= hi {
+                    let skip = (r0 - lo) * g.n;
+                    let above = g.cell(j - 1, r0 - 1, 0);
+                    let dz = &dz[skip * 4 * h..];
+                    gemm(
+                        4 * h,
+                        cells - skip,
+                        h,
+                        mat(dz, 1, 4 * h),
+                        mat(&rec.hidden[above * h..], h, 1),
+                        1.0,
+                        &mut grad[state + 1..],
+                        2 * h,
+                        2,
+                    );
+                    gemm(
+                        cells - skip,
+                        4 * h,
+                        h,
+                        mat(dz, 4 * h, 1),
+                        mat(&w[state + 1..], 2 * h, 2),
+                        1.0,
+                        &mut d_h[above * h..],
+                        h,
+                        1,
+                    );
+                }
+            }
+            for r in lo..=hi {
+                let c = g.column(j, r, d);
+                for i in 0..g.n {
+                    let (cell, m) = (g.cell(j, r, i) - c0, g.pix(r, i, c));
+                    d_z[m * 4 * h..(m + 1) * 4 * h]
+                        .copy_from_slice(&dz[cell * 4 * h..(cell + 1) * 4 * h]);
+                }
+            }
+        }
+        gemm(
+            4 * h,
+            rows,
+            f,
+            mat(d_z, 1, 4 * h),
+            mat(input, f, 1),
+            1.0,
+            &mut grad[at.input[d]..],
+            f,
+            1,
+        );
+        add_column_sums(
+            d_z,
+            rows,
+            &mut grad[at.input_bias[d]..at.input_bias[d] + 4 * h],
+        );
+        gemm(
+            rows,
+            4 * h,
+            f,
+            mat(d_z, 4 * h, 1),
+            mat(&w[at.input[d]..], f, 1),
+            1.0,
+            d_feat,
+            f,
+            1,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const ARCHITECTURES: [Architecture; 2] = [Architecture::RowLstm, Architecture::DiagonalBiLstm];
+
+    fn images(n: usize, d: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n * d).map(|_| u8::from(rng.random_bool(0.4))).collect()
+    }
+
+    /// Odd sizes everywhere: 11 images (a full chunk and a partial one), 5 × 7 pixels, h = 3.
+    const N: usize = 11;
+    const H: usize = 5;
+    const W: usize = 7;
+
+    fn net(shape: Shape, params: &[f32], isa: Isa) -> Net<'_> {
+        Net {
+            shape,
+            params,
+            height: H,
+            width: W,
+            isa,
+        }
+    }
+
+    #[test]
+    fn the_layout_is_the_references() {
+        for arch in ARCHITECTURES {
+            let shape = Shape {
+                architecture: arch,
+                hidden: 3,
+                layers: 2,
+            };
+            let p = reference::Params::random(arch, 3, 2, 0.5, 1);
+            let flat = flatten(&p);
+            assert_eq!(flat.len(), shape.param_len());
+            let tensors = shape.tensors();
+            assert_eq!(tensors.last().unwrap().1.end, flat.len());
+            assert!(tensors.windows(2).all(|w| w[0].1.end == w[1].1.start));
+            let back = flatten(&unflatten(shape, &flat));
+            assert_eq!(back, flat);
+        }
+    }
+
+    /// The fast logits and log-likelihoods equal the f64 reference's, on every instruction set.
+    #[test]
+    fn log_likelihoods_match_the_reference() {
+        for arch in ARCHITECTURES {
+            for layers in [1, 3] {
+                let shape = Shape {
+                    architecture: arch,
+                    hidden: 3,
+                    layers,
+                };
+                let p = reference::Params::random(arch, 3, layers, 0.5, 7 + layers as u64);
+                let flat = flatten(&p);
+                let p = unflatten(shape, &flat);
+                let x = images(N, H * W, 3);
+                for isa in Isa::for_tests() {
+                    let mut ll = vec![0.0; N];
+                    let mut logits = vec![0f32; N * H * W];
+                    net(shape, &flat, isa).log_likelihood(&x, &mut ll, Some(&mut logits));
+                    for i in 0..N {
+                        let image = &x[i * H * W..(i + 1) * H * W];
+                        let want = reference::logits(&p, image, H, W);
+                        for (k, (&got, want)) in logits[i * H * W..].iter().zip(&want).enumerate() {
+                            assert!(
+                                (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{arch:?} L={layers} {} image {i} pixel {k}: {got} vs {want}",
+                                isa.name()
+                            );
+                        }
+                        let want = reference::log_likelihood(&p, image, H, W);
+                        assert!(
+                            (ll[i] - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{arch:?}: {} vs {want}",
+                            ll[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fast gradient of Σ NLL equals minus the reference's exact gradient of Σ log p, every
+    /// parameter, on every instruction set.
+    #[test]
+    fn gradients_match_the_reference() {
+        for arch in ARCHITECTURES {
+            let (hidden, layers) = (3, 2);
+            let shape = Shape {
+                architecture: arch,
+                hidden,
+                layers,
+            };
+            let flat = flatten(&reference::Params::random(arch, hidden, layers, 0.5, 5));
+            let p = unflatten(shape, &flat);
+            let n = 10;
+            let x = images(n, H * W, 9);
+            let mut want = vec![0f64; flat.len()];
+            let mut want_nll = 0.0;
+            for i in 0..n {
+                let (ll, g) = reference::gradient(&p, &x[i * H * W..(i + 1) * H * W], H, W);
+                want_nll -= ll;
+                let mut k = 0;
+                g.map(&mut |v| {
+                    want[k] -= v;
+                    k += 1;
+                });
+            }
+            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for isa in Isa::for_tests() {
+                let mut grad = vec![0f32; flat.len()];
+                let nll = net(shape, &flat, isa).gradient(&x, &mut grad);
+                assert!(
+                    (nll - want_nll).abs() < 1e-4 * want_nll.abs(),
+                    "{nll} vs {want_nll}"
+                );
+                for (name, range, _) in shape.tensors() {
+                    for k in range {
+                        assert!(
+                            (f64::from(grad[k]) - want[k]).abs() < 1e-4 * scale,
+                            "{arch:?} {} {name} [{k}]: {} vs {}",
+                            isa.name(),
+                            grad[k],
+                            want[k]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sampling's partial passes give the full pass's logits on the rows they cover.
+    #[test]
+    fn partial_passes_agree_with_the_full_one() {
+        for arch in ARCHITECTURES {
+            let shape = Shape {
+                architecture: arch,
+                hidden: 4,
+                layers: 2,
+            };
+            let flat = flatten(&reference::Params::random(arch, 4, 2, 0.5, 2));
+            let x = images(N, H * W, 1);
+            let isa = Isa::detect();
+            let mut full = vec![0f32; N * H * W];
+            net(shape, &flat, isa).log_likelihood(&x, &mut vec![0.0; N], Some(&mut full));
+            for rows in 1..=H {
+                let mut part = vec![f32::NAN; N * H * W];
+                net(shape, &flat, isa).logits_up_to(&x, rows, &mut part);
+                for i in 0..N {
+                    let at = i * H * W;
+                    assert_eq!(
+                        part[at..at + rows * W],
+                        full[at..at + rows * W],
+                        "{arch:?} rows {rows}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A gradient is bit-identical on 1 and 3 threads.
+    #[test]
+    fn the_gradient_does_not_depend_on_the_thread_count() {
+        for arch in ARCHITECTURES {
+            let shape = Shape {
+                architecture: arch,
+                hidden: 5,
+                layers: 2,
+            };
+            let flat = flatten(&reference::Params::random(arch, 5, 2, 0.5, 4));
+            let x = images(3 * CHUNK + 1, H * W, 6);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut grad = vec![0f32; flat.len()];
+                    let nll = net(shape, &flat, Isa::detect()).gradient(&x, &mut grad);
+                    (nll, grad)
+                })
+            };
+            assert_eq!(run(1), run(3), "{arch:?}");
+        }
+    }
+}
