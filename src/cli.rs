@@ -274,14 +274,33 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub shape: Vec<usize>,
 
-    /// The model measured: `nade` (binary pixels, binarized stochastically) or `rnade` (8-bit
-    /// intensities).
-    #[arg(long, default_value = "nade", value_parser = ["nade", "rnade"])]
+    /// The model measured: `nade` (binary pixels, binarized stochastically), `rnade` (8-bit
+    /// intensities) or `pixelrnn` (binary, both architectures unless `--architecture`).
+    #[arg(long, default_value = "nade", value_parser = ["nade", "rnade", "pixelrnn"])]
     pub model: String,
 
-    /// Hidden units of the model measured.
-    #[arg(long, default_value_t = 500)]
-    pub hidden: usize,
+    /// Hidden units of the model measured (default: 500 for NADE and RNADE; 16 LSTM units for
+    /// PixelRNN, its default).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+
+    /// PixelRNN's recurrent layers.
+    #[arg(long, default_value_t = 7)]
+    pub layers: usize,
+
+    /// PixelRNN's architecture: `row_lstm` or `diagonal_bilstm` (default: both, one after the
+    /// other).
+    #[arg(long, value_parser = ["row_lstm", "diagonal_bilstm"])]
+    pub architecture: Option<String>,
+
+    /// Images per training step.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+
+    /// Python interpreter for the PyTorch comparison of `--model pixelrnn` (skipped, with a
+    /// note, when it has no torch).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
 
     /// Mixture components of `--model rnade`.
     #[arg(long, default_value_t = 10)]

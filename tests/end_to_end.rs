@@ -267,6 +267,10 @@ fn every_model_kind_runs_end_to_end_and_samples() {
             "rnade",
             "hidden = 8\ncomponents = 3\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 2\n",
         ),
+        (
+            "pixelrnn",
+            "architecture = \"diagonal_bilstm\"\nlayers = 2\nhidden = 4\n\n[train]\nepochs = 2\nlearning_rate = 0.01\n",
+        ),
     ] {
         let eight_bit = extra.contains("binarize");
         let name = if eight_bit && kind == "ar" {
@@ -318,7 +322,7 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         )
         .expect(0);
         assert!(image::open(d.join(&png)).is_ok(), "{kind} sample grid");
-        if kind != "categorical" && (kind == "fvsbn" || kind == "nade" || eight_bit) {
+        if kind != "categorical" && (["fvsbn", "nade", "pixelrnn"].contains(&kind) || eight_bit) {
             let meta: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap())
                     .unwrap();

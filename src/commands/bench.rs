@@ -1,6 +1,8 @@
-//! `pipeline bench`: how fast NADE (or RNADE, `--model rnade`) trains and scores here, measured
-//! against baselines taken in the same run — the naive reference kernels, and the machine's own
-//! SGEMM rate for the fraction of peak. Medians of `--repeats` timings; nothing is asserted.
+//! `pipeline bench`: how fast NADE (or RNADE, `--model rnade`, or PixelRNN, `--model pixelrnn`)
+//! trains and scores here, measured against baselines taken in the same run — the naive
+//! reference kernels, the machine's own SGEMM rate for the fraction of peak, and for PixelRNN a
+//! PyTorch implementation of the same network on the same threads
+//! (`scripts/pixelrnn_torch.py`). Medians of `--repeats` timings; nothing is asserted.
 
 use std::io::Write;
 use std::time::Instant;
@@ -18,6 +20,7 @@ use crate::io::source::Source;
 use crate::kernels::Isa;
 use crate::kernels::{nade as nade_kernel, rnade as rnade_kernel};
 use crate::models::nade::Nade;
+use crate::models::pixelrnn::PixelRnn;
 use crate::models::rnade::{Hyperparameters, Rnade, RnadeParams};
 use crate::models::shared::ordering::Order;
 use crate::models::{DensityModel, Family};
@@ -28,9 +31,6 @@ use crate::train::{Adam, GradientModel, GradientWorkspace};
 /// Quoted in issue 3 for a vectorized PyTorch 2 NADE-500 on a 2-core AVX-512 machine; shown for
 /// orientation only, never as a measurement of this run.
 const PYTORCH_QUOTED: (f64, f64) = (400.0, 2000.0);
-
-/// Images per training step, as in `[train]`'s default.
-const BATCH: usize = 100;
 
 /// Training and scoring rates of one implementation, in images per second.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +51,12 @@ impl Measured for Nade {
     }
 }
 
+impl Measured for PixelRnn {
+    fn on(&self, isa: Isa) -> Self {
+        self.clone().with_isa(isa)
+    }
+}
+
 impl Measured for Rnade {
     fn on(&self, isa: Isa) -> Self {
         self.clone().with_isa(isa)
@@ -65,16 +71,22 @@ struct Baseline {
     flops: (f64, f64),
 }
 
+mod pixelrnn;
+
 /// Runs the benchmark and prints (and optionally writes) the figures.
 pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
-    if a.repeats == 0 || a.images == 0 || a.reference_images == 0 {
+    if a.repeats == 0 || a.images == 0 || a.reference_images == 0 || a.batch == 0 {
         return Err(Error::Usage(
-            "--repeats, --images and --reference-images must be at least 1".into(),
+            "--repeats, --images, --reference-images and --batch must be at least 1".into(),
         ));
     }
+    if a.model == "pixelrnn" {
+        return pixelrnn::bench(a, ctx);
+    }
+    let hidden = a.hidden.unwrap_or(500);
     // The model's own check, so the bench takes exactly the sizes a pipeline would.
     <Rnade as Family>::check(&RnadeParams {
-        hidden: a.hidden,
+        hidden,
         components: a.components,
         order: Order::Raster,
     })
@@ -87,7 +99,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
     })?;
     let rnade = a.model == "rnade";
     let (shape, pixels) = load_images(a, ctx, !rnade)?;
-    let (d, h) = (shape.dims(), a.hidden);
+    let (d, h) = (shape.dims(), hidden);
     let subset = pixels.slice(ndarray::s![..a.reference_images.min(pixels.nrows()), ..]);
     let reference_repeats = a.repeats.min(3);
     if rnade {
@@ -165,6 +177,31 @@ fn report<M: Measured>(
     baseline: &Baseline,
     quote_pytorch: bool,
 ) -> Result<()> {
+    report_with(
+        a,
+        label,
+        shape,
+        model,
+        pixels,
+        baseline,
+        quote_pytorch,
+        None,
+    )
+}
+
+/// [`report`], with the rates of a comparison implementation measured in the same run (its
+/// name and rates), printed as ratios and written to the JSON.
+#[allow(clippy::too_many_arguments)]
+fn report_with<M: Measured>(
+    a: &BenchArgs,
+    label: &str,
+    shape: ImageShape,
+    model: &M,
+    pixels: ArrayView2<'_, u8>,
+    baseline: &Baseline,
+    quote_pytorch: bool,
+    comparison: Option<&dyn Fn() -> std::result::Result<(String, Rates), String>>,
+) -> Result<()> {
     let n = pixels.nrows();
     let threads = rayon::current_num_threads();
     let chosen = Isa::detect();
@@ -182,7 +219,7 @@ fn report<M: Measured>(
     for isa in Isa::available() {
         let m = model.on(isa);
         let rates = Rates {
-            train: median_rate(a.repeats, n, || train_pass(&m, pixels)),
+            train: median_rate(a.repeats, n, || train_pass(&m, pixels, a.batch)),
             score: median_rate(a.repeats, n, || score_pass(&m, pixels)),
         };
         say(format_args!(
@@ -231,8 +268,30 @@ fn report<M: Measured>(
             best.score / PYTORCH_QUOTED.1
         ));
     }
+    let compared = comparison.map(|run| run());
+    let compared_json = match &compared {
+        Some(Ok((name, r))) => {
+            say(format_args!(
+                "  {name:<24}train {:>9.1} img/s   score {:>9.1} img/s   (same threads, measured now)\n",
+                r.train, r.score
+            ));
+            say(format_args!(
+                "  speed-up over it        train {:>9.1}×        score {:>9.1}×\n",
+                best.train / r.train,
+                best.score / r.score
+            ));
+            json!({ "name": name, "train_images_per_s": r.train, "score_images_per_s": r.score })
+        }
+        Some(Err(why)) => {
+            say(format_args!("  comparison skipped: {why}\n"));
+            json!({ "skipped": why })
+        }
+        None => serde_json::Value::Null,
+    };
     if let Some(path) = &a.json {
         let report = json!({
+            "comparison": compared_json,
+            "batch": a.batch,
             "model": label,
             "images": n,
             "shape": shape.to_string(),
@@ -315,11 +374,11 @@ fn median_rate(repeats: usize, count: usize, mut pass: impl FnMut()) -> f64 {
 }
 
 /// One epoch of real training steps (sharded gradient, reduction, Adam) over `pixels`.
-fn train_pass<M: Measured>(model: &M, pixels: ArrayView2<'_, u8>) {
+fn train_pass<M: Measured>(model: &M, pixels: ArrayView2<'_, u8>, batch: usize) {
     let mut m = model.clone();
     let mut adam = Adam::new(m.params().len(), 1e-3);
     let mut workspace = GradientWorkspace::default();
-    for batch in pixels.axis_chunks_iter(Axis(0), BATCH) {
+    for batch in pixels.axis_chunks_iter(Axis(0), batch) {
         let (_, grad) = workspace.mean_gradient(&m, batch);
         adam.step(m.params_mut(), grad);
     }

@@ -13,7 +13,7 @@ use super::model::{BackgroundConfig, keys_of};
 use super::{Binarize, PipelineConfig, ScoreMethod, ThresholdMethod};
 use crate::error::{ConfigProblem, ConfigProblems, Error, Result};
 use crate::models::Pixels;
-use crate::models::families::{DEFAULT_KIND, FAMILIES};
+use crate::models::families::{self, DEFAULT_KIND, FAMILIES};
 use crate::models::{Kind, ModelSpec};
 
 /// What the command line adds to a pipeline file.
@@ -98,6 +98,7 @@ pub fn load_str(
     let mut path = Vec::new();
     interpolate_table(doc.as_table_mut(), &mut path, vars, &locate, &mut problems);
     check_kind_tables(&mut doc, &locate, &mut problems);
+    fill_family_train_defaults(&mut doc);
 
     let resolved = doc.to_string();
     let mut unknown = Vec::new();
@@ -142,6 +143,34 @@ pub fn load_str(
         Ok(config)
     } else {
         Err(fail(problems))
+    }
+}
+
+/// Writes the `[model]` family's own `[train]` defaults (`Family::train_defaults`) into the
+/// document for every key it does not set, so the parsed config, `pipeline validate` and the
+/// manifest all show the values training uses.
+fn fill_family_train_defaults(doc: &mut DocumentMut) {
+    let kind = doc
+        .get("model")
+        .and_then(|m| m.get("kind"))
+        .and_then(Item::as_str)
+        .unwrap_or(families::DEFAULT_KIND);
+    let Some(family) = families::find(kind) else {
+        return;
+    };
+    let d = family.train_defaults();
+    let values: [(&str, Option<Value>); 4] = [
+        ("epochs", d.epochs.map(|v| Value::from(i64::from(v)))),
+        ("batch_size", d.batch_size.map(|v| Value::from(v as i64))),
+        ("learning_rate", d.learning_rate.map(Value::from)),
+        ("max_minutes", d.max_minutes.map(Value::from)),
+    ];
+    for (key, value) in values {
+        let Some(value) = value else { continue };
+        let present = doc.get("train").and_then(|t| t.get(key)).is_some();
+        if !present {
+            set_path(doc, &["train", key], value);
+        }
     }
 }
 
@@ -721,6 +750,27 @@ uri = "out/"
                 .collect(),
             Err(e) => panic!("unexpected error kind {e}"),
         }
+    }
+
+    /// A family's own `[train]` defaults apply to the keys the file leaves out, and only for
+    /// that family.
+    #[test]
+    fn a_family_brings_its_own_train_defaults() {
+        let load = |text: &str| {
+            load_str(
+                "p.toml",
+                &format!("{GOOD}{text}"),
+                &LoadOptions::default(),
+                &no_vars,
+            )
+            .unwrap()
+        };
+        let c = load("[model]\nkind = \"pixelrnn\"\n");
+        assert_eq!((c.train.batch_size, c.train.max_minutes), (16, Some(60.0)));
+        let c = load("[model]\nkind = \"pixelrnn\"\n[train]\nbatch_size = 50\nmax_minutes = 5\n");
+        assert_eq!((c.train.batch_size, c.train.max_minutes), (50, Some(5.0)));
+        let c = load("[model]\nkind = \"nade\"\n");
+        assert_eq!((c.train.batch_size, c.train.max_minutes), (100, None));
     }
 
     #[test]

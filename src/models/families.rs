@@ -15,6 +15,7 @@ pub static FAMILIES: &[&dyn Kind] = &[
     &Registered::<super::fvsbn::Fvsbn>(PhantomData),
     &Registered::<super::nade::Nade>(PhantomData),
     &Registered::<super::rnade::Rnade>(PhantomData),
+    &Registered::<super::pixelrnn::PixelRnn>(PhantomData),
 ];
 
 /// The kind `[model]` gets when it names none.

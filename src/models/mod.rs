@@ -14,6 +14,7 @@ pub mod categorical;
 pub mod families;
 pub mod fvsbn;
 pub mod nade;
+pub mod pixelrnn;
 pub mod registry;
 pub mod rnade;
 pub mod shared;

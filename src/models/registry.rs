@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use super::{DensityModel, Fitted, ModelError, NamedTensor};
 use crate::data::ImageShape;
-use crate::train::{Training, TrainingSet};
+use crate::train::{TrainDefaults, Training, TrainingSet};
 
 /// Which pixel values a family models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +144,12 @@ pub trait Family: 'static {
 
     /// Rebuilds a fitted model from what it stored, refusing anything that does not fit.
     fn load(stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError>;
+
+    /// `[train]` values this family needs in place of the general defaults, used for every
+    /// key the pipeline file leaves out (none by default).
+    fn train_defaults() -> TrainDefaults {
+        TrainDefaults::default()
+    }
 }
 
 /// A family as the rest of the program sees it: [`Family`] without its types, one object per
@@ -179,6 +185,9 @@ pub trait Kind: Send + Sync {
 
     /// Rebuilds a fitted model of this family.
     fn load(&self, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError>;
+
+    /// Its `[train]` defaults that differ from the general ones.
+    fn train_defaults(&self) -> TrainDefaults;
 }
 
 /// The [`Kind`] of a [`Family`]: a zero-sized handle.
@@ -239,6 +248,10 @@ impl<F: Family> Kind for Registered<F> {
 
     fn load(&self, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
         F::load(stored)
+    }
+
+    fn train_defaults(&self) -> TrainDefaults {
+        F::train_defaults()
     }
 }
 

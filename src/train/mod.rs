@@ -206,6 +206,20 @@ impl Default for TrainSettings {
     }
 }
 
+/// `[train]` values a model family needs in place of the general defaults (each `None` keeps
+/// the general one); they apply only where the pipeline file does not set the key.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrainDefaults {
+    /// `train.epochs`.
+    pub epochs: Option<u32>,
+    /// `train.batch_size`.
+    pub batch_size: Option<usize>,
+    /// `train.learning_rate`.
+    pub learning_rate: Option<f64>,
+    /// `train.max_minutes`.
+    pub max_minutes: Option<f64>,
+}
+
 /// One epoch of the training curve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {

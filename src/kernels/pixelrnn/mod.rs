@@ -158,50 +158,48 @@ impl Shape {
         self.offsets().len
     }
 
-    /// Each tensor's name and range in the flat vector, in order (for artifacts and for
-    /// initialization scales).
-    pub fn tensors(&self) -> Vec<(String, std::ops::Range<usize>, usize)> {
+    /// Each tensor's name, range in the flat vector and dimensions, in order (for artifacts,
+    /// and for initialization: a weight has two dimensions or more, a bias one).
+    pub fn tensors(&self) -> Vec<(String, std::ops::Range<usize>, Vec<usize>)> {
         let o = self.offsets();
         let (f, h) = (self.features(), self.hidden);
-        let mut out = vec![
-            ("input".to_string(), o.input..o.input + f * TAPS_A, TAPS_A),
-            ("input_bias".to_string(), o.input_bias..o.input_bias + f, 0),
-        ];
-        for (k, l) in o.layers.iter().enumerate() {
+        let k = INPUT_KERNEL;
+        let mut out = Vec::new();
+        let mut put = |name: String, at: usize, dims: Vec<usize>| {
+            let len: usize = dims.iter().product();
+            out.push((name, at..at + len, dims));
+        };
+        put("input".into(), o.input, vec![f, k, k]);
+        put("input_bias".into(), o.input_bias, vec![f]);
+        for (n, l) in o.layers.iter().enumerate() {
             for d in 0..self.directions() {
-                let fan = f * self.input_taps();
-                out.push((
-                    format!("layer{k}.input{d}"),
-                    l.input[d]..l.input[d] + 4 * h * fan,
-                    fan,
-                ));
+                put(
+                    format!("layer{n}.input{d}"),
+                    l.input[d],
+                    vec![4 * h, f, self.input_taps()],
+                );
             }
             for d in 0..self.directions() {
-                out.push((
-                    format!("layer{k}.input_bias{d}"),
-                    l.input_bias[d]..l.input_bias[d] + 4 * h,
-                    0,
-                ));
+                put(
+                    format!("layer{n}.input_bias{d}"),
+                    l.input_bias[d],
+                    vec![4 * h],
+                );
             }
             for d in 0..self.directions() {
-                let fan = h * self.state_taps();
-                out.push((
-                    format!("layer{k}.state{d}"),
-                    l.state[d]..l.state[d] + 4 * h * fan,
-                    fan,
-                ));
+                put(
+                    format!("layer{n}.state{d}"),
+                    l.state[d],
+                    vec![4 * h, h, self.state_taps()],
+                );
             }
-            out.push((format!("layer{k}.output"), l.output..l.output + f * h, h));
-            out.push((
-                format!("layer{k}.output_bias"),
-                l.output_bias..l.output_bias + f,
-                0,
-            ));
+            put(format!("layer{n}.output"), l.output, vec![f, h]);
+            put(format!("layer{n}.output_bias"), l.output_bias, vec![f]);
         }
-        out.push(("head".to_string(), o.head..o.head + f * f, f));
-        out.push(("head_bias".to_string(), o.head_bias..o.head_bias + f, 0));
-        out.push(("logit".to_string(), o.logit..o.logit + f, f));
-        out.push(("logit_bias".to_string(), o.logit_bias..o.logit_bias + 1, 0));
+        put("head".into(), o.head, vec![f, f]);
+        put("head_bias".into(), o.head_bias, vec![f]);
+        put("logit".into(), o.logit, vec![1, f]);
+        put("logit_bias".into(), o.logit_bias, vec![1]);
         out
     }
 }

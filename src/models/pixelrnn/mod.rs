@@ -1,0 +1,141 @@
+//! The `pixelrnn` family: PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016) for binary
+//! pixels, every conditional read off recurrent convolutional layers over the whole past (Row
+//! LSTM: the triangle above a pixel; Diagonal BiLSTM: all of it), trained by Adam on the fast
+//! kernels of [`kernels::pixelrnn`](crate::kernels::pixelrnn).
+
+mod model;
+
+pub use model::PixelRnn;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::registry::{Family, ParamProblem, Pixels, Stored, checked};
+use super::{DensityModel, Fitted, ModelError};
+use crate::kernels::pixelrnn::{Architecture, Shape};
+use crate::train::{TrainDefaults, Training, TrainingSet};
+
+/// The recurrent layer, as `model.architecture` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ArchitectureName {
+    /// Row LSTM: row by row, each pixel sees the triangle of rows above it (and its left).
+    #[serde(rename = "row_lstm")]
+    RowLstm,
+    /// Diagonal BiLSTM: along diagonals in both directions, each pixel sees its whole past.
+    #[serde(rename = "diagonal_bilstm")]
+    DiagonalBiLstm,
+}
+
+impl ArchitectureName {
+    /// The kernels' architecture.
+    pub fn architecture(self) -> Architecture {
+        match self {
+            Self::RowLstm => Architecture::RowLstm,
+            Self::DiagonalBiLstm => Architecture::DiagonalBiLstm,
+        }
+    }
+
+    /// The name of a kernel architecture.
+    pub fn of(architecture: Architecture) -> Self {
+        match architecture {
+            Architecture::RowLstm => Self::RowLstm,
+            Architecture::DiagonalBiLstm => Self::DiagonalBiLstm,
+        }
+    }
+}
+
+/// The largest `model.hidden` (LSTM units per layer) accepted.
+pub const MAX_HIDDEN: usize = 256;
+
+/// The most recurrent layers `model.layers` accepts.
+pub const MAX_LAYERS: usize = 32;
+
+/// PixelRNN on binary pixels: a 7 × 7 mask-A convolution, `layers` residual recurrent layers
+/// of `hidden` LSTM units (2·hidden feature maps between them), two ReLU + 1×1 layers and a
+/// sigmoid per pixel; trained by Adam (`[train]`). One-channel images only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct PixelRnnParams {
+    /// `"row_lstm"` or `"diagonal_bilstm"`.
+    pub architecture: ArchitectureName,
+    /// Recurrent layers, 1 to 32.
+    pub layers: usize,
+    /// LSTM units per layer (and direction), 1 to 256; the feature maps are twice as many.
+    pub hidden: usize,
+}
+
+impl Default for PixelRnnParams {
+    fn default() -> Self {
+        Self {
+            architecture: ArchitectureName::RowLstm,
+            layers: 7,
+            hidden: 16,
+        }
+    }
+}
+
+impl PixelRnnParams {
+    /// The network's shape.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            architecture: self.architecture.architecture(),
+            hidden: self.hidden,
+            layers: self.layers,
+        }
+    }
+}
+
+/// The wording of the size checks, for the config and for stored models.
+pub(crate) fn size_problems(layers: usize, hidden: usize) -> [Option<ParamProblem>; 2] {
+    [
+        ParamProblem::range("layers", layers, 1, MAX_LAYERS),
+        ParamProblem::range("hidden", hidden, 1, MAX_HIDDEN),
+    ]
+}
+
+impl Family for PixelRnn {
+    const NAME: &'static str = "pixelrnn";
+    type Params = PixelRnnParams;
+    type Valid = PixelRnnParams;
+
+    fn pixels() -> Pixels {
+        Pixels::Binary
+    }
+
+    fn trained_by_gradient(_levels: u16) -> bool {
+        true
+    }
+
+    fn check(params: &PixelRnnParams) -> Result<PixelRnnParams, Vec<ParamProblem>> {
+        checked(params.clone(), size_problems(params.layers, params.hidden))
+    }
+
+    fn fit(
+        params: &PixelRnnParams,
+        data: &TrainingSet<'_>,
+        training: &Training<'_>,
+    ) -> Result<Fitted, ModelError> {
+        let (model, curve) = PixelRnn::fit(params.shape(), data, training)?;
+        Ok(Fitted::trained(model, curve))
+    }
+
+    /// Small steps (16 images, as in the paper) make more progress per hour on a CPU than the
+    /// general 100, and a fit stops after an hour unless `train.max_minutes` says otherwise: a
+    /// nightly job must end, and the best epoch is kept.
+    fn train_defaults() -> TrainDefaults {
+        TrainDefaults {
+            epochs: Some(100),
+            batch_size: Some(16),
+            learning_rate: None,
+            max_minutes: Some(60.0),
+        }
+    }
+
+    fn load(stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
+        Ok(Box::new(PixelRnn::from_tensors(
+            stored.shape,
+            stored.hyperparameters,
+            stored.tensors,
+        )?))
+    }
+}
