@@ -318,7 +318,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
 
-    /// Also write the figures as JSON to this file.
+    /// Also write the figures as JSON to this file (for `--model pixelrnn`, an array with one
+    /// object per architecture).
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
 }

@@ -187,6 +187,56 @@ fn bench_measures_every_kernel_and_writes_its_figures() {
         }
         assert!(report["sgemm_flops_per_s"].as_f64().unwrap() > 0.0);
     }
+    // PixelRNN: both architectures, each with its comparison (skipped here: no such python).
+    let json = dir.path().join("pixelrnn.json");
+    let out = pipeline(
+        &repo(),
+        &[
+            "bench",
+            "--model",
+            "pixelrnn",
+            "--layers",
+            "1",
+            "--hidden",
+            "3",
+            "--images",
+            "24",
+            "--reference-images",
+            "1",
+            "--repeats",
+            "1",
+            "--python",
+            "no-such-python",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    out.expect(0);
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for (report, name) in reports.iter().zip(["Row LSTM", "Diagonal BiLSTM"]) {
+        assert!(report["model"].as_str().unwrap().contains(name), "{report}");
+        for rates in report["fast"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain([&report["naive"]])
+        {
+            for key in ["train_images_per_s", "score_images_per_s"] {
+                let v = rates[key].as_f64().unwrap();
+                assert!(v.is_finite() && v > 0.0, "{key} = {v} in {report}");
+            }
+        }
+        assert!(
+            report["comparison"]["skipped"]
+                .as_str()
+                .unwrap()
+                .contains("no-such-python")
+        );
+    }
     // Bad arguments are usage errors, not panics.
     pipeline(&repo(), &["bench", "--repeats", "0"], &[])
         .expect(64)

@@ -187,10 +187,11 @@ fn report<M: Measured>(
         quote_pytorch,
         None,
     )
+    .and_then(|report| write_json(a, &report))
 }
 
 /// [`report`], with the rates of a comparison implementation measured in the same run (its
-/// name and rates), printed as ratios and written to the JSON.
+/// name and rates), printed as ratios; returns the figures as JSON.
 #[allow(clippy::too_many_arguments)]
 fn report_with<M: Measured>(
     a: &BenchArgs,
@@ -201,7 +202,7 @@ fn report_with<M: Measured>(
     baseline: &Baseline,
     quote_pytorch: bool,
     comparison: Option<&dyn Fn() -> std::result::Result<(String, Rates), String>>,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let n = pixels.nrows();
     let threads = rayon::current_num_threads();
     let chosen = Isa::detect();
@@ -288,8 +289,7 @@ fn report_with<M: Measured>(
         }
         None => serde_json::Value::Null,
     };
-    if let Some(path) = &a.json {
-        let report = json!({
+    let report = json!({
             "comparison": compared_json,
             "batch": a.batch,
             "model": label,
@@ -305,8 +305,14 @@ fn report_with<M: Measured>(
             "naive": { "images": baseline.naive_images, "train_images_per_s": naive.train, "score_images_per_s": naive.score },
             "sgemm_flops_per_s": sgemm,
             "dense_equivalent_flops_per_image": { "train": train_flops, "score": score_flops },
-        });
-        let text = serde_json::to_string_pretty(&report).expect("plain JSON") + "\n";
+    });
+    Ok(report)
+}
+
+/// Writes `report` to `--json`, when given.
+fn write_json(a: &BenchArgs, report: &serde_json::Value) -> Result<()> {
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(report).expect("plain JSON") + "\n";
         std::fs::write(path, text).map_err(|e| from_io(path, e))?;
         say(format_args!("figures written to {path}\n"));
     }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use rayon::prelude::*;
 
-use super::{Baseline, Rates, load_images, median_rate, report_with};
+use super::{Baseline, Rates, load_images, median_rate, report_with, write_json};
 use crate::cli::BenchArgs;
 use crate::error::{Error, Result};
 use crate::kernels::pixelrnn::{Architecture, Shape, reference, unflatten};
@@ -32,6 +32,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             a.data, shape.channels
         )));
     }
+    let mut reports = Vec::new();
     for architecture in architectures {
         let params = PixelRnnParams {
             architecture,
@@ -90,7 +91,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             net.layers, net.hidden
         );
         let torch = || pytorch(a, net, height, width);
-        report_with(
+        reports.push(report_with(
             a,
             &label,
             shape,
@@ -99,9 +100,9 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             &baseline,
             false,
             Some(&torch),
-        )?;
+        )?);
     }
-    Ok(())
+    write_json(a, &serde_json::Value::Array(reports))
 }
 
 /// Dense-equivalent FLOPs of one image of `d` pixels: (train, score), a training step taken as

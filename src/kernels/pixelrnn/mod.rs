@@ -567,6 +567,32 @@ fn gemm(
     general_mat_mul(1.0, &a, &b, beta, &mut c);
 }
 
+/// A convolution's weights `[out][inner][taps]` (as stored) rearranged as the GEMM operand
+/// `[taps · inner][out]`, row k = t·inner + u: what an im2col row `[x_{t=0}, x_{t=1}, …]` of
+/// the input multiplies.
+fn taps_major(w: &[f32], out: usize, inner: usize, taps: usize) -> Vec<f32> {
+    let mut b = vec![0f32; taps * inner * out];
+    for g in 0..out {
+        for u in 0..inner {
+            for t in 0..taps {
+                b[(t * inner + u) * out + g] = w[(g * inner + u) * taps + t];
+            }
+        }
+    }
+    b
+}
+
+/// Adds a gradient in [`taps_major`] layout into the stored `[out][inner][taps]` layout.
+fn add_taps_major(d: &[f32], grad: &mut [f32], out: usize, inner: usize, taps: usize) {
+    for g in 0..out {
+        for u in 0..inner {
+            for t in 0..taps {
+                grad[(g * inner + u) * taps + t] += d[(t * inner + u) * out + g];
+            }
+        }
+    }
+}
+
 /// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
 fn fill_rows(out: &mut [f32], bias: &[f32], rows: usize) {
     for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
@@ -601,26 +627,30 @@ fn lstm_forward_body<T: Target>(
     hidden: &mut [f32],
     h: usize,
 ) {
-    for (k, (g, (c, out))) in gates
+    // Whole contiguous runs per cell (σ over o, f, i; tanh over g), so each pass vectorizes.
+    for (k, ((g, c), out)) in gates
         .chunks_exact_mut(4 * h)
-        .zip(cell.chunks_exact_mut(h).zip(hidden.chunks_exact_mut(h)))
+        .zip(cell.chunks_exact_mut(h))
+        .zip(hidden.chunks_exact_mut(h))
         .enumerate()
     {
-        let (o, rest) = g.split_at_mut(h);
-        let (f, rest) = rest.split_at_mut(h);
-        let (i, gg) = rest.split_at_mut(h);
-        for u in 0..h {
-            o[u] = sigmoid::<T>(o[u]);
-            f[u] = sigmoid::<T>(f[u]);
-            i[u] = sigmoid::<T>(i[u]);
-            gg[u] = tanh::<T>(gg[u]);
-            let prev = if c_prev.is_empty() {
-                0.0
-            } else {
-                c_prev[k * h + u]
-            };
-            c[u] = fmadd::<T>(f[u], prev, i[u] * gg[u]);
-            out[u] = o[u] * tanh::<T>(c[u]);
+        let (sig, tg) = g.split_at_mut(3 * h);
+        sig.iter_mut().for_each(|v| *v = sigmoid::<T>(*v));
+        tg.iter_mut().for_each(|v| *v = tanh::<T>(*v));
+        let (o, rest) = sig.split_at(h);
+        let (f, i) = rest.split_at(h);
+        if c_prev.is_empty() {
+            for ((c, &i), &g) in c.iter_mut().zip(i).zip(&*tg) {
+                *c = i * g;
+            }
+        } else {
+            let prev = &c_prev[k * h..(k + 1) * h];
+            for ((((c, &f), &i), &g), &p) in c.iter_mut().zip(f).zip(i).zip(&*tg).zip(prev) {
+                *c = fmadd::<T>(f, p, i * g);
+            }
+        }
+        for ((out, &o), &c) in out.iter_mut().zip(o).zip(&*c) {
+            *out = o * tanh::<T>(c);
         }
     }
 }
@@ -795,66 +825,37 @@ fn row_lstm_forward(
     let rec = &mut acts.dirs[0];
     let z = &mut rec.gates;
     fill_rows(z, &w[at.input_bias[0]..at.input_bias[0] + 4 * h], active);
-    // Tap dx = −1 reads the map row before; the first map row is padding, never a pixel.
+    // Both taps (dx = −1, 0) at once: map row m − 1 and m are 2·2h contiguous values, so A is
+    // an overlapping view and K = 4h. The first map row is padding, never a pixel.
+    let w_in = taps_major(&w[at.input[0]..], 4 * h, f, 2);
     gemm(
         active - 1,
-        f,
+        2 * f,
         4 * h,
         mat(input, f, 1),
-        mat(&w[at.input[0]..], 2, 2 * f),
+        mat(&w_in, 4 * h, 1),
         1.0,
         &mut z[4 * h..],
         4 * h,
         1,
     );
-    gemm(
-        active,
-        f,
-        4 * h,
-        mat(input, f, 1),
-        mat(&w[at.input[0] + 1..], 2, 2 * f),
-        1.0,
-        z,
-        4 * h,
-        1,
-    );
+    let w_state = taps_major(&w[at.state[0]..], 4 * h, h, 3);
     let block = g.n * g.p;
     for r in 0..rows {
         let (b0, b1) = (r * block, (r + 1) * block);
         if r > 0 {
+            // The row above at c − 1, c, c + 1, all three taps in one product (K = 3h); the
+            // block's first and last map rows are padding.
             let prev = &rec.hidden[(b0 - block) * h..b0 * h];
             let zr = &mut z[b0 * 4 * h..b1 * 4 * h];
-            let state = at.state[0];
             gemm(
-                block - 1,
-                h,
+                block - 2,
+                3 * h,
                 4 * h,
                 mat(prev, h, 1),
-                mat(&w[state..], 3, 3 * h),
+                mat(&w_state, 4 * h, 1),
                 1.0,
                 &mut zr[4 * h..],
-                4 * h,
-                1,
-            );
-            gemm(
-                block,
-                h,
-                4 * h,
-                mat(prev, h, 1),
-                mat(&w[state + 1..], 3, 3 * h),
-                1.0,
-                zr,
-                4 * h,
-                1,
-            );
-            gemm(
-                block - 1,
-                h,
-                4 * h,
-                mat(&prev[h..], h, 1),
-                mat(&w[state + 2..], 3, 3 * h),
-                1.0,
-                zr,
                 4 * h,
                 1,
             );
@@ -1214,6 +1215,9 @@ fn row_lstm_backward(
     let d_c = &mut s.d_c[..block * h];
     d_c.fill(0.0);
     let state = at.state[0];
+    let w_state = taps_major(&w[state..], 4 * h, h, 3);
+    let mut d_state = vec![0f32; 3 * h * 4 * h];
+    let mut d_taps = vec![0f32; block * 3 * h];
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);
         // The padding columns' states are not the model's; what reached them goes nowhere.
@@ -1237,102 +1241,59 @@ fn row_lstm_backward(
             h,
         );
         if r > 0 {
-            let dz = &d_z[b0 * 4 * h..b1 * 4 * h];
+            // As in the forward pass: the three taps of the row above as one K = 3h operand.
+            let dz = &d_z[(b0 + 1) * 4 * h..(b1 - 1) * 4 * h];
             let prev_h = &rec.hidden[(b0 - block) * h..b0 * h];
-            // dx = −1: z[m] read h[m − 1]; dx = 0: h[m]; dx = +1: h[m + 1].
             gemm(
-                4 * h,
-                block - 1,
-                h,
-                mat(&dz[4 * h..], 1, 4 * h),
-                mat(prev_h, h, 1),
-                1.0,
-                &mut grad[state..],
                 3 * h,
-                3,
+                block - 2,
+                4 * h,
+                mat(prev_h, 1, h),
+                mat(dz, 4 * h, 1),
+                1.0,
+                &mut d_state,
+                4 * h,
+                1,
             );
             gemm(
+                block - 2,
                 4 * h,
-                block,
-                h,
-                mat(dz, 1, 4 * h),
-                mat(prev_h, h, 1),
-                1.0,
-                &mut grad[state + 1..],
                 3 * h,
-                3,
-            );
-            gemm(
-                4 * h,
-                block - 1,
-                h,
-                mat(dz, 1, 4 * h),
-                mat(&prev_h[h..], h, 1),
-                1.0,
-                &mut grad[state + 2..],
+                mat(dz, 4 * h, 1),
+                mat(&w_state, 1, 4 * h),
+                0.0,
+                &mut d_taps,
                 3 * h,
-                3,
+                1,
             );
             let above = &mut d_h[(b0 - block) * h..b0 * h];
-            gemm(
-                block - 1,
-                4 * h,
-                h,
-                mat(&dz[4 * h..], 4 * h, 1),
-                mat(&w[state..], 3 * h, 3),
-                1.0,
-                above,
-                h,
-                1,
-            );
-            gemm(
-                block,
-                4 * h,
-                h,
-                mat(dz, 4 * h, 1),
-                mat(&w[state + 1..], 3 * h, 3),
-                1.0,
-                above,
-                h,
-                1,
-            );
-            gemm(
-                block - 1,
-                4 * h,
-                h,
-                mat(dz, 4 * h, 1),
-                mat(&w[state + 2..], 3 * h, 3),
-                1.0,
-                &mut above[h..],
-                h,
-                1,
-            );
+            for (m, taps) in d_taps[..(block - 2) * 3 * h]
+                .chunks_exact(3 * h)
+                .enumerate()
+            {
+                above[m * h..(m + 3) * h]
+                    .iter_mut()
+                    .zip(taps)
+                    .for_each(|(a, d)| *a += d);
+            }
         }
     }
-    // Input-to-state: dx = −1 (z[m] read x[m − 1]) and dx = 0.
+    add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 3);
+    // Input-to-state: dx = −1 (z[m] read x[m − 1]) and dx = 0, as one K = 4h operand.
     let input_w = at.input[0];
+    let mut d_input = vec![0f32; 2 * f * 4 * h];
     gemm(
-        4 * h,
+        2 * f,
         rows - 1,
-        f,
-        mat(&d_z[4 * h..], 1, 4 * h),
-        mat(input, f, 1),
-        1.0,
-        &mut grad[input_w..],
-        2 * f,
-        2,
-    );
-    gemm(
         4 * h,
-        rows,
-        f,
-        mat(d_z, 1, 4 * h),
-        mat(input, f, 1),
-        1.0,
-        &mut grad[input_w + 1..],
-        2 * f,
-        2,
+        mat(input, 1, f),
+        mat(&d_z[4 * h..], 4 * h, 1),
+        0.0,
+        &mut d_input,
+        4 * h,
+        1,
     );
+    add_taps_major(&d_input, &mut grad[input_w..], 4 * h, f, 2);
     add_column_sums(
         d_z,
         rows,
