@@ -593,6 +593,33 @@ fn add_taps_major(d: &[f32], grad: &mut [f32], out: usize, inner: usize, taps: u
     }
 }
 
+/// The Diagonal BiLSTM's state-to-state input for skewed column j's cells (rows lo..=hi, every
+/// image): each cell's row is `[h at (j − 1, r), h at (j − 1, r − 1)]`, zero above row 0.
+fn skewed_taps(
+    hidden: &[f32],
+    g: &Geometry,
+    j: usize,
+    lo: usize,
+    hi: usize,
+    h: usize,
+    taps: &mut [f32],
+) {
+    for r in lo..=hi {
+        for i in 0..g.n {
+            let q = (r - lo) * g.n + i;
+            let row = &mut taps[q * 2 * h..(q + 1) * 2 * h];
+            let same = g.cell(j - 1, r, i);
+            row[..h].copy_from_slice(&hidden[same * h..(same + 1) * h]);
+            if r > 0 {
+                let above = g.cell(j - 1, r - 1, i);
+                row[h..].copy_from_slice(&hidden[above * h..(above + 1) * h]);
+            } else {
+                row[h..].fill(0.0);
+            }
+        }
+    }
+}
+
 /// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
 fn fill_rows(out: &mut [f32], bias: &[f32], rows: usize) {
     for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
@@ -916,6 +943,8 @@ fn diagonal_forward(
             1,
         );
         let rec = &mut acts.dirs[d];
+        let w_state = taps_major(&w[at.state[d]..], 4 * h, h, 2);
+        let mut taps = vec![0f32; rows * g.n * 2 * h];
         for j in 0..columns {
             let Some((lo, hi)) = g.valid(j, rows) else {
                 continue;
@@ -931,36 +960,19 @@ fn diagonal_forward(
             }
             let cells = c1 - c0;
             if j > 0 {
-                let state = at.state[d];
-                let prev = g.cell(j - 1, lo, 0);
-                let gates = &mut rec.gates[c0 * 4 * h..c1 * 4 * h];
+                // Same row and row above of the previous column, side by side: one K = 2h product.
+                skewed_taps(&rec.hidden, g, j, lo, hi, h, &mut taps);
                 gemm(
                     cells,
-                    h,
+                    2 * h,
                     4 * h,
-                    mat(&rec.hidden[prev * h..], h, 1),
-                    mat(&w[state..], 2, 2 * h),
+                    mat(&taps, 2 * h, 1),
+                    mat(&w_state, 4 * h, 1),
                     1.0,
-                    gates,
+                    &mut rec.gates[c0 * 4 * h..c1 * 4 * h],
                     4 * h,
                     1,
                 );
-                let r0 = lo.max(1);
-                if r0 <= hi {
-                    let skip = (r0 - lo) * g.n;
-                    let above = g.cell(j - 1, r0 - 1, 0);
-                    gemm(
-                        cells - skip,
-                        h,
-                        4 * h,
-                        mat(&rec.hidden[above * h..], h, 1),
-                        mat(&w[state + 1..], 2, 2 * h),
-                        1.0,
-                        &mut gates[skip * 4 * h..],
-                        4 * h,
-                        1,
-                    );
-                }
             }
             let (done, rest) = rec.cell.split_at_mut(c0 * h);
             let c_prev = if j > 0 {
@@ -1368,6 +1380,9 @@ fn diagonal_backward(
         let d_z = &mut s.d_z[..rows * 4 * h];
         d_z.fill(0.0);
         let state = at.state[d];
+        let w_state = taps_major(&w[state..], 4 * h, h, 2);
+        let mut d_state = vec![0f32; 2 * h * 4 * h];
+        let mut taps = vec![0f32; g.height * g.n * 2 * h];
         for j in (0..g.skewed).rev() {
             let Some((lo, hi)) = g.valid(j, g.height) else {
                 continue;
@@ -1392,56 +1407,43 @@ fn diagonal_backward(
                 h,
             );
             if j > 0 {
-                let prev = g.cell(j - 1, lo, 0);
+                skewed_taps(&rec.hidden, g, j, lo, hi, h, &mut taps);
                 gemm(
-                    4 * h,
-                    cells,
-                    h,
-                    mat(dz, 1, 4 * h),
-                    mat(&rec.hidden[prev * h..], h, 1),
-                    1.0,
-                    &mut grad[state..],
                     2 * h,
-                    2,
-                );
-                gemm(
                     cells,
                     4 * h,
-                    h,
+                    mat(&taps, 1, 2 * h),
                     mat(dz, 4 * h, 1),
-                    mat(&w[state..], 2 * h, 2),
                     1.0,
-                    &mut d_h[prev * h..],
-                    h,
+                    &mut d_state,
+                    4 * h,
                     1,
                 );
-                let r0 = lo.max(1);
-                if r0 <= hi {
-                    let skip = (r0 - lo) * g.n;
-                    let above = g.cell(j - 1, r0 - 1, 0);
-                    let dz = &dz[skip * 4 * h..];
-                    gemm(
-                        4 * h,
-                        cells - skip,
-                        h,
-                        mat(dz, 1, 4 * h),
-                        mat(&rec.hidden[above * h..], h, 1),
-                        1.0,
-                        &mut grad[state + 1..],
-                        2 * h,
-                        2,
-                    );
-                    gemm(
-                        cells - skip,
-                        4 * h,
-                        h,
-                        mat(dz, 4 * h, 1),
-                        mat(&w[state + 1..], 2 * h, 2),
-                        1.0,
-                        &mut d_h[above * h..],
-                        h,
-                        1,
-                    );
+                gemm(
+                    cells,
+                    4 * h,
+                    2 * h,
+                    mat(dz, 4 * h, 1),
+                    mat(&w_state, 1, 4 * h),
+                    0.0,
+                    &mut taps,
+                    2 * h,
+                    1,
+                );
+                let (same, above) = (g.cell(j - 1, lo, 0), g.cell(j - 1, lo.max(1) - 1, 0));
+                let skip = usize::from(lo == 0) * g.n;
+                for (q, t) in taps[..cells * 2 * h].chunks_exact(2 * h).enumerate() {
+                    d_h[(same + q) * h..(same + q + 1) * h]
+                        .iter_mut()
+                        .zip(&t[..h])
+                        .for_each(|(a, b)| *a += b);
+                    if q >= skip {
+                        let at = above + q - skip;
+                        d_h[at * h..(at + 1) * h]
+                            .iter_mut()
+                            .zip(&t[h..])
+                            .for_each(|(a, b)| *a += b);
+                    }
                 }
             }
             for r in lo..=hi {
@@ -1453,6 +1455,7 @@ fn diagonal_backward(
                 }
             }
         }
+        add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 2);
         gemm(
             4 * h,
             rows,
