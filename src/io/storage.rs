@@ -276,6 +276,22 @@ pub fn is_cloud(uri: &str) -> bool {
         .is_some_and(|(scheme, _)| !scheme.eq_ignore_ascii_case("file"))
 }
 
+/// `path` with every `..` taken off lexically (the store's paths cannot hold one), as a shell
+/// does for `cd ../x`: `../shared/data` beside a checkout names what the user means.
+fn without_dot_dot(path: &std::path::Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Resolves a URI to its store and the path inside it.
 pub fn resolve(uri: &str, settings: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
@@ -293,7 +309,7 @@ pub fn resolve(uri: &str, settings: &StorageConfig) -> Result<(Arc<dyn ObjectSto
     };
     let absolute = std::path::absolute(&local)
         .map_err(|e| Error::usage_because(format!("{uri}: cannot make the path absolute"), e))?;
-    let path = Path::from_absolute_path(&absolute)
+    let path = Path::from_absolute_path(without_dot_dot(&absolute))
         .map_err(|e| Error::usage_because(format!("{uri}: not a usable path"), e))?;
     Ok((Arc::new(LocalFileSystem::new()), path))
 }
@@ -368,6 +384,14 @@ fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_path_may_climb_out_of_the_working_directory() {
+        let (_, path) = resolve("../x/./y.parquet", &StorageConfig::default()).unwrap();
+        let here = std::env::current_dir().unwrap();
+        let parent = here.parent().unwrap().join("x/y.parquet");
+        assert_eq!(path, Path::from_absolute_path(parent).unwrap());
+    }
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()

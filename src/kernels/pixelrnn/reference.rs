@@ -22,8 +22,7 @@
 //! above is held only by row r's features (mask A reaches it from c ≥ W − 4), and the shifted
 //! right-to-left LSTM brings only row r − 1's, which cannot hold it (the tests pin this down).
 //!
-//! Not yet a model family: the fast kernels, the gradient and the `pixelrnn` kind build on
-//! this reference.
+//! The fast kernels beside it ([`super`]) are held to this reference on odd sizes.
 //!
 //! Every value is f64 (or a [`Var`], whose [`Tape`] differentiates the same code) and every sum
 //! a plain loop over pixels, gates and taps: slow and obviously right, which is its job.
