@@ -85,24 +85,15 @@ impl Shape {
     }
 
     fn directions(&self) -> usize {
-        match self.architecture {
-            Architecture::RowLstm => 1,
-            Architecture::DiagonalBiLstm => 2,
-        }
+        self.architecture.directions()
     }
 
     fn input_taps(&self) -> usize {
-        match self.architecture {
-            Architecture::RowLstm => 2,
-            Architecture::DiagonalBiLstm => 1,
-        }
+        self.architecture.input_taps()
     }
 
     fn state_taps(&self) -> usize {
-        match self.architecture {
-            Architecture::RowLstm => 3,
-            Architecture::DiagonalBiLstm => 2,
-        }
+        self.architecture.state_taps()
     }
 
     fn offsets(&self) -> Offsets {
@@ -241,7 +232,7 @@ impl Net<'_> {
     fn check(&self, images: &[u8]) -> usize {
         assert_eq!(self.params.len(), self.shape.param_len(), "parameter count");
         let d = self.height * self.width;
-        assert!(d > 0 && images.len() % d == 0, "images are H·W bytes each");
+        assert!(d > 0 && images.len().is_multiple_of(d), "images are H·W bytes each");
         images.len() / d
     }
 
@@ -620,6 +611,22 @@ fn skewed_taps(
     }
 }
 
+/// The mask-A taps (index into the 7 × 7 window) that pixel (r, c) of `image` (0/1, `width`
+/// wide) reads and that are on: the window's rows above, and its own row left of c.
+fn live_taps(image: &[u8], width: usize, r: usize, c: usize) -> impl Iterator<Item = usize> + '_ {
+    let half = (INPUT_KERNEL / 2) as isize;
+    (-half..=0).flat_map(move |dy| {
+        let rr = r as isize + dy;
+        let last = if dy == 0 { -1 } else { half };
+        (-half..=last).filter_map(move |dx| {
+            let cc = c as isize + dx;
+            let inside = rr >= 0 && cc >= 0 && cc < width as isize;
+            (inside && image[rr as usize * width + cc as usize] != 0)
+                .then(|| ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize)
+        })
+    })
+}
+
 /// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
 fn fill_rows(out: &mut [f32], bias: &[f32], rows: usize) {
     for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
@@ -686,6 +693,7 @@ dispatch! {
     /// Back through one LSTM step over a block of cells: from ∂h (`d_h`) and the cell
     /// gradient arriving from the next step (`d_c`, which is left holding what goes to the
     /// previous step, ∂c ⊙ f), the gate pre-activations' gradient into `d_z`.
+    #[allow(clippy::too_many_arguments)]
     fn lstm_backward(gates: &[f32], c_prev: &[f32], cell: &[f32], d_h: &[f32], d_c: &mut [f32], d_z: &mut [f32], h: usize) -> ()
         => lstm_backward_body
 }
@@ -738,35 +746,16 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         }
     }
     let bias = &w[o.input_bias..o.input_bias + f];
-    let half = (INPUT_KERNEL / 2) as isize;
     let feat0 = &mut ws.feats[..plane];
     feat0.fill(0.0);
     let d = g.height * g.width;
     for (i, r, c, m) in g.pixels(rows) {
         let out = &mut feat0[m * f..(m + 1) * f];
         out.copy_from_slice(bias);
-        let image = &x[i * d..(i + 1) * d];
-        for dy in -half..=0 {
-            let rr = r as isize + dy;
-            if rr < 0 {
-                continue;
-            }
-            for dx in -half..=half {
-                if dy == 0 && dx >= 0 {
-                    break;
-                }
-                let cc = c as isize + dx;
-                if cc < 0
-                    || cc >= g.width as isize
-                    || image[rr as usize * g.width + cc as usize] == 0
-                {
-                    continue;
-                }
-                let t = ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize;
-                out.iter_mut()
-                    .zip(&taps[t * f..(t + 1) * f])
-                    .for_each(|(a, b)| *a += b);
-            }
+        for t in live_taps(&x[i * d..(i + 1) * d], g.width, r, c) {
+            out.iter_mut()
+                .zip(&taps[t * f..(t + 1) * f])
+                .for_each(|(a, b)| *a += b);
         }
     }
 
@@ -1151,34 +1140,15 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
 
     // Mask A.
     let d_feat = &ws.d_feat;
-    let half = (INPUT_KERNEL / 2) as isize;
     for (i, r, c, m) in g.pixels(g.height) {
         let df = &d_feat[m * f..(m + 1) * f];
         grad[o.input_bias..o.input_bias + f]
             .iter_mut()
             .zip(df)
             .for_each(|(a, b)| *a += b);
-        let image = &x[i * d..(i + 1) * d];
-        for dy in -half..=0 {
-            let rr = r as isize + dy;
-            if rr < 0 {
-                continue;
-            }
-            for dx in -half..=half {
-                if dy == 0 && dx >= 0 {
-                    break;
-                }
-                let cc = c as isize + dx;
-                if cc < 0
-                    || cc >= g.width as isize
-                    || image[rr as usize * g.width + cc as usize] == 0
-                {
-                    continue;
-                }
-                let t = ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize;
-                for (j, v) in df.iter().enumerate() {
-                    grad[o.input + j * TAPS_A + t] += v;
-                }
+        for t in live_taps(&x[i * d..(i + 1) * d], g.width, r, c) {
+            for (j, v) in df.iter().enumerate() {
+                grad[o.input + j * TAPS_A + t] += v;
             }
         }
     }
@@ -1634,7 +1604,7 @@ mod tests {
             let x = images(N, H * W, 1);
             let isa = Isa::detect();
             let mut full = vec![0f32; N * H * W];
-            net(shape, &flat, isa).log_likelihood(&x, &mut vec![0.0; N], Some(&mut full));
+            net(shape, &flat, isa).log_likelihood(&x, &mut [0.0; N], Some(&mut full));
             for rows in 1..=H {
                 let mut part = vec![f32::NAN; N * H * W];
                 net(shape, &flat, isa).logits_up_to(&x, rows, &mut part);

@@ -115,25 +115,40 @@ impl<T> Params<T> {
         }
     }
 
-    /// Input-to-state taps per direction.
     fn input_taps(&self) -> usize {
-        match self.architecture {
+        self.architecture.input_taps()
+    }
+
+    fn state_taps(&self) -> usize {
+        self.architecture.state_taps()
+    }
+
+    fn directions(&self) -> usize {
+        self.architecture.directions()
+    }
+}
+
+impl Architecture {
+    /// Input-to-state taps per direction: dx = −1, 0 (Row LSTM), or the pixel itself.
+    pub fn input_taps(self) -> usize {
+        match self {
             Architecture::RowLstm => 2,
             Architecture::DiagonalBiLstm => 1,
         }
     }
 
-    /// State-to-state taps.
-    fn state_taps(&self) -> usize {
-        match self.architecture {
+    /// State-to-state taps: dx = −1, 0, +1 over the row above (Row LSTM), or the same row and
+    /// the row above in the previous skewed column.
+    pub fn state_taps(self) -> usize {
+        match self {
             Architecture::RowLstm => 3,
             Architecture::DiagonalBiLstm => 2,
         }
     }
 
-    /// Directions per layer.
-    fn directions(&self) -> usize {
-        match self.architecture {
+    /// LSTM directions per layer.
+    pub fn directions(self) -> usize {
+        match self {
             Architecture::RowLstm => 1,
             Architecture::DiagonalBiLstm => 2,
         }
