@@ -232,7 +232,10 @@ impl Net<'_> {
     fn check(&self, images: &[u8]) -> usize {
         assert_eq!(self.params.len(), self.shape.param_len(), "parameter count");
         let d = self.height * self.width;
-        assert!(d > 0 && images.len().is_multiple_of(d), "images are H·W bytes each");
+        assert!(
+            d > 0 && images.len().is_multiple_of(d),
+            "images are H·W bytes each"
+        );
         images.len() / d
     }
 
