@@ -801,12 +801,17 @@ uri = "out/"
     #[test]
     fn a_key_of_another_kind_is_refused_with_its_line() {
         for (kind, stray, owners, takes) in [
-            ("bernoulli", "hidden = 5", "nade, rnade", "`alpha`"),
+            (
+                "bernoulli",
+                "hidden = 5",
+                "nade, rnade, pixelrnn",
+                "`alpha`",
+            ),
             ("categorical", "k = 3", "ar", "`alpha`"),
             (
                 "ar",
                 "hidden = 5",
-                "nade, rnade",
+                "nade, rnade, pixelrnn",
                 "`k`, `context`, `order`, `l2`, `components`",
             ),
             ("fvsbn", "alpha = 1.0", "bernoulli, categorical", "`order`"),
@@ -918,7 +923,7 @@ uri = "out/"
             ),
             (
                 "kind = \"pixelcnn\"",
-                "Some(12): `model.kind`: unknown model kind \"pixelcnn\"; one of bernoulli, categorical, ar, fvsbn, nade, rnade",
+                "Some(12): `model.kind`: unknown model kind \"pixelcnn\"; one of bernoulli, categorical, ar, fvsbn, nade, rnade, pixelrnn",
             ),
         ] {
             let p = problems(
