@@ -84,20 +84,8 @@ impl Shape {
         2 * self.hidden
     }
 
-    fn directions(&self) -> usize {
-        self.architecture.directions()
-    }
-
-    fn input_taps(&self) -> usize {
-        self.architecture.input_taps()
-    }
-
-    fn state_taps(&self) -> usize {
-        self.architecture.state_taps()
-    }
-
     fn offsets(&self) -> Offsets {
-        let (f, h, dirs) = (self.features(), self.hidden, self.directions());
+        let (f, h, dirs) = (self.features(), self.hidden, self.architecture.directions());
         let mut at = 0;
         let mut take = |n: usize| {
             at += n;
@@ -115,13 +103,13 @@ impl Shape {
                     output_bias: 0,
                 };
                 for d in 0..dirs {
-                    l.input[d] = take(4 * h * f * self.input_taps());
+                    l.input[d] = take(4 * h * f * self.architecture.input_taps());
                 }
                 for d in 0..dirs {
                     l.input_bias[d] = take(4 * h);
                 }
                 for d in 0..dirs {
-                    l.state[d] = take(4 * h * h * self.state_taps());
+                    l.state[d] = take(4 * h * h * self.architecture.state_taps());
                 }
                 l.output = take(f * h);
                 l.output_bias = take(f);
@@ -163,25 +151,25 @@ impl Shape {
         put("input".into(), o.input, vec![f, k, k]);
         put("input_bias".into(), o.input_bias, vec![f]);
         for (n, l) in o.layers.iter().enumerate() {
-            for d in 0..self.directions() {
+            for d in 0..self.architecture.directions() {
                 put(
                     format!("layer{n}.input{d}"),
                     l.input[d],
-                    vec![4 * h, f, self.input_taps()],
+                    vec![4 * h, f, self.architecture.input_taps()],
                 );
             }
-            for d in 0..self.directions() {
+            for d in 0..self.architecture.directions() {
                 put(
                     format!("layer{n}.input_bias{d}"),
                     l.input_bias[d],
                     vec![4 * h],
                 );
             }
-            for d in 0..self.directions() {
+            for d in 0..self.architecture.directions() {
                 put(
                     format!("layer{n}.state{d}"),
                     l.state[d],
-                    vec![4 * h, h, self.state_taps()],
+                    vec![4 * h, h, self.architecture.state_taps()],
                 );
             }
             put(format!("layer{n}.output"), l.output, vec![f, h]);
@@ -265,7 +253,7 @@ impl Net<'_> {
                     forward(self, &g, ws, x, self.height);
                     g.read_logits(&ws.logits, logits, self.height);
                     for (o, (l, x)) in out.iter_mut().zip(logits.chunks(d).zip(x.chunks(d))) {
-                        *o = ll(self.isa, l, x);
+                        *o = signed_log_sigmoid_sum(self.isa, l, x);
                     }
                 })
             });
@@ -315,12 +303,8 @@ impl Net<'_> {
     }
 }
 
-/// log p(x) of one image from its logits: Σ log σ(±z), summed in f64.
-fn ll(isa: Isa, logits: &[f32], x: &[u8]) -> f64 {
-    signed_log_sigmoid_sum(isa, logits, x)
-}
-
 dispatch! {
+    /// log p(x) of one image from its logits: Σ log σ(±z), summed in f64.
     fn signed_log_sigmoid_sum(logits: &[f32], x: &[u8]) -> f64 => signed_log_sigmoid_sum_body
 }
 
@@ -487,7 +471,7 @@ impl Workspace {
             layers: (0..net.shape.layers)
                 .map(|_| LayerActs {
                     lstm: zeros(g.rows * h),
-                    dirs: (0..net.shape.directions())
+                    dirs: (0..net.shape.architecture.directions())
                         .map(|_| Recurrence {
                             gates: zeros(grid * 4 * h),
                             cell: zeros(grid * h),
@@ -1008,13 +992,13 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
     let d = g.height * g.width;
 
     // ∂NLL/∂logit = σ(z) − x at every pixel, zero on the padding.
-    let mut nll = 0.0;
+    let mut in_image_order = vec![0f32; x.len()];
+    g.read_logits(&ws.logits, &mut in_image_order, g.height);
+    let nll = -signed_log_sigmoid_sum(net.isa, &in_image_order, x);
     let mut d_logit = vec![0f32; rows];
     for (i, r, c, m) in g.pixels(g.height) {
         let on = x[i * d + r * g.width + c] != 0;
-        let z = ws.logits[m];
-        nll -= signed_log_sigmoid_sum(net.isa, &[z], &[u8::from(on)]);
-        d_logit[m] = sigmoid_one(net.isa, z) - f32::from(u8::from(on));
+        d_logit[m] = sigmoid_one(net.isa, ws.logits[m]) - f32::from(u8::from(on));
     }
     grad[o.logit_bias] += d_logit.iter().sum::<f32>();
     gemm(

@@ -114,18 +114,6 @@ impl<T> Params<T> {
             logit_bias: f(&self.logit_bias),
         }
     }
-
-    fn input_taps(&self) -> usize {
-        self.architecture.input_taps()
-    }
-
-    fn state_taps(&self) -> usize {
-        self.architecture.state_taps()
-    }
-
-    fn directions(&self) -> usize {
-        self.architecture.directions()
-    }
 }
 
 impl Architecture {
@@ -170,19 +158,14 @@ impl Params {
             |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
         let f = 2 * hidden;
         let k = INPUT_KERNEL;
-        let shape: Params = Params {
+        let (it, st, dirs) = (
+            architecture.input_taps(),
+            architecture.state_taps(),
+            architecture.directions(),
+        );
+        Params {
             architecture,
             hidden,
-            input: Vec::new(),
-            input_bias: Vec::new(),
-            layers: Vec::new(),
-            head: Vec::new(),
-            head_bias: Vec::new(),
-            logit: Vec::new(),
-            logit_bias: 0.0,
-        };
-        let (it, st, dirs) = (shape.input_taps(), shape.state_taps(), shape.directions());
-        Params {
             input: draw(f * k * k),
             input_bias: draw(f),
             layers: (0..layers)
@@ -198,7 +181,6 @@ impl Params {
             head_bias: draw(f),
             logit: draw(f),
             logit_bias: draw(1)[0],
-            ..shape
         }
     }
 }
