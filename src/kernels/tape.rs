@@ -25,6 +25,10 @@ pub trait Scalar:
     fn relu(self) -> Self;
     /// log σ(x), computed without overflow.
     fn log_sigmoid(self) -> Self;
+    /// e^x.
+    fn exp(self) -> Self;
+    /// ln x (x > 0).
+    fn ln(self) -> Self;
     /// The value.
     fn value(self) -> f64;
 }
@@ -53,6 +57,12 @@ impl Scalar for f64 {
     }
     fn log_sigmoid(self) -> f64 {
         log_sigmoid(self)
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn ln(self) -> f64 {
+        f64::ln(self)
     }
     fn value(self) -> f64 {
         self
@@ -213,6 +223,13 @@ impl Scalar for Var<'_> {
     fn log_sigmoid(self) -> Self {
         self.unary(log_sigmoid(self.value), sigmoid(-self.value))
     }
+    fn exp(self) -> Self {
+        let e = self.value.exp();
+        self.unary(e, e)
+    }
+    fn ln(self) -> Self {
+        self.unary(self.value.ln(), 1.0 / self.value)
+    }
     fn value(self) -> f64 {
         self.value
     }
@@ -227,7 +244,7 @@ mod tests {
     fn the_tape_differentiates_like_finite_differences() {
         fn f<T: Scalar>(x: &[T]) -> T {
             let a = (x[0] * x[1]).sigmoid() + x[2].tanh() * x[0] - x[1].relu();
-            (a * a + -x[2]).log_sigmoid()
+            (a * a + -x[2]).log_sigmoid() + (x[0].exp() + x[1] * x[1]).ln()
         }
         let at = [0.3, -0.7, 1.1];
         let tape = Tape::new();

@@ -46,7 +46,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
                 .collect();
             Error::Usage(list.join("; "))
         })?;
-        let net = params.shape();
+        let net = params.shape(1, 2);
         let model = PixelRnn::init(shape, net, 0, pixels.view())
             .map_err(|e| Error::Usage(e.to_string()))?;
         let reference = unflatten(net, model.flat());
@@ -106,14 +106,15 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
 }
 
 /// Dense-equivalent FLOPs of one image of `d` pixels: (train, score), a training step taken as
-/// three forward passes. Mask A counts its 24 live taps; σ and tanh are not counted.
+/// three forward passes. Mask A counts its 24 live taps per channel; σ, tanh and the
+/// softmax are not counted.
 fn flops(net: Shape, d: usize) -> (f64, f64) {
     let (h, f) = (net.hidden, 2 * net.hidden);
     let per_layer = match net.architecture {
         Architecture::RowLstm => 4 * h * f * 2 + 4 * h * h * 3,
         Architecture::DiagonalBiLstm => 2 * (4 * h * f + 4 * h * h * 2),
     } + f * h;
-    let macs = f * 24 + net.layers * per_layer + f * f + f;
+    let macs = f * 24 * net.channels + net.layers * per_layer + f * f + f * net.outputs();
     let score = 2.0 * (macs * d) as f64;
     (3.0 * score, score)
 }

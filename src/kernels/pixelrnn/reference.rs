@@ -1,12 +1,21 @@
-//! PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016) for binary pixels: the naive f64
-//! reference of its forward pass, against which fast kernels are to be held.
+//! PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016): the naive f64 reference of its
+//! forward pass, against which fast kernels are to be held.
 //!
-//! The network, for an H × W image x of 0/1 pixels, with `hidden` = h and 2h features:
+//! The network, for an H × W image x of C channels (sub-pixels ordered pixel by pixel, R then
+//! G then B) taking L values, with `hidden` = h and 2h features:
 //! - a 7×7 convolution with mask A (the pixel itself and everything after it in raster order
-//!   excluded) from x to 2h feature maps;
+//!   excluded) from x, scaled to [0, 1], to 2h feature maps;
 //! - `layers` residual recurrent layers: each turns its 2h input maps into h LSTM outputs,
 //!   brings them back to 2h with a 1×1 convolution and adds them to the input;
-//! - two ReLU + 1×1 layers and a sigmoid: p(x_{r,c} = 1 | x_{<(r,c)}).
+//! - two ReLU + 1×1 layers, then per sub-pixel a sigmoid (L = 2: the logit of
+//!   p(x = 1 | the past)) or a softmax over the L values.
+//!
+//! Colour, as in the paper: features and LSTM units are split into C groups (R, G, B; a unit's
+//! group is ⌊k·C/n⌋ of n), and every connection within a pixel is masked — mask A at the input
+//! (group g sees channels before g of the pixel), mask B after it (group g sees groups up to g).
+//! The sub-pixel of channel c reads the features of groups up to c. Connections from other
+//! pixels are not masked: those pixels are wholly in the past. One channel makes every mask but
+//! mask A's centre tap a no-op.
 //!
 //! Row LSTM: row by row; the input-to-state is a 3×1 convolution along the row with mask B (the
 //! pixel and its left neighbour, never its right), the state-to-state a 3×1 convolution over the
@@ -14,13 +23,14 @@
 //! h = o⊙tanh(c). Its receptive field is the triangle above a pixel (widened by mask A).
 //!
 //! Diagonal BiLSTM: the input map is skewed (row r shifted right by r), its input-to-state a 1×1
-//! convolution, its state-to-state a 2×1 convolution down the previous column of the skewed map
-//! (the same row and the row above), and the result unskewed: at (r, c) it has seen the pixel to
-//! the left and the one above, recursively. A second LSTM runs on the mirrored map (right to
-//! left); its output is shifted down one row before it is added, since at (r, c) it has seen the
-//! rest of row r. Its receptive field is the whole past but one pixel: the last of the row
-//! above is held only by row r's features (mask A reaches it from c ≥ W − 4), and the shifted
-//! right-to-left LSTM brings only row r − 1's, which cannot hold it (the tests pin this down).
+//! convolution (mask B), its state-to-state a 2×1 convolution down the previous column of the
+//! skewed map (the same row and the row above), and the result unskewed: at (r, c) it has seen
+//! the pixel to the left and the one above, recursively. A second LSTM runs on the mirrored map
+//! (right to left); its output is shifted down one row before it is added, since at (r, c) it
+//! has seen the rest of row r (so its input-to-state needs no mask). Its receptive field is the
+//! whole past but one pixel: the last of the row above is held only by row r's features (mask A
+//! reaches it from c ≥ W − 4), and the shifted right-to-left LSTM brings only row r − 1's, which
+//! cannot hold it (the tests pin this down).
 //!
 //! The fast kernels beside it ([`super`]) are held to this reference on odd sizes.
 //!
@@ -41,12 +51,31 @@ pub enum Architecture {
 /// Side of the mask-A input convolution.
 pub const INPUT_KERNEL: usize = 7;
 
+/// The colour group of unit `k` of `n` split into `channels` groups: 0 (R) for the first
+/// third, and so on; always 0 for one channel.
+pub fn group(k: usize, n: usize, channels: usize) -> usize {
+    k * channels / n
+}
+
+/// Logits per sub-pixel: one (a sigmoid) for two levels, else one per level (a softmax).
+pub fn logits_per_channel(levels: usize) -> usize {
+    if levels == 2 { 1 } else { levels }
+}
+
+/// Whether a connection within one pixel, from a unit of group `from` to one of group `to`, is
+/// kept: mask A (the input convolution, `from` a channel) keeps it when `from` < `to`, mask B
+/// (every later layer) when `from` ≤ `to`.
+pub fn same_pixel_allows(mask_a: bool, from: usize, to: usize) -> bool {
+    if mask_a { from < to } else { from <= to }
+}
+
 /// One recurrent layer's parameters (row-major; `T` is f64, or a [`Var`] of a [`Tape`] to
-/// differentiate).
+/// differentiate). Weights a mask removes are never read.
 #[derive(Debug, Clone)]
 pub struct Layer<T = f64> {
     /// Input-to-state, per direction (one for Row LSTM, two for Diagonal BiLSTM):
-    /// `[4h][2h][taps]`, gates in the order o, f, i, g; taps dx = −1, 0 (Row LSTM) or one tap.
+    /// `[4h][2h][taps]`, gates in the order o, f, i, g (gate row q belongs to unit q mod h);
+    /// taps dx = −1, 0 (Row LSTM) or one tap.
     pub input: Vec<Vec<T>>,
     /// Input-to-state biases, per direction: `[4h]`.
     pub input_bias: Vec<Vec<T>>,
@@ -66,7 +95,12 @@ pub struct Params<T = f64> {
     pub architecture: Architecture,
     /// LSTM units h per layer (and direction); the feature maps are 2h.
     pub hidden: usize,
-    /// Mask-A convolution `[2h][7][7]` (taps at and after the centre are never read).
+    /// Image channels C (1 or 3), at most h.
+    pub channels: usize,
+    /// Values L a sub-pixel takes (2: binary).
+    pub levels: usize,
+    /// Mask-A convolution `[2h][C][7][7]` (taps after the centre are never read, the centre's
+    /// only across colour groups).
     pub input: Vec<T>,
     /// Its bias `[2h]`.
     pub input_bias: Vec<T>,
@@ -76,10 +110,10 @@ pub struct Params<T = f64> {
     pub head: Vec<T>,
     /// Its bias.
     pub head_bias: Vec<T>,
-    /// The last 1×1 layer to one logit: `[2h]`.
+    /// The last 1×1 layer to the logits: `[C · logits_per_channel(L)][2h]`, channel-major.
     pub logit: Vec<T>,
     /// Its bias.
-    pub logit_bias: T,
+    pub logit_bias: Vec<T>,
 }
 
 impl<T> Params<T> {
@@ -102,16 +136,19 @@ impl<T> Params<T> {
         let head = all(&self.head);
         let head_bias = all(&self.head_bias);
         let logit = all(&self.logit);
+        let logit_bias = all(&self.logit_bias);
         Params {
             architecture: self.architecture,
             hidden: self.hidden,
+            channels: self.channels,
+            levels: self.levels,
             input,
             input_bias,
             layers,
             head,
             head_bias,
             logit,
-            logit_bias: f(&self.logit_bias),
+            logit_bias,
         }
     }
 }
@@ -143,15 +180,49 @@ impl Architecture {
     }
 }
 
+impl<T> Params<T> {
+    /// Logits per pixel: C · [`logits_per_channel`].
+    pub fn outputs(&self) -> usize {
+        self.channels * logits_per_channel(self.levels)
+    }
+
+    /// The network's size.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            architecture: self.architecture,
+            hidden: self.hidden,
+            layers: self.layers.len(),
+            channels: self.channels,
+            levels: self.levels,
+        }
+    }
+}
+
+/// A network's size: what fixes its parameter layout (here and in the fast kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// The recurrent layers' kind.
+    pub architecture: Architecture,
+    /// LSTM units h per layer and direction; feature maps are 2h.
+    pub hidden: usize,
+    /// Recurrent layers.
+    pub layers: usize,
+    /// Image channels C (1 to h).
+    pub channels: usize,
+    /// Values L a sub-pixel takes (2 to 256; 2 is binary).
+    pub levels: usize,
+}
+
 impl Params {
     /// Parameters drawn uniformly from ±`scale` (seeded), for tests.
-    pub fn random(
-        architecture: Architecture,
-        hidden: usize,
-        layers: usize,
-        scale: f64,
-        seed: u64,
-    ) -> Self {
+    pub fn random(shape: Shape, scale: f64, seed: u64) -> Self {
+        let Shape {
+            architecture,
+            hidden,
+            layers,
+            channels,
+            levels,
+        } = shape;
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut draw =
@@ -163,10 +234,13 @@ impl Params {
             architecture.state_taps(),
             architecture.directions(),
         );
+        let outputs = channels * logits_per_channel(levels);
         Params {
             architecture,
             hidden,
-            input: draw(f * k * k),
+            channels,
+            levels,
+            input: draw(f * channels * k * k),
             input_bias: draw(f),
             layers: (0..layers)
                 .map(|_| Layer {
@@ -179,8 +253,8 @@ impl Params {
                 .collect(),
             head: draw(f * f),
             head_bias: draw(f),
-            logit: draw(f),
-            logit_bias: draw(1)[0],
+            logit: draw(outputs * f),
+            logit_bias: draw(outputs),
         }
     }
 }
@@ -231,19 +305,33 @@ fn lstm_step<T: Scalar>(z: &[T], c_prev: &[T], c: &mut [T], h: &mut [T]) {
     }
 }
 
-/// The logit of p(x_{r,c} = 1 | earlier pixels) for every pixel of the `height` × `width`
-/// image `x` (0/1 bytes, row-major), row-major.
+/// Every pixel's logits, row-major, `p.outputs()` per pixel: channel by channel, the logit of
+/// p(x = 1 | the past) (two levels) or the L logits of its softmax. `x`: `height` × `width` ×
+/// C bytes below L.
 pub fn logits<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Vec<T> {
     let features = features(p, x, height, width);
-    let f = 2 * p.hidden;
-    let mut out = Vec::with_capacity(height * width);
+    let (f, ch) = (2 * p.hidden, p.channels);
+    let per = logits_per_channel(p.levels);
+    let mut out = Vec::with_capacity(height * width * p.outputs());
     for r in 0..height {
         for c in 0..width {
             let y: Vec<T> = features.at(r, c).iter().map(|v| v.relu()).collect();
             let z: Vec<T> = (0..f)
-                .map(|j| (p.head_bias[j] + sum((0..f).map(|k| p.head[j * f + k] * y[k]))).relu())
+                .map(|j| {
+                    let to = group(j, f, ch);
+                    let terms = (0..f)
+                        .filter(|&k| same_pixel_allows(false, group(k, f, ch), to))
+                        .map(|k| p.head[j * f + k] * y[k]);
+                    (p.head_bias[j] + sum(terms)).relu()
+                })
                 .collect();
-            out.push(p.logit_bias + sum((0..f).map(|k| p.logit[k] * z[k])));
+            for o in 0..p.outputs() {
+                let channel = o / per;
+                let terms = (0..f)
+                    .filter(|&k| same_pixel_allows(false, group(k, f, ch), channel))
+                    .map(|k| p.logit[o * f + k] * z[k]);
+                out.push(p.logit_bias[o] + sum(terms));
+            }
         }
     }
     out
@@ -252,40 +340,53 @@ pub fn logits<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -
 /// The 2h feature maps the recurrent stack leaves, before the output layers (which see one
 /// pixel's features each, so these hold the whole receptive field).
 fn features<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {
-    assert_eq!(x.len(), height * width);
+    assert_eq!(x.len(), height * width * p.channels);
     let mut features = mask_a(p, x, height, width);
+    let (f, n, ch) = (2 * p.hidden, p.hidden, p.channels);
     for layer in &p.layers {
         let lstm = match p.architecture {
             Architecture::RowLstm => row_lstm(p, layer, &features),
             Architecture::DiagonalBiLstm => diagonal_bilstm(p, layer, &features),
         };
-        // Back to 2h features with a 1×1 convolution, added to the layer's input.
-        let f = 2 * p.hidden;
+        // Back to 2h features with a 1×1 convolution (mask B), added to the layer's input.
         for r in 0..height {
             for c in 0..width {
                 let h = lstm.at(r, c).to_vec();
                 let out = features.at_mut(r, c);
                 for (j, o) in out.iter_mut().enumerate() {
-                    *o += layer.output_bias[j]
-                        + sum((0..p.hidden).map(|u| layer.output[j * p.hidden + u] * h[u]));
+                    let to = group(j, f, ch);
+                    let terms = (0..n)
+                        .filter(|&u| same_pixel_allows(false, group(u, n, ch), to))
+                        .map(|u| layer.output[j * n + u] * h[u]);
+                    *o += layer.output_bias[j] + sum(terms);
                 }
-                debug_assert_eq!(out.len(), f);
             }
         }
     }
     features
 }
 
-/// log p(x) in nats: Σ log σ(±logit).
+/// log p(x) in nats: Σ over sub-pixels of log σ(±logit) (two levels) or the log-softmax at the
+/// sub-pixel's value.
 pub fn log_likelihood<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> T {
-    sum(logits(p, x, height, width)
-        .into_iter()
-        .zip(x)
-        .map(|(z, &v)| if v != 0 { z } else { -z }.log_sigmoid()))
+    let z = logits(p, x, height, width);
+    let per = logits_per_channel(p.levels);
+    sum(x.iter().enumerate().map(|(s, &v)| {
+        let z = &z[s * per..(s + 1) * per];
+        if p.levels == 2 {
+            if v != 0 { z[0] } else { -z[0] }.log_sigmoid()
+        } else {
+            // The largest logit's value taken out is a constant: the gradient is unchanged.
+            let top = z.iter().map(|v| v.value()).fold(f64::NEG_INFINITY, f64::max);
+            let shifted = |v: T| v - T::from(top);
+            shifted(z[usize::from(v)]) - sum(z.iter().map(|&v| shifted(v).exp())).ln()
+        }
+    }))
 }
 
 /// log p(x) and its gradient with respect to every parameter (laid out as `p`), by running the
-/// same reference on a [`Tape`]: the gradient a fast backward pass is held to.
+/// same reference on a [`Tape`]: the gradient a fast backward pass is held to. Weights a mask
+/// removes get zero.
 pub fn gradient(p: &Params, x: &[u8], height: usize, width: usize) -> (f64, Params) {
     let tape = Tape::new();
     let vars = p.map(&mut |&v| tape.var(v));
@@ -302,12 +403,15 @@ fn sum<T: Scalar>(terms: impl Iterator<Item = T>) -> T {
     terms.fold(T::from(0.0), |a, b| a + b)
 }
 
-/// The mask-A 7×7 convolution: at (r, c) only pixels strictly before it in raster order, i.e.
-/// rows above, and the same row to the left.
+/// The mask-A 7×7 convolution over x / (L − 1): at (r, c) every channel of the pixels strictly
+/// before it in raster order (rows above, and the same row to the left), and, for a feature of
+/// colour group g, the channels before g of the pixel itself.
 fn mask_a<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {
-    let f = 2 * p.hidden;
+    let (f, ch) = (2 * p.hidden, p.channels);
     let k = INPUT_KERNEL as isize;
     let half = k / 2;
+    let taps = (k * k) as usize;
+    let scale = 1.0 / (p.levels - 1) as f64;
     let mut out = Maps::zeros(height, width, f);
     for r in 0..height {
         for c in 0..width {
@@ -315,19 +419,24 @@ fn mask_a<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Ma
             cell.copy_from_slice(&p.input_bias);
             for dy in -half..=0 {
                 for dx in -half..=half {
-                    if dy == 0 && dx >= 0 {
+                    if dy == 0 && dx > 0 {
                         continue;
                     }
                     let (rr, cc) = (r as isize + dy, c as isize + dx);
                     if rr < 0 || cc < 0 || cc >= width as isize {
                         continue;
                     }
-                    if x[rr as usize * width + cc as usize] == 0 {
-                        continue;
-                    }
                     let tap = ((dy + half) * k + (dx + half)) as usize;
-                    for (j, v) in cell.iter_mut().enumerate() {
-                        *v += p.input[j * (k * k) as usize + tap];
+                    let pixel = (rr as usize * width + cc as usize) * ch;
+                    for from in 0..ch {
+                        let v = T::from(f64::from(x[pixel + from]) * scale);
+                        for (j, out) in cell.iter_mut().enumerate() {
+                            let centre = dy == 0 && dx == 0;
+                            if centre && !same_pixel_allows(true, from, group(j, f, ch)) {
+                                continue;
+                            }
+                            *out += p.input[(j * ch + from) * taps + tap] * v;
+                        }
                     }
                 }
             }
@@ -339,6 +448,7 @@ fn mask_a<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Ma
 /// Row LSTM over `features` (2h maps): h outputs per pixel.
 fn row_lstm<T: Scalar>(p: &Params<T>, layer: &Layer<T>, features: &Maps<T>) -> Maps<T> {
     let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
+    let ch = p.channels;
     let (w_in, b_in, w_state) = (&layer.input[0], &layer.input_bias[0], &layer.state[0]);
     let mut h_out = Maps::zeros(height, width, n);
     let mut cell = Maps::zeros(height, width, n);
@@ -354,7 +464,11 @@ fn row_lstm<T: Scalar>(p: &Params<T>, layer: &Layer<T>, features: &Maps<T>) -> M
                 }
                 let x = features.at(r, cc as usize);
                 for (g, zg) in z.iter_mut().enumerate() {
-                    *zg += sum((0..f).map(|k| w_in[(g * f + k) * 2 + t] * x[k]));
+                    let to = group(g % n, n, ch);
+                    let terms = (0..f)
+                        .filter(|&k| dx < 0 || same_pixel_allows(false, group(k, f, ch), to))
+                        .map(|k| w_in[(g * f + k) * 2 + t] * x[k]);
+                    *zg += sum(terms);
                 }
             }
             // State-to-state: the previous row's hidden state at c − 1, c, c + 1.
@@ -424,6 +538,7 @@ fn diagonal_lstm<T: Scalar>(
     features: &Maps<T>,
 ) -> Maps<T> {
     let (height, width, f, n) = (features.rows, features.cols, features.channels, p.hidden);
+    let ch = p.channels;
     let (w_in, b_in, w_state) = (&layer.input[d], &layer.input_bias[d], &layer.state[d]);
     let skewed_cols = width + height - 1;
     // Hidden and cell state on the skewed grid; positions outside the image stay zero.
@@ -436,7 +551,13 @@ fn diagonal_lstm<T: Scalar>(
             if inside {
                 let x = features.at(r, j - r);
                 for (g, zg) in z.iter_mut().enumerate() {
-                    *zg += sum((0..f).map(|k| w_in[g * f + k] * x[k]));
+                    // Mask B for the left-to-right LSTM; the mirrored one's output reaches
+                    // only the next row.
+                    let to = group(g % n, n, ch);
+                    let terms = (0..f)
+                        .filter(|&k| d == 1 || same_pixel_allows(false, group(k, f, ch), to))
+                        .map(|k| w_in[g * f + k] * x[k]);
+                    *zg += sum(terms);
                 }
             } else {
                 continue;
@@ -480,6 +601,28 @@ mod tests {
 
     const ARCHITECTURES: [Architecture; 2] = [Architecture::RowLstm, Architecture::DiagonalBiLstm];
 
+    /// A network's shape with `channels` and `levels`.
+    fn shape(
+        architecture: Architecture,
+        hidden: usize,
+        layers: usize,
+        channels: usize,
+        levels: usize,
+    ) -> Shape {
+        Shape {
+            architecture,
+            hidden,
+            layers,
+            channels,
+            levels,
+        }
+    }
+
+    /// A binary one-channel network's shape.
+    fn grey(architecture: Architecture, hidden: usize, layers: usize) -> Shape {
+        shape(architecture, hidden, layers, 1, 2)
+    }
+
     /// Which earlier pixels a conditional may see: the Diagonal BiLSTM all of them; the Row
     /// LSTM the rows above within its widening triangle and the same row to the left, as far
     /// as mask A (3 pixels) and one more per layer reach.
@@ -521,7 +664,7 @@ mod tests {
         let d = height * width;
         for arch in ARCHITECTURES {
             for layers in 1..=3 {
-                let p = Params::random(arch, 3, layers, 0.7, 11 + layers as u64);
+                let p = Params::random(grey(arch, 3, layers), 0.7, 11 + layers as u64);
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(layers as u64);
                 // seen[i][q]: flipping pixel q moved the features conditional i reads, from some
                 // base image (the output layers see one pixel's features, so these carry the
@@ -585,7 +728,7 @@ mod tests {
     #[test]
     fn the_row_lstm_misses_what_lies_outside_its_triangle() {
         let (height, width) = (3, 12);
-        let p = Params::random(Architecture::RowLstm, 3, 1, 0.7, 5);
+        let p = Params::random(grey(Architecture::RowLstm, 3, 1), 0.7, 5);
         let x = vec![0u8; height * width];
         let base = logits(&p, &x, height, width);
         let mut y = x.clone();
@@ -597,15 +740,19 @@ mod tests {
     }
 
     /// The reference gradient agrees with central differences for every 5th parameter (every
-    /// tensor included), both architectures, two layers, odd sizes.
+    /// tensor included), both architectures, two layers, odd sizes, grey and colour.
     #[test]
     fn the_gradient_matches_finite_differences() {
-        let (height, width) = (3, 5);
-        for arch in ARCHITECTURES {
-            let p = Params::random(arch, 3, 2, 0.6, 21);
+        // Binary grey, and 3-level colour (every mask and the softmax).
+        let cases = ARCHITECTURES
+            .into_iter()
+            .flat_map(|arch| [(grey(arch, 3, 2), 3, 5), (shape(arch, 3, 2, 3, 3), 2, 3)]);
+        for (shape, height, width) in cases {
+            let arch = shape.architecture;
+            let p = Params::random(shape, 0.6, 21);
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-            let x: Vec<u8> = (0..height * width)
-                .map(|_| u8::from(rng.random_bool(0.5)))
+            let x: Vec<u8> = (0..height * width * shape.channels)
+                .map(|_| rng.random_range(0..shape.levels as u8))
                 .collect();
             let (ll, grad) = gradient(&p, &x, height, width);
             assert_eq!(ll, log_likelihood(&p, &x, height, width));
@@ -630,20 +777,104 @@ mod tests {
         }
     }
 
-    /// Σ over all 2^12 images of a 3×4 image of p(x) is 1, for both architectures.
+    /// Every image of `height` × `width` × C sub-pixels of L levels, enumerated.
+    fn every_image(shape: Shape, height: usize, width: usize) -> impl Iterator<Item = Vec<u8>> {
+        let d = height * width * shape.channels;
+        let count = shape.levels.pow(d as u32);
+        (0..count).map(move |mut k| {
+            (0..d)
+                .map(|_| {
+                    let v = k % shape.levels;
+                    k /= shape.levels;
+                    v as u8
+                })
+                .collect()
+        })
+    }
+
+    /// Σ over every image of p(x) is 1: binary 3×4 grey (2^12 images), binary 2×2 colour
+    /// (2^12), 3-level 2×2 grey (3^4) and 3-level 1×2 colour (3^6, the softmax through every
+    /// mask); both architectures.
     #[test]
     fn probabilities_sum_to_one_over_every_image() {
-        let (height, width) = (3, 4);
-        let d = height * width;
         for arch in ARCHITECTURES {
-            let p = Params::random(arch, 2, 2, 0.8, 3);
-            let total: f64 = (0..1u32 << d)
-                .map(|k| {
-                    let x: Vec<u8> = (0..d).map(|i| ((k >> i) & 1) as u8).collect();
-                    log_likelihood(&p, &x, height, width).exp()
-                })
-                .sum();
-            assert!((total - 1.0).abs() < 1e-9, "{arch:?}: Σ p(x) = {total}");
+            let cases = [
+                (grey(arch, 2, 2), 3, 4),
+                (shape(arch, 3, 2, 3, 2), 2, 2),
+                (shape(arch, 2, 2, 1, 3), 2, 2),
+                (shape(arch, 3, 2, 3, 3), 1, 2),
+            ];
+            for (shape, height, width) in cases {
+                let p = Params::random(shape, 0.8, 3);
+                let total: f64 = every_image(shape, height, width)
+                    .map(|x| log_likelihood(&p, &x, height, width).exp())
+                    .sum();
+                assert!((total - 1.0).abs() < 1e-9, "{shape:?}: Σ p(x) = {total}");
+            }
+        }
+    }
+
+    /// On a colour image, each sub-pixel's logits see only sub-pixels before it (pixel by
+    /// pixel, R, G, B): R of a pixel none of the pixel, G only its R, B its R and G; and G and
+    /// B do see them. Exhaustive over every sub-pixel of a 3×4 RGB image of 4 levels, both
+    /// architectures, 1 and 2 layers.
+    #[test]
+    fn colour_sub_pixels_see_only_earlier_sub_pixels() {
+        let (height, width, ch) = (3, 4, 3);
+        let d = height * width * ch;
+        for arch in ARCHITECTURES {
+            for layers in 1..=2 {
+                let shape = shape(arch, 4, layers, ch, 4);
+                let p = Params::random(shape, 0.7, 30 + layers as u64);
+                let f = 2 * p.hidden;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(layers as u64);
+                // seen[s][q]: changing sub-pixel q moved the features sub-pixel s reads (its
+                // pixel's groups up to its channel).
+                let mut seen = vec![vec![false; d]; d];
+                for _ in 0..3 {
+                    let x: Vec<u8> = (0..d).map(|_| rng.random_range(0..4)).collect();
+                    let (base, base_features) = (
+                        logits(&p, &x, height, width),
+                        features(&p, &x, height, width),
+                    );
+                    for q in 0..d {
+                        let mut y = x.clone();
+                        y[q] = (y[q] + 1 + rng.random_range(0..3)) % 4;
+                        let (moved, moved_features) = (
+                            logits(&p, &y, height, width),
+                            features(&p, &y, height, width),
+                        );
+                        for s in 0..d {
+                            let (pixel, channel) = (s / ch, s % ch);
+                            let (r, c) = (pixel / width, pixel % width);
+                            let read = |m: &Maps<f64>| -> Vec<f64> {
+                                m.at(r, c)
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(k, _)| group(*k, f, ch) <= channel)
+                                    .map(|(_, v)| *v)
+                                    .collect()
+                            };
+                            let changed = read(&moved_features) != read(&base_features);
+                            let z = |l: &[f64]| l[s * 4..(s + 1) * 4].to_vec();
+                            assert!(
+                                changed || z(&moved) == z(&base),
+                                "{arch:?}: sub-pixel {s}'s logits moved without its features"
+                            );
+                            seen[s][q] |= changed;
+                        }
+                    }
+                }
+                for s in 0..d {
+                    for q in s..d {
+                        assert!(!seen[s][q], "{arch:?} L={layers}: {s} sees {q}");
+                    }
+                    let own = s - s % ch;
+                    for q in own..s {
+                        assert!(seen[s][q], "{arch:?} L={layers}: {s} misses {q}");
+                    }
+                }
+            }
         }
     }
 }

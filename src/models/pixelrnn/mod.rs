@@ -1,7 +1,8 @@
-//! The `pixelrnn` family: PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016) for binary
-//! pixels, every conditional read off recurrent convolutional layers over the whole past (Row
-//! LSTM: the triangle above a pixel; Diagonal BiLSTM: all of it), trained by Adam on the fast
-//! kernels of [`kernels::pixelrnn`](crate::kernels::pixelrnn).
+//! The `pixelrnn` family: PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu 2016), every
+//! conditional read off recurrent convolutional layers over the whole past (Row LSTM: the
+//! triangle above a pixel; Diagonal BiLSTM: all of it), trained by Adam on the fast kernels of
+//! [`kernels::pixelrnn`](crate::kernels::pixelrnn). Binary pixels get a sigmoid each, 8-bit
+//! sub-pixels a 256-way softmax; colour is ordered R, G, B within a pixel by masks.
 
 mod model;
 
@@ -50,9 +51,11 @@ pub const MAX_HIDDEN: usize = 256;
 /// The most recurrent layers `model.layers` accepts.
 pub const MAX_LAYERS: usize = 32;
 
-/// PixelRNN on binary pixels: a 7 × 7 mask-A convolution, `layers` residual recurrent layers
-/// of `hidden` LSTM units (2·hidden feature maps between them), two ReLU + 1×1 layers and a
-/// sigmoid per pixel; trained by Adam (`[train]`). One-channel images only.
+/// PixelRNN: a 7 × 7 mask-A convolution, `layers` residual recurrent layers of `hidden` LSTM
+/// units (2·hidden feature maps between them), two ReLU + 1×1 layers, and per sub-pixel a
+/// sigmoid (binary pixels) or a 256-way softmax (8-bit, `preprocess.binarize = "none"`); colour
+/// channels are split into R, G, B groups of units so that G sees R and B sees R and G of the
+/// same pixel. Trained by Adam (`[train]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PixelRnnParams {
@@ -61,7 +64,8 @@ pub struct PixelRnnParams {
     pub architecture: ArchitectureName,
     /// Recurrent layers, 1 to 32.
     pub layers: usize,
-    /// LSTM units per layer (and direction), 1 to 256; the feature maps are twice as many.
+    /// LSTM units per layer (and direction), 1 to 256 and at least the images' channels; the
+    /// feature maps are twice as many.
     pub hidden: usize,
 }
 
@@ -76,12 +80,14 @@ impl Default for PixelRnnParams {
 }
 
 impl PixelRnnParams {
-    /// The network's shape.
-    pub fn shape(&self) -> Shape {
+    /// The network's shape for images of `channels` sub-pixels of `levels` values.
+    pub fn shape(&self, channels: usize, levels: u16) -> Shape {
         Shape {
             architecture: self.architecture.architecture(),
             hidden: self.hidden,
             layers: self.layers,
+            channels,
+            levels: usize::from(levels),
         }
     }
 }
@@ -100,7 +106,7 @@ impl Family for PixelRnn {
     type Valid = PixelRnnParams;
 
     fn pixels() -> Pixels {
-        Pixels::Binary
+        Pixels::Any
     }
 
     fn trained_by_gradient(_levels: u16) -> bool {
@@ -116,7 +122,8 @@ impl Family for PixelRnn {
         data: &TrainingSet<'_>,
         training: &Training<'_>,
     ) -> Result<Fitted, ModelError> {
-        let (model, curve) = PixelRnn::fit(params.shape(), data, training)?;
+        let net = params.shape(data.shape.channels, data.levels);
+        let (model, curve) = PixelRnn::fit(net, data, training)?;
         Ok(Fitted::trained(model, curve))
     }
 
@@ -135,6 +142,7 @@ impl Family for PixelRnn {
     fn load(stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
         Ok(Box::new(PixelRnn::from_tensors(
             stored.shape,
+            stored.levels,
             stored.hyperparameters,
             stored.tensors,
         )?))

@@ -2,9 +2,10 @@
 //! [`kernels::pixelrnn`](crate::kernels::pixelrnn), trained by Adam over rayon chunks.
 //!
 //! Stored tensors are the kernels' tensors, named and shaped as [`Shape::tensors`] lists them
-//! (`input` [2h, 7, 7], `layer{k}.input{d}` [4h, 2h, taps], `layer{k}.state{d}` [4h, h, taps],
-//! `layer{k}.output` [2h, h], `head` [2h, 2h], `logit` [2h] and their biases); the
-//! hyper-parameters are the architecture, `layers`, `hidden` and the seed.
+//! (`input` [2h, C, 7, 7], `layer{k}.input{d}` [4h, 2h, taps], `layer{k}.state{d}`
+//! [4h, h, taps], `layer{k}.output` [2h, h], `head` [2h, 2h], `logit` [C·1 or C·256, 2h] and
+//! their biases); the hyper-parameters are the architecture, `layers`, `hidden` and the seed.
+//! Channels and levels are the image's, stored beside them as for every model.
 
 use ndarray::ArrayView2;
 use rand::{Rng, RngCore, SeedableRng};
@@ -15,14 +16,16 @@ use super::{ArchitectureName, size_problems};
 use crate::data::ImageShape;
 use crate::kernels::Isa;
 use crate::kernels::pixelrnn::{Net, Shape};
-use crate::models::shared::logistic::{log_sigmoid, sigmoid};
+use crate::kernels::pixelrnn::reference::logits_per_channel;
+use crate::models::shared::logistic::sigmoid;
 use crate::models::shared::{tensor, uniform};
 use crate::models::{DensityModel, Family, ModelError, NamedTensor};
 use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
-/// A PixelRNN over one-channel binary images.
+/// A PixelRNN over binary or 8-bit images of any number of channels (at most `hidden`).
 ///
-/// Invariant: `params` has `net.param_len()` finite values in the kernels' layout.
+/// Invariant: `params` has `net.param_len()` finite values in the kernels' layout, zero
+/// wherever [`Shape::mask`] is; `net.channels` and `net.levels` are the images'.
 #[derive(Debug, Clone)]
 pub struct PixelRnn {
     shape: ImageShape,
@@ -35,18 +38,25 @@ pub struct PixelRnn {
 
 impl PixelRnn {
     /// A model with seeded random weights (uniform within ±1/√fan-in, forget gates' biases at
-    /// 1 so that cells start by remembering) and the logit bias at the mean pixel's log-odds.
+    /// 1 so that cells start by remembering, masked weights zero) and the logit biases at each
+    /// channel's marginal over `pixels` (log-odds, or log-frequencies smoothed by one count).
     pub fn init(
         shape: ImageShape,
         net: Shape,
         seed: u64,
         pixels: ArrayView2<'_, u8>,
     ) -> Result<Self, ModelError> {
-        if shape.channels != 1 {
+        if shape.channels != net.channels {
             return Err(ModelError::invalid(format!(
-                "`pixelrnn` models one-channel images so far, and these have {} channels: use \
-                 `nade` or `rnade` for colour",
-                shape.channels
+                "the network is built for {} channels and the images have {}",
+                net.channels, shape.channels
+            )));
+        }
+        if net.hidden < net.channels {
+            return Err(ModelError::invalid(format!(
+                "`model.hidden` must be at least the images' {} channels (one colour group of \
+                 LSTM units each), got {}",
+                net.channels, net.hidden
             )));
         }
         let mut params = vec![0f32; net.param_len()];
@@ -64,11 +74,9 @@ impl PixelRnn {
                 values[net.hidden..2 * net.hidden].fill(1.0);
             }
         }
-        let total = pixels.len().max(1) as f64;
-        let on = pixels.iter().filter(|&&v| v != 0).count() as f64;
-        let mean = ((on + 0.5) / (total + 1.0)).clamp(1e-4, 1.0 - 1e-4);
-        let at = net.tensors().last().expect("a logit bias").1.start;
-        params[at] = (mean / (1.0 - mean)).ln() as f32;
+        net.apply_mask(&mut params);
+        let bias = net.tensors().pop().expect("a logit bias").1;
+        params[bias].copy_from_slice(&marginal_logits(net, pixels));
         Ok(Self {
             shape,
             net,
@@ -84,6 +92,7 @@ impl PixelRnn {
         data: &TrainingSet<'_>,
         training: &Training<'_>,
     ) -> Result<(Self, Vec<EpochRecord>), ModelError> {
+        debug_assert_eq!(usize::from(data.levels), net.levels);
         let mut model = Self::init(data.shape, net, training.settings.seed, data.pixels)?;
         let curve = train::train(&mut model, data, training);
         Ok((model, curve))
@@ -115,9 +124,11 @@ impl PixelRnn {
         }
     }
 
-    /// Rebuilds the model from model.safetensors.
+    /// Rebuilds the model from model.safetensors; weights a mask removes are zeroed (they are
+    /// never meant to be read).
     pub fn from_tensors(
         shape: ImageShape,
+        levels: u16,
         hyperparameters: &serde_json::Value,
         tensors: &[NamedTensor],
     ) -> Result<Self, ModelError> {
@@ -137,9 +148,10 @@ impl PixelRnn {
         if !problems.is_empty() {
             return Err(ModelError::Params(problems));
         }
-        if shape.channels != 1 {
+        if !(1..=hidden).contains(&shape.channels) || levels < 2 {
             return Err(ModelError::invalid(format!(
-                "a `pixelrnn` model has one channel, and this one says {}",
+                "a `pixelrnn` model of {hidden} LSTM units models 1 to {hidden} channels of at \
+                 least 2 levels, and this one says {} channels of {levels}",
                 shape.channels
             )));
         }
@@ -147,6 +159,8 @@ impl PixelRnn {
             architecture: architecture.architecture(),
             hidden,
             layers,
+            channels: shape.channels,
+            levels: usize::from(levels),
         };
         let mut params = vec![0f32; net.param_len()];
         for (name, range, _) in net.tensors() {
@@ -159,6 +173,7 @@ impl PixelRnn {
         if params.iter().any(|v| !v.is_finite()) {
             return Err(ModelError::invalid("weights are not all finite"));
         }
+        net.apply_mask(&mut params);
         Ok(Self {
             shape,
             net,
@@ -168,19 +183,62 @@ impl PixelRnn {
         })
     }
 
-    fn d(&self) -> usize {
-        self.shape.dims()
+}
+
+/// Each channel's marginal over `pixels` (rows of H·W·C sub-pixels) as the output layer's
+/// biases: the log-odds of a 1 (two levels), or the log-frequency of every value, smoothed by
+/// one count per value so that none is impossible.
+fn marginal_logits(net: Shape, pixels: ArrayView2<'_, u8>) -> Vec<f32> {
+    let (ch, levels) = (net.channels, net.levels);
+    let mut counts = vec![vec![1f64; levels]; ch];
+    for row in pixels.rows() {
+        for (k, &v) in row.iter().enumerate() {
+            counts[k % ch][usize::from(v).min(levels - 1)] += 1.0;
+        }
+    }
+    counts
+        .iter()
+        .flat_map(|c| {
+            let total: f64 = c.iter().sum();
+            if levels == 2 {
+                let mean = (c[1] / total).clamp(1e-4, 1.0 - 1e-4);
+                vec![(mean / (1.0 - mean)).ln() as f32]
+            } else {
+                c.iter().map(|&n| (n / total).ln() as f32).collect()
+            }
+        })
+        .collect()
+}
+
+impl PixelRnn {
+    /// The rows of `images` as the kernels read them: 0/1 bytes for two levels (any non-zero
+    /// byte is on), the bytes themselves otherwise.
+    fn sub_pixels(&self, images: ArrayView2<'_, u8>) -> Vec<u8> {
+        images.iter().map(|&v| self.sub_pixel(v)).collect()
+    }
+
+    fn sub_pixel(&self, v: u8) -> u8 {
+        if self.net.levels == 2 { u8::from(v != 0) } else { v }
+    }
+
+    /// One image as the kernels read it.
+    fn image(&self, image: &[u8]) -> Vec<u8> {
+        image.iter().map(|&v| self.sub_pixel(v)).collect()
     }
 }
 
-/// The rows of `images` as 0/1 bytes, one after another.
-fn binary(images: ArrayView2<'_, u8>) -> Vec<u8> {
-    images.iter().map(|&v| u8::from(v != 0)).collect()
-}
-
-/// One image as 0/1 bytes.
-fn binary_image(image: &[u8]) -> Vec<u8> {
-    image.iter().map(|&v| u8::from(v != 0)).collect()
+/// The value whose cumulative softmax probability first exceeds `u` ∈ [0, 1).
+fn draw_softmax(z: &[f32], u: f64) -> u8 {
+    let top = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let weights: Vec<f64> = z.iter().map(|&v| f64::from(v - top).exp()).collect();
+    let mut left = u * weights.iter().sum::<f64>();
+    for (v, w) in weights.iter().enumerate() {
+        left -= w;
+        if left < 0.0 {
+            return v as u8;
+        }
+    }
+    (z.len() - 1) as u8
 }
 
 impl GradientModel for PixelRnn {
@@ -193,13 +251,13 @@ impl GradientModel for PixelRnn {
     }
 
     fn nll_gradient(&self, images: ArrayView2<'_, u8>, grad: &mut [f32]) -> f64 {
-        self.kernel().gradient(&binary(images), grad)
+        self.kernel().gradient(&self.sub_pixels(images), grad)
     }
 
     fn total_nll(&self, images: ArrayView2<'_, u8>) -> f64 {
         let mut out = vec![0f64; images.nrows()];
         self.kernel()
-            .log_likelihood(&binary(images), &mut out, None);
+            .log_likelihood(&self.sub_pixels(images), &mut out, None);
         -out.iter().sum::<f64>()
     }
 }
@@ -214,44 +272,49 @@ impl DensityModel for PixelRnn {
     }
 
     fn levels(&self) -> u16 {
-        2
+        self.net.levels as u16
     }
 
     fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
-        let x = binary_image(image);
         let mut total = [0f64];
-        let mut logits = vec![0f32; self.d()];
         self.kernel()
-            .log_likelihood(&x, &mut total, Some(&mut logits));
-        for ((o, &z), &v) in out.iter_mut().zip(&logits).zip(&x) {
-            *o = log_sigmoid(f64::from(if v != 0 { z } else { -z })) as f32;
-        }
+            .log_likelihood(&self.image(image), &mut total, Some(out));
         total[0]
     }
 
     fn log_likelihood(&self, image: &[u8]) -> f64 {
         let mut total = [0f64];
-        let x = binary_image(image);
-        self.kernel().log_likelihood(&x, &mut total, None);
+        self.kernel()
+            .log_likelihood(&self.image(image), &mut total, None);
         total[0]
     }
 
     /// The whole batch at once: the kernel splits it into chunks over the threads.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
-        self.kernel().log_likelihood(&binary(images), out, None);
+        self.kernel()
+            .log_likelihood(&self.sub_pixels(images), out, None);
     }
 
-    /// Pixel by pixel in raster order, each drawn from its conditional given those before; a
-    /// pixel of row r needs only rows 0..=r of the network.
+    /// Sub-pixel by sub-pixel in raster order (R, G, B within a pixel), each drawn from its
+    /// conditional given those before; a pixel of row r needs only rows 0..=r of the network.
+    /// Binary images come out as 0/1.
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {
-        let width = self.shape.width;
-        let mut logits = vec![0f32; self.d()];
+        let (width, ch) = (self.shape.width, self.shape.channels);
+        let (outs, per) = (self.net.outputs(), logits_per_channel(self.net.levels));
+        let mut logits = vec![0f32; self.shape.height * width * outs];
         out.fill(0);
         for r in 0..self.shape.height {
             for c in 0..width {
-                self.kernel().logits_up_to(out, r + 1, &mut logits);
-                let p = sigmoid(f64::from(logits[r * width + c]));
-                out[r * width + c] = u8::from(uniform(rng) < p);
+                for k in 0..ch {
+                    self.kernel().logits_up_to(out, r + 1, &mut logits);
+                    let at = (r * width + c) * outs + k * per;
+                    let z = &logits[at..at + per];
+                    out[(r * width + c) * ch + k] = if per == 1 {
+                        u8::from(uniform(rng) < sigmoid(f64::from(z[0])))
+                    } else {
+                        draw_softmax(z, uniform(rng))
+                    };
+                }
             }
         }
     }
@@ -288,12 +351,20 @@ mod tests {
 
     const ARCHITECTURES: [Architecture; 2] = [Architecture::RowLstm, Architecture::DiagonalBiLstm];
 
-    /// A PixelRNN with larger-than-initial random weights, so every conditional matters.
-    fn random_model(shape: ImageShape, architecture: Architecture, seed: u64) -> PixelRnn {
+    /// A PixelRNN of sub-pixels of `levels` values with larger-than-initial random weights
+    /// (masked), so every conditional matters.
+    fn random_model(
+        shape: ImageShape,
+        levels: usize,
+        architecture: Architecture,
+        seed: u64,
+    ) -> PixelRnn {
         let net = Shape {
             architecture,
             hidden: 3,
             layers: 2,
+            channels: shape.channels,
+            levels,
         };
         let pixels = Array2::<u8>::zeros((1, shape.dims()));
         let mut m = PixelRnn::init(shape, net, seed, pixels.view()).unwrap();
@@ -301,6 +372,7 @@ mod tests {
         m.params
             .iter_mut()
             .for_each(|v| *v = rng.random_range(-0.8..0.8));
+        net.apply_mask(&mut m.params);
         m
     }
 
@@ -311,22 +383,34 @@ mod tests {
         })
     }
 
-    /// Σ over all 2^12 images of a 3 × 4 image of p(x) = 1 on the fast kernels, and the
-    /// per-pixel maps sum to the image's log-likelihood.
+    /// Σ p(x) = 1 on the fast kernels over every image: binary 3 × 4 grey (2^12 images),
+    /// binary 2 × 2 RGB (2^12), 4-level 1 × 2 RGB (4^6, the softmax through the colour masks);
+    /// and the per-sub-pixel maps sum to the image's log-likelihood.
     #[test]
     fn normalizes_over_all_images() {
         for arch in ARCHITECTURES {
-            let m = random_model(ImageShape::new(3, 4, 1), arch, 3);
-            let total = total_probability(&m);
-            assert!((total - 1.0).abs() < 1e-5, "{arch:?}: Σ p(x) = {total}");
-            assert_maps_sum_to_likelihood(&m, &all_images(12, 2)[..200]);
+            let cases = [
+                (ImageShape::new(3, 4, 1), 2),
+                (ImageShape::new(2, 2, 3), 2),
+                (ImageShape::new(1, 2, 3), 4),
+            ];
+            for (shape, levels) in cases {
+                let m = random_model(shape, levels, arch, 3);
+                let total = total_probability(&m);
+                assert!(
+                    (total - 1.0).abs() < 1e-5,
+                    "{arch:?} {shape:?} L={levels}: Σ p(x) = {total}"
+                );
+                let images = all_images(shape.dims(), levels as u16);
+                assert_maps_sum_to_likelihood(&m, &images[..200]);
+            }
         }
     }
 
     #[test]
     fn batch_scores_and_nll_agree_with_one_image_at_a_time() {
         for arch in ARCHITECTURES {
-            let m = random_model(ImageShape::new(3, 5, 1), arch, 4);
+            let m = random_model(ImageShape::new(3, 5, 1), 2, arch, 4);
             let x = binary_images(21, 15, 1); // not a multiple of the chunk
             let mut batch = vec![0f64; 21];
             m.log_likelihood_batch(x.view(), &mut batch);
@@ -339,22 +423,69 @@ mod tests {
         }
     }
 
-    /// Samples of a 2 × 3 image follow p(x) (chi-square over the 64 images).
+    /// Samples follow p(x) (chi-square over every image): binary 2 × 3 grey, binary 1 × 2 RGB
+    /// and one 4-level RGB pixel, 64 images each.
     #[test]
     fn samples_follow_the_model() {
         for arch in ARCHITECTURES {
-            let m = random_model(ImageShape::new(2, 3, 1), arch, 11);
-            assert_samples_follow_the_model(&m, 6_000, 5);
+            let cases = [
+                (ImageShape::new(2, 3, 1), 2),
+                (ImageShape::new(1, 2, 3), 2),
+                (ImageShape::new(1, 1, 3), 4),
+            ];
+            for (shape, levels) in cases {
+                let m = random_model(shape, levels, arch, 11);
+                assert_samples_follow_the_model(&m, 6_000, 5);
+            }
         }
     }
 
+    /// One-pixel RGB images of 8 levels in which G is R or R + 1 (mod 8) at random and B is
+    /// 7 − G: B depends on G alone. Fitted in R, G, B order, B's NLL is near 0 and G's near
+    /// ln 2; a model that ordered R, B, G (or let B miss G) would put ln 2 on B and 0 on G.
     #[test]
-    fn colour_images_are_refused_with_what_to_use() {
-        let net = super::super::PixelRnnParams::default().shape();
-        let x = Array2::<u8>::zeros((2, 12));
-        let err = PixelRnn::init(ImageShape::new(2, 2, 3), net, 0, x.view()).unwrap_err();
-        assert!(err.to_string().contains("3 channels"), "{err}");
-        assert!(err.to_string().contains("nade"), "{err}");
+    fn colour_is_modelled_in_r_g_b_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let rows: Vec<u8> = (0..1_200)
+            .flat_map(|_| {
+                let r: u8 = rng.random_range(0..8);
+                let g = (r + u8::from(rng.random_bool(0.5))) % 8;
+                [r, g, 7 - g]
+            })
+            .collect();
+        let x = Array2::from_shape_vec((1_200, 3), rows).unwrap();
+        let (train, valid) = x.view().split_at(ndarray::Axis(0), 1_000);
+        let shape = ImageShape::new(1, 1, 3);
+        let data = TrainingSet {
+            shape,
+            levels: 8,
+            pixels: train,
+            validation: valid,
+            redraw: None,
+        };
+        let settings = TrainSettings {
+            epochs: 60,
+            batch_size: 20,
+            learning_rate: 0.01,
+            seed: 2,
+            ..TrainSettings::default()
+        };
+        for architecture in ARCHITECTURES {
+            let net = Shape {
+                architecture,
+                hidden: 6,
+                layers: 1,
+                channels: 3,
+                levels: 8,
+            };
+            let (m, _) = PixelRnn::fit(net, &data, &Training::unmonitored(&settings)).unwrap();
+            let [r, g, b] = per_channel_nll(&m, valid);
+            let ln2 = std::f64::consts::LN_2;
+            assert!((r - 8f64.ln()).abs() < 0.15, "{architecture:?}: R {r}");
+            assert!((g - ln2).abs() < 0.15, "{architecture:?}: G {g}");
+            // Half of G's: far from the ln 2 that B would have if it missed G.
+            assert!(b < ln2 / 2.0, "{architecture:?}: B {b} (G {g})");
+        }
     }
 
     #[test]
@@ -380,6 +511,8 @@ mod tests {
             architecture: Architecture::RowLstm,
             hidden: 4,
             layers: 2,
+            channels: 1,
+            levels: 2,
         };
         let start = PixelRnn::init(shape, net, 1, train).unwrap();
         let before = train::mean_nll(&start, valid);
@@ -391,7 +524,8 @@ mod tests {
             .filter_map(|r| r.validation_nll)
             .fold(f64::INFINITY, f64::min);
         assert!((after - best).abs() < 1e-9, "the best epoch is kept");
-        let back = PixelRnn::from_tensors(shape, &m.hyperparameters(), &m.tensors()).unwrap();
+        let back =
+            PixelRnn::from_tensors(shape, 2, &m.hyperparameters(), &m.tensors()).unwrap();
         assert_eq!(back.params, m.params);
         assert_eq!(back.net, m.net);
         let again = PixelRnn::fit(net, &data, &Training::unmonitored(&settings))
@@ -403,10 +537,10 @@ mod tests {
     #[test]
     fn stored_models_that_do_not_fit_are_refused() {
         let shape = ImageShape::new(3, 4, 1);
-        let m = random_model(shape, Architecture::DiagonalBiLstm, 2);
+        let m = random_model(shape, 2, Architecture::DiagonalBiLstm, 2);
         let (hyper, tensors) = (m.hyperparameters(), m.tensors());
         let refused = |hyper: &serde_json::Value, tensors: &[NamedTensor]| {
-            PixelRnn::from_tensors(shape, hyper, tensors)
+            PixelRnn::from_tensors(shape, 2, hyper, tensors)
                 .unwrap_err()
                 .to_string()
         };
@@ -425,6 +559,13 @@ mod tests {
         other["architecture"] = "row_lstm".into();
         // A Row LSTM's input-to-state has two taps where the diagonal's has one.
         assert!(refused(&other, &tensors).contains("layer0.input0"));
-        assert!(PixelRnn::from_tensors(ImageShape::new(3, 4, 3), &hyper, &tensors).is_err());
+        // Colour's mask-A convolution reads three channels, and 256 levels need 256 logits.
+        let colour = PixelRnn::from_tensors(ImageShape::new(3, 4, 3), 2, &hyper, &tensors);
+        assert!(colour.unwrap_err().to_string().contains("input"));
+        let eight_bit = PixelRnn::from_tensors(shape, 256, &hyper, &tensors);
+        assert!(eight_bit.unwrap_err().to_string().contains("logit"));
+        // More channels than LSTM units (one colour group each) cannot be split.
+        let wide = PixelRnn::from_tensors(ImageShape::new(3, 4, 4), 2, &hyper, &tensors);
+        assert!(wide.unwrap_err().to_string().contains("channels"));
     }
 }
