@@ -10,6 +10,7 @@ Every model is fitted with `pipeline fit` (5% of the fitting rows held out for e
 and scored with `pipeline score`; pixels stay 8-bit (`preprocess.binarize = "none"`).
 
     python3 scripts/quality_8bit.py [--data brick] [--model rnade] [--epochs N] [--work DIR]
+        [--set KEY=VALUE] [--binary PATH]
 
 Needs pyarrow and numpy, and a release build (`cargo build --release`).
 """
@@ -30,6 +31,9 @@ MODELS = {
         "model.kind=rnade", "model.hidden=100", "model.components=10",
         "train.epochs=30", "train.learning_rate=0.001", "train.patience=2", "train.anneal=2",
     ],
+    # PixelRNN (issue 16) as `kind = "pixelrnn"` alone gives it: a fit stops after the default
+    # hour (`train.max_minutes`) at the latest.
+    "pixelrnn": ["model.kind=pixelrnn"],
 }
 
 TEMPLATE = """[pipeline]
@@ -74,6 +78,8 @@ def main() -> int:
     parser.add_argument("--model", action="append", choices=sorted(MODELS))
     parser.add_argument("--work", default="/tmp/anomaly-pipeline-quality-8bit")
     parser.add_argument("--epochs", type=int, help="override train.epochs of the trained models")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="added to every model's settings")
+    parser.add_argument("--binary", help="the pipeline executable (default: target/release/pipeline)")
     args = parser.parse_args()
     shared = here.parent / "shared" / "data"
     if not shared.exists():
@@ -89,7 +95,7 @@ def main() -> int:
     sys.path.insert(0, str(here / "scripts"))
     import defects
 
-    binary = here / "target" / "release" / "pipeline"
+    binary = pathlib.Path(args.binary) if args.binary else here / "target" / "release" / "pipeline"
     if not binary.exists():
         print("build first: cargo build --release", file=sys.stderr)
         return 1
@@ -150,7 +156,7 @@ def main() -> int:
         (d / "fit.toml").write_text(TEMPLATE.format(source="fit.parquet", sink="out", passthrough='["condition"]'))
         (d / "score.toml").write_text(TEMPLATE.format(source="score.parquet", sink="scored", passthrough='["condition"]'))
         for name in args.model or MODELS:
-            settings = MODELS[name] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+            settings = MODELS[name] + ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.set
             sets = [x for kv in settings for x in ("--set", kv)]
             start = time.monotonic()
             fit = subprocess.run(

@@ -293,6 +293,11 @@ pub struct BenchArgs {
     #[arg(long, value_parser = ["row_lstm", "diagonal_bilstm"])]
     pub architecture: Option<String>,
 
+    /// PixelRNN on 8-bit sub-pixels (a 256-way softmax per channel, any number of channels)
+    /// instead of binarized pixels; without the PyTorch comparison, which is binary.
+    #[arg(long)]
+    pub eight_bit: bool,
+
     /// Images per training step.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,

@@ -271,12 +271,16 @@ fn every_model_kind_runs_end_to_end_and_samples() {
             "pixelrnn",
             "architecture = \"diagonal_bilstm\"\nlayers = 2\nhidden = 4\n\n[train]\nepochs = 2\nlearning_rate = 0.01\n",
         ),
+        (
+            "pixelrnn",
+            "architecture = \"row_lstm\"\nlayers = 1\nhidden = 4\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 1\n",
+        ),
     ] {
         let eight_bit = extra.contains("binarize");
-        let name = if eight_bit && kind == "ar" {
-            "ar-8bit"
-        } else {
-            kind
+        let name = match (eight_bit, kind) {
+            (true, "ar") => "ar-8bit",
+            (true, "pixelrnn") => "pixelrnn-8bit",
+            _ => kind,
         };
         let sink = format!("out-{name}");
         let model_table = if extra.starts_with('[') {
@@ -878,6 +882,100 @@ fn the_textures_demo_scores_rgb_patches_and_samples_a_colour_grid() {
         coloured > 9 * 32 * 32 / 2,
         "most sampled pixels have distinct channels: {coloured}"
     );
+}
+
+/// PixelRNN on 8-bit RGB: fitted on images whose G follows R and whose B is 255 − G, it scores
+/// them and a few of noise, the noise worse (and flagged); the per-sub-pixel maps of the flagged
+/// images add up to their log-likelihoods, and the model draws a colour grid.
+#[test]
+fn pixelrnn_scores_and_samples_8_bit_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (h, w) = (6, 5);
+    let mut rng = 7u64;
+    let mut next = move || {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) as u32
+    };
+    let pictures: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            (0..h * w)
+                .flat_map(|p| {
+                    if i >= 280 {
+                        return [next() as u8, next() as u8, next() as u8];
+                    }
+                    let r = (60 + 20 * (p % w) + (next() % 16) as usize) as u8;
+                    let g = r.saturating_add((next() % 8) as u8);
+                    [r, g, 255 - g]
+                })
+                .collect()
+        })
+        .collect();
+    write_tensor_u8(&d.join("rgb.parquet"), &ids(0, 300), &pictures, &[h, w, 3]);
+    write_tensor_u8(
+        &d.join("normal.parquet"),
+        &ids(0, 280),
+        &pictures[..280],
+        &[h, w, 3],
+    );
+    let model = "[model]\nkind = \"pixelrnn\"\nlayers = 1\nhidden = 6\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 2\nlearning_rate = 0.01\n";
+    write_config(d, "fit.toml", "normal.parquet", "out", model);
+    write_config(d, "rgb.toml", "rgb.parquet", "out", model);
+    let model_dir = fit_model(d, "fit.toml");
+    pipeline(
+        d,
+        &[
+            "score", "rgb.toml", "--model", &model_dir, "--run-id", "rgb",
+        ],
+        &[],
+    )
+    .expect(0);
+    let scores = read_table(&d.join("out/scores"));
+    assert_eq!(rows(&scores), 300);
+    let (ids, nll): (Vec<_>, Vec<f64>) = strings(&scores, "id")
+        .into_iter()
+        .zip(floats(&scores, "log_likelihood").iter().map(|l| -l))
+        .unzip();
+    let index = |id: &Option<String>| id.as_deref().unwrap()[4..].parse::<usize>().unwrap();
+    let mean = |noise: bool| {
+        let v: Vec<f64> = ids
+            .iter()
+            .zip(&nll)
+            .filter(|(id, _)| (index(id) >= 280) == noise)
+            .map(|(_, &l)| l)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!(
+        mean(true) > mean(false) + 30.0,
+        "noise {} vs normal {}",
+        mean(true),
+        mean(false)
+    );
+    let anomalies = read_table(&d.join("out/anomalies"));
+    let flagged = strings(&anomalies, "id");
+    assert!(
+        flagged.iter().filter(|id| index(id) >= 280).count() >= 15,
+        "{flagged:?}"
+    );
+    for (map, ll) in float_lists(&anomalies, "pixel_nll")
+        .iter()
+        .zip(floats(&anomalies, "log_likelihood"))
+    {
+        assert_eq!(map.len(), h * w * 3, "one value per sub-pixel");
+        let total: f64 = map.iter().map(|&v| f64::from(v)).sum();
+        assert!((total + ll).abs() < 1e-3 * ll.abs(), "{total} vs {ll}");
+    }
+    pipeline(
+        d,
+        &["sample", &model_dir, "-n", "4", "--out", "grid.png"],
+        &[],
+    )
+    .expect(0);
+    let img = image::open(d.join("grid.png")).unwrap();
+    assert_eq!(img.color(), image::ColorType::Rgb8, "a colour grid");
 }
 
 #[test]

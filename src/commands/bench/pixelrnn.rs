@@ -25,10 +25,12 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
         Some(_) => vec![ArchitectureName::DiagonalBiLstm],
         None => vec![ArchitectureName::RowLstm, ArchitectureName::DiagonalBiLstm],
     };
-    let (shape, pixels) = load_images(a, ctx, true)?;
-    if shape.channels != 1 {
+    let (shape, pixels) = load_images(a, ctx, !a.eight_bit)?;
+    let levels = if a.eight_bit { 256 } else { 2 };
+    if !a.eight_bit && shape.channels != 1 {
         return Err(Error::Usage(format!(
-            "--model pixelrnn measures one-channel images, and {} has {} channels",
+            "--model pixelrnn measures binary pixels of one-channel images, and {} has {} \
+             channels: add --eight-bit",
             a.data, shape.channels
         )));
     }
@@ -46,7 +48,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
                 .collect();
             Error::Usage(list.join("; "))
         })?;
-        let net = params.shape(1, 2);
+        let net = params.shape(shape.channels, levels);
         let model = PixelRnn::init(shape, net, 0, pixels.view())
             .map_err(|e| Error::Usage(e.to_string()))?;
         let reference = unflatten(net, model.flat());
@@ -56,7 +58,11 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             .rows()
             .into_iter()
             .take(a.reference_images)
-            .flat_map(|r| r.iter().map(|&v| u8::from(v != 0)).collect::<Vec<_>>())
+            .flat_map(|r| {
+                r.iter()
+                    .map(|&v| if a.eight_bit { v } else { u8::from(v != 0) })
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let score_images = subset.len() / d;
         let train_images = score_images.min(REFERENCE_TRAIN_IMAGES);
@@ -86,11 +92,13 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             ArchitectureName::RowLstm => "Row LSTM",
             ArchitectureName::DiagonalBiLstm => "Diagonal BiLSTM",
         };
+        let pixels_are = if a.eight_bit { "8-bit" } else { "binary" };
         let label = format!(
-            "PixelRNN {name} ({} layers, h = {})",
+            "PixelRNN {name} ({} layers, h = {}, {pixels_are})",
             net.layers, net.hidden
         );
         let torch = || pytorch(a, net, height, width);
+        let torch: Option<&dyn Fn() -> _> = (!a.eight_bit).then_some(&torch);
         reports.push(report_with(
             a,
             &label,
@@ -99,7 +107,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             pixels.view(),
             &baseline,
             false,
-            Some(&torch),
+            torch,
         )?);
     }
     write_json(a, &serde_json::Value::Array(reports))

@@ -190,7 +190,8 @@ impl Shape {
         for j in 0..f {
             for from in 0..ch {
                 let at = o.input + (j * ch + from) * TAPS_A;
-                m[at + centre] = f32::from(u8::from(same_pixel_allows(true, from, group(j, f, ch))));
+                m[at + centre] =
+                    f32::from(u8::from(same_pixel_allows(true, from, group(j, f, ch))));
                 m[at + centre + 1..at + TAPS_A].fill(0.0);
             }
         }
@@ -243,12 +244,10 @@ pub fn flatten(p: &reference::Params) -> Vec<f32> {
 /// A flat vector as the reference's parameters (in f64).
 pub fn unflatten(shape: Shape, flat: &[f32]) -> reference::Params {
     let mut at = 0;
-    reference::Params::random(shape, 1.0, 0).map(
-        &mut |_| {
-            at += 1;
-            f64::from(flat[at - 1])
-        },
-    )
+    reference::Params::random(shape, 1.0, 0).map(&mut |_| {
+        at += 1;
+        f64::from(flat[at - 1])
+    })
 }
 
 /// A network ready to run: its shape, flat parameters, image size and instruction set.
@@ -395,8 +394,18 @@ fn read_terms(
             Some(dl) => &mut dl[m * outs..(m + 1) * outs],
             None => &mut [][..],
         };
-        sub_pixel_terms(net.isa, z, &x[at..at + ch], levels, &mut terms[at..at + ch], dz);
-        per_image[i] += terms[at..at + ch].iter().map(|&t| f64::from(t)).sum::<f64>();
+        sub_pixel_terms(
+            net.isa,
+            z,
+            &x[at..at + ch],
+            levels,
+            &mut terms[at..at + ch],
+            dz,
+        );
+        per_image[i] += terms[at..at + ch]
+            .iter()
+            .map(|&t| f64::from(t))
+            .sum::<f64>();
     }
     per_image
 }
@@ -741,7 +750,11 @@ fn input_taps(
             let cc = c as isize + dx;
             let inside = rr >= 0 && cc >= 0 && cc < width as isize;
             let t = ((dy + half) * INPUT_KERNEL as isize + dx + half) as usize;
-            let pixel = if inside { (rr as usize * width + cc as usize) * channels } else { 0 };
+            let pixel = if inside {
+                (rr as usize * width + cc as usize) * channels
+            } else {
+                0
+            };
             let seen = match (inside, dx == 0 && dy == 0) {
                 (false, _) => 0,
                 (true, true) => channels - 1,
@@ -940,7 +953,11 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         .iter_mut()
         .for_each(|v| *v = v.max(0.0));
     let outs = net.shape.outputs();
-    fill_rows(&mut ws.logits, &w[o.logit_bias..o.logit_bias + outs], active);
+    fill_rows(
+        &mut ws.logits,
+        &w[o.logit_bias..o.logit_bias + outs],
+        active,
+    );
     gemm(
         active,
         f,
@@ -1715,8 +1732,10 @@ mod tests {
                                 "{shape:?}: {} vs {want}",
                                 ll[i]
                             );
-                            let summed: f64 =
-                                terms[i * d..(i + 1) * d].iter().map(|&t| f64::from(t)).sum();
+                            let summed: f64 = terms[i * d..(i + 1) * d]
+                                .iter()
+                                .map(|&t| f64::from(t))
+                                .sum();
                             assert!((summed - ll[i]).abs() < 1e-9 * (1.0 + want.abs()));
                         }
                     }
@@ -1787,7 +1806,11 @@ mod tests {
                     for i in 0..N {
                         let at = i * per_image;
                         let covered = at..at + rows * W * shape.outputs();
-                        assert_eq!(part[covered.clone()], full[covered], "{shape:?} rows {rows}");
+                        assert_eq!(
+                            part[covered.clone()],
+                            full[covered],
+                            "{shape:?} rows {rows}"
+                        );
                     }
                 }
             }

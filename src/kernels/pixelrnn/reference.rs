@@ -377,7 +377,10 @@ pub fn log_likelihood<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: 
             if v != 0 { z[0] } else { -z[0] }.log_sigmoid()
         } else {
             // The largest logit's value taken out is a constant: the gradient is unchanged.
-            let top = z.iter().map(|v| v.value()).fold(f64::NEG_INFINITY, f64::max);
+            let top = z
+                .iter()
+                .map(|v| v.value())
+                .fold(f64::NEG_INFINITY, f64::max);
             let shifted = |v: T| v - T::from(top);
             shifted(z[usize::from(v)]) - sum(z.iter().map(|&v| shifted(v).exp())).ln()
         }

@@ -15,8 +15,8 @@ use serde_json::json;
 use super::{ArchitectureName, size_problems};
 use crate::data::ImageShape;
 use crate::kernels::Isa;
-use crate::kernels::pixelrnn::{Net, Shape};
 use crate::kernels::pixelrnn::reference::logits_per_channel;
+use crate::kernels::pixelrnn::{Net, Shape};
 use crate::models::shared::logistic::sigmoid;
 use crate::models::shared::{tensor, uniform};
 use crate::models::{DensityModel, Family, ModelError, NamedTensor};
@@ -182,7 +182,6 @@ impl PixelRnn {
             isa: Isa::detect(),
         })
     }
-
 }
 
 /// Each channel's marginal over `pixels` (rows of H·W·C sub-pixels) as the output layer's
@@ -218,7 +217,11 @@ impl PixelRnn {
     }
 
     fn sub_pixel(&self, v: u8) -> u8 {
-        if self.net.levels == 2 { u8::from(v != 0) } else { v }
+        if self.net.levels == 2 {
+            u8::from(v != 0)
+        } else {
+            v
+        }
     }
 
     /// One image as the kernels read it.
@@ -524,8 +527,7 @@ mod tests {
             .filter_map(|r| r.validation_nll)
             .fold(f64::INFINITY, f64::min);
         assert!((after - best).abs() < 1e-9, "the best epoch is kept");
-        let back =
-            PixelRnn::from_tensors(shape, 2, &m.hyperparameters(), &m.tensors()).unwrap();
+        let back = PixelRnn::from_tensors(shape, 2, &m.hyperparameters(), &m.tensors()).unwrap();
         assert_eq!(back.params, m.params);
         assert_eq!(back.net, m.net);
         let again = PixelRnn::fit(net, &data, &Training::unmonitored(&settings))
