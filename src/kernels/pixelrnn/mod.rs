@@ -437,15 +437,15 @@ fn sub_pixel_terms_body<T: Target>(
         return;
     }
     for (k, (z, &v)) in z.chunks_exact(levels).zip(x).enumerate() {
-        let top = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let total: f32 = if d.is_empty() {
-            z.iter().map(|&v| exp::<T>(v - top)).sum()
+        let top = lanes_max(z);
+        let total = if d.is_empty() {
+            lanes_sum(z, |v| exp::<T>(v - top))
         } else {
             let dk = &mut d[k * levels..(k + 1) * levels];
             dk.iter_mut()
                 .zip(z)
                 .for_each(|(e, &v)| *e = exp::<T>(v - top));
-            let total: f32 = dk.iter().sum();
+            let total = lanes_sum(dk, |e| e);
             let inv = 1.0 / total;
             dk.iter_mut().for_each(|e| *e *= inv);
             dk[usize::from(v)] -= 1.0;
@@ -453,6 +453,40 @@ fn sub_pixel_terms_body<T: Target>(
         };
         ll[k] = z[usize::from(v)] - top - total.ln();
     }
+}
+
+/// Lanes of the reductions below: eight independent partial results, so that they vectorize
+/// (a float sum in order cannot).
+const LANES: usize = 8;
+
+/// The largest value of `v` (not empty).
+#[inline(always)]
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &b) in acc.iter_mut().zip(c) {
+            *a = a.max(b);
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// Σ f(v), in [`LANES`] partial sums.
+#[inline(always)]
+fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &b) in acc.iter_mut().zip(c) {
+            *a += f(b);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&b| f(b)).sum::<f32>()
 }
 
 /// The geometry of one chunk: n images of H × W, maps padded by a column either side.
