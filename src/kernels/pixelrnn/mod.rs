@@ -45,6 +45,10 @@ pub const CHUNK: usize = 8;
 /// Taps of the mask-A input convolution (7 × 7).
 const TAPS_A: usize = INPUT_KERNEL * INPUT_KERNEL;
 
+/// The taps mask A reads: those before the centre in raster order, and the centre itself
+/// (across colour groups); they are the first of the 7 × 7.
+const LIVE_TAPS: usize = TAPS_A / 2 + 1;
+
 /// Where one recurrent layer's tensors start in the flat vector.
 #[derive(Debug, Clone, Copy)]
 struct LayerAt {
@@ -595,6 +599,8 @@ struct Workspace {
     /// ReLU of the final features, and the first output layer after its ReLU: rows · 2h each.
     relu: Vec<f32>,
     head: Vec<f32>,
+    /// 8-bit images: the mask-A inputs of every map row, [`LIVE_TAPS`] · C each (im2col).
+    window: Vec<f32>,
     /// The logits, [`Shape::outputs`] per map row.
     logits: Vec<f32>,
     // Scratch of the passes.
@@ -648,6 +654,11 @@ impl Workspace {
                 .collect(),
             relu: zeros(g.rows * f),
             head: zeros(g.rows * f),
+            window: zeros(if net.shape.levels > 2 {
+                g.rows * LIVE_TAPS * net.shape.channels
+            } else {
+                0
+            }),
             logits: zeros(g.rows * net.shape.outputs()),
             d_logits: zeros(g.rows * net.shape.outputs()),
             z: zeros(g.rows * 4 * h),
@@ -922,15 +933,40 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
     let feat0 = &mut ws.feats[..plane];
     feat0.fill(0.0);
     let d = net.dims();
-    for (i, r, c, m) in g.pixels(rows) {
-        let out = &mut feat0[m * f..(m + 1) * f];
-        out.copy_from_slice(bias);
-        for (t, v) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
-            let v = f32::from(v) * scale;
-            out.iter_mut()
-                .zip(&taps[t * f..(t + 1) * f])
-                .for_each(|(a, b)| *a += v * b);
+    if net.shape.levels == 2 {
+        // Binary pixels are mostly off: add the weights of the taps that are on.
+        for (i, r, c, m) in g.pixels(rows) {
+            let out = &mut feat0[m * f..(m + 1) * f];
+            out.copy_from_slice(bias);
+            for (t, _) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
+                out.iter_mut()
+                    .zip(&taps[t * f..(t + 1) * f])
+                    .for_each(|(a, b)| *a += b);
+            }
         }
+    } else {
+        // 8-bit sub-pixels are mostly on: one GEMM over the window of every pixel.
+        let k = LIVE_TAPS * ch;
+        let window = &mut ws.window[..active * k];
+        window.fill(0.0);
+        for (i, r, c, m) in g.pixels(rows) {
+            for (t, v) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
+                window[m * k + t] = f32::from(v) * scale;
+            }
+        }
+        fill_rows(feat0, bias, active);
+        gemm(
+            active,
+            k,
+            f,
+            mat(window, k, 1),
+            mat(&taps, f, 1),
+            1.0,
+            feat0,
+            f,
+            1,
+        );
+        g.zero_padding(feat0, f, rows);
     }
 
     for (l, at) in o.layers.iter().enumerate() {
@@ -1323,22 +1359,33 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
 
     // Mask A, gathered in the taps-major layout of the forward pass.
     let (ch, d) = (net.shape.channels, net.dims());
-    let scale = 1.0 / (net.shape.levels - 1) as f32;
     let mut d_taps = vec![0f32; TAPS_A * ch * f];
     let d_feat = &ws.d_feat;
-    for (i, r, c, m) in g.pixels(g.height) {
-        let df = &d_feat[m * f..(m + 1) * f];
-        grad[o.input_bias..o.input_bias + f]
-            .iter_mut()
-            .zip(df)
-            .for_each(|(a, b)| *a += b);
-        for (t, v) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
-            let v = f32::from(v) * scale;
-            d_taps[t * f..(t + 1) * f]
-                .iter_mut()
-                .zip(df)
-                .for_each(|(a, b)| *a += v * b);
+    // The padding rows of ∂features are zero.
+    add_column_sums(d_feat, rows, &mut grad[o.input_bias..o.input_bias + f]);
+    if net.shape.levels == 2 {
+        for (i, r, c, m) in g.pixels(g.height) {
+            let df = &d_feat[m * f..(m + 1) * f];
+            for (t, _) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
+                d_taps[t * f..(t + 1) * f]
+                    .iter_mut()
+                    .zip(df)
+                    .for_each(|(a, b)| *a += b);
+            }
         }
+    } else {
+        let k = LIVE_TAPS * ch;
+        gemm(
+            k,
+            rows,
+            f,
+            mat(&ws.window, 1, k),
+            mat(d_feat, f, 1),
+            0.0,
+            &mut d_taps,
+            f,
+            1,
+        );
     }
     add_taps_major(&d_taps, &mut grad[o.input..], f, ch, TAPS_A);
     nll
