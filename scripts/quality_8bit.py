@@ -10,7 +10,13 @@ Every model is fitted with `pipeline fit` (5% of the fitting rows held out for e
 and scored with `pipeline score`; pixels stay 8-bit (`preprocess.binarize = "none"`).
 
     python3 scripts/quality_8bit.py [--data brick] [--model rnade] [--epochs N] [--work DIR]
-        [--set KEY=VALUE] [--binary PATH]
+        [--set KEY=VALUE] [--binary PATH] [--other-scores]
+
+With --other-scores, each model's AUROC is also given for the product's two other score methods,
+computed from the same fit: `likelihood_ratio` (NLL minus the NLL of the default background, an
+`ar` model with k = 3 over the neighbourhood, fitted here on the same rows) and `complexity`
+(NLL minus the PNG length L(x), read off a `categorical` model scored with that method:
+L(x) = its NLL − its score).
 
 Needs pyarrow and numpy, and a release build (`cargo build --release`).
 """
@@ -80,6 +86,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override train.epochs of the trained models")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="added to every model's settings")
     parser.add_argument("--binary", help="the pipeline executable (default: target/release/pipeline)")
+    parser.add_argument("--other-scores", action="store_true", help="also the likelihood-ratio and complexity AUROCs")
     args = parser.parse_args()
     shared = here.parent / "shared" / "data"
     if not shared.exists():
@@ -155,8 +162,9 @@ def main() -> int:
         write(d / "score.parquet", out_ids, conds, np.concatenate(rows), shape)
         (d / "fit.toml").write_text(TEMPLATE.format(source="fit.parquet", sink="out", passthrough='["condition"]'))
         (d / "score.toml").write_text(TEMPLATE.format(source="score.parquet", sink="scored", passthrough='["condition"]'))
-        for name in args.model or MODELS:
-            settings = MODELS[name] + ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.set
+        def fit_and_score(run_id, settings):
+            """Fits with `settings`, scores the held-out rows; seconds of the fit, and each
+            row's (NLL, score, condition) by id."""
             sets = [x for kv in settings for x in ("--set", kv)]
             start = time.monotonic()
             fit = subprocess.run(
@@ -165,18 +173,48 @@ def main() -> int:
             seconds = time.monotonic() - start
             model = fit.stdout.strip().splitlines()[-1].removeprefix("model: ")
             subprocess.run(
-                [binary, "score", "score.toml", "-q", "--model", model, "--run-id", name],
+                [binary, "score", "score.toml", "-q", "--model", model, "--run-id", run_id],
                 cwd=d, check=True, capture_output=True,
             )
-            scores = pq.read_table(d / "scored" / "scores", filters=[("run_id", "=", name)])
-            nll = -np.asarray(scores.column("log_likelihood").to_pylist())
-            cond = np.asarray(scores.column("condition").to_pylist())
+            scores = pq.read_table(d / "scored" / "scores", filters=[("run_id", "=", run_id)])
+            rows = zip(
+                scores.column("id").to_pylist(),
+                scores.column("log_likelihood").to_pylist(),
+                scores.column("score").to_pylist(),
+                scores.column("condition").to_pylist(),
+            )
+            return seconds, {i: (-ll, sc, c) for i, ll, sc, c in rows}
+
+        def aurocs(by_id, score):
+            cond = np.asarray([c for _, _, c in by_id.values()])
+            values = np.asarray([score(i) for i in by_id])
+            normal = values[cond == "normal"]
+            return "  ".join(
+                f"{k} {auroc(normal, values[cond == k]):.3f}" for k in defects.DEFECTS if (cond == k).any()
+            )
+
+        other = {}
+        if args.other_scores and data != "mnist":
+            _, background = fit_and_score(
+                "background", ["model.kind=ar", "model.k=3", 'model.context="neighbourhood"'] + args.set
+            )
+            _, simple = fit_and_score("complexity", ["model.kind=categorical", 'score.method="complexity"'])
+            other = {
+                "likelihood ratio": lambda i, by_id: by_id[i][0] - background[i][0],
+                "complexity": lambda i, by_id: by_id[i][0] - (simple[i][0] - simple[i][1]),
+            }
+        for name in args.model or MODELS:
+            settings = MODELS[name] + ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.set
+            seconds, by_id = fit_and_score(name, settings)
+            cond = np.asarray([c for _, _, c in by_id.values()])
+            nll = np.asarray([v[0] for v in by_id.values()])
             normal = nll[cond == "normal"]
             bpd = normal.mean() / (dims * np.log(2))
-            aucs = "  ".join(
-                f"{k} {auroc(normal, nll[cond == k]):.3f}" for k in defects.DEFECTS if (cond == k).any()
-            )
+            aucs = aurocs(by_id, lambda i: by_id[i][0])
             print(f"{data:<6} {name:<12} {normal.mean():>10.1f} {bpd:>9.3f} {seconds:>7.0f}  {aucs}", flush=True)
+            for method, score in other.items():
+                aucs = aurocs(by_id, lambda i: score(i, by_id))
+                print(f"{'':<6} {'  ' + method:<30}  {aucs}", flush=True)
     return 0
 
 
