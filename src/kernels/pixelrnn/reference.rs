@@ -600,6 +600,7 @@ fn diagonal_lstm<T: Scalar>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testing::all_images;
     use rand::{Rng, SeedableRng};
 
     const ARCHITECTURES: [Architecture; 2] = [Architecture::RowLstm, Architecture::DiagonalBiLstm];
@@ -780,21 +781,6 @@ mod tests {
         }
     }
 
-    /// Every image of `height` × `width` × C sub-pixels of L levels, enumerated.
-    fn every_image(shape: Shape, height: usize, width: usize) -> impl Iterator<Item = Vec<u8>> {
-        let d = height * width * shape.channels;
-        let count = shape.levels.pow(d as u32);
-        (0..count).map(move |mut k| {
-            (0..d)
-                .map(|_| {
-                    let v = k % shape.levels;
-                    k /= shape.levels;
-                    v as u8
-                })
-                .collect()
-        })
-    }
-
     /// Σ over every image of p(x) is 1: binary 3×4 grey (2^12 images), binary 2×2 colour
     /// (2^12), 3-level 2×2 grey (3^4) and 3-level 1×2 colour (3^6, the softmax through every
     /// mask); both architectures.
@@ -809,8 +795,10 @@ mod tests {
             ];
             for (shape, height, width) in cases {
                 let p = Params::random(shape, 0.8, 3);
-                let total: f64 = every_image(shape, height, width)
-                    .map(|x| log_likelihood(&p, &x, height, width).exp())
+                let d = height * width * shape.channels;
+                let total: f64 = all_images(d, shape.levels as u16)
+                    .iter()
+                    .map(|x| log_likelihood(&p, x, height, width).exp())
                     .sum();
                 assert!((total - 1.0).abs() < 1e-9, "{shape:?}: Σ p(x) = {total}");
             }

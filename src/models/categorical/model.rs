@@ -8,7 +8,7 @@ use rand::RngCore;
 use serde_json::json;
 
 use crate::data::ImageShape;
-use crate::models::shared::{tensor, uniform, value_counts};
+use crate::models::shared::{inverse_cdf, tensor, uniform, value_counts};
 use crate::models::{DensityModel, Family, ModelError, NamedTensor};
 use crate::train::TrainingSet;
 
@@ -112,17 +112,8 @@ impl DensityModel for Categorical {
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {
         let k = self.levels as usize;
         for (d, o) in out.iter_mut().enumerate() {
-            // Inverse CDF; the last level takes whatever rounding leaves over.
-            let u = uniform(rng);
-            let mut cdf = 0.0;
-            *o = (k - 1) as u8;
-            for v in 0..k {
-                cdf += self.log_prob[d * k + v].exp();
-                if u < cdf {
-                    *o = v as u8;
-                    break;
-                }
-            }
+            let log_prob = &self.log_prob[d * k..(d + 1) * k];
+            *o = inverse_cdf(log_prob.iter().map(|l| l.exp()), uniform(rng));
         }
     }
 

@@ -7,6 +7,8 @@
 //! their biases); the hyper-parameters are the architecture, `layers`, `hidden` and the seed.
 //! Channels and levels are the image's, stored beside them as for every model.
 
+use std::borrow::Cow;
+
 use ndarray::ArrayView2;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +20,7 @@ use crate::kernels::Isa;
 use crate::kernels::pixelrnn::reference::logits_per_channel;
 use crate::kernels::pixelrnn::{Net, Shape};
 use crate::models::shared::logistic::sigmoid;
-use crate::models::shared::{tensor, uniform};
+use crate::models::shared::{inverse_cdf, tensor, uniform};
 use crate::models::{DensityModel, Family, ModelError, NamedTensor};
 use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
@@ -112,6 +114,23 @@ impl PixelRnn {
     pub fn with_isa(mut self, isa: Isa) -> Self {
         self.isa = isa;
         self
+    }
+
+    /// The rows of `images` as the kernels read them: 0/1 bytes for two levels (any non-zero
+    /// byte is on), the bytes themselves (borrowed when contiguous) otherwise.
+    fn kernel_input<'a>(&self, images: ArrayView2<'a, u8>) -> Cow<'a, [u8]> {
+        if self.net.levels == 2 {
+            Cow::Owned(images.iter().map(|&v| u8::from(v != 0)).collect())
+        } else if let Some(bytes) = images.to_slice() {
+            Cow::Borrowed(bytes)
+        } else {
+            Cow::Owned(images.iter().copied().collect())
+        }
+    }
+
+    /// One image as the kernels read it.
+    fn kernel_image<'a>(&self, image: &'a [u8]) -> Cow<'a, [u8]> {
+        self.kernel_input(ArrayView2::from_shape((1, image.len()), image).expect("one row"))
     }
 
     fn kernel(&self) -> Net<'_> {
@@ -209,39 +228,12 @@ fn marginal_logits(net: Shape, pixels: ArrayView2<'_, u8>) -> Vec<f32> {
         .collect()
 }
 
-impl PixelRnn {
-    /// The rows of `images` as the kernels read them: 0/1 bytes for two levels (any non-zero
-    /// byte is on), the bytes themselves otherwise.
-    fn sub_pixels(&self, images: ArrayView2<'_, u8>) -> Vec<u8> {
-        images.iter().map(|&v| self.sub_pixel(v)).collect()
-    }
-
-    fn sub_pixel(&self, v: u8) -> u8 {
-        if self.net.levels == 2 {
-            u8::from(v != 0)
-        } else {
-            v
-        }
-    }
-
-    /// One image as the kernels read it.
-    fn image(&self, image: &[u8]) -> Vec<u8> {
-        image.iter().map(|&v| self.sub_pixel(v)).collect()
-    }
-}
-
-/// The value whose cumulative softmax probability first exceeds `u` ∈ [0, 1).
+/// The value drawn from the softmax of `z` at `u` ∈ [0, 1).
 fn draw_softmax(z: &[f32], u: f64) -> u8 {
     let top = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let weights: Vec<f64> = z.iter().map(|&v| f64::from(v - top).exp()).collect();
-    let mut left = u * weights.iter().sum::<f64>();
-    for (v, w) in weights.iter().enumerate() {
-        left -= w;
-        if left < 0.0 {
-            return v as u8;
-        }
-    }
-    (z.len() - 1) as u8
+    let total: f64 = weights.iter().sum();
+    inverse_cdf(weights.iter().map(|w| w / total), u)
 }
 
 impl GradientModel for PixelRnn {
@@ -254,13 +246,13 @@ impl GradientModel for PixelRnn {
     }
 
     fn nll_gradient(&self, images: ArrayView2<'_, u8>, grad: &mut [f32]) -> f64 {
-        self.kernel().gradient(&self.sub_pixels(images), grad)
+        self.kernel().gradient(&self.kernel_input(images), grad)
     }
 
     fn total_nll(&self, images: ArrayView2<'_, u8>) -> f64 {
         let mut out = vec![0f64; images.nrows()];
         self.kernel()
-            .log_likelihood(&self.sub_pixels(images), &mut out, None);
+            .log_likelihood(&self.kernel_input(images), &mut out, None);
         -out.iter().sum::<f64>()
     }
 }
@@ -281,21 +273,21 @@ impl DensityModel for PixelRnn {
     fn pixel_log_likelihood(&self, image: &[u8], out: &mut [f32]) -> f64 {
         let mut total = [0f64];
         self.kernel()
-            .log_likelihood(&self.image(image), &mut total, Some(out));
+            .log_likelihood(&self.kernel_image(image), &mut total, Some(out));
         total[0]
     }
 
     fn log_likelihood(&self, image: &[u8]) -> f64 {
         let mut total = [0f64];
         self.kernel()
-            .log_likelihood(&self.image(image), &mut total, None);
+            .log_likelihood(&self.kernel_image(image), &mut total, None);
         total[0]
     }
 
     /// The whole batch at once: the kernel splits it into chunks over the threads.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
         self.kernel()
-            .log_likelihood(&self.sub_pixels(images), out, None);
+            .log_likelihood(&self.kernel_input(images), out, None);
     }
 
     /// Sub-pixel by sub-pixel in raster order (R, G, B within a pixel), each drawn from its

@@ -103,6 +103,20 @@ pub fn score_in_chunks(
         .for_each(|(out, chunk)| score(chunk, out));
 }
 
+/// The first value whose cumulative probability exceeds `u` ∈ [0, 1), for `probabilities` of
+/// values 0, 1, …; the last value takes whatever rounding leaves over.
+pub fn inverse_cdf(probabilities: impl ExactSizeIterator<Item = f64>, u: f64) -> u8 {
+    let last = probabilities.len().saturating_sub(1);
+    let mut cdf = 0.0;
+    for (v, p) in probabilities.enumerate() {
+        cdf += p;
+        if u < cdf {
+            return v as u8;
+        }
+    }
+    last as u8
+}
+
 /// How often each pixel takes each value: `counts[d * levels + v]`, counted in parallel over
 /// images (values at or above `levels` count as `levels - 1`).
 pub fn value_counts(data: &TrainingSet<'_>) -> Vec<u64> {
