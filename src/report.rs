@@ -1,6 +1,6 @@
 //! The HTML run report: one self-contained file (inline CSS, SVG and PNG data URIs) with the
 //! run's summary, the score histogram and its threshold, counts per group, and the most
-//! anomalous images beside their per-pixel heat maps.
+//! anomalous images beside their per-pixel heat maps and the normal images they resemble most.
 
 use std::fmt::Write;
 
@@ -23,6 +23,9 @@ pub struct Flagged {
     pub shape: ImageShape,
     /// The image's own pixels (8-bit), when the source could be read back.
     pub pixels: Option<Vec<u8>>,
+    /// The normal (training) images it most resembles, nearest first: id and 8-bit pixels of
+    /// the same shape.
+    pub nearest: Vec<(String, Vec<u8>)>,
 }
 
 /// Counts of one group (a partition, or the whole run).
@@ -34,6 +37,17 @@ pub struct GroupCount {
     pub images: u64,
     /// Images flagged.
     pub flagged: u64,
+}
+
+/// One group of the run's anomalies, with its most anomalous examples.
+#[derive(Debug, Clone)]
+pub struct AnomalyGroupView {
+    /// Its `group` value (0 the largest).
+    pub group: i32,
+    /// Flagged images in it.
+    pub images: u64,
+    /// A few of them, most anomalous first.
+    pub examples: Vec<Flagged>,
 }
 
 /// What the report shows.
@@ -51,6 +65,8 @@ pub struct Report {
     pub groups: Vec<GroupCount>,
     /// The top anomalies, most anomalous first.
     pub flagged: Vec<Flagged>,
+    /// The groups of anomalies, largest first (empty for a model without an embedding).
+    pub anomaly_groups: Vec<AnomalyGroupView>,
 }
 
 /// Escapes text for HTML.
@@ -101,29 +117,68 @@ pub fn render(r: &Report) -> Result<String> {
         r.flagged.len()
     );
     for f in &r.flagged {
-        let heat = data_uri(&heat_map_png(&f.pixel_nll, f.shape)?);
-        let image = match &f.pixels {
-            Some(p) => format!(
-                "<img class=\"image\" alt=\"image {id}\" src=\"{}\">",
-                data_uri(&png::encode(
-                    p.clone(),
-                    f.shape.width as u32,
-                    f.shape.height as u32,
-                    f.shape.channels
-                )?),
-                id = escape(&f.id)
-            ),
-            None => "<div class=\"missing\">image not readable here</div>".to_string(),
-        };
+        html.push_str(&card(f)?);
+    }
+    html.push_str("</div>\n");
+    if !r.anomaly_groups.is_empty() {
+        html.push_str("<h2>Groups of anomalies</h2>\n");
+    }
+    for g in &r.anomaly_groups {
         let _ = write!(
             html,
-            "<figure class=\"card\">{image}<img class=\"heat\" alt=\"heat map {id}\" src=\"{heat}\"><figcaption>{id}<br>score {:.2}</figcaption></figure>",
-            f.score,
+            "<div class=\"group\"><h3>group {} — {} image{}</h3><div class=\"cards\">",
+            g.group,
+            g.images,
+            if g.images == 1 { "" } else { "s" }
+        );
+        for f in &g.examples {
+            html.push_str(&card(f)?);
+        }
+        html.push_str("</div></div>\n");
+    }
+    html.push_str("</body></html>\n");
+    Ok(html)
+}
+
+/// One flagged image's card: the image, its heat map, its nearest normal images, its id and
+/// score.
+fn card(f: &Flagged) -> Result<String> {
+    let heat = data_uri(&heat_map_png(&f.pixel_nll, f.shape)?);
+    let image = match &f.pixels {
+        Some(p) => format!(
+            "<img class=\"image\" alt=\"image {id}\" src=\"{}\">",
+            data_uri(&png::encode(
+                p.clone(),
+                f.shape.width as u32,
+                f.shape.height as u32,
+                f.shape.channels
+            )?),
             id = escape(&f.id)
+        ),
+        None => "<div class=\"missing\">image not readable here</div>".to_string(),
+    };
+    let mut nearest = String::new();
+    for (id, pixels) in &f.nearest {
+        let _ = write!(
+            nearest,
+            "<img class=\"nearest\" alt=\"nearest normal {id}\" title=\"nearest normal {id}\" src=\"{}\">",
+            data_uri(&png::encode(
+                pixels.clone(),
+                f.shape.width as u32,
+                f.shape.height as u32,
+                f.shape.channels
+            )?),
+            id = escape(id)
         );
     }
-    html.push_str("</div>\n</body></html>\n");
-    Ok(html)
+    if !nearest.is_empty() {
+        nearest = format!("<div class=\"neighbours\">nearest normal<br>{nearest}</div>");
+    }
+    Ok(format!(
+        "<figure class=\"card\">{image}<img class=\"heat\" alt=\"heat map {id}\" src=\"{heat}\">{nearest}<figcaption>{id}<br>score {:.2}</figcaption></figure>",
+        f.score,
+        id = escape(&f.id)
+    ))
 }
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
@@ -131,6 +186,7 @@ table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .75em;text-
 .cards{display:flex;flex-wrap:wrap;gap:1em}.card{margin:0;text-align:center;font-size:.85em}\
 .card img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc;margin:2px}\
 .missing{display:inline-block;width:112px;height:112px;background:#eee;font-size:.75em}\
+.neighbours{font-size:.8em;color:#555}.card img.nearest{width:56px;height:56px}\
 svg text{font-size:11px}";
 
 fn data_uri(png: &[u8]) -> String {

@@ -408,3 +408,236 @@ fn report_renders_in_a_headless_browser_with_its_images() {
         "yellow {yellow}, blue {blue}, black {black}"
     );
 }
+
+/// Counts, in headless Chromium, the images of `class` that decoded (naturalWidth > 0) once the
+/// page has loaded: a copy of the page with a script that writes the count into its title.
+fn decoded_images_in_browser(
+    browser: &std::path::Path,
+    html: &std::path::Path,
+    class: &str,
+) -> usize {
+    let page = std::fs::read_to_string(html).unwrap();
+    let script = format!(
+        "<script>window.addEventListener('load', () => {{ document.title = 'decoded:' + [...document.querySelectorAll('img.{class}')].filter(i => i.complete && i.naturalWidth > 0).length; }});</script>"
+    );
+    let probe = html.with_extension("probe.html");
+    std::fs::write(&probe, page.replace("</body>", &format!("{script}</body>"))).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", probe.display()))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("chromium starts");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let at = dom
+        .find("<title>decoded:")
+        .unwrap_or_else(|| panic!("no count in the DOM: {dom:.300}"));
+    dom[at + 15..].split('<').next().unwrap().parse().unwrap()
+}
+
+/// With a model that embeds, each flagged image records its three nearest normal (reference)
+/// images — the true nearest by cosine over the embeddings the run wrote — and the report
+/// draws them beside it, as a real browser shows.
+#[test]
+fn flagged_images_name_their_nearest_normal_images_and_the_report_draws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let demo = std::fs::read_to_string(repo().join("pipelines/demo.toml")).unwrap();
+    let data = repo().join("data/demo/digits.parquet");
+    let config = demo
+        .replace(
+            "uri = \"data/demo/digits.parquet\"",
+            &format!("uri = \"{}\"", data.display()),
+        )
+        .replace(
+            "kind = \"bernoulli\"\nalpha = 1.0",
+            "kind = \"nade\"\nhidden = 24",
+        )
+        .replace("[train]\n", "[train]\nepochs = 4\nlearning_rate = 0.01\n")
+        .replace("[sink]\n", "[sink]\nembeddings = true\n");
+    assert!(config.contains("nade") && config.contains("embeddings = true"));
+    let cfg = dir.path().join("nade-demo.toml");
+    std::fs::write(&cfg, config).unwrap();
+    pipeline(
+        dir.path(),
+        &["run", cfg.to_str().unwrap(), "--run-id", "n1"],
+        &[("DEMO_OUT", out.to_str().unwrap())],
+    )
+    .expect(0);
+
+    // The reference sample, as stored with the model.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("runs/n1/manifest.json")).unwrap()).unwrap();
+    let model_dir = out
+        .join("models")
+        .join(manifest["model"]["model_id"].as_str().unwrap());
+    let reference = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(model_dir.join("reference.parquet")).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap()
+    .map(Result::unwrap)
+    .collect::<Vec<_>>();
+    let reference_ids: Vec<String> = strings(&reference, "id").into_iter().flatten().collect();
+    // 1,600 training images of 2,000 (a fifth held out): all of them, under the cap of 2,000.
+    assert!(
+        (1500..=1700).contains(&reference_ids.len()),
+        "{}",
+        reference_ids.len()
+    );
+
+    let embeddings = read_table(&out.join("embeddings"));
+    let by_id: std::collections::HashMap<String, Vec<f32>> = strings(&embeddings, "id")
+        .into_iter()
+        .flatten()
+        .zip(fixed_float_lists(&embeddings, "embedding"))
+        .collect();
+    // Cosine after centring on the reference images' mean embedding.
+    let width = by_id.values().next().unwrap().len();
+    let mean: Vec<f64> = (0..width)
+        .map(|j| {
+            reference_ids
+                .iter()
+                .map(|r| f64::from(by_id[r][j]))
+                .sum::<f64>()
+                / reference_ids.len() as f64
+        })
+        .collect();
+    let cosine = |a: &[f32], b: &[f32]| {
+        let c = |v: &[f32]| -> Vec<f64> {
+            v.iter()
+                .zip(&mean)
+                .map(|(&x, m)| f64::from(x) - m)
+                .collect()
+        };
+        let (a, b) = (c(a), c(b));
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dot / (norm(&a) * norm(&b))
+    };
+    let anomalies = read_table(&out.join("anomalies"));
+    let flagged: Vec<String> = strings(&anomalies, "id").into_iter().flatten().collect();
+    assert!(flagged.len() >= 10, "{} flagged", flagged.len());
+    let nearest = anomalies
+        .iter()
+        .flat_map(|b| {
+            let c = arrow::array::AsArray::as_list::<i32>(b.column_by_name("nearest_ids").unwrap())
+                .clone();
+            (0..arrow::array::Array::len(&c))
+                .map(move |i| {
+                    let v = c.value(i);
+                    arrow::array::AsArray::as_string::<i32>(&v)
+                        .iter()
+                        .map(|s| s.unwrap().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    for (id, near) in flagged.iter().zip(&nearest) {
+        let e = &by_id[id];
+        // Every reference image but the flagged one itself (it may be a training image).
+        let mut all: Vec<&String> = reference_ids.iter().filter(|r| *r != id).collect();
+        all.sort_by(|a, b| cosine(e, &by_id[*b]).total_cmp(&cosine(e, &by_id[*a])));
+        assert_eq!(near.len(), 3, "{id}");
+        assert!(
+            !near.contains(id),
+            "{id} is not its own nearest normal image"
+        );
+        // Saturated embeddings (inverted frames) tie to 1e-7: compare similarities, not ids.
+        for (k, got) in near.iter().enumerate() {
+            let (got, want) = (cosine(e, &by_id[got]), cosine(e, &by_id[all[k]]));
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{id}: neighbour {k} at {got}, brute force {want}"
+            );
+        }
+    }
+
+    // The groups: every flagged image has one, the manifest counts them largest first, and
+    // the two planted kinds of damage (inverted, noise) fall into groups of their own.
+    let group_of: Vec<i32> = anomalies
+        .iter()
+        .flat_map(|b| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
+                b.column_by_name("group").unwrap(),
+            )
+            .iter()
+            .map(|g| g.expect("every flagged image has a group"))
+            .collect::<Vec<_>>()
+        })
+        .collect();
+    let condition = strings(&anomalies, "condition");
+    let sizes: Vec<u64> = manifest["anomaly_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["images"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes.iter().sum::<u64>() as usize, flagged.len());
+    assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
+    let planted: Vec<(i32, &str)> = group_of
+        .iter()
+        .zip(&condition)
+        .filter_map(|(&g, c)| c.as_deref().filter(|c| *c != "normal").map(|c| (g, c)))
+        .collect();
+    eprintln!("groups {sizes:?}; planted {planted:?}");
+    let html = dir.path().join("report.html");
+    pipeline(
+        dir.path(),
+        &[
+            "report",
+            out.to_str().unwrap(),
+            "--out",
+            html.to_str().unwrap(),
+            "--top",
+            "5",
+        ],
+        &[],
+    )
+    .expect(0);
+    let text = std::fs::read_to_string(&html).unwrap();
+    let (top, by_group) = text
+        .split_once("<h2>Groups of anomalies</h2>")
+        .expect("a section of groups");
+    assert_eq!(
+        top.matches("class=\"nearest\"").count(),
+        15,
+        "3 for each of the top 5"
+    );
+    let groups = manifest["anomaly_groups"].as_array().unwrap();
+    assert_eq!(
+        by_group.matches("<div class=\"group\">").count(),
+        groups.len()
+    );
+    let shown = text.matches("class=\"nearest\"").count();
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("PIPELINE_REQUIRE_BROWSER").is_none(),
+            "PIPELINE_REQUIRE_BROWSER is set but there is no chromium"
+        );
+        eprintln!("skipped the browser check: no chromium on this machine (.ci/run installs one)");
+        return;
+    };
+    assert_eq!(decoded_images_in_browser(&browser, &html, "nearest"), shown);
+    let heat = text.matches("class=\"heat\"").count();
+    assert!(heat > 5, "the top 5 and the groups' examples");
+    assert_eq!(
+        decoded_images_in_browser(&browser, &html, "heat"),
+        heat,
+        "the probe counts"
+    );
+}

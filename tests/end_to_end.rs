@@ -290,9 +290,51 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         };
         let cfg = format!("{name}.toml");
         write_config(d, &cfg, "d.parquet", &sink, &model_table);
-        pipeline(d, &["run", &cfg, "--run-id", kind], &[]).expect(0);
+        // The families with a hidden layer write embeddings; the others refuse to, up front.
+        let width = match name {
+            "nade" => Some(20),
+            "rnade" => Some(8),
+            "pixelrnn" => Some(4 * 2 * 4),
+            "pixelrnn-8bit" => Some(4 * 2 * 4),
+            _ => None,
+        };
+        let embed = ["--set", "sink.embeddings=true"];
+        if width.is_none() {
+            pipeline(d, &["run", &cfg, "--run-id", kind, embed[0], embed[1]], &[])
+                .expect(78)
+                .mentions(&["sink.embeddings", "nade, rnade, pixelrnn"]);
+        }
+        let args: Vec<&str> = ["run", cfg.as_str(), "--run-id", kind]
+            .into_iter()
+            .chain(width.map_or(&[][..], |_| &embed[..]).iter().copied())
+            .collect();
+        pipeline(d, &args, &[]).expect(0);
         let scores = read_table(&d.join(&sink).join("scores"));
         assert_eq!(rows(&scores), 400, "{kind}");
+        let embeddings_dir = d.join(&sink).join("embeddings");
+        if let Some(width) = width {
+            let table = read_table(&embeddings_dir);
+            assert_eq!(strings(&table, "id"), strings(&scores, "id"), "{name}");
+            let vectors = fixed_float_lists(&table, "embedding");
+            assert!(vectors.iter().all(|v| v.len() == width), "{name}");
+            // σ units lie in (0, 1) and ReLU features are never negative; and images differ.
+            assert!(
+                vectors
+                    .iter()
+                    .flatten()
+                    .all(|&v| v.is_finite() && v >= 0.0 && (kind != "nade" || v < 1.0)),
+                "{name}"
+            );
+            assert!(
+                vectors.iter().any(|v| v != &vectors[0]),
+                "{name}: every embedding alike"
+            );
+        } else {
+            assert!(
+                !embeddings_dir.exists(),
+                "{name}: no embeddings table unasked"
+            );
+        }
         assert!(
             floats(&scores, "log_likelihood")
                 .iter()
@@ -1081,4 +1123,112 @@ fn rebinarizing_each_epoch_trains_epoch_one_as_before_and_every_later_one_afresh
     let rebinarized = fit("three-rebinarized", 3, true);
     assert!(ids(0, 300).iter().all(|id| fixed[id] != rebinarized[id]));
     assert_eq!(rebinarized, fit("three-rebinarized-again", 3, true));
+}
+
+/// Two kinds of damage planted among normal images — a bright flare where images are dark, a
+/// blackout where they are bright — are flagged and fall into groups of their own: the groups
+/// recover the planted kinds (adjusted Rand index ≥ 0.8), numbered by size, counted in the
+/// manifest.
+#[test]
+fn anomalies_fall_into_groups_by_their_planted_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (h, w) = (12, 12);
+    write_tensor_u8(
+        &d.join("train.parquet"),
+        &ids(0, 600),
+        &images(600, h, w, 1),
+        &[h, w],
+    );
+    let mut night = images(300, h, w, 2);
+    for (k, mut image) in images(30, h, w, 3).into_iter().enumerate() {
+        for r in 0..h {
+            for c in 0..w {
+                if k < 18 && r < 4 && c >= 6 {
+                    image[r * w + c] = 255; // flare: 18 images
+                } else if k >= 18 && r >= 8 && c < 6 {
+                    image[r * w + c] = 0; // blackout: 12 images
+                }
+            }
+        }
+        night.push(image);
+    }
+    write_tensor_u8(&d.join("night.parquet"), &ids(0, 330), &night, &[h, w]);
+    let model =
+        "[model]\nkind = \"nade\"\nhidden = 32\n\n[train]\nepochs = 10\nlearning_rate = 0.01\n";
+    write_config(d, "fit.toml", "train.parquet", "out", model);
+    write_config(d, "night.toml", "night.parquet", "out", model);
+    let fitted = fit_model(d, "fit.toml");
+    pipeline(
+        d,
+        &[
+            "score",
+            "night.toml",
+            "--model",
+            &fitted,
+            "--run-id",
+            "night",
+        ],
+        &[],
+    )
+    .expect(0);
+
+    let anomalies = read_table(&d.join("out/anomalies"));
+    let flagged = strings(&anomalies, "id");
+    let groups: Vec<i32> = anomalies
+        .iter()
+        .flat_map(|b| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
+                b.column_by_name("group").unwrap(),
+            )
+            .iter()
+            .map(|g| g.expect("a group for every flagged image"))
+            .collect::<Vec<_>>()
+        })
+        .collect();
+    let kind = |id: &str| match id[4..].parse::<usize>().unwrap() {
+        i if i < 300 => "normal",
+        i if i < 318 => "flare",
+        _ => "blackout",
+    };
+    let planted: Vec<(i32, &str)> = flagged
+        .iter()
+        .zip(&groups)
+        .map(|(id, &g)| (g, kind(id.as_deref().unwrap())))
+        .filter(|(_, k)| *k != "normal")
+        .collect();
+    assert!(
+        planted.len() >= 27,
+        "the planted images are flagged: {planted:?}"
+    );
+    let ari = anomaly_pipeline::decide::groups::adjusted_rand_index(
+        &planted.iter().map(|p| p.0 as u32).collect::<Vec<_>>(),
+        &planted
+            .iter()
+            .map(|p| u32::from(p.1 == "flare"))
+            .collect::<Vec<_>>(),
+    );
+    assert!(ari >= 0.8, "adjusted Rand index {ari}: {planted:?}");
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("out/runs/night/manifest.json")).unwrap())
+            .unwrap();
+    let sizes: Vec<u64> = manifest["anomaly_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["images"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        sizes.iter().sum::<u64>() as usize,
+        flagged.len(),
+        "{sizes:?}"
+    );
+    assert!(
+        sizes.windows(2).all(|s| s[0] >= s[1]),
+        "largest first: {sizes:?}"
+    );
+    for (g, &n) in sizes.iter().enumerate() {
+        assert_eq!(groups.iter().filter(|&&x| x == g as i32).count() as u64, n);
+    }
 }

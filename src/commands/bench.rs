@@ -246,6 +246,23 @@ fn report_with<M: Measured>(
         best.train / naive.train,
         best.score / naive.score
     ));
+    // What `sink.embeddings` costs: scoring that also writes each image's embedding.
+    let embedded = model.on(chosen);
+    let with_embeddings = embedded.embedder().map(|e| {
+        let rate = median_rate(a.repeats, n, || {
+            let mut out = vec![0f64; n];
+            let mut emb = vec![0f32; n * e.embedding_width()];
+            e.log_likelihood_and_embedding(pixels, &mut out, &mut emb);
+            std::hint::black_box(emb[0]);
+        });
+        say(format_args!(
+            "  score with embeddings   {:>9.0} img/s ({} values each; {:+.1}% time per image against scoring alone, same run)\n",
+            rate,
+            e.embedding_width(),
+            100.0 * (best.score / rate - 1.0)
+        ));
+        rate
+    });
     let sgemm = sgemm_rate(3);
     let (train_flops, score_flops) = baseline.flops;
     let (train_gf, score_gf) = (
@@ -303,6 +320,7 @@ fn report_with<M: Measured>(
                 "isa": isa.name(), "train_images_per_s": r.train, "score_images_per_s": r.score
             })).collect::<Vec<_>>(),
             "naive": { "images": baseline.naive_images, "train_images_per_s": naive.train, "score_images_per_s": naive.score },
+            "score_with_embeddings_images_per_s": with_embeddings,
             "sgemm_flops_per_s": sgemm,
             "dense_equivalent_flops_per_image": { "train": train_flops, "score": score_flops },
     });

@@ -17,13 +17,28 @@ use crate::io::storage::Storage;
 use crate::pipeline::manifest::Manifest;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Context, read};
-use crate::report::{self, Flagged, GroupCount, Report};
+use crate::report::{self, AnomalyGroupView, Flagged, GroupCount, Report};
 
 /// Rows read per batch.
 const BATCH_ROWS: usize = 65_536;
 
 /// The most images a report draws.
 const MAX_TOP: usize = 1000;
+
+/// Examples drawn per group of anomalies.
+const EXAMPLES_PER_GROUP: usize = 4;
+
+/// What the report draws of the anomalies table.
+struct FoundAnomalies {
+    /// The most anomalous, most anomalous first.
+    top: Vec<Flagged>,
+    /// The most anomalous few of each group (by `group`, largest group first as numbered).
+    examples: BTreeMap<i32, Vec<Flagged>>,
+    /// Images per group.
+    group_sizes: BTreeMap<i32, u64>,
+    /// The nearest normal images of the drawn ones, by id.
+    nearest_ids: HashMap<String, Vec<String>>,
+}
 
 /// Builds and writes the report.
 pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
@@ -35,8 +50,26 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
     let run_id = manifest.run_id.clone();
     let by = a.by.clone().unwrap_or_else(|| "model_id".into());
     let (scores, groups) = run_scores(&sink, &run_id, &by, ctx)?;
-    let mut flagged = top_anomalies(&sink, &run_id, a.top, ctx)?;
-    attach_pixels(&manifest, &mut flagged, ctx);
+    let found = top_anomalies(&sink, &run_id, a.top, ctx)?;
+    let nearest_ids = found.nearest_ids;
+    let mut flagged = found.top;
+    let mut examples: Vec<Flagged> = found.examples.values().flatten().cloned().collect();
+    let mut drawn: Vec<Flagged> = flagged.drain(..).chain(examples.drain(..)).collect();
+    attach_pixels(&manifest, &mut drawn, ctx);
+    attach_nearest(&manifest, &sink, &mut drawn, &nearest_ids, ctx);
+    let top = drawn.len() - found.examples.values().map(Vec::len).sum::<usize>();
+    let examples = drawn.split_off(top);
+    let flagged = drawn;
+    let mut examples = examples.into_iter();
+    let anomaly_groups = found
+        .examples
+        .iter()
+        .map(|(&group, list)| AnomalyGroupView {
+            group,
+            images: found.group_sizes.get(&group).copied().unwrap_or(0),
+            examples: examples.by_ref().take(list.len()).collect(),
+        })
+        .collect::<Vec<_>>();
     let report = Report {
         title: format!("{} — run {run_id}", manifest.pipeline),
         facts: facts(&manifest),
@@ -54,6 +87,7 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
             })
             .collect(),
         flagged,
+        anomaly_groups,
     };
     let rows = &manifest.rows;
     let html = report::render(&report)?;
@@ -218,10 +252,21 @@ fn find_manifest(sink: &Storage, run_id: Option<&str>) -> Result<Manifest> {
 }
 
 /// The `top` highest-scoring rows of the run's anomalies table.
-fn top_anomalies(sink: &Storage, run_id: &str, top: usize, ctx: &Context) -> Result<Vec<Flagged>> {
+fn top_anomalies(
+    sink: &Storage,
+    run_id: &str,
+    top: usize,
+    ctx: &Context,
+) -> Result<FoundAnomalies> {
     let uri = sink.display("anomalies/");
+    let mut found = FoundAnomalies {
+        top: Vec::new(),
+        examples: BTreeMap::new(),
+        group_sizes: BTreeMap::new(),
+        nearest_ids: HashMap::new(),
+    };
     if sink.list("anomalies")?.is_empty() || top == 0 {
-        return Ok(Vec::new());
+        return Ok(found);
     }
     let source = Source::open(&uri, &ctx.io)?;
     let columns: Vec<String> = [
@@ -235,7 +280,19 @@ fn top_anomalies(sink: &Storage, run_id: &str, top: usize, ctx: &Context) -> Res
     ]
     .map(String::from)
     .to_vec();
+    // Tables written before the nearest normal images and groups were recorded lack them.
+    let schema = source.files()[0].schema();
+    let has_nearest = schema.field_with_name("nearest_ids").is_ok();
+    let has_group = schema.field_with_name("group").is_ok();
+    let mut columns = columns;
+    if has_nearest {
+        columns.push("nearest_ids".into());
+    }
+    if has_group {
+        columns.push("group".into());
+    }
     let mut best: Vec<Flagged> = Vec::new();
+    let mut nearest_ids: HashMap<String, Vec<String>> = HashMap::new();
     for batch in source.stream(&columns, 4096) {
         let batch = batch?.batch;
         let bad = || Error::data(&uri, "not an anomalies table");
@@ -252,17 +309,46 @@ fn top_anomalies(sink: &Storage, run_id: &str, top: usize, ctx: &Context) -> Res
                 col(n).and_then(|c| c.as_primitive_opt::<Int32Type>().cloned().ok_or_else(bad))
             })
             .collect::<Result<_>>()?;
+        let near = match has_nearest {
+            true => Some(col("nearest_ids")?.as_list_opt::<i32>().ok_or_else(bad)?),
+            false => None,
+        };
+        let groups = match has_group {
+            true => Some(
+                col("group")?
+                    .as_primitive_opt::<Int32Type>()
+                    .ok_or_else(bad)?,
+            ),
+            false => None,
+        };
         for i in 0..batch.num_rows() {
             if runs.value(i) != run_id {
                 continue;
             }
+            let group = groups.filter(|g| !g.is_null(i)).map(|g| g.value(i));
+            if let Some(g) = group {
+                *found.group_sizes.entry(g).or_default() += 1;
+            }
             let worst_kept = best.last().map(|f| f.score);
-            if best.len() == top && worst_kept.is_some_and(|w| score.value(i) <= w) {
+            let among_top = best.len() < top || worst_kept.is_some_and(|w| score.value(i) > w);
+            let examples = group.map(|g| found.examples.entry(g).or_default());
+            let example = examples.as_ref().is_some_and(|e| {
+                e.len() < EXAMPLES_PER_GROUP || e.last().is_some_and(|f| score.value(i) > f.score)
+            });
+            if !among_top && !example {
                 continue;
+            }
+            if let Some(near) = near.filter(|n| !n.is_null(i) && !ids.is_null(i)) {
+                let list = near.value(i);
+                let list = list.as_string_opt::<i32>().ok_or_else(bad)?;
+                nearest_ids.insert(
+                    ids.value(i).to_string(),
+                    list.iter().flatten().map(str::to_string).collect(),
+                );
             }
             let map = maps.value(i);
             let map = map.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
-            best.push(Flagged {
+            let flagged = Flagged {
                 id: if ids.is_null(i) {
                     "(null)".into()
                 } else {
@@ -276,12 +362,76 @@ fn top_anomalies(sink: &Storage, run_id: &str, top: usize, ctx: &Context) -> Res
                     dims[2].value(i) as usize,
                 ),
                 pixels: None,
-            });
-            best.sort_by(|a, b| b.score.total_cmp(&a.score));
-            best.truncate(top);
+                nearest: Vec::new(),
+            };
+            if let Some(e) = examples.filter(|_| example) {
+                e.push(flagged.clone());
+                e.sort_by(|a, b| b.score.total_cmp(&a.score));
+                e.truncate(EXAMPLES_PER_GROUP);
+            }
+            if among_top {
+                best.push(flagged);
+                best.sort_by(|a, b| b.score.total_cmp(&a.score));
+                best.truncate(top);
+            }
         }
     }
-    Ok(best)
+    let drawn = |id: &String| {
+        best.iter()
+            .chain(found.examples.values().flatten())
+            .any(|f| &f.id == id)
+    };
+    nearest_ids.retain(|id, _| drawn(id));
+    found.top = best;
+    found.nearest_ids = nearest_ids;
+    Ok(found)
+}
+
+/// Draws each top anomaly's nearest normal images (`nearest_ids`, by the anomaly's id) from the
+/// reference sample of the run's model(s); where the model cannot be read from here, the report
+/// says so and shows none.
+fn attach_nearest(
+    manifest: &Manifest,
+    sink: &Storage,
+    flagged: &mut [Flagged],
+    nearest_ids: &HashMap<String, Vec<String>>,
+    ctx: &Context,
+) {
+    if nearest_ids.is_empty() {
+        return;
+    }
+    let uri = &manifest.model.uri;
+    // A model the run fitted is under the sink; one given with --model is where it was.
+    let set = crate::pipeline::artifact::load_set(uri, &ctx.io).or_else(|_| {
+        crate::pipeline::artifact::load_set(
+            &sink.display(&format!("models/{}", manifest.model.model_id)),
+            &ctx.io,
+        )
+    });
+    let set = match set {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), "The run's model could not be read back; the report shows no nearest normal images.");
+            return;
+        }
+    };
+    let mut pixels: HashMap<&str, &[u8]> = HashMap::new();
+    for model in set.models.values() {
+        if let Some(sample) = &model.reference {
+            for (i, id) in sample.ids.iter().enumerate() {
+                pixels.insert(id, sample.image(i));
+            }
+        }
+    }
+    for f in flagged.iter_mut() {
+        if let Some(ids) = nearest_ids.get(&f.id) {
+            f.nearest = ids
+                .iter()
+                .filter_map(|id| pixels.get(id.as_str()).map(|p| (id.clone(), p.to_vec())))
+                .filter(|(_, p)| p.len() == f.shape.dims())
+                .collect();
+        }
+    }
 }
 
 /// Reads the drawn images back from the run's source (8-bit, as stored); where the source is

@@ -438,6 +438,20 @@ fn check_model(c: &PipelineConfig, p: &mut Problems) {
     {
         p.add("model.kind", message);
     }
+    if c.sink.embeddings && !spec.kind().embeds() {
+        let embedding: Vec<&str> = crate::models::families::FAMILIES
+            .iter()
+            .filter(|f| f.embeds())
+            .map(|f| f.name())
+            .collect();
+        p.add(
+            "sink.embeddings",
+            format!(
+                "`sink.embeddings = true` needs a model with a hidden representation, and {subject} has none: use one of {}, or set `sink.embeddings = false`",
+                embedding.join(", ")
+            ),
+        );
+    }
 }
 
 fn check_train(c: &PipelineConfig, p: &mut Problems) {
@@ -886,6 +900,30 @@ uri = "out/"
                 p[0].starts_with(wanted) || p[0].contains(wanted),
                 "{table}: {p:?}"
             );
+        }
+    }
+
+    /// `sink.embeddings` needs a family with a hidden representation, and says which have one.
+    #[test]
+    fn embeddings_are_refused_for_a_model_without_a_hidden_layer() {
+        let with = |model: &str| {
+            format!(
+                "{GOOD}embeddings = true
+{model}"
+            )
+        };
+        let p = problems(&with(""), &LoadOptions::default());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("`sink.embeddings = true` needs a model with a hidden representation, and `model.kind = \"bernoulli\"` has none: use one of nade, rnade, pixelrnn"),
+            "{p:?}"
+        );
+        for kind in ["nade", "pixelrnn"] {
+            let p = problems(
+                &with(&format!("[model]\nkind = \"{kind}\"\n")),
+                &LoadOptions::default(),
+            );
+            assert!(p.is_empty(), "{kind}: {p:?}");
         }
     }
 

@@ -353,6 +353,10 @@ pub struct SinkConfig {
     pub uri: String,
     /// Rows per Parquet file before a new part file is started.
     pub max_rows_per_file: usize,
+    /// Also write the `embeddings/` table: each scored image's hidden representation under the
+    /// model (`nade`, `rnade` and `pixelrnn` have one), a vector of float32 that similar images
+    /// share.
+    pub embeddings: bool,
 }
 
 impl Default for SinkConfig {
@@ -360,6 +364,7 @@ impl Default for SinkConfig {
         Self {
             uri: String::new(),
             max_rows_per_file: 1_000_000,
+            embeddings: false,
         }
     }
 }

@@ -43,9 +43,12 @@ pub const RESERVED_COLUMNS: &[&str] = &[
     "source",
     "row",
     "reason",
+    "embedding",
+    "nearest_ids",
+    "group",
 ];
 
-/// The three tables a run writes.
+/// The tables a run writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
     /// One row per scored image.
@@ -54,11 +57,24 @@ pub enum Table {
     Anomalies,
     /// Rows that could not be used.
     Rejects,
+    /// Each scored image's embedding (with `sink.embeddings`).
+    Embeddings,
 }
 
 impl Table {
     /// Every table, in commit order.
-    pub const ALL: [Table; 3] = [Table::Scores, Table::Anomalies, Table::Rejects];
+    pub const ALL: [Table; 4] = [
+        Table::Scores,
+        Table::Anomalies,
+        Table::Rejects,
+        Table::Embeddings,
+    ];
+
+    /// Whether a run writes the table only when asked to (`embeddings`), so that a run without
+    /// it lists no such table.
+    pub fn optional(self) -> bool {
+        self == Table::Embeddings
+    }
 
     /// The table's directory name under the sink.
     pub fn dir(self) -> &'static str {
@@ -66,6 +82,7 @@ impl Table {
             Table::Scores => "scores",
             Table::Anomalies => "anomalies",
             Table::Rejects => "rejects",
+            Table::Embeddings => "embeddings",
         }
     }
 }
@@ -104,7 +121,10 @@ pub fn scores_schema(passthrough: &[Field]) -> SchemaRef {
 }
 
 /// `anomalies/`: the scores columns plus `pixel_nll` (`list<float32>`, row-major), height, width,
-/// channels.
+/// channels; and for a model with an embedding (null otherwise): `nearest_ids`
+/// (`list<string>`), the training images the model keeps that the image most resembles, nearest
+/// first; `embedding` (`list<float32>`), the image's embedding; and `group` (int32), its group
+/// among the run's anomalies of the same model, 0 the largest.
 pub fn anomalies_schema(passthrough: &[Field]) -> SchemaRef {
     let mut fields: Vec<Field> = scores_schema(passthrough)
         .fields()
@@ -120,6 +140,17 @@ pub fn anomalies_schema(passthrough: &[Field]) -> SchemaRef {
         Field::new("height", DataType::Int32, false),
         Field::new("width", DataType::Int32, false),
         Field::new("channels", DataType::Int32, false),
+        Field::new(
+            "nearest_ids",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))),
+            true,
+        ),
+        Field::new(
+            "embedding",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            true,
+        ),
+        Field::new("group", DataType::Int32, true),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -133,6 +164,63 @@ pub fn rejects_schema() -> SchemaRef {
         Field::new("row", DataType::UInt64, false),
         Field::new("reason", DataType::Utf8, false),
     ]))
+}
+
+/// `embeddings/`: run_id, id, the passthrough columns, model_id, and `embedding`, the model's
+/// hidden representation of the image as a fixed-size list of `width` float32.
+pub fn embeddings_schema(passthrough: &[Field], width: usize) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, false),
+    ];
+    fields.extend(passthrough.iter().cloned());
+    fields.extend([
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new(
+            "embedding",
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                width as i32,
+            ),
+            false,
+        ),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Builds an `embeddings` batch from a scores batch: the rows scored by a model
+/// (`embeddings[i]` is row i's, `None` where no model covered it), with their run id, id,
+/// passthrough columns and model id.
+pub fn embeddings_batch(
+    schema: &SchemaRef,
+    scores: &RecordBatch,
+    embeddings: &[Option<&[f32]>],
+) -> Result<RecordBatch> {
+    let keep = BooleanArray::from_iter(embeddings.iter().map(|e| Some(e.is_some())));
+    let kept = filter_record_batch(scores, &keep)
+        .map_err(|e| Error::internal(e, "selecting embedded rows"))?;
+    let DataType::FixedSizeList(item, width) = schema.field(schema.fields().len() - 1).data_type()
+    else {
+        return Err(Error::Internal(
+            "the embeddings schema ends in its vector".into(),
+        ));
+    };
+    let values =
+        Float32Array::from_iter_values(embeddings.iter().flatten().flat_map(|e| e.iter().copied()));
+    let vectors =
+        arrow::array::FixedSizeListArray::try_new(Arc::clone(item), *width, Arc::new(values), None)
+            .map_err(|e| Error::internal(e, "building the embedding column"))?;
+    let mut columns: Vec<ArrayRef> = schema.fields()[..schema.fields().len() - 1]
+        .iter()
+        .map(|f| {
+            kept.column_by_name(f.name())
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("scores have no column {}", f.name())))
+        })
+        .collect::<Result<_>>()?;
+    columns.push(Arc::new(vectors));
+    RecordBatch::try_new(Arc::clone(schema), columns)
+        .map_err(|e| Error::internal(e, "building an embeddings batch"))
 }
 
 /// One image's result under its (partition's) model.
@@ -225,12 +313,16 @@ pub fn scores_batch(schema: &SchemaRef, rows: &ScoredRows<'_>) -> Result<RecordB
 
 /// Builds an `anomalies` batch from a scores batch: its flagged rows (`flagged[i]`) plus their
 /// per-pixel negative log-likelihood maps (`maps[k]` for the k-th flagged row, each
-/// `shape.dims()` long).
+/// `shape.dims()` long), the ids of their nearest normal images (`nearest[k]`) and their
+/// embeddings (`embeddings[k]`); `group` is left null for [`with_groups`] to fill once the run's
+/// anomalies are all known.
 pub fn anomalies_batch(
     schema: &SchemaRef,
     scores: &RecordBatch,
     flagged: &[bool],
     maps: &[Vec<f32>],
+    nearest: &[Option<Vec<String>>],
+    embeddings: &[Option<Vec<f32>>],
     shape: ImageShape,
 ) -> Result<RecordBatch> {
     let mask = BooleanArray::from(flagged.to_vec());
@@ -244,15 +336,40 @@ pub fn anomalies_batch(
     let pixel_nll = ListArray::try_new(item, offsets, Arc::new(values), None)
         .map_err(|e| Error::internal(e, "building pixel_nll"))?;
     let dim = |v: usize| Arc::new(Int32Array::from(vec![v as i32; n])) as ArrayRef;
+    debug_assert_eq!(n, nearest.len());
+    let mut ids = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new())
+        .with_field(Arc::new(Field::new("item", DataType::Utf8, false)));
+    for near in nearest {
+        ids.append_option(near.as_ref().map(|v| v.iter().map(Some)));
+    }
+    let mut vectors = arrow::array::ListBuilder::new(arrow::array::Float32Builder::new())
+        .with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+    for e in embeddings {
+        vectors.append_option(e.as_ref().map(|v| v.iter().copied().map(Some)));
+    }
     let mut columns = flagged.columns().to_vec();
     columns.extend([
         Arc::new(pixel_nll) as ArrayRef,
         dim(shape.height),
         dim(shape.width),
         dim(shape.channels),
+        Arc::new(ids.finish()),
+        Arc::new(vectors.finish()),
+        Arc::new(Int32Array::new_null(n)),
     ]);
     RecordBatch::try_new(Arc::clone(schema), columns)
         .map_err(|e| Error::internal(e, "building an anomalies batch"))
+}
+
+/// `anomalies` (a batch of the anomalies schema) with its `group` column replaced by `groups`.
+pub fn with_groups(anomalies: &RecordBatch, groups: Vec<Option<i32>>) -> Result<RecordBatch> {
+    let schema = anomalies.schema();
+    let at = schema
+        .index_of("group")
+        .map_err(|e| Error::internal(e, "an anomalies batch without `group`"))?;
+    let mut columns = anomalies.columns().to_vec();
+    columns[at] = Arc::new(Int32Array::from(groups));
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::internal(e, "setting the groups"))
 }
 
 /// Builds a `rejects` batch.
@@ -294,10 +411,11 @@ pub fn tables_reference() -> serde_json::Value {
             .collect()
     };
     serde_json::json!({
-        "note": "Generated by `pipeline schema --out-dir schemas/`; passthrough columns follow `id` in scores and anomalies.",
+        "note": "Generated by `pipeline schema --out-dir schemas/`; passthrough columns follow `id` in scores, anomalies and embeddings; the embedding's width is the model's (500 shown: NADE's default hidden layer).",
         "scores": describe(scores_schema(&[])),
         "anomalies": describe(anomalies_schema(&[])),
         "rejects": describe(rejects_schema()),
+        "embeddings": describe(embeddings_schema(&[], 500)),
     })
 }
 
@@ -501,6 +619,6 @@ mod tests {
         let s = scores_schema(&pass);
         let a = anomalies_schema(&pass);
         assert_eq!(&a.fields()[..s.fields().len()], &s.fields()[..]);
-        assert_eq!(a.field(a.fields().len() - 4).name(), "pixel_nll");
+        assert_eq!(a.field(a.fields().len() - 7).name(), "pixel_nll");
     }
 }

@@ -76,6 +76,14 @@ dispatch! {
 }
 
 dispatch! {
+    /// log p(x) of each image (rows of `images`, ordering space) into `out`, and from the same
+    /// pass its hidden layer given the whole image, h(x) = σ(c + W x), into `hidden` (images ×
+    /// H, the unpadded units): the image's embedding.
+    pub fn log_likelihood_and_hidden(p: &Params<'_>, images: &[u8], hidden: &mut [f32], out: &mut [f64]) -> ()
+        => with_hidden_body
+}
+
+dispatch! {
     /// Adds ∂(Σ NLL)/∂θ over the rows of `images` (ordering space) into `grads` and returns
     /// Σ NLL in nats. The padding of ∂v stays zero.
     pub fn gradient(p: &Params<'_>, images: &[u8], grads: &mut Grads<'_>) -> f64 => gradient_body
@@ -93,7 +101,25 @@ fn sigmoid_into<T: Target>(a: &[f32], h: &mut [f32]) {
 fn log_likelihood_body<T: Target>(
     p: &Params<'_>,
     images: &[u8],
+    terms: Option<&mut [f32]>,
+    out: &mut [f64],
+) {
+    forward_body::<T>(p, images, terms, None, out);
+}
+
+#[inline(always)]
+fn with_hidden_body<T: Target>(p: &Params<'_>, images: &[u8], hidden: &mut [f32], out: &mut [f64]) {
+    forward_body::<T>(p, images, None, Some(hidden), out);
+}
+
+/// The forward pass: log-likelihoods into `out`, per-position terms and the final hidden layer
+/// when asked for.
+#[inline(always)]
+fn forward_body<T: Target>(
+    p: &Params<'_>,
+    images: &[u8],
     mut terms: Option<&mut [f32]>,
+    mut hidden: Option<&mut [f32]>,
     out: &mut [f64],
 ) {
     p.check(images);
@@ -102,6 +128,9 @@ fn log_likelihood_body<T: Target>(
     assert_eq!(out.len(), n);
     if let Some(t) = terms.as_deref() {
         assert_eq!(t.len(), n * dims);
+    }
+    if let Some(e) = hidden.as_deref() {
+        assert_eq!(e.len(), n * p.hidden);
     }
     let mut a = vec![0f32; TILE * hp];
     let mut h = vec![0f32; TILE * hp];
@@ -130,9 +159,10 @@ fn log_likelihood_body<T: Target>(
                     t[(start + i) * dims + d] = ll[i];
                 }
             }
-            if d + 1 == dims {
+            if d + 1 == dims && hidden.is_none() {
                 break;
             }
+            // After the last position, a = c + W x: the hidden layer of the whole image.
             let wd = &p.w[d * hp..(d + 1) * hp];
             for i in 0..nb {
                 if x[i * dims + d] != 0 {
@@ -146,6 +176,12 @@ fn log_likelihood_body<T: Target>(
             }
         }
         out[start..start + nb].copy_from_slice(&total[..nb]);
+        if let Some(e) = hidden.as_deref_mut() {
+            let hu = p.hidden;
+            for i in 0..nb {
+                e[(start + i) * hu..(start + i + 1) * hu].copy_from_slice(&h[i * hp..i * hp + hu]);
+            }
+        }
     }
 }
 
@@ -289,6 +325,20 @@ pub mod reference {
 
     fn log_sigmoid(z: f64) -> f64 {
         -((-z).max(0.0) + (-z.abs()).exp().ln_1p())
+    }
+
+    /// The hidden layer given the whole image, σ(c + W x), over the unpadded units.
+    pub fn hidden(p: &Params<'_>, image: &[u8]) -> Vec<f64> {
+        (0..p.hidden)
+            .map(|k| {
+                let a = f64::from(p.c[k])
+                    + (0..p.dims)
+                        .filter(|&d| image[d] != 0)
+                        .map(|d| f64::from(p.w[d * p.hp + k]))
+                        .sum::<f64>();
+                sigmoid(a)
+            })
+            .collect()
     }
 
     /// log p(x) of one image and its per-position terms.
@@ -473,6 +523,32 @@ mod tests {
                     for d in 0..dims {
                         let got = f64::from(terms[i * dims + d]);
                         assert!((got - want_terms[d]).abs() < 1e-5 * (1.0 + want_terms[d].abs()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_hidden_layer_comes_from_the_scoring_pass_and_equals_the_reference() {
+        for isa in Isa::for_tests() {
+            for (dims, hidden, n) in CASES {
+                let m = Owned::random(dims, hidden, dims as u64 + 7);
+                let x = images(n, dims, 2);
+                let (mut out, mut plain) = (vec![0f64; n], vec![0f64; n]);
+                let mut h = vec![f32::NAN; n * hidden];
+                log_likelihood_and_hidden(isa, &m.params(), &x, &mut h, &mut out);
+                log_likelihood(isa, &m.params(), &x, None, &mut plain);
+                assert_eq!(out, plain, "{isa:?}: the same log-likelihoods");
+                for i in 0..n {
+                    let want = reference::hidden(&m.params(), &x[i * dims..(i + 1) * dims]);
+                    for k in 0..hidden {
+                        let got = f64::from(h[i * hidden + k]);
+                        assert!(
+                            (got - want[k]).abs() < 1e-5,
+                            "{isa:?} D={dims} H={hidden} image {i} unit {k}: {got} vs {}",
+                            want[k]
+                        );
                     }
                 }
             }

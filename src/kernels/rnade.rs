@@ -103,6 +103,14 @@ dispatch! {
 }
 
 dispatch! {
+    /// log p(y) of each image (rows of `values`, ordering space) into `out`, and from the same
+    /// pass its hidden layer given the whole image, h(y) = max(0, c + W (y − ½)), into `hidden`
+    /// (images × H, the unpadded units): the image's embedding.
+    pub fn log_density_and_hidden(p: &Params<'_>, values: &[f32], hidden: &mut [f32], out: &mut [f64]) -> ()
+        => with_hidden_body
+}
+
+dispatch! {
     /// Adds ∂(−Σ log p)/∂θ over the rows of `values` into `grads` and returns −Σ log p. The
     /// padding stays zero (padded units are max(0, 0) = 0).
     pub fn gradient(p: &Params<'_>, values: &[f32], grads: &mut Grads<'_>) -> f64 => gradient_body
@@ -186,7 +194,30 @@ fn heads<T: Target>(p: &Params<'_>, d: usize, h: &[f32], z: &mut [f32]) {
 fn log_density_body<T: Target>(
     p: &Params<'_>,
     values: &[f32],
+    terms: Option<&mut [f32]>,
+    out: &mut [f64],
+) {
+    forward_body::<T>(p, values, terms, None, out);
+}
+
+#[inline(always)]
+fn with_hidden_body<T: Target>(
+    p: &Params<'_>,
+    values: &[f32],
+    hidden: &mut [f32],
+    out: &mut [f64],
+) {
+    forward_body::<T>(p, values, None, Some(hidden), out);
+}
+
+/// The forward pass: log-densities into `out`, per-position terms and the final hidden layer
+/// when asked for.
+#[inline(always)]
+fn forward_body<T: Target>(
+    p: &Params<'_>,
+    values: &[f32],
     mut terms: Option<&mut [f32]>,
+    mut hidden: Option<&mut [f32]>,
     out: &mut [f64],
 ) {
     p.check(values);
@@ -195,6 +226,9 @@ fn log_density_body<T: Target>(
     assert_eq!(out.len(), n);
     if let Some(t) = terms.as_deref() {
         assert_eq!(t.len(), n * dims);
+    }
+    if let Some(e) = hidden.as_deref() {
+        assert_eq!(e.len(), n * p.hidden);
     }
     let mut a = vec![0f32; TILE * hp];
     let mut h = vec![0f32; hp];
@@ -222,6 +256,16 @@ fn log_density_body<T: Target>(
             }
         }
         out[start..start + nb].copy_from_slice(&total[..nb]);
+        if let Some(e) = hidden.as_deref_mut() {
+            // After the last position, a = c + W (y − ½): the hidden layer of the whole image.
+            let hu = p.hidden;
+            for i in 0..nb {
+                relu_into(
+                    &a[i * hp..i * hp + hu],
+                    &mut e[(start + i) * hu..(start + i + 1) * hu],
+                );
+            }
+        }
     }
 }
 
@@ -334,6 +378,19 @@ pub mod reference {
             };
         }
         (density.ln(), delta)
+    }
+
+    /// The hidden layer given the whole image, max(0, c + W (y − ½)), over the unpadded units.
+    pub fn hidden(p: &Params<'_>, y: &[f32]) -> Vec<f64> {
+        (0..p.hidden)
+            .map(|k| {
+                let a = f64::from(p.c[k])
+                    + (0..p.dims)
+                        .map(|d| f64::from(p.w[d * p.hp + k]) * f64::from(y[d] - INPUT_CENTRE))
+                        .sum::<f64>();
+                a.max(0.0)
+            })
+            .collect()
     }
 
     /// Hidden states h_d (unpadded) at every position of one image.
@@ -533,6 +590,35 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_hidden_layer_comes_from_the_scoring_pass_and_equals_the_reference() {
+        for isa in Isa::for_tests() {
+            for (dims, hidden, k, n) in CASES {
+                let m = Owned::random(dims, hidden, k, dims as u64 + 3);
+                let y = values(n, dims, 4);
+                let (mut out, mut plain) = (vec![0f64; n], vec![0f64; n]);
+                let mut h = vec![f32::NAN; n * hidden];
+                log_density_and_hidden(isa, &m.params(), &y, &mut h, &mut out);
+                log_density(isa, &m.params(), &y, None, &mut plain);
+                assert_eq!(out, plain, "{isa:?}: the same log-densities");
+                let mut active = 0;
+                for i in 0..n {
+                    let want = reference::hidden(&m.params(), &y[i * dims..(i + 1) * dims]);
+                    for u in 0..hidden {
+                        let got = f64::from(h[i * hidden + u]);
+                        active += usize::from(want[u] > 0.0);
+                        assert!(
+                            (got - want[u]).abs() < 1e-5 * (1.0 + want[u]),
+                            "{isa:?} D={dims} H={hidden} image {i} unit {u}: {got} vs {}",
+                            want[u]
+                        );
+                    }
+                }
+                assert!(n * hidden < 4 || active > 0, "some units are on");
             }
         }
     }

@@ -63,6 +63,12 @@ pub trait DensityModel: Send + Sync + std::fmt::Debug {
     /// The learned parameters, by name, for model.safetensors.
     fn tensors(&self) -> Vec<NamedTensor>;
 
+    /// The model's hidden representation of an image, where its family has one (NADE, RNADE,
+    /// PixelRNN); `None` for the families without a hidden layer.
+    fn embedder(&self) -> Option<&dyn Embed> {
+        None
+    }
+
     /// log p(x) for each row of `images` into `out`; parallel over images.
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
         out.par_iter_mut()
@@ -71,6 +77,26 @@ pub trait DensityModel: Send + Sync + std::fmt::Debug {
                 *o = self.log_likelihood(row.as_slice().expect("rows are contiguous"));
             });
     }
+}
+
+/// A model's embedding: the hidden representation it computes of an image while scoring it, a
+/// learned feature vector (what similar images share), used to find the normal images a flagged
+/// one resembles and to group anomalies.
+///
+/// Invariants: every image's embedding has [`embedding_width`](Embed::embedding_width) finite
+/// values; the log-likelihoods written beside it equal [`DensityModel::log_likelihood_batch`]'s.
+pub trait Embed: Sync {
+    /// Values per image.
+    fn embedding_width(&self) -> usize;
+
+    /// log p(x) of each row of `images` into `out` and, from the same pass, each image's
+    /// embedding into `embeddings` (rows × width, row-major); parallel over images.
+    fn log_likelihood_and_embedding(
+        &self,
+        images: ArrayView2<'_, u8>,
+        out: &mut [f64],
+        embeddings: &mut [f32],
+    );
 }
 
 /// A named f64 tensor of model parameters.

@@ -131,6 +131,12 @@ pub trait Family: 'static {
     /// `[train]`'s epochs, batch size and learning rate, and shows a progress bar).
     fn trained_by_gradient(levels: u16) -> bool;
 
+    /// Whether its fitted models have an embedding ([`DensityModel::embedder`] is `Some`), so
+    /// that `sink.embeddings` can be refused before anything is fitted.
+    fn embeds() -> bool {
+        false
+    }
+
     /// Checks every value, reporting every problem at once.
     fn check(params: &Self::Params) -> Result<Self::Valid, Vec<ParamProblem>>;
 
@@ -163,6 +169,9 @@ pub trait Kind: Send + Sync {
 
     /// Whether it trains by gradient on pixels of `levels` values.
     fn trained_by_gradient(&self, levels: u16) -> bool;
+
+    /// Whether its fitted models have an embedding.
+    fn embeds(&self) -> bool;
 
     /// The JSON Schema of its `[model]` keys (without `kind`).
     fn params_schema(&self) -> schemars::Schema;
@@ -211,6 +220,10 @@ impl<F: Family> Kind for Registered<F> {
 
     fn trained_by_gradient(&self, levels: u16) -> bool {
         F::trained_by_gradient(levels)
+    }
+
+    fn embeds(&self) -> bool {
+        F::embeds()
     }
 
     fn params_schema(&self) -> schemars::Schema {
@@ -534,7 +547,8 @@ mod tests {
         ));
     }
 
-    /// Every registered family refuses pixels it does not model, before fitting anything.
+    /// Every registered family refuses pixels it does not model, before fitting anything; the
+    /// models it fits have an embedding exactly when it says so, scoring as without one.
     #[test]
     fn families_refuse_pixels_they_do_not_model() {
         for levels in [2u16, 256] {
@@ -561,6 +575,18 @@ mod tests {
                     "{} on {levels} levels: {result:?}",
                     family.name()
                 );
+                if let Ok(fitted) = result {
+                    let embedder = fitted.model.embedder();
+                    assert_eq!(embedder.is_some(), family.embeds(), "{}", family.name());
+                    if let Some(e) = embedder {
+                        let (mut ll, mut plain) = (vec![0.0; 2], vec![0.0; 2]);
+                        let mut emb = vec![f32::NAN; 2 * e.embedding_width()];
+                        e.log_likelihood_and_embedding(pixels.view(), &mut ll, &mut emb);
+                        fitted.model.log_likelihood_batch(pixels.view(), &mut plain);
+                        assert_eq!(ll, plain, "{}", family.name());
+                        assert!(emb.iter().all(|v| v.is_finite()), "{}", family.name());
+                    }
+                }
             }
         }
     }

@@ -21,6 +21,8 @@ use crate::models::tensors::{from_safetensors, to_safetensors};
 use crate::models::{self, DensityModel, Stored};
 use crate::train::EpochRecord;
 
+use super::reference::{self, ReferenceSample};
+
 /// The model.json format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -104,6 +106,14 @@ pub struct ModelMeta {
     /// The partition (values of `source.partition_by`, joined by `/`) the model was fitted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<String>,
+    /// Training images kept with their embeddings in `reference.parquet` (zero: no file; the
+    /// family has no embedding).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reference_images: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// `models/<set_id>/partitions.json`: the models of a partitioned fit, one per partition value.
@@ -228,18 +238,23 @@ pub struct LoadedModel {
     pub model: Box<dyn DensityModel>,
     /// The background model of a likelihood-ratio score.
     pub background: Option<Box<dyn DensityModel>>,
+    /// Training images with their embeddings, to name the nearest normal images of a flagged
+    /// one (families with an embedding).
+    pub reference: Option<ReferenceSample>,
     /// Where it was loaded from (its directory).
     pub uri: String,
 }
 
-/// Writes a model under `sink` as `models/<model_id>/` and returns its meta (with the id filled
-/// in) and the directory relative to the sink.
+/// Writes a model under `sink` as `models/<model_id>/` (with its reference sample, where it has
+/// one) and returns its meta (with the id filled in) and the directory relative to the sink.
 pub fn save(
     sink: &Storage,
     model: &dyn DensityModel,
     background: Option<&dyn DensityModel>,
+    reference: Option<&ReferenceSample>,
     mut meta: ModelMeta,
 ) -> Result<(ModelMeta, String)> {
+    meta.reference_images = reference.map_or(0, ReferenceSample::len);
     let weights =
         to_safetensors(&model.tensors()).map_err(|e| Error::internal(e, "serializing weights"))?;
     let background_weights = background
@@ -270,6 +285,9 @@ pub fn save(
     sink.put(&format!("{dir}/model.safetensors"), Bytes::from(weights))?;
     if let Some(b) = background_weights {
         sink.put(&format!("{dir}/background.safetensors"), Bytes::from(b))?;
+    }
+    if let Some(r) = reference.filter(|r| !r.is_empty()) {
+        sink.put(&format!("{dir}/{}", reference::FILE), r.to_parquet()?)?;
     }
     crate::pipeline::crash_point::reached("model.weights-written");
     let mut json =
@@ -337,10 +355,32 @@ pub fn load(uri: &str, io: &Io) -> Result<LoadedModel> {
             "the score is a likelihood ratio but no background model is recorded; refit".into(),
         ));
     }
+    let reference = if meta.reference_images > 0 {
+        let uri = storage.display(reference::FILE);
+        let sample =
+            ReferenceSample::from_parquet(storage.get(reference::FILE)?, meta.shape, &uri)?;
+        let width = model.embedder().map(|e| e.embedding_width());
+        if sample.len() != meta.reference_images || width != Some(sample.width) {
+            return Err(bad(
+                reference::FILE,
+                format!(
+                    "{} images of {} values, where model.json says {} and the model embeds in {}; refit",
+                    sample.len(),
+                    sample.width,
+                    meta.reference_images,
+                    width.map_or("none".to_string(), |w| w.to_string())
+                ),
+            ));
+        }
+        Some(sample)
+    } else {
+        None
+    };
     Ok(LoadedModel {
         meta,
         model,
         background,
+        reference,
         uri: storage.display(""),
     })
 }

@@ -20,6 +20,7 @@ use super::artifact::{
 };
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
+use super::reference::{self, ReferenceSample, Reservoir};
 use super::scorer::{Scorer, nll_scores};
 use crate::config::{BackgroundConfig, PipelineConfig, ScoreMethod};
 use crate::data::preprocess::Preprocessor;
@@ -67,6 +68,9 @@ struct Gathered {
     /// each epoch draws a fresh binarization; empty otherwise.
     train_raw: Vec<u8>,
     train_ids: Vec<String>,
+    /// For a family with an embedding: a bounded sample of the training images (8-bit), kept
+    /// with the model to name a flagged image's nearest normal ones.
+    reference: Reservoir,
     hasher: Sha256,
 }
 
@@ -123,7 +127,8 @@ fn gather(
     let preprocess = Preprocessor::new(config.preprocess.clone());
     let keep_validation_raw = preprocess.draws() > 1;
     let keep_train_raw = config.train.rebinarize;
-    let reading = if keep_validation_raw || keep_train_raw {
+    let keep_reference = config.model.spec.kind().embeds();
+    let reading = if keep_validation_raw || keep_train_raw || keep_reference {
         Preprocessor::raw()
     } else {
         preprocess.clone()
@@ -150,7 +155,7 @@ fn gather(
             if batch.is_empty() {
                 return Ok(());
             }
-            let raw = (keep_validation_raw || keep_train_raw).then(|| {
+            let raw = (keep_validation_raw || keep_train_raw || keep_reference).then(|| {
                 let raw = batch.pixels.clone();
                 preprocess.apply(&mut batch);
                 raw
@@ -167,7 +172,10 @@ fn gather(
                 .zip(keys)
                 .enumerate()
             {
-                let g = groups.entry(key).or_default();
+                let g = groups.entry(key).or_insert_with(|| Gathered {
+                    reference: Reservoir::new(reference::MAX_IMAGES, seed),
+                    ..Gathered::default()
+                });
                 g.hasher.update(id.as_bytes());
                 g.hasher.update([0u8]);
                 g.hasher.update(image);
@@ -180,6 +188,9 @@ fn gather(
                     g.validation_ids.push(id.clone());
                 } else {
                     g.train.extend_from_slice(image);
+                    if let Some(raw) = raw.filter(|_| keep_reference) {
+                        g.reference.offer(id, raw);
+                    }
                     if let Some(raw) = raw.filter(|_| keep_train_raw) {
                         g.train_raw.extend_from_slice(raw);
                         g.train_ids.push(id.clone());
@@ -378,9 +389,17 @@ fn fit_gathered(
         calibration_scores: calibration.scores,
         created_by: format!("anomaly-pipeline {}", env!("CARGO_PKG_VERSION")),
         partition: partition.map(str::to_string),
+        reference_images: 0,
     };
+    let reference = reference_sample(&scorer, &preprocess, shape, g.reference)?;
     super::cancel::check()?;
-    let (meta, dir) = artifact::save(sink, model.as_ref(), background.as_deref(), meta)?;
+    let (meta, dir) = artifact::save(
+        sink,
+        model.as_ref(),
+        background.as_deref(),
+        reference.as_ref(),
+        meta,
+    )?;
     tracing::info!(
         model_id = %meta.model_id,
         partition = partition.unwrap_or(""),
@@ -394,8 +413,40 @@ fn fit_gathered(
         meta,
         model,
         background,
+        reference,
         uri: sink.display(&dir),
     })
+}
+
+/// The reference sample of a model with an embedding: the sampled training images with their
+/// embeddings, computed as scoring will (over the same binarizations); `None` for a model
+/// without one.
+fn reference_sample(
+    scorer: &Scorer<'_>,
+    preprocess: &Preprocessor,
+    shape: ImageShape,
+    sampled: Reservoir,
+) -> Result<Option<ReferenceSample>> {
+    let Some(embedder) = scorer.model.embedder() else {
+        return Ok(None);
+    };
+    let (ids, raw) = sampled.into_images();
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let dims = shape.dims();
+    let (reading, per_draw) = preprocess.split_for_draws();
+    let mut as_read = raw.clone();
+    for (id, image) in ids.iter().zip(as_read.chunks_exact_mut(dims)) {
+        reading.apply_one(id, image);
+    }
+    let images = ArrayView2::from_shape((ids.len(), dims), &as_read)
+        .map_err(|e| Error::internal(e, "embedding the reference sample"))?;
+    let embeddings = scorer
+        .mean_scores_and_embeddings(&per_draw, &ids, images)?
+        .embeddings
+        .unwrap_or_default();
+    ReferenceSample::new(ids, raw, shape, embeddings, embedder.embedding_width()).map(Some)
 }
 
 /// Fits `spec` on `data` with the `[train]` settings, showing a bar labelled `what` for a

@@ -38,10 +38,24 @@ pub struct Manifest {
     /// counts in this run: scored by none and never flagged.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unmodelled_partitions: BTreeMap<String, u64>,
+    /// The groups the run's anomalies fall into (per model with an embedding), largest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomaly_groups: Vec<AnomalyGroup>,
     /// Final part files per table, relative to the sink.
     pub tables: BTreeMap<String, Vec<String>>,
     /// The resolved configuration (after `${VAR}` and `--set`).
     pub config: PipelineConfig,
+}
+
+/// One group of a run's anomalies: images of one model that resemble each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyGroup {
+    /// The model whose embeddings were grouped.
+    pub model_id: String,
+    /// The `group` value in the anomalies table.
+    pub group: i32,
+    /// Flagged images in the group.
+    pub images: u64,
 }
 
 /// One partition of a partitioned run.

@@ -10,9 +10,11 @@ pub mod cancel;
 pub mod commit;
 pub mod crash_point;
 pub mod fit;
+pub mod grouping;
 pub mod manifest;
 pub mod progress;
 pub mod read;
+pub mod reference;
 pub mod score;
 pub mod scorer;
 pub mod shards;
@@ -123,6 +125,7 @@ pub fn run(
         waiting_for,
     };
     let Some(shard) = shard else {
+        grouping::assign(&sink, &scored.tables, &mut manifest)?;
         let committed = commit::commit(&sink, &run_id, &scored.tables, &mut manifest)?;
         tracing::info!(
             scored = scored.scored,
@@ -242,6 +245,7 @@ fn manifest_of(
             BTreeMap::new()
         },
         unmodelled_partitions: scored.unmodelled_partitions.clone(),
+        anomaly_groups: Vec::new(),
         tables: Default::default(),
         config: config.clone(),
     }

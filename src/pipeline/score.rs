@@ -22,9 +22,10 @@ use crate::io::source::{Shard, Source};
 use crate::io::storage::Storage;
 use crate::io::tables::{
     self, RowScore, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema,
-    passthrough_fields, rejects_schema, scores_schema,
+    embeddings_schema, passthrough_fields, rejects_schema, scores_schema,
 };
 use crate::pipeline::artifact::{LoadedModel, ModelSet};
+use crate::pipeline::reference;
 
 /// What one partition's model did in a run.
 #[derive(Debug, Clone, Default)]
@@ -87,6 +88,11 @@ pub fn score(
 ) -> Result<Scored> {
     check_settings(config, models, shard)?;
     let mut parts = partitions(config, models)?;
+    let embedding = config
+        .sink
+        .embeddings
+        .then(|| embedding_width(&parts))
+        .transpose()?;
     let first = models.first();
     if first.meta.preprocess != config.preprocess {
         tracing::warn!(
@@ -116,7 +122,14 @@ pub fn score(
         partitions = parts.len(),
         "Scoring."
     );
-    let mut run = RunTables::new(&pass, sink, run_id, shard.map_or(0, |s| s.index), parts);
+    let mut run = RunTables::new(
+        &pass,
+        sink,
+        run_id,
+        shard.map_or(0, |s| s.index),
+        parts,
+        embedding,
+    );
     let progress = Progress::new(ctx.progress, pass.source.total_rows(), "scoring");
     let counts = pass.for_each_batch(&progress, |batch, rejects| {
         run.write_batch(&pass.per_draw, batch, rejects)
@@ -261,6 +274,8 @@ struct RunTables<'a> {
     scores: TableWriter,
     anomalies: TableWriter,
     rejects: TableWriter,
+    /// With `sink.embeddings`.
+    embeddings: Option<TableWriter>,
     per_partition: BTreeMap<String, PartitionScored>,
     unmodelled: BTreeMap<String, u64>,
 }
@@ -272,12 +287,15 @@ impl<'a> RunTables<'a> {
         run_id: &'a str,
         part: u32,
         parts: BTreeMap<&'a str, Partition<'a>>,
+        embedding: Option<usize>,
     ) -> Self {
         let config = pass.config;
         let passthrough =
             passthrough_fields(pass.source.files()[0].schema(), &config.source.passthrough);
         let max_rows = config.sink.max_rows_per_file;
         let writer = |table, schema| TableWriter::new(sink, table, run_id, part, schema, max_rows);
+        let embeddings = embedding
+            .map(|width| writer(Table::Embeddings, embeddings_schema(&passthrough, width)));
         Self {
             run_id,
             source_config: &config.source,
@@ -285,13 +303,14 @@ impl<'a> RunTables<'a> {
             scores: writer(Table::Scores, scores_schema(&passthrough)),
             anomalies: writer(Table::Anomalies, anomalies_schema(&passthrough)),
             rejects: writer(Table::Rejects, rejects_schema()),
+            embeddings,
             per_partition: BTreeMap::new(),
             unmodelled: BTreeMap::new(),
         }
     }
 
     /// Scores one batch with each image's partition model and writes its rows: every image to
-    /// `scores`, the flagged ones with their per-pixel maps to `anomalies`, the unusable rows
+    /// `scores` (and its embedding to `embeddings`, when written), the flagged ones with their per-pixel maps to `anomalies`, the unusable rows
     /// to `rejects`.
     fn write_batch(
         &mut self,
@@ -309,12 +328,21 @@ impl<'a> RunTables<'a> {
         let keys = partition_keys(&batch, self.source_config)?;
         let mut results: Vec<Option<RowScore<'_>>> = vec![None; batch.len()];
         let mut owner: Vec<Option<&str>> = vec![None; batch.len()];
+        let embed = self.embeddings.is_some();
+        let mut embedded: Vec<(Vec<usize>, Vec<f32>)> = Vec::new();
         for (value, rows) in group_rows(&keys) {
             let Some(part) = self.parts.get_mut(value) else {
                 *self.unmodelled.entry(value.to_string()).or_default() += rows.len() as u64;
                 continue;
             };
-            let Scores { nll, score } = part.scores(per_draw, &batch, &rows)?;
+            let Scores {
+                nll,
+                score,
+                embeddings,
+            } = part.scores(per_draw, &batch, &rows, embed)?;
+            if let Some(e) = embeddings {
+                embedded.push((rows.clone(), e));
+            }
             let meta = &part.model.meta;
             let calibration = &meta.calibration_scores;
             let stats = self.per_partition.entry(value.to_string()).or_default();
@@ -345,6 +373,20 @@ impl<'a> RunTables<'a> {
         };
         let scores_batch = tables::scores_batch(self.scores.schema(), &rows)?;
         self.scores.write(&scores_batch)?;
+        let mut per_row: Vec<Option<&[f32]>> = vec![None; batch.len()];
+        for (rows, e) in &embedded {
+            let width = e.len() / rows.len().max(1);
+            for (k, &row) in rows.iter().enumerate() {
+                per_row[row] = Some(&e[k * width..(k + 1) * width]);
+            }
+        }
+        if let Some(writer) = self.embeddings.as_mut() {
+            writer.write(&tables::embeddings_batch(
+                writer.schema(),
+                &scores_batch,
+                &per_row,
+            )?)?;
+        }
 
         let flags: Vec<bool> = results
             .iter()
@@ -368,11 +410,35 @@ impl<'a> RunTables<'a> {
                 )
             })
             .collect();
+        let embeddings =
+            flagged_embeddings(parts, per_draw, &batch, &flagged_rows, &owner, &per_row)?;
+        let nearest: Vec<Option<Vec<String>>> = flagged_rows
+            .iter()
+            .zip(&embeddings)
+            .map(|(&row, e)| {
+                let sample = parts[owner[row].expect("flagged rows have a model")]
+                    .model
+                    .reference
+                    .as_ref()?;
+                // A training image flagged in its own run is not its own nearest normal image.
+                let near = sample.nearest(e.as_deref()?, reference::NEAREST + 1);
+                let own = &batch.ids[row];
+                Some(
+                    near.into_iter()
+                        .map(|i| sample.ids[i].clone())
+                        .filter(|id| id != own)
+                        .take(reference::NEAREST)
+                        .collect(),
+                )
+            })
+            .collect();
         let a = tables::anomalies_batch(
             self.anomalies.schema(),
             &scores_batch,
             &flags,
             &maps,
+            &nearest,
+            &embeddings,
             batch.shape,
         )?;
         self.anomalies.write(&a)
@@ -421,11 +487,17 @@ impl<'a> RunTables<'a> {
                 .map(|(k, p)| (k.to_string(), p.threshold.clone()))
                 .collect(),
             partitions: self.per_partition,
-            tables: vec![
-                (Table::Scores, self.scores.finish()?),
-                (Table::Anomalies, self.anomalies.finish()?),
-                (Table::Rejects, self.rejects.finish()?),
-            ],
+            tables: {
+                let mut tables = vec![
+                    (Table::Scores, self.scores.finish()?),
+                    (Table::Anomalies, self.anomalies.finish()?),
+                    (Table::Rejects, self.rejects.finish()?),
+                ];
+                if let Some(writer) = self.embeddings {
+                    tables.push((Table::Embeddings, writer.finish()?));
+                }
+                tables
+            },
             source_files: pass
                 .source
                 .files()
@@ -438,13 +510,28 @@ impl<'a> RunTables<'a> {
 
 impl Partition<'_> {
     /// The (NLL, score) of the images `rows` of `batch`: from the conformal first pass when
-    /// there was one, else scored now.
+    /// there was one, else scored now; with `embed`, their embeddings too (computed now).
     fn scores(
         &mut self,
         per_draw: &Preprocessor,
         batch: &ImageBatch,
         rows: &[usize],
+        embed: bool,
     ) -> Result<Scores> {
+        let ids = ids_of(&batch.ids, rows);
+        let images = rows_of(&batch.pixels, rows);
+        if embed && self.precomputed.is_none() {
+            return self
+                .scorer
+                .mean_scores_and_embeddings(per_draw, &ids, images.view());
+        }
+        let embeddings = if embed {
+            self.scorer
+                .mean_scores_and_embeddings(per_draw, &ids, images.view())?
+                .embeddings
+        } else {
+            None
+        };
         match &mut self.precomputed {
             Some((all, used)) => {
                 let range = *used..*used + rows.len();
@@ -458,15 +545,82 @@ impl Partition<'_> {
                 Ok(Scores {
                     nll: got.iter().map(|p| p.0).collect(),
                     score: got.iter().map(|p| p.1).collect(),
+                    embeddings,
                 })
             }
-            None => self.scorer.mean_scores(
-                per_draw,
-                &ids_of(&batch.ids, rows),
-                rows_of(&batch.pixels, rows).view(),
-            ),
+            None => self.scorer.mean_scores(per_draw, &ids, images.view()),
         }
     }
+}
+
+/// The embedding of each of `flagged` (rows of `batch`, owned by the partitions `owner`) under
+/// its model: from `embedded`, where the batch computed them, else computed now; `None` for a
+/// model without an embedding.
+fn flagged_embeddings(
+    parts: &BTreeMap<&str, Partition<'_>>,
+    per_draw: &Preprocessor,
+    batch: &ImageBatch,
+    flagged: &[usize],
+    owner: &[Option<&str>],
+    embedded: &[Option<&[f32]>],
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut out: Vec<Option<Vec<f32>>> = flagged
+        .iter()
+        .map(|&row| embedded[row].map(<[f32]>::to_vec))
+        .collect();
+    let mut missing: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (k, &row) in flagged.iter().enumerate() {
+        let value = owner[row].expect("flagged rows have a model");
+        if out[k].is_none() && parts[value].model.model.embedder().is_some() {
+            missing.entry(value).or_default().push(k);
+        }
+    }
+    for (value, ks) in missing {
+        let scorer = &parts[value].scorer;
+        let width = scorer.model.embedder().map_or(1, |e| e.embedding_width());
+        let rows: Vec<usize> = ks.iter().map(|&k| flagged[k]).collect();
+        let computed = scorer
+            .mean_scores_and_embeddings(
+                per_draw,
+                &ids_of(&batch.ids, &rows),
+                rows_of(&batch.pixels, &rows).view(),
+            )?
+            .embeddings
+            .unwrap_or_default();
+        for (k, e) in ks.into_iter().zip(computed.chunks_exact(width.max(1))) {
+            out[k] = Some(e.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// The embedding width every partition's model shares (a config error when one has no
+/// embedding; an internal one if their widths differ, as they are fitted alike).
+fn embedding_width(parts: &BTreeMap<&str, Partition<'_>>) -> Result<usize> {
+    let mut width = None;
+    for part in parts.values() {
+        let model = part.model.model.as_ref();
+        let w = model
+            .embedder()
+            .ok_or_else(|| {
+                Error::setting(
+                    "sink.embeddings",
+                    format!(
+                        "model {} is a `{}`, which has no hidden representation to embed images with: score with a nade, rnade or pixelrnn model, or set `sink.embeddings = false`",
+                        part.model.meta.model_id,
+                        model.kind()
+                    ),
+                )
+            })?
+            .embedding_width();
+        if width.is_some_and(|v| v != w) {
+            return Err(Error::Internal(
+                "partition models have embeddings of different widths".into(),
+            ));
+        }
+        width = Some(w);
+    }
+    width.ok_or_else(|| Error::Internal("no model to embed with".into()))
 }
 
 /// The rows `rows` (ascending) of `pixels`: borrowed when they are all of them (an unpartitioned

@@ -33,19 +33,27 @@ pub struct Scorer<'a> {
     pub background: Option<&'a dyn DensityModel>,
 }
 
-/// NLL and score of a batch of images.
+/// NLL and score of a batch of images, and their embeddings when asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scores {
     /// −log p(x) in nats under the model.
     pub nll: Vec<f64>,
     /// The anomaly score (higher is more anomalous), in nats.
     pub score: Vec<f64>,
+    /// Each image's embedding under the model (images × its width), when asked for.
+    pub embeddings: Option<Vec<f32>>,
 }
 
 impl Scorer<'_> {
     /// Scores every row of `images` (preprocessed pixels).
     pub fn scores(&self, images: ArrayView2<'_, u8>) -> Result<Scores> {
-        let nll = nll_scores(self.model, images)?;
+        self.scores_embedding(images, false)
+    }
+
+    /// Scores every row of `images`, and with `embed` also embeds it under the model, in the
+    /// same pass.
+    fn scores_embedding(&self, images: ArrayView2<'_, u8>, embed: bool) -> Result<Scores> {
+        let (nll, embeddings) = nll_and_embeddings(self.model, images, embed)?;
         let score = match self.method {
             ScoreMethod::Nll => nll.clone(),
             ScoreMethod::LikelihoodRatio => {
@@ -72,7 +80,11 @@ impl Scorer<'_> {
                     .collect()
             }
         };
-        Ok(Scores { nll, score })
+        Ok(Scores {
+            nll,
+            score,
+            embeddings,
+        })
     }
 
     /// Scores every row of `raw` (8-bit intensities; row i is the image whose id is `ids[i]`)
@@ -84,21 +96,47 @@ impl Scorer<'_> {
         ids: &[S],
         raw: ArrayView2<'_, u8>,
     ) -> Result<Scores> {
+        self.mean_over_draws(preprocess, ids, raw, false)
+    }
+
+    /// [`Self::mean_scores`] with each image's embedding, also the mean over the draws.
+    pub fn mean_scores_and_embeddings<S: AsRef<str> + Sync>(
+        &self,
+        preprocess: &Preprocessor,
+        ids: &[S],
+        raw: ArrayView2<'_, u8>,
+    ) -> Result<Scores> {
+        self.mean_over_draws(preprocess, ids, raw, true)
+    }
+
+    fn mean_over_draws<S: AsRef<str> + Sync>(
+        &self,
+        preprocess: &Preprocessor,
+        ids: &[S],
+        raw: ArrayView2<'_, u8>,
+        embed: bool,
+    ) -> Result<Scores> {
         let draws = preprocess.draws();
-        let mut total = self.scores(preprocess.draw(0, ids, raw).view())?;
+        let mut total = self.scores_embedding(preprocess.draw(0, ids, raw).view(), embed)?;
         for draw in 1..draws {
-            let s = self.scores(preprocess.draw(draw, ids, raw).view())?;
+            let s = self.scores_embedding(preprocess.draw(draw, ids, raw).view(), embed)?;
             total.nll.iter_mut().zip(s.nll).for_each(|(t, v)| *t += v);
             total
                 .score
                 .iter_mut()
                 .zip(s.score)
                 .for_each(|(t, v)| *t += v);
+            if let (Some(t), Some(e)) = (total.embeddings.as_mut(), s.embeddings) {
+                t.iter_mut().zip(e).for_each(|(t, v)| *t += v);
+            }
         }
         if draws > 1 {
             let n = draws as f64;
             total.nll.iter_mut().for_each(|t| *t /= n);
             total.score.iter_mut().for_each(|t| *t /= n);
+            if let Some(t) = total.embeddings.as_mut() {
+                t.iter_mut().for_each(|t| *t /= draws as f32);
+            }
         }
         Ok(total)
     }
@@ -140,8 +178,41 @@ pub fn complexity(pixels: &[u8], shape: ImageShape, levels: u16) -> Result<f64> 
 
 /// −log p(x) for every row, checked to be finite.
 pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Result<Vec<f64>> {
+    Ok(nll_and_embeddings(model, images, false)?.0)
+}
+
+/// −log p(x) for every row and, with `embed`, every row's embedding from the same pass (rows ×
+/// the model's embedding width), all checked to be finite.
+pub fn nll_and_embeddings(
+    model: &dyn DensityModel,
+    images: ArrayView2<'_, u8>,
+    embed: bool,
+) -> Result<(Vec<f64>, Option<Vec<f32>>)> {
     let mut ll = vec![0.0; images.nrows()];
-    model.log_likelihood_batch(images, &mut ll);
+    let embeddings = if embed {
+        let embedder = model.embedder().ok_or_else(|| {
+            Error::setting(
+                "sink.embeddings",
+                format!(
+                    "the model is a `{}`, which has no hidden representation to embed images with: score with a nade, rnade or pixelrnn model, or set `sink.embeddings = false`",
+                    model.kind()
+                ),
+            )
+        })?;
+        let mut e = vec![0f32; images.nrows() * embedder.embedding_width()];
+        embedder.log_likelihood_and_embedding(images, &mut ll, &mut e);
+        if let Some(bad) = e.par_iter().position_any(|v| !v.is_finite()) {
+            return Err(Error::Internal(format!(
+                "the {} model gave a non-finite embedding value {} (value {bad} of the batch)",
+                model.kind(),
+                e[bad]
+            )));
+        }
+        Some(e)
+    } else {
+        model.log_likelihood_batch(images, &mut ll);
+        None
+    };
     if let Some(bad) = ll.par_iter().position_any(|v| !v.is_finite()) {
         return Err(Error::Internal(format!(
             "the {} model gave log-likelihood {} to image {bad}",
@@ -149,7 +220,7 @@ pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Resul
             ll[bad]
         )));
     }
-    Ok(ll.into_iter().map(|v| -v).collect())
+    Ok((ll.into_iter().map(|v| -v).collect(), embeddings))
 }
 
 #[cfg(test)]

@@ -181,6 +181,7 @@ pub fn try_commit(
         return Ok(CommitOutcome::PublishedElsewhere);
     }
     let (mut manifest, staged) = merge(found.into_values().collect())?;
+    super::grouping::assign(sink, &staged, &mut manifest)?;
     let committed = commit::commit(sink, run_id, &staged, &mut manifest)?;
     Ok(CommitOutcome::Published(Box::new(manifest), committed))
 }
@@ -230,7 +231,11 @@ fn merge(records: Vec<ShardRecord>) -> Result<(Manifest, Vec<(Table, WrittenTabl
             staged.entry(table).or_default().extend(files);
         }
     }
-    let tables = Table::ALL
+    let present: Vec<Table> = Table::ALL
+        .into_iter()
+        .filter(|t| !t.optional() || staged.contains_key(t.dir()))
+        .collect();
+    let tables = present
         .iter()
         .map(|t| {
             let files = staged.remove(t.dir()).unwrap_or_default();

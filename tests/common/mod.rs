@@ -441,6 +441,29 @@ pub fn float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// A fixed-size list<float32> column over batches, one Vec per row.
+pub fn fixed_float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"))
+                .as_fixed_size_list();
+            (0..c.len())
+                .map(|i| {
+                    c.value(i)
+                        .as_any()
+                        .downcast_ref::<Float32Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// A boolean column over batches.
 pub fn bools(batches: &[RecordBatch], name: &str) -> Vec<bool> {
     batches

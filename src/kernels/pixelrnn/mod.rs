@@ -42,6 +42,11 @@ use super::math::{Target, exp, fmadd, log_sigmoid, sigmoid};
 /// order, so results do not depend on the thread count.
 pub const CHUNK: usize = 8;
 
+/// The embedding pools the final features over a grid of this many regions a side (rows and
+/// columns split as evenly as they go), so it keeps where in the image a feature is, coarsely:
+/// a mean over the whole image would give a 3 and an E much the same strokes.
+pub const POOL_GRID: usize = 2;
+
 /// Taps of the mask-A input convolution (7 × 7).
 const TAPS_A: usize = INPUT_KERNEL * INPUT_KERNEL;
 
@@ -76,6 +81,12 @@ impl Shape {
     /// Feature maps between layers, 2h.
     pub fn features(&self) -> usize {
         2 * self.hidden
+    }
+
+    /// Values of an image's embedding: the 2h final features (after their ReLU, what the
+    /// output layers read) averaged over each of the [`POOL_GRID`]² regions of the image.
+    pub fn embedding_width(&self) -> usize {
+        POOL_GRID * POOL_GRID * self.features()
     }
 
     /// Logits per pixel: C · [`logits_per_channel`].
@@ -316,6 +327,63 @@ impl Net<'_> {
                     forward(self, &g, ws, x, self.height);
                     let per_image = read_terms(self, &g, &ws.logits, x, terms, None);
                     out.copy_from_slice(&per_image);
+                })
+            });
+    }
+
+    /// [`Self::log_likelihood`] that also writes, from the same pass, each image's embedding
+    /// (images × [`Shape::embedding_width`]): for each [`POOL_GRID`]² region (row-major), the
+    /// mean of the final features ReLU(·) over its pixels; a region with no pixels (an image
+    /// narrower than the grid) is zero.
+    pub fn log_likelihood_and_embedding(
+        &self,
+        images: &[u8],
+        out: &mut [f64],
+        embeddings: &mut [f32],
+    ) {
+        let n = self.check(images);
+        assert_eq!(out.len(), n);
+        let (d, f, width) = (
+            self.dims(),
+            self.shape.features(),
+            self.shape.embedding_width(),
+        );
+        assert_eq!(embeddings.len(), n * width);
+        let region = |r: usize, c: usize| {
+            (r * POOL_GRID / self.height) * POOL_GRID + c * POOL_GRID / self.width
+        };
+        let mut count = vec![0f32; POOL_GRID * POOL_GRID];
+        for r in 0..self.height {
+            for c in 0..self.width {
+                count[region(r, c)] += 1.0;
+            }
+        }
+        images
+            .par_chunks(CHUNK * d)
+            .zip(out.par_chunks_mut(CHUNK))
+            .zip(embeddings.par_chunks_mut(CHUNK * width))
+            .for_each(|((x, out), emb)| {
+                with_workspace(|ws| {
+                    let g = ws.prepare(self, x.len() / d);
+                    forward(self, &g, ws, x, self.height);
+                    let mut terms = vec![0f32; x.len()];
+                    let per_image = read_terms(self, &g, &ws.logits, x, &mut terms, None);
+                    out.copy_from_slice(&per_image);
+                    emb.fill(0.0);
+                    for (i, r, c, m) in g.pixels(self.height) {
+                        let at = i * width + region(r, c) * f;
+                        emb[at..at + f]
+                            .iter_mut()
+                            .zip(&ws.relu[m * f..(m + 1) * f])
+                            .for_each(|(e, v)| *e += v);
+                    }
+                    for image in emb.chunks_exact_mut(width) {
+                        for (part, &k) in image.chunks_exact_mut(f).zip(&count) {
+                            if k > 0.0 {
+                                part.iter_mut().for_each(|e| *e /= k);
+                            }
+                        }
+                    }
                 })
             });
     }
@@ -1820,6 +1888,40 @@ mod tests {
                             assert!((summed - ll[i]).abs() < 1e-9 * (1.0 + want.abs()));
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The embedding comes from the scoring pass (the same log-likelihoods beside it) and
+    /// equals the reference's pooled features, on every instruction set.
+    #[test]
+    fn embeddings_match_the_reference() {
+        for arch in ARCHITECTURES {
+            for shape in shapes(arch, 3, 2) {
+                let (flat, p) = random(shape, 21);
+                let x = images(shape, N, 5);
+                let (d, width) = (H * W * shape.channels, shape.embedding_width());
+                assert_eq!(width, POOL_GRID * POOL_GRID * 6);
+                for isa in Isa::for_tests() {
+                    let fast = net(shape, &flat, isa);
+                    let (mut ll, mut plain) = (vec![0.0; N], vec![0.0; N]);
+                    let mut emb = vec![f32::NAN; N * width];
+                    fast.log_likelihood_and_embedding(&x, &mut ll, &mut emb);
+                    fast.log_likelihood(&x, &mut plain, None);
+                    assert_eq!(ll, plain, "{shape:?} {}", isa.name());
+                    for i in 0..N {
+                        let want =
+                            reference::embedding(&p, &x[i * d..(i + 1) * d], H, W, POOL_GRID);
+                        for (k, (&got, want)) in emb[i * width..].iter().zip(&want).enumerate() {
+                            assert!(
+                                (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{shape:?} {} image {i} value {k}: {got} vs {want}",
+                                isa.name()
+                            );
+                        }
+                    }
+                    assert!(emb.iter().any(|&e| e > 0.0), "some features are on");
                 }
             }
         }

@@ -337,6 +337,32 @@ pub fn logits<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -
     out
 }
 
+/// The image's embedding: for each of `grid`² regions (row-major; region of (r, c) is
+/// (⌊r·grid/H⌋, ⌊c·grid/W⌋)), the mean over its pixels of the ReLU of the final 2h features.
+pub fn embedding(p: &Params, x: &[u8], height: usize, width: usize, grid: usize) -> Vec<f64> {
+    let features = features(p, x, height, width);
+    let f = 2 * p.hidden;
+    let mut sums = vec![0.0; grid * grid * f];
+    let mut counts = vec![0usize; grid * grid];
+    for r in 0..height {
+        for c in 0..width {
+            let region = (r * grid / height) * grid + c * grid / width;
+            counts[region] += 1;
+            for (k, v) in features.at(r, c).iter().enumerate() {
+                sums[region * f + k] += v.max(0.0);
+            }
+        }
+    }
+    for (region, &n) in counts.iter().enumerate() {
+        if n > 0 {
+            sums[region * f..(region + 1) * f]
+                .iter_mut()
+                .for_each(|s| *s /= n as f64);
+        }
+    }
+    sums
+}
+
 /// The 2h feature maps the recurrent stack leaves, before the output layers (which see one
 /// pixel's features each, so these hold the whole receptive field).
 fn features<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {

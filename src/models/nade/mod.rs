@@ -53,6 +53,10 @@ impl Family for Nade {
         true
     }
 
+    fn embeds() -> bool {
+        true
+    }
+
     fn check(params: &NadeParams) -> Result<NadeParams, Vec<ParamProblem>> {
         checked(params.clone(), [hidden_problem(params.hidden)])
     }

@@ -20,7 +20,7 @@ use crate::kernels::nade::{self as kernel, Grads, Params, TILE};
 use crate::models::shared::logistic::sigmoid;
 use crate::models::shared::ordering::{self, Order};
 use crate::models::shared::{logits_at_pixel_means, order_tensor, stored_order, tensor, uniform};
-use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::models::{DensityModel, Embed, Family, ModelError, NamedTensor};
 use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// The largest hidden layer `model.hidden` accepts.
@@ -247,6 +247,39 @@ impl GradientModel for Nade {
     }
 }
 
+/// The hidden layer given the whole image, h(x) = σ(c + W x): H values, the state the
+/// scoring pass ends in (one more sparse update than scoring needs).
+impl Embed for Nade {
+    fn embedding_width(&self) -> usize {
+        self.hidden
+    }
+
+    fn log_likelihood_and_embedding(
+        &self,
+        images: ArrayView2<'_, u8>,
+        out: &mut [f64],
+        embeddings: &mut [f32],
+    ) {
+        let params = self.kernel_params();
+        crate::models::shared::embed_in_chunks(
+            images,
+            out,
+            embeddings,
+            self.hidden,
+            4 * TILE,
+            |rows, out, embeddings| {
+                kernel::log_likelihood_and_hidden(
+                    self.isa,
+                    &params,
+                    &self.ordered(rows),
+                    embeddings,
+                    out,
+                );
+            },
+        );
+    }
+}
+
 impl DensityModel for Nade {
     fn kind(&self) -> &'static str {
         <Self as Family>::NAME
@@ -290,6 +323,10 @@ impl DensityModel for Nade {
         crate::models::shared::score_in_chunks(images, out, 4 * TILE, |rows, out| {
             kernel::log_likelihood(self.isa, &params, &self.ordered(rows), None, out);
         });
+    }
+
+    fn embedder(&self) -> Option<&dyn Embed> {
+        Some(self)
     }
 
     fn sample(&self, rng: &mut dyn RngCore, out: &mut [u8]) {

@@ -113,6 +113,10 @@ impl Family for PixelRnn {
         true
     }
 
+    fn embeds() -> bool {
+        true
+    }
+
     fn check(params: &PixelRnnParams) -> Result<PixelRnnParams, Vec<ParamProblem>> {
         checked(params.clone(), size_problems(params.layers, params.hidden))
     }

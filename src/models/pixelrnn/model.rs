@@ -21,7 +21,7 @@ use crate::kernels::pixelrnn::reference::logits_per_channel;
 use crate::kernels::pixelrnn::{Net, Shape};
 use crate::models::shared::logistic::sigmoid;
 use crate::models::shared::{inverse_cdf, tensor, uniform};
-use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::models::{DensityModel, Embed, Family, ModelError, NamedTensor};
 use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// A PixelRNN over binary or 8-bit images of any number of channels (at most `hidden`).
@@ -257,6 +257,24 @@ impl GradientModel for PixelRnn {
     }
 }
 
+/// The final features (what the output layers read, after their ReLU) averaged over each
+/// region of a 2 × 2 grid of the image: 4 · 2h values.
+impl Embed for PixelRnn {
+    fn embedding_width(&self) -> usize {
+        self.net.embedding_width()
+    }
+
+    fn log_likelihood_and_embedding(
+        &self,
+        images: ArrayView2<'_, u8>,
+        out: &mut [f64],
+        embeddings: &mut [f32],
+    ) {
+        self.kernel()
+            .log_likelihood_and_embedding(&self.kernel_input(images), out, embeddings);
+    }
+}
+
 impl DensityModel for PixelRnn {
     fn kind(&self) -> &'static str {
         <Self as Family>::NAME
@@ -288,6 +306,10 @@ impl DensityModel for PixelRnn {
     fn log_likelihood_batch(&self, images: ArrayView2<'_, u8>, out: &mut [f64]) {
         self.kernel()
             .log_likelihood(&self.kernel_input(images), out, None);
+    }
+
+    fn embedder(&self) -> Option<&dyn Embed> {
+        Some(self)
     }
 
     /// Sub-pixel by sub-pixel in raster order (R, G, B within a pixel), each drawn from its

@@ -59,6 +59,10 @@ impl Family for Rnade {
         true
     }
 
+    fn embeds() -> bool {
+        true
+    }
+
     fn check(params: &RnadeParams) -> Result<RnadeParams, Vec<ParamProblem>> {
         checked(
             params.clone(),

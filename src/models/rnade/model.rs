@@ -26,7 +26,7 @@ use crate::kernels::rnade::{self as kernel, Grads, INPUT_CENTRE, LOG_SCALE_RANGE
 use crate::models::nade::padded_width;
 use crate::models::shared::ordering::{self, Order};
 use crate::models::shared::{order_tensor, stored_order, tensor, uniform};
-use crate::models::{DensityModel, Family, ModelError, NamedTensor};
+use crate::models::{DensityModel, Embed, Family, ModelError, NamedTensor};
 use crate::train::{self, EpochRecord, GradientModel, Training, TrainingSet};
 
 /// Hyper-parameters of an RNADE, as stored in model.json.
@@ -319,6 +319,36 @@ impl GradientModel for Rnade {
     }
 }
 
+/// The hidden layer given the whole image, h(x) = max(0, c + W (y − ½)) at the bin centres y
+/// that scoring reads: H values, the state the scoring pass ends in.
+impl Embed for Rnade {
+    fn embedding_width(&self) -> usize {
+        self.params.hidden
+    }
+
+    fn log_likelihood_and_embedding(
+        &self,
+        images: ArrayView2<'_, u8>,
+        out: &mut [f64],
+        embeddings: &mut [f32],
+    ) {
+        let params = self.kernel_params();
+        let correction = self.d() as f64 * self.log_levels();
+        crate::models::shared::embed_in_chunks(
+            images,
+            out,
+            embeddings,
+            self.params.hidden,
+            4 * TILE,
+            |rows, out, embeddings| {
+                let y = self.centres(rows);
+                kernel::log_density_and_hidden(self.isa, &params, &y, embeddings, out);
+                out.iter_mut().for_each(|o| *o -= correction);
+            },
+        );
+    }
+}
+
 impl DensityModel for Rnade {
     fn kind(&self) -> &'static str {
         <Self as Family>::NAME
@@ -366,6 +396,10 @@ impl DensityModel for Rnade {
             kernel::log_density(self.isa, &params, &self.centres(rows), None, out);
             out.iter_mut().for_each(|o| *o -= correction);
         });
+    }
+
+    fn embedder(&self) -> Option<&dyn Embed> {
+        Some(self)
     }
 
     /// Draws each sub-pixel from its mixture, rounds it to its level (values outside [0, 1]

@@ -103,6 +103,27 @@ pub fn score_in_chunks(
         .for_each(|(out, chunk)| score(chunk, out));
 }
 
+/// [`score_in_chunks`] that also fills each image's embedding (`width` values per image, rows of
+/// `embeddings`): `score(chunk, out, embeddings)` fills one chunk of both.
+pub fn embed_in_chunks(
+    images: ArrayView2<'_, u8>,
+    out: &mut [f64],
+    embeddings: &mut [f32],
+    width: usize,
+    rows: usize,
+    score: impl Fn(ArrayView2<'_, u8>, &mut [f64], &mut [f32]) + Sync,
+) {
+    assert_eq!(embeddings.len(), images.nrows() * width);
+    out.par_chunks_mut(rows)
+        .zip(embeddings.par_chunks_mut(rows * width.max(1)))
+        .zip(
+            images
+                .axis_chunks_iter(ndarray::Axis(0), rows)
+                .into_par_iter(),
+        )
+        .for_each(|((out, embeddings), chunk)| score(chunk, out, embeddings));
+}
+
 /// The first value whose cumulative probability exceeds `u` ∈ [0, 1), for `probabilities` of
 /// values 0, 1, …; the last value takes whatever rounding leaves over.
 pub fn inverse_cdf(probabilities: impl ExactSizeIterator<Item = f64>, u: f64) -> u8 {
