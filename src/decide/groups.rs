@@ -40,11 +40,7 @@ pub struct Groups {
 
 /// Groups the images whose embeddings are the rows of `embeddings` (`width` values each).
 pub fn group(embeddings: &[f32], width: usize) -> Groups {
-    let n = if width == 0 {
-        0
-    } else {
-        embeddings.len() / width
-    };
+    let n = embeddings.len().checked_div(width).unwrap_or(0);
     let one = || Groups {
         labels: vec![0; n],
         sizes: if n > 0 { vec![n as u64] } else { Vec::new() },

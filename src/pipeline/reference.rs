@@ -358,7 +358,7 @@ mod tests {
             assert_eq!(s.nearest(&q, NEAREST), all[..NEAREST].to_vec());
         }
         // An image's own embedding is nearest itself.
-        assert_eq!(s.nearest(&s.embeddings[70..77].to_vec(), 1), vec![10]);
+        assert_eq!(s.nearest(&s.embeddings[70..77], 1), vec![10]);
         let centre: Vec<f32> = s.centre.iter().map(|&c| c as f32).collect();
         assert_eq!(
             s.nearest(&centre, 2),
