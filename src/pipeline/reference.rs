@@ -359,11 +359,18 @@ mod tests {
         }
         // An image's own embedding is nearest itself.
         assert_eq!(s.nearest(&s.embeddings[70..77], 1), vec![10]);
-        let centre: Vec<f32> = s.centre.iter().map(|&c| c as f32).collect();
+        let flat = ReferenceSample::new(
+            vec!["a".into(), "b".into()],
+            vec![0; 12],
+            ImageShape::new(2, 3, 1),
+            vec![0.5; 14],
+            7,
+        )
+        .unwrap();
         assert_eq!(
-            s.nearest(&centre, 2),
+            flat.nearest(&[0.5; 7], 2),
             vec![0, 1],
-            "at the centre: ties, by index"
+            "all at the centre: ties, by index"
         );
         assert_eq!(sample(2, 7, 3).nearest(&[1.0; 7], 5).len(), 2);
     }
