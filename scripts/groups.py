@@ -1,8 +1,8 @@
 """Quality figures of issue 17: do the groups of anomalies match the kinds of defect?
 
-Runs a bundled demo (data/demo: the digits with inverted and noisy frames, or the texture
-patches with scratches, holes, stains and foreign material) with a model that has an embedding,
-reads the run's anomalies back, and prints the contingency table of `group` against the
+Fits a model that has an embedding on the normal images of a bundled demo (data/demo: the
+digits with inverted and noisy frames, or the texture patches with scratches, holes, stains and
+foreign material), scores the whole demo file with it, reads the run's anomalies back, and prints the contingency table of `group` against the
 `condition` column, with the adjusted Rand index of the two over the flagged images (normal
 images flagged by the threshold count as a kind of their own) and over the flagged defects only.
 
@@ -54,6 +54,8 @@ def main() -> int:
     if not binary.exists():
         print("build first: cargo build --release", file=sys.stderr)
         return 1
+    import pyarrow.compute as pc
+
     config, sets = DEMOS[args.demo]
     sets = args.set or sets
     text = (here / config).read_text()
@@ -61,13 +63,20 @@ def main() -> int:
     head, rest = text.split("[model]", 1)
     rest = rest[rest.index("\n[") + 1:]
     work = pathlib.Path(tempfile.mkdtemp(prefix="groups-"))
-    cfg = work / "groups.toml"
-    cfg.write_text(head + "[model]\n" + rest)
+    source = here / text.split('uri = "', 1)[1].split('"', 1)[0]
+    demo = pq.read_table(source)
+    pq.write_table(demo.filter(pc.equal(demo.column("condition"), "normal")), work / "normal.parquet")
+    body = "[model]\n" + rest
+    (work / "fit.toml").write_text(head.replace(str(source.relative_to(here)), str(work / "normal.parquet")) + body)
+    (work / "score.toml").write_text(head.replace(str(source.relative_to(here)), str(source)) + body)
     out = work / "out"
     flags = [x for kv in sets for x in ("--set", kv)]
+    env = {"DEMO_OUT": str(out), "PATH": "/usr/bin:/bin"}
+    fit = subprocess.run([binary, "fit", "fit.toml", "-q", *flags], cwd=work, check=True, env=env, capture_output=True, text=True)
+    model = fit.stdout.strip().splitlines()[-1].removeprefix("model: ")
     subprocess.run(
-        [binary, "run", str(cfg), "-q", "--run-id", "groups", *flags],
-        cwd=here, check=True, env={"DEMO_OUT": str(out), "PATH": "/usr/bin:/bin"},
+        [binary, "score", "score.toml", "-q", "--model", model, "--run-id", "groups", *flags],
+        cwd=work, check=True, env=env, capture_output=True,
     )
     manifest = json.loads((out / "runs" / "groups" / "manifest.json").read_text())
     anomalies = pq.read_table(out / "anomalies")

@@ -19,7 +19,7 @@ pub const MAX_GROUPS: usize = 8;
 
 /// The least mean silhouette (in [−1, 1]) a split into groups must reach; below it the
 /// anomalies form one group.
-pub const MIN_SILHOUETTE: f64 = 0.25;
+pub const MIN_SILHOUETTE: f64 = 0.1;
 
 /// Each group of a split has on average at least this many images.
 pub const MIN_PER_GROUP: usize = 3;
