@@ -1128,7 +1128,7 @@ fn rebinarizing_each_epoch_trains_epoch_one_as_before_and_every_later_one_afresh
 /// Two kinds of damage planted among normal images — a bright flare where images are dark, a
 /// blackout where they are bright — are flagged and fall into groups of their own: the groups
 /// recover the planted kinds (adjusted Rand index ≥ 0.8), numbered by size, counted in the
-/// manifest.
+/// manifest; and three shards of the same night get the same groups and nearest normal images.
 #[test]
 fn anomalies_fall_into_groups_by_their_planted_kind() {
     let dir = tempfile::tempdir().unwrap();
@@ -1154,6 +1154,18 @@ fn anomalies_fall_into_groups_by_their_planted_kind() {
         night.push(image);
     }
     write_tensor_u8(&d.join("night.parquet"), &ids(0, 330), &night, &[h, w]);
+    // The same night as three files, for three shards.
+    std::fs::create_dir(d.join("night")).unwrap();
+    let names = ids(0, 330);
+    for k in 0..3 {
+        let range = k * 110..(k + 1) * 110;
+        write_tensor_u8(
+            &d.join(format!("night/part-{k}.parquet")),
+            &names[range.clone()],
+            &night[range],
+            &[h, w],
+        );
+    }
     let model =
         "[model]\nkind = \"nade\"\nhidden = 32\n\n[train]\nepochs = 10\nlearning_rate = 0.01\n";
     write_config(d, "fit.toml", "train.parquet", "out", model);
@@ -1231,4 +1243,57 @@ fn anomalies_fall_into_groups_by_their_planted_kind() {
     for (g, &n) in sizes.iter().enumerate() {
         assert_eq!(groups.iter().filter(|&&x| x == g as i32).count() as u64, n);
     }
+
+    // Three shards, grouped once all have staged: the groups and nearest normal images of one
+    // process, image by image.
+    write_config(d, "shards.toml", "night/", "sharded", model);
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let args = [
+            "score",
+            "shards.toml",
+            "--model",
+            &fitted,
+            "--run-id",
+            "night",
+            "--shard",
+            &shard,
+        ];
+        pipeline(d, &args, &[]).expect(0);
+    }
+    let by_id = |dir: &str| -> HashMap<String, (i32, Vec<String>)> {
+        let t = read_table(&d.join(dir).join("anomalies"));
+        let near = t.iter().flat_map(|b| {
+            let c = arrow::array::AsArray::as_list::<i32>(b.column_by_name("nearest_ids").unwrap())
+                .clone();
+            (0..arrow::array::Array::len(&c))
+                .map(|i| {
+                    let v = c.value(i);
+                    arrow::array::AsArray::as_string::<i32>(&v)
+                        .iter()
+                        .map(|s| s.unwrap().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        let groups = t.iter().flat_map(|b| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
+                b.column_by_name("group").unwrap(),
+            )
+            .iter()
+            .map(Option::unwrap)
+            .collect::<Vec<_>>()
+        });
+        strings(&t, "id")
+            .into_iter()
+            .map(Option::unwrap)
+            .zip(groups.zip(near))
+            .collect()
+    };
+    let (one, three) = (by_id("out"), by_id("sharded"));
+    assert_eq!(one.len(), flagged.len());
+    assert_eq!(
+        one, three,
+        "sharded groups and neighbours are the one process's"
+    );
 }
