@@ -147,12 +147,7 @@ fn card(f: &Flagged) -> Result<String> {
     let image = match &f.pixels {
         Some(p) => format!(
             "<img class=\"image\" alt=\"image {id}\" src=\"{}\">",
-            data_uri(&png::encode(
-                p.clone(),
-                f.shape.width as u32,
-                f.shape.height as u32,
-                f.shape.channels
-            )?),
+            image_uri(p, f.shape)?,
             id = escape(&f.id)
         ),
         None => "<div class=\"missing\">image not readable here</div>".to_string(),
@@ -162,12 +157,7 @@ fn card(f: &Flagged) -> Result<String> {
         let _ = write!(
             nearest,
             "<img class=\"nearest\" alt=\"nearest normal {id}\" title=\"nearest normal {id}\" src=\"{}\">",
-            data_uri(&png::encode(
-                pixels.clone(),
-                f.shape.width as u32,
-                f.shape.height as u32,
-                f.shape.channels
-            )?),
+            image_uri(pixels, f.shape)?,
             id = escape(id)
         );
     }
@@ -188,6 +178,16 @@ table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .75em;text-
 .missing{display:inline-block;width:112px;height:112px;background:#eee;font-size:.75em}\
 .neighbours{font-size:.8em;color:#555}.card img.nearest{width:56px;height:56px}\
 svg text{font-size:11px}";
+
+/// An 8-bit image of `shape` as a PNG data URI.
+fn image_uri(pixels: &[u8], shape: ImageShape) -> Result<String> {
+    Ok(data_uri(&png::encode(
+        pixels.to_vec(),
+        shape.width as u32,
+        shape.height as u32,
+        shape.channels,
+    )?))
+}
 
 fn data_uri(png: &[u8]) -> String {
     format!(

@@ -531,22 +531,7 @@ fn flagged_images_name_their_nearest_normal_images_and_the_report_draws_them() {
     let anomalies = read_table(&out.join("anomalies"));
     let flagged: Vec<String> = strings(&anomalies, "id").into_iter().flatten().collect();
     assert!(flagged.len() >= 10, "{} flagged", flagged.len());
-    let nearest = anomalies
-        .iter()
-        .flat_map(|b| {
-            let c = arrow::array::AsArray::as_list::<i32>(b.column_by_name("nearest_ids").unwrap())
-                .clone();
-            (0..arrow::array::Array::len(&c))
-                .map(move |i| {
-                    let v = c.value(i);
-                    arrow::array::AsArray::as_string::<i32>(&v)
-                        .iter()
-                        .map(|s| s.unwrap().to_string())
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect::<Vec<_>>();
+    let nearest = string_lists(&anomalies, "nearest_ids");
     for (id, near) in flagged.iter().zip(&nearest) {
         let e = &by_id[id];
         // Every reference image but the flagged one itself (it may be a training image).
@@ -569,16 +554,9 @@ fn flagged_images_name_their_nearest_normal_images_and_the_report_draws_them() {
 
     // The groups: every flagged image has one, the manifest counts them largest first, and
     // the two planted kinds of damage (inverted, noise) fall into groups of their own.
-    let group_of: Vec<i32> = anomalies
-        .iter()
-        .flat_map(|b| {
-            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
-                b.column_by_name("group").unwrap(),
-            )
-            .iter()
-            .map(|g| g.expect("every flagged image has a group"))
-            .collect::<Vec<_>>()
-        })
+    let group_of: Vec<i32> = optional_ints(&anomalies, "group")
+        .into_iter()
+        .map(|g| g.expect("every flagged image has a group"))
         .collect();
     let condition = strings(&anomalies, "condition");
     let sizes: Vec<u64> = manifest["anomaly_groups"]

@@ -1187,16 +1187,9 @@ fn anomalies_fall_into_groups_by_their_planted_kind() {
 
     let anomalies = read_table(&d.join("out/anomalies"));
     let flagged = strings(&anomalies, "id");
-    let groups: Vec<i32> = anomalies
-        .iter()
-        .flat_map(|b| {
-            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
-                b.column_by_name("group").unwrap(),
-            )
-            .iter()
-            .map(|g| g.expect("a group for every flagged image"))
-            .collect::<Vec<_>>()
-        })
+    let groups: Vec<i32> = optional_ints(&anomalies, "group")
+        .into_iter()
+        .map(|g| g.expect("a group for every flagged image"))
         .collect();
     let kind = |id: &str| match id[4..].parse::<usize>().unwrap() {
         i if i < 300 => "normal",
@@ -1263,27 +1256,8 @@ fn anomalies_fall_into_groups_by_their_planted_kind() {
     }
     let by_id = |dir: &str| -> HashMap<String, (i32, Vec<String>)> {
         let t = read_table(&d.join(dir).join("anomalies"));
-        let near = t.iter().flat_map(|b| {
-            let c = arrow::array::AsArray::as_list::<i32>(b.column_by_name("nearest_ids").unwrap())
-                .clone();
-            (0..arrow::array::Array::len(&c))
-                .map(|i| {
-                    let v = c.value(i);
-                    arrow::array::AsArray::as_string::<i32>(&v)
-                        .iter()
-                        .map(|s| s.unwrap().to_string())
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<_>>()
-        });
-        let groups = t.iter().flat_map(|b| {
-            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(
-                b.column_by_name("group").unwrap(),
-            )
-            .iter()
-            .map(Option::unwrap)
-            .collect::<Vec<_>>()
-        });
+        let near = string_lists(&t, "nearest_ids");
+        let groups = optional_ints(&t, "group").into_iter().map(Option::unwrap);
         strings(&t, "id")
             .into_iter()
             .map(Option::unwrap)

@@ -418,18 +418,21 @@ pub fn floats(batches: &[RecordBatch], name: &str) -> Vec<f64> {
         .collect()
 }
 
-/// A list<float32> column over batches, one Vec per row.
+/// A list<float32> (or fixed-size list) column over batches, one Vec per row.
 pub fn float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
     batches
         .iter()
         .flat_map(|b| {
             let c = b
                 .column_by_name(name)
-                .unwrap_or_else(|| panic!("no column {name}"))
-                .as_list::<i32>();
+                .unwrap_or_else(|| panic!("no column {name}"));
+            let value = |i: usize| match c.as_list_opt::<i32>() {
+                Some(list) => list.value(i),
+                None => c.as_fixed_size_list().value(i),
+            };
             (0..c.len())
                 .map(|i| {
-                    c.value(i)
+                    value(i)
                         .as_any()
                         .downcast_ref::<Float32Array>()
                         .unwrap()
@@ -443,22 +446,40 @@ pub fn float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
 
 /// A fixed-size list<float32> column over batches, one Vec per row.
 pub fn fixed_float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
+    float_lists(batches, name)
+}
+
+/// A list<string> column over batches, one Vec per row (nulls as empty lists).
+pub fn string_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<String>> {
     batches
         .iter()
         .flat_map(|b| {
             let c = b
                 .column_by_name(name)
                 .unwrap_or_else(|| panic!("no column {name}"))
-                .as_fixed_size_list();
+                .as_list::<i32>();
             (0..c.len())
                 .map(|i| {
                     c.value(i)
-                        .as_any()
-                        .downcast_ref::<Float32Array>()
-                        .unwrap()
-                        .values()
-                        .to_vec()
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|s| s.unwrap().to_string())
+                        .collect::<Vec<_>>()
                 })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// An int32 column over batches, nulls as `None`.
+pub fn optional_ints(batches: &[RecordBatch], name: &str) -> Vec<Option<i32>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"))
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .iter()
                 .collect::<Vec<_>>()
         })
         .collect()
