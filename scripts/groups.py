@@ -92,6 +92,7 @@ def main() -> int:
     defects = [(g, k) for g, k in zip(groups, kinds) if k != "normal"]
     if defects:
         print(f"adjusted Rand index, flagged defects only ({len(defects)}): {adjusted_rand_index(*zip(*defects)):.3f}")
+    print(f"the run's tables are under {out} (pipeline report {out} --out report.html draws them)")
     return 0
 
 
