@@ -51,25 +51,28 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
     let by = a.by.clone().unwrap_or_else(|| "model_id".into());
     let (scores, groups) = run_scores(&sink, &run_id, &by, ctx)?;
     let found = top_anomalies(&sink, &run_id, a.top, ctx)?;
-    let nearest_ids = found.nearest_ids;
     let mut flagged = found.top;
-    let mut examples: Vec<Flagged> = found.examples.values().flatten().cloned().collect();
-    let mut drawn: Vec<Flagged> = flagged.drain(..).chain(examples.drain(..)).collect();
-    attach_pixels(&manifest, &mut drawn, ctx);
-    attach_nearest(&manifest, &sink, &mut drawn, &nearest_ids, ctx);
-    let top = drawn.len() - found.examples.values().map(Vec::len).sum::<usize>();
-    let examples = drawn.split_off(top);
-    let flagged = drawn;
-    let mut examples = examples.into_iter();
-    let anomaly_groups = found
+    let mut anomaly_groups: Vec<AnomalyGroupView> = found
         .examples
-        .iter()
-        .map(|(&group, list)| AnomalyGroupView {
+        .into_iter()
+        .map(|(group, examples)| AnomalyGroupView {
             group,
             images: found.group_sizes.get(&group).copied().unwrap_or(0),
-            examples: examples.by_ref().take(list.len()).collect(),
+            examples,
         })
-        .collect::<Vec<_>>();
+        .collect();
+    // Every card drawn, top anomalies and groups' examples (an image may be both), filled in
+    // by one read of the source and one of the model.
+    let mut drawn: Vec<&mut Flagged> = flagged
+        .iter_mut()
+        .chain(
+            anomaly_groups
+                .iter_mut()
+                .flat_map(|g| g.examples.iter_mut()),
+        )
+        .collect();
+    attach_pixels(&manifest, &mut drawn, ctx);
+    attach_nearest(&manifest, &sink, &mut drawn, &found.nearest_ids, ctx);
     let report = Report {
         title: format!("{} — run {run_id}", manifest.pipeline),
         facts: facts(&manifest),
@@ -393,7 +396,7 @@ fn top_anomalies(
 fn attach_nearest(
     manifest: &Manifest,
     sink: &Storage,
-    flagged: &mut [Flagged],
+    flagged: &mut [&mut Flagged],
     nearest_ids: &HashMap<String, Vec<String>>,
     ctx: &Context,
 ) {
@@ -436,15 +439,14 @@ fn attach_nearest(
 
 /// Reads the drawn images back from the run's source (8-bit, as stored); where the source is
 /// not readable from here the report says so instead of failing.
-fn attach_pixels(manifest: &Manifest, flagged: &mut [Flagged], ctx: &Context) {
+fn attach_pixels(manifest: &Manifest, flagged: &mut [&mut Flagged], ctx: &Context) {
     if flagged.is_empty() {
         return;
     }
-    let wanted: HashMap<String, usize> = flagged
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.id.clone(), i))
-        .collect();
+    let mut wanted: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, f) in flagged.iter().enumerate() {
+        wanted.entry(f.id.clone()).or_default().push(i);
+    }
     let result = (|| -> Result<()> {
         let source = Source::open(&manifest.config.source.uri, &ctx.io)?;
         let raw = Preprocessor::raw();
@@ -458,10 +460,10 @@ fn attach_pixels(manifest: &Manifest, flagged: &mut [Flagged], ctx: &Context) {
                 let dims = batch.shape.dims();
                 let pixels = batch.pixels.as_slice().expect("contiguous");
                 for (id, image) in batch.ids.iter().zip(pixels.chunks_exact(dims.max(1))) {
-                    if let Some(&i) = wanted.get(id)
-                        && flagged[i].shape == batch.shape
-                    {
-                        flagged[i].pixels = Some(image.to_vec());
+                    for &i in wanted.get(id).into_iter().flatten() {
+                        if flagged[i].shape == batch.shape {
+                            flagged[i].pixels = Some(image.to_vec());
+                        }
                     }
                 }
                 Ok(())

@@ -439,16 +439,11 @@ fn check_model(c: &PipelineConfig, p: &mut Problems) {
         p.add("model.kind", message);
     }
     if c.sink.embeddings && !spec.kind().embeds() {
-        let embedding: Vec<&str> = crate::models::families::FAMILIES
-            .iter()
-            .filter(|f| f.embeds())
-            .map(|f| f.name())
-            .collect();
         p.add(
             "sink.embeddings",
             format!(
                 "`sink.embeddings = true` needs a model with a hidden representation, and {subject} has none: use one of {}, or set `sink.embeddings = false`",
-                embedding.join(", ")
+                crate::models::families::with_embedding().join(", ")
             ),
         );
     }

@@ -31,6 +31,15 @@ pub fn names() -> Vec<&'static str> {
     FAMILIES.iter().map(|f| f.name()).collect()
 }
 
+/// The names of the families whose models have an embedding, for messages.
+pub fn with_embedding() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .filter(|f| f.embeds())
+        .map(|f| f.name())
+        .collect()
+}
+
 /// Rebuilds a stored model of family `kind`.
 pub fn load(kind: &str, stored: &Stored<'_>) -> Result<Box<dyn DensityModel>, ModelError> {
     find(kind)

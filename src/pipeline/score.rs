@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::Context;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
-use super::scorer::{Scorer, Scores, pixel_nll_map};
+use super::scorer::{Scorer, Scores, no_embedding, pixel_nll_map};
 use crate::config::{PipelineConfig, SourceConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::data::{ImageBatch, ImageShape, Reject};
@@ -602,16 +602,7 @@ fn embedding_width(parts: &BTreeMap<&str, Partition<'_>>) -> Result<usize> {
         let model = part.model.model.as_ref();
         let w = model
             .embedder()
-            .ok_or_else(|| {
-                Error::setting(
-                    "sink.embeddings",
-                    format!(
-                        "model {} is a `{}`, which has no hidden representation to embed images with: score with a nade, rnade or pixelrnn model, or set `sink.embeddings = false`",
-                        part.model.meta.model_id,
-                        model.kind()
-                    ),
-                )
-            })?
+            .ok_or_else(|| no_embedding(model, &format!("model {}", part.model.meta.model_id)))?
             .embedding_width();
         if width.is_some_and(|v| v != w) {
             return Err(Error::Internal(

@@ -176,6 +176,19 @@ pub fn complexity(pixels: &[u8], shape: ImageShape, levels: u16) -> Result<f64> 
     Ok(complexity_nats(png::compressed_len(pixels, shape, levels)?))
 }
 
+/// The configuration error of embedding with `model` (named `which` in the message), whose
+/// family has no hidden representation.
+pub fn no_embedding(model: &dyn DensityModel, which: &str) -> Error {
+    Error::setting(
+        "sink.embeddings",
+        format!(
+            "{which} is a `{}`, which has no hidden representation to embed images with: score with a model of {}, or set `sink.embeddings = false`",
+            model.kind(),
+            crate::models::families::with_embedding().join(", ")
+        ),
+    )
+}
+
 /// −log p(x) for every row, checked to be finite.
 pub fn nll_scores(model: &dyn DensityModel, images: ArrayView2<'_, u8>) -> Result<Vec<f64>> {
     Ok(nll_and_embeddings(model, images, false)?.0)
@@ -190,15 +203,9 @@ pub fn nll_and_embeddings(
 ) -> Result<(Vec<f64>, Option<Vec<f32>>)> {
     let mut ll = vec![0.0; images.nrows()];
     let embeddings = if embed {
-        let embedder = model.embedder().ok_or_else(|| {
-            Error::setting(
-                "sink.embeddings",
-                format!(
-                    "the model is a `{}`, which has no hidden representation to embed images with: score with a nade, rnade or pixelrnn model, or set `sink.embeddings = false`",
-                    model.kind()
-                ),
-            )
-        })?;
+        let embedder = model
+            .embedder()
+            .ok_or_else(|| no_embedding(model, "the model"))?;
         let mut e = vec![0f32; images.nrows() * embedder.embedding_width()];
         embedder.log_likelihood_and_embedding(images, &mut ll, &mut e);
         if let Some(bad) = e.par_iter().position_any(|v| !v.is_finite()) {

@@ -444,11 +444,6 @@ pub fn float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// A fixed-size list<float32> column over batches, one Vec per row.
-pub fn fixed_float_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<f32>> {
-    float_lists(batches, name)
-}
-
 /// A list<string> column over batches, one Vec per row (nulls as empty lists).
 pub fn string_lists(batches: &[RecordBatch], name: &str) -> Vec<Vec<String>> {
     batches

@@ -305,30 +305,7 @@ impl Net<'_> {
     /// images' order) into `sub_pixels` when given. In parallel over chunks of [`CHUNK`]
     /// images.
     pub fn log_likelihood(&self, images: &[u8], out: &mut [f64], sub_pixels: Option<&mut [f32]>) {
-        let n = self.check(images);
-        assert_eq!(out.len(), n);
-        let d = self.dims();
-        let mut spare = Vec::new();
-        let sub_pixels = match sub_pixels {
-            Some(l) => l,
-            None => {
-                spare.resize(n * d, 0.0);
-                &mut spare[..]
-            }
-        };
-        assert_eq!(sub_pixels.len(), n * d);
-        images
-            .par_chunks(CHUNK * d)
-            .zip(out.par_chunks_mut(CHUNK))
-            .zip(sub_pixels.par_chunks_mut(CHUNK * d))
-            .for_each(|((x, out), terms)| {
-                with_workspace(|ws| {
-                    let g = ws.prepare(self, x.len() / d);
-                    forward(self, &g, ws, x, self.height);
-                    let per_image = read_terms(self, &g, &ws.logits, x, terms, None);
-                    out.copy_from_slice(&per_image);
-                })
-            });
+        self.score(images, out, sub_pixels, None);
     }
 
     /// [`Self::log_likelihood`] that also writes, from the same pass, each image's embedding
@@ -341,48 +318,48 @@ impl Net<'_> {
         out: &mut [f64],
         embeddings: &mut [f32],
     ) {
+        self.score(images, out, None, Some(embeddings));
+    }
+
+    /// The scoring pass: log-likelihoods, and sub-pixel terms and embeddings where asked for.
+    fn score(
+        &self,
+        images: &[u8],
+        out: &mut [f64],
+        sub_pixels: Option<&mut [f32]>,
+        embeddings: Option<&mut [f32]>,
+    ) {
         let n = self.check(images);
         assert_eq!(out.len(), n);
-        let (d, f, width) = (
-            self.dims(),
-            self.shape.features(),
-            self.shape.embedding_width(),
-        );
+        let d = self.dims();
+        let width = self.shape.embedding_width();
+        // What is not asked for still gets a buffer to write into, so one loop serves all.
+        let (mut spare_terms, mut spare_embeddings) = (Vec::new(), Vec::new());
+        let sub_pixels = sub_pixels.unwrap_or_else(|| {
+            spare_terms.resize(n * d, 0.0);
+            &mut spare_terms[..]
+        });
+        let embed = embeddings.is_some();
+        let embeddings = embeddings.unwrap_or_else(|| {
+            spare_embeddings.resize(n * width, 0.0);
+            &mut spare_embeddings[..]
+        });
+        assert_eq!(sub_pixels.len(), n * d);
         assert_eq!(embeddings.len(), n * width);
-        let region = |r: usize, c: usize| {
-            (r * POOL_GRID / self.height) * POOL_GRID + c * POOL_GRID / self.width
-        };
-        let mut count = vec![0f32; POOL_GRID * POOL_GRID];
-        for r in 0..self.height {
-            for c in 0..self.width {
-                count[region(r, c)] += 1.0;
-            }
-        }
+        let pool = Pooling::new(self.height, self.width);
         images
             .par_chunks(CHUNK * d)
             .zip(out.par_chunks_mut(CHUNK))
+            .zip(sub_pixels.par_chunks_mut(CHUNK * d))
             .zip(embeddings.par_chunks_mut(CHUNK * width))
-            .for_each(|((x, out), emb)| {
+            .for_each(|(((x, out), terms), emb)| {
                 with_workspace(|ws| {
                     let g = ws.prepare(self, x.len() / d);
                     forward(self, &g, ws, x, self.height);
-                    let mut terms = vec![0f32; x.len()];
-                    let per_image = read_terms(self, &g, &ws.logits, x, &mut terms, None);
+                    let per_image = read_terms(self, &g, &ws.logits, x, terms, None);
                     out.copy_from_slice(&per_image);
-                    emb.fill(0.0);
-                    for (i, r, c, m) in g.pixels(self.height) {
-                        let at = i * width + region(r, c) * f;
-                        emb[at..at + f]
-                            .iter_mut()
-                            .zip(&ws.relu[m * f..(m + 1) * f])
-                            .for_each(|(e, v)| *e += v);
-                    }
-                    for image in emb.chunks_exact_mut(width) {
-                        for (part, &k) in image.chunks_exact_mut(f).zip(&count) {
-                            if k > 0.0 {
-                                part.iter_mut().for_each(|e| *e /= k);
-                            }
-                        }
+                    if embed {
+                        pool.mean_features(&g, &ws.relu, self.shape.features(), emb);
                     }
                 })
             });
@@ -635,6 +612,57 @@ impl Geometry {
         for block in map[..self.rows_up_to(rows) * ch].chunks_mut(self.p * ch) {
             block[..ch].fill(0.0);
             block[(self.p - 1) * ch..].fill(0.0);
+        }
+    }
+}
+
+/// The [`POOL_GRID`]² regions of an H × W image that the embedding averages over.
+struct Pooling {
+    height: usize,
+    width: usize,
+    /// Pixels per region.
+    count: Vec<f32>,
+}
+
+impl Pooling {
+    fn new(height: usize, width: usize) -> Self {
+        let mut p = Self {
+            height,
+            width,
+            count: vec![0.0; POOL_GRID * POOL_GRID],
+        };
+        for r in 0..height {
+            for c in 0..width {
+                let k = p.region(r, c);
+                p.count[k] += 1.0;
+            }
+        }
+        p
+    }
+
+    /// The region of pixel (r, c), row-major.
+    fn region(&self, r: usize, c: usize) -> usize {
+        (r * POOL_GRID / self.height) * POOL_GRID + c * POOL_GRID / self.width
+    }
+
+    /// Each image's mean of the map rows `relu` (`f` features per pixel) over each region, into
+    /// `emb` (the chunk's images × regions × f); an empty region stays zero.
+    fn mean_features(&self, g: &Geometry, relu: &[f32], f: usize, emb: &mut [f32]) {
+        let width = POOL_GRID * POOL_GRID * f;
+        emb.fill(0.0);
+        for (i, r, c, m) in g.pixels(self.height) {
+            let at = i * width + self.region(r, c) * f;
+            emb[at..at + f]
+                .iter_mut()
+                .zip(&relu[m * f..(m + 1) * f])
+                .for_each(|(e, v)| *e += v);
+        }
+        for image in emb.chunks_exact_mut(width) {
+            for (part, &k) in image.chunks_exact_mut(f).zip(&self.count) {
+                if k > 0.0 {
+                    part.iter_mut().for_each(|e| *e /= k);
+                }
+            }
         }
     }
 }
