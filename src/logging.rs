@@ -22,7 +22,9 @@ pub fn init(format: LogFormat, verbose: u8, quiet: bool) -> bool {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("PIPELINE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},parquet=warn,object_store=warn")));
+        .unwrap_or_else(|_| EnvFilter::new(format!(
+            "{level},parquet=warn,object_store=warn,delta_kernel=warn,delta_kernel_default_engine=warn"
+        )));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -50,6 +50,25 @@ pub struct AnomalyGroupView {
     pub examples: Vec<Flagged>,
 }
 
+/// One committed run, from the `history/` table.
+#[derive(Debug, Clone, Default)]
+pub struct Night {
+    /// The run.
+    pub run_id: String,
+    /// When it was committed (RFC 3339, UTC).
+    pub finished_at: String,
+    /// Images scored and flagged.
+    pub scored: i64,
+    /// Images flagged.
+    pub flagged: i64,
+    /// Score quantiles 50/90/99/99.9%, where the run had scores.
+    pub quantiles: Option<[f64; 4]>,
+    /// Share of p-values below 0.01.
+    pub p_below_001: Option<f64>,
+    /// The drift test: statistic, p-value, verdict.
+    pub drift: Option<(f64, f64, bool)>,
+}
+
 /// What the report shows.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -67,6 +86,8 @@ pub struct Report {
     pub flagged: Vec<Flagged>,
     /// The groups of anomalies, largest first (empty for a model without an embedding).
     pub anomaly_groups: Vec<AnomalyGroupView>,
+    /// The sink's last runs, oldest first (empty for a sink without a `history/` table).
+    pub nights: Vec<Night>,
 }
 
 /// Escapes text for HTML.
@@ -111,9 +132,11 @@ pub fn render(r: &Report) -> Result<String> {
             g.flagged
         );
     }
+    html.push_str("</table>\n");
+    html.push_str(&nights_table(&r.nights));
     let _ = write!(
         html,
-        "</table>\n<h2>Top {} anomalies</h2>\n<div class=\"cards\">",
+        "<h2>Top {} anomalies</h2>\n<div class=\"cards\">",
         r.flagged.len()
     );
     for f in &r.flagged {
@@ -138,6 +161,44 @@ pub fn render(r: &Report) -> Result<String> {
     }
     html.push_str("</body></html>\n");
     Ok(html)
+}
+
+/// The last runs: their score distribution (quantiles), the share of small p-values, and the
+/// drift test of each against the model's calibration scores; drifted runs stand out.
+fn nights_table(nights: &[Night]) -> String {
+    if nights.is_empty() {
+        return String::new();
+    }
+    let mut html = String::from(
+        "<h2>Runs and drift</h2>\n<p>Score quantiles of the last runs, and the drift test of each run's scores against the model's calibration scores (Kolmogorov–Smirnov, level 0.01). A run that drifted no longer looks like the data the model was fitted on: refit it on recent normal images.</p>\n<table class=\"nights\"><tr><th>run</th><th>finished</th><th>scored</th><th>flagged</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>p &lt; 0.01</th><th>drift statistic</th><th>drift p-value</th><th></th></tr>",
+    );
+    let num =
+        |v: Option<f64>, digits: usize| v.map_or("—".to_string(), |v| format!("{v:.digits$}"));
+    for n in nights {
+        let q = |k: usize| num(n.quantiles.map(|q| q[k]), 2);
+        let (stat, p, drifted) = match n.drift {
+            Some((s, p, d)) => (format!("{s:.3}"), format!("{p:.2e}"), d),
+            None => ("—".into(), "—".into(), false),
+        };
+        let _ = write!(
+            html,
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{stat}</td><td>{p}</td><td>{}</td></tr>",
+            if drifted { " class=\"drifted\"" } else { "" },
+            escape(&n.run_id),
+            escape(&n.finished_at),
+            n.scored,
+            n.flagged,
+            q(0),
+            q(1),
+            q(2),
+            q(3),
+            n.p_below_001
+                .map_or("—".to_string(), |v| format!("{:.2}%", 100.0 * v)),
+            if drifted { "drifted" } else { "" },
+        );
+    }
+    html.push_str("</table>\n");
+    html
 }
 
 /// One flagged image's card: the image, its heat map, its nearest normal images, its id and
@@ -177,7 +238,7 @@ table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .75em;text-
 .card img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc;margin:2px}\
 .missing{display:inline-block;width:112px;height:112px;background:#eee;font-size:.75em}\
 .neighbours{font-size:.8em;color:#555}.card img.nearest{width:56px;height:56px}\
-svg text{font-size:11px}";
+svg text{font-size:11px}tr.drifted td{background:#fde2e1}";
 
 /// An 8-bit image of `shape` as a PNG data URI.
 fn image_uri(pixels: &[u8], shape: ImageShape) -> Result<String> {

@@ -120,7 +120,7 @@ fn commit(a: &crate::cli::CommitArgs, ctx: &Context) -> Result<()> {
             ),
         });
     }
-    match pipeline::shards::try_commit(&sink, &a.run_id, a.shards, None, true)? {
+    match pipeline::shards::try_commit(&sink, &ctx.io, &a.run_id, a.shards, None, true, None)? {
         pipeline::shards::CommitOutcome::Published(m, committed) => out(format_args!(
             "committed run {}: {} images scored, {} anomalies; manifest {}\n",
             m.run_id,
@@ -237,8 +237,9 @@ fn print_run(s: &RunSummary) {
          anomalies  {sink}/anomalies/   ({} file(s), flagged images with per-pixel maps)\n  \
          rejects    {sink}/rejects/     ({} file(s))\n  \
          model      {}\n  \
+         history    {sink}/history/     (one row per run: quantiles, drift)\n  \
          manifest   {sink}/{}\n\
-         read them: duckdb -c \"SELECT id, score, is_anomaly FROM read_parquet('{sink}/scores/*.parquet') WHERE run_id = '{}' ORDER BY score DESC LIMIT 10\"\n",
+         read them: {}\n",
         m.run_id,
         m.pipeline,
         m.rows.scored,
@@ -256,7 +257,15 @@ fn print_run(s: &RunSummary) {
         tables("rejects"),
         s.model_uri,
         s.manifest_path,
-        m.run_id,
+        match m.config.sink.format {
+            crate::config::SinkFormat::Parquet => format!(
+                "duckdb -c \"SELECT id, score, is_anomaly FROM read_parquet('{sink}/scores/*.parquet') WHERE run_id = '{}' ORDER BY score DESC LIMIT 10\"",
+                m.run_id
+            ),
+            crate::config::SinkFormat::Delta => format!(
+                "python3 -c \"from deltalake import DeltaTable; print(DeltaTable('{sink}/scores').to_pyarrow_table().num_rows)\"  (Delta tables: read with a Delta reader, not a glob)"
+            ),
+        },
     ));
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float32Type, Float64Type, Int32Type};
+use arrow::datatypes::{Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
 use crate::cli::ReportArgs;
@@ -17,7 +17,7 @@ use crate::io::storage::Storage;
 use crate::pipeline::manifest::Manifest;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Context, read};
-use crate::report::{self, AnomalyGroupView, Flagged, GroupCount, Report};
+use crate::report::{self, AnomalyGroupView, Flagged, GroupCount, Night, Report};
 
 /// Rows read per batch.
 const BATCH_ROWS: usize = 65_536;
@@ -91,6 +91,7 @@ pub fn report(a: &ReportArgs, ctx: &Context) -> Result<()> {
             .collect(),
         flagged,
         anomaly_groups,
+        nights: nights(&sink, NIGHTS, ctx)?,
     };
     let rows = &manifest.rows;
     let html = report::render(&report)?;
@@ -178,6 +179,89 @@ fn run_scores(
     }
 
     Ok((scores, groups))
+}
+
+/// How many of the last runs the report lists.
+const NIGHTS: usize = 14;
+
+/// The last `n` runs of the sink's `history/` table, oldest first (none for a sink without one).
+fn nights(sink: &Storage, n: usize, ctx: &Context) -> Result<Vec<Night>> {
+    let uri = sink.display("history/");
+    let source = match Source::open(&uri, &ctx.io) {
+        Ok(s) if !s.files().is_empty() => s,
+        Ok(_) | Err(Error::InputMissing { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    let not_history = || Error::data(&uri, "not a history table");
+    let columns: Vec<String> = crate::io::tables::history_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for batch in source.stream(&columns, BATCH_ROWS) {
+        let b = batch?.batch;
+        let text = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_string_opt::<i32>().cloned())
+        };
+        let float = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Float64Type>().cloned())
+        };
+        let long = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+        };
+        let (Some(run), Some(scored), Some(flagged)) =
+            (text("run_id"), long("scored"), long("flagged"))
+        else {
+            return Err(not_history());
+        };
+        let finished = b
+            .column_by_name("finished_at")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>().cloned())
+            .ok_or_else(not_history)?;
+        let quantiles = ["score_p50", "score_p90", "score_p99", "score_p999"].map(float);
+        let (p001, stat, p, drifted) = (
+            float("p_below_001"),
+            float("drift_statistic"),
+            float("drift_p_value"),
+            b.column_by_name("drifted")
+                .and_then(|c| c.as_boolean_opt().cloned()),
+        );
+        let get = |a: &Option<arrow::array::Float64Array>, i: usize| {
+            a.as_ref().filter(|a| !a.is_null(i)).map(|a| a.value(i))
+        };
+        for i in 0..b.num_rows() {
+            let q: Vec<Option<f64>> = quantiles.iter().map(|a| get(a, i)).collect();
+            out.push(Night {
+                run_id: run.value(i).to_string(),
+                finished_at: chrono::DateTime::from_timestamp_micros(finished.value(i))
+                    .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                    .unwrap_or_default(),
+                scored: scored.value(i),
+                flagged: flagged.value(i),
+                quantiles: q
+                    .iter()
+                    .all(Option::is_some)
+                    .then(|| [0, 1, 2, 3].map(|k| q[k].unwrap_or_default())),
+                p_below_001: get(&p001, i),
+                drift: match (get(&stat, i), get(&p, i), drifted.as_ref()) {
+                    (Some(s), Some(p), Some(d)) if !d.is_null(i) => Some((s, p, d.value(i))),
+                    _ => None,
+                },
+            });
+        }
+    }
+    // Timestamps sort as their text does ("%Y-%m-%d %H:%M").
+    out.sort_by(|a, b| {
+        a.finished_at
+            .cmp(&b.finished_at)
+            .then(a.run_id.cmp(&b.run_id))
+    });
+    let skip = out.len().saturating_sub(n);
+    Ok(out.split_off(skip))
 }
 
 /// The report's summary lines: model, score, threshold, counts, when and from where.

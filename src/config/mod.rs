@@ -348,9 +348,13 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct SinkConfig {
-    /// A directory (path or `file://` URI) under which `scores/`, `anomalies/`, `rejects/`,
-    /// `models/` and `runs/` are written.
+    /// A directory (path or URI: `file://`, `s3://`, `gs://`, `az://`, `abfss://`) under which
+    /// `scores/`, `anomalies/`, `rejects/`, `history/`, `models/` and `runs/` are written.
     pub uri: String,
+    /// How the tables are laid out: `parquet` (directories of Parquet files, a run visible once
+    /// `runs/<run_id>/_SUCCESS` exists) or `delta` (Delta Lake tables: each run one atomic
+    /// commit per table, earlier versions readable; read them with a Delta reader, not a glob).
+    pub format: SinkFormat,
     /// Rows per Parquet file before a new part file is started.
     pub max_rows_per_file: usize,
     /// Also write the `embeddings/` table: each scored image's hidden representation under the
@@ -359,10 +363,22 @@ pub struct SinkConfig {
     pub embeddings: bool,
 }
 
+/// `sink.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    /// Directories of Parquet part files, published by moving them into place; readers glob.
+    #[default]
+    Parquet,
+    /// Delta Lake tables: a transaction log beside the files, one commit per run and table.
+    Delta,
+}
+
 impl Default for SinkConfig {
     fn default() -> Self {
         Self {
             uri: String::new(),
+            format: SinkFormat::Parquet,
             max_rows_per_file: 1_000_000,
             embeddings: false,
         }

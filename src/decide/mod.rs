@@ -9,6 +9,7 @@
 //! ([`conformal`]), bounding the expected share of normal images among the flagged.
 
 pub mod conformal;
+pub mod drift;
 pub mod groups;
 pub mod metrics;
 

@@ -2,6 +2,7 @@
 //! writing tables, and PNG images. Only this module knows tokio and object_store.
 
 pub mod decode;
+pub mod delta;
 pub mod png;
 pub mod source;
 pub mod storage;

@@ -19,7 +19,8 @@ use parquet::errors::ParquetError;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use super::storage::{Io, list_sorted, resolve};
+use super::delta::DeltaTable;
+use super::storage::{Io, Storage, list_sorted, resolve};
 use super::store_reader::StoreReader;
 use crate::config::StorageConfig;
 use crate::error::{Error, Result, from_store};
@@ -121,9 +122,15 @@ impl Source {
     /// Lists the files at `uri` and reads their footers.
     ///
     /// Errors: 66 when nothing matches, 65 for a file that is not readable Parquet.
+    ///
+    /// A directory that is a Delta table (it has `_delta_log/`) reads as the files of the table's
+    /// latest version, not every file below it.
     pub fn open(uri: &str, io: &Io) -> Result<Self> {
         let rt = &io.rt;
-        let (store, files) = rt.block_on(find_files(uri, &io.settings))?;
+        let (store, files) = match delta_files(uri, io)? {
+            Some(found) => found,
+            None => rt.block_on(find_files(uri, &io.settings))?,
+        };
         let files = rt.block_on(read_footers(&store, files))?;
         Ok(Self {
             uri: uri.to_string(),
@@ -291,6 +298,28 @@ async fn stream_file(
 }
 
 /// Lists what `uri` names: one file, every `*.parquet` below a directory, or a glob's matches.
+/// The files of the Delta table at `uri` (a directory without a glob), or `None` when it is
+/// not one.
+fn delta_files(
+    uri: &str,
+    io: &Io,
+) -> Result<Option<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)>> {
+    if uri.contains(['*', '?', '[']) || uri.ends_with(".parquet") {
+        return Ok(None);
+    }
+    let root = Storage::open(uri, io)?;
+    let table = DeltaTable::open(&root, "")?;
+    if !table.exists()? {
+        return Ok(None);
+    }
+    let (_, live) = table.live_files()?;
+    let files = live
+        .into_iter()
+        .map(|(rel, size)| (Arc::from(root.display(&rel)), root.path(&rel), size))
+        .collect();
+    Ok(Some((Arc::clone(root.store()), files)))
+}
+
 async fn find_files(
     uri: &str,
     settings: &StorageConfig,

@@ -238,6 +238,15 @@ impl Storage {
         })
     }
 
+    /// The size in bytes of the object at `rel`.
+    pub fn size(&self, rel: &str) -> Result<u64> {
+        let path = self.path(rel);
+        self.rt
+            .block_on(self.store.head(&path))
+            .map(|m| m.size)
+            .map_err(|e| from_store(&self.display(rel), e))
+    }
+
     /// Whether an object exists at `rel`.
     pub fn exists(&self, rel: &str) -> Result<bool> {
         let path = self.path(rel);

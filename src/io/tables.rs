@@ -8,12 +8,12 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, ListArray, StringArray,
-    UInt64Array,
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
+    StringArray,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
@@ -59,21 +59,24 @@ pub enum Table {
     Rejects,
     /// Each scored image's embedding (with `sink.embeddings`).
     Embeddings,
+    /// One row per committed run: counts, score quantiles, drift.
+    History,
 }
 
 impl Table {
     /// Every table, in commit order.
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::Scores,
         Table::Anomalies,
         Table::Rejects,
         Table::Embeddings,
+        Table::History,
     ];
 
-    /// Whether a run writes the table only when asked to (`embeddings`), so that a run without
-    /// it lists no such table.
+    /// Whether a shard may stage none of the table: `embeddings` is written only when asked
+    /// for, and the `history` row only by the worker that commits the whole run.
     pub fn optional(self) -> bool {
-        self == Table::Embeddings
+        matches!(self, Table::Embeddings | Table::History)
     }
 
     /// The table's directory name under the sink.
@@ -83,18 +86,31 @@ impl Table {
             Table::Anomalies => "anomalies",
             Table::Rejects => "rejects",
             Table::Embeddings => "embeddings",
+            Table::History => "history",
         }
     }
 }
 
 /// The passthrough columns' fields, as plain types: extension metadata is dropped so that the
-/// score tables hold plain Parquet types only.
+/// score tables hold plain Parquet types only, and unsigned integers become the signed type that
+/// holds them (Delta Lake has no unsigned types, and Spark reads an unsigned 64-bit Parquet
+/// column as a decimal); a `u64` above `i64::MAX` becomes null.
 pub fn passthrough_fields(schema: &Schema, names: &[String]) -> Vec<Field> {
     names
         .iter()
         .filter_map(|n| schema.field_with_name(n).ok())
-        .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+        .map(|f| Field::new(f.name(), signed(f.data_type()), true))
         .collect()
+}
+
+/// The signed integer type holding every value of an unsigned one; other types unchanged.
+fn signed(t: &DataType) -> DataType {
+    match t {
+        DataType::UInt8 => DataType::Int16,
+        DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        other => other.clone(),
+    }
 }
 
 /// `scores/`: run_id, id, the passthrough columns, model, model_id, log_likelihood,
@@ -161,7 +177,7 @@ pub fn rejects_schema() -> SchemaRef {
         Field::new("run_id", DataType::Utf8, false),
         Field::new("id", DataType::Utf8, true),
         Field::new("source", DataType::Utf8, false),
-        Field::new("row", DataType::UInt64, false),
+        Field::new("row", DataType::Int64, false),
         Field::new("reason", DataType::Utf8, false),
     ]))
 }
@@ -186,6 +202,36 @@ pub fn embeddings_schema(passthrough: &[Field], width: usize) -> SchemaRef {
         ),
     ]);
     Arc::new(Schema::new(fields))
+}
+
+/// `history/`: one row per committed run. run_id, pipeline, model_id, started_at and
+/// finished_at (UTC), the counts scored, flagged and rejected, the score quantiles
+/// `score_p50`, `score_p90`, `score_p99`, `score_p999`, the shares of p-values below 0.01 and
+/// 0.05, and the drift test of the run's scores against the calibration scores
+/// (`drift_statistic`, `drift_p_value`, `drifted`; null where the model has no calibration
+/// scores).
+pub fn history_schema() -> SchemaRef {
+    let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let float = |name: &str| Field::new(name, DataType::Float64, true);
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("started_at", time.clone(), false),
+        Field::new("finished_at", time, false),
+        Field::new("scored", DataType::Int64, false),
+        Field::new("flagged", DataType::Int64, false),
+        Field::new("rejected", DataType::Int64, false),
+        float("score_p50"),
+        float("score_p90"),
+        float("score_p99"),
+        float("score_p999"),
+        float("p_below_001"),
+        float("p_below_005"),
+        float("drift_statistic"),
+        float("drift_p_value"),
+        Field::new("drifted", DataType::Boolean, true),
+    ]))
 }
 
 /// Builds an `embeddings` batch from a scores batch: the rows scored by a model
@@ -385,7 +431,11 @@ pub fn rejects_batch(run_id: &str, rejects: &[Reject]) -> Result<RecordBatch> {
             Arc::new(StringArray::from_iter_values(
                 rejects.iter().map(|r| r.source.as_ref()),
             )),
-            Arc::new(UInt64Array::from_iter_values(rejects.iter().map(|r| r.row))),
+            Arc::new(Int64Array::from_iter_values(
+                rejects
+                    .iter()
+                    .map(|r| i64::try_from(r.row).unwrap_or(i64::MAX)),
+            )),
             Arc::new(StringArray::from_iter_values(
                 rejects.iter().map(|r| r.reason.as_str()),
             )),
@@ -416,7 +466,23 @@ pub fn tables_reference() -> serde_json::Value {
         "anomalies": describe(anomalies_schema(&[])),
         "rejects": describe(rejects_schema()),
         "embeddings": describe(embeddings_schema(&[], 500)),
+        "history": describe(history_schema()),
     })
+}
+
+/// The Arrow schema in the footer of the Parquet file `rel` under `sink`.
+pub fn part_schema(sink: &Storage, rel: &str) -> Result<Schema> {
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+    let size = sink.size(rel)?;
+    let mut reader =
+        super::store_reader::StoreReader::new(Arc::clone(sink.store()), sink.path(rel), size);
+    sink.runtime()
+        .block_on(ArrowReaderMetadata::load_async(
+            &mut reader,
+            ArrowReaderOptions::new(),
+        ))
+        .map(|m| m.schema().as_ref().clone())
+        .map_err(|e| Error::data_because(sink.display(rel), "cannot read the part's footer", e))
 }
 
 /// The file name of part `seq` of shard `shard` of run `run_id`.
@@ -424,9 +490,20 @@ pub fn part_name(run_id: &str, shard: u32, seq: u32) -> String {
     format!("part-{run_id}-{shard:04}-{seq:05}.parquet")
 }
 
-/// The run id a part file name belongs to, if it is one of ours.
+/// The run id a part file name belongs to, if it is one of ours: `part-<run>-<shard>-<seq>`,
+/// and in a Delta table with the commit attempt's tag before the extension
+/// (`part-<run>-<shard>-<seq>.<16 hex digits>.parquet`).
 pub fn run_of_part(name: &str) -> Option<&str> {
     let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let untagged = stem
+        .rsplit_once('.')
+        .filter(|(_, tag)| tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|(head, _)| run_of_stem(head));
+    untagged.or_else(|| run_of_stem(stem))
+}
+
+/// The run of `<run>-<shard>-<seq>`.
+fn run_of_stem(stem: &str) -> Option<&str> {
     let mut parts = stem.rsplitn(3, '-');
     let seq = parts.next()?;
     let shard = parts.next()?;
@@ -610,6 +687,16 @@ mod tests {
         assert_eq!(name, "part-2026-11-28-a-0003-00012.parquet");
         assert_eq!(run_of_part(&name), Some("2026-11-28-a"));
         assert_eq!(run_of_part("part-x-1-2.parquet"), None);
+        // In a Delta table, with the attempt's tag; a run id with dots is still whole.
+        assert_eq!(
+            run_of_part("part-2026-11-28-a-0003-00012.0123456789abcdef.parquet"),
+            Some("2026-11-28-a")
+        );
+        assert_eq!(run_of_part("part-v1.2-0000-00000.parquet"), Some("v1.2"));
+        assert_eq!(
+            run_of_part("part-v1.2-0000-00000.00000000ffffffff.parquet"),
+            Some("v1.2")
+        );
         assert_eq!(run_of_part("other.parquet"), None);
     }
 

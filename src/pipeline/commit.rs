@@ -9,12 +9,22 @@
 //!
 //! A crash anywhere leaves R without `_SUCCESS`; rerunning R repeats the protocol and ends with
 //! exactly one copy of its rows.
+//!
+//! With `sink.format = "delta"` steps 2 and 3 are instead:
+//! 2. move R's staged part files into their tables under names unique to this attempt (no
+//!    Delta reader sees a file before a commit adds it);
+//! 3. per table, one Delta commit that removes R's previous files and adds the new ones
+//!    ([`DeltaTable::replace_run`]): a reader sees R's previous rows or its new ones, never a
+//!    mix and never none, whatever the moment of a crash. Moved files that a crash left out of
+//!    every commit are never read (vacuuming the table deletes them).
 
 use bytes::Bytes;
 
+use crate::config::SinkFormat;
 use crate::error::{Error, Result};
+use crate::io::delta::{DeltaTable, NewFile};
 use crate::io::storage::Storage;
-use crate::io::tables::{Table, WrittenTable, run_of_part};
+use crate::io::tables::{self, Table, WrittenTable, run_of_part};
 
 use super::crash_point;
 use super::manifest::Manifest;
@@ -39,6 +49,19 @@ pub fn commit(
     crash_point::reached("commit.started");
     sink.delete(&format!("{run_dir}/_SUCCESS"))?;
     crash_point::reached("commit.success-removed");
+    let files = match manifest.config.sink.format {
+        SinkFormat::Parquet => publish_parts(sink, run_id, staged)?,
+        SinkFormat::Delta => commit_delta(sink, run_id, staged, manifest)?,
+    };
+    finish(sink, run_id, files, manifest)
+}
+
+/// Parquet layout: replaces R's part files in every table by its staged ones.
+fn publish_parts(
+    sink: &Storage,
+    run_id: &str,
+    staged: &[(Table, WrittenTable)],
+) -> Result<Vec<(Table, Vec<String>)>> {
     for table in Table::ALL {
         for old in sink.list(table.dir())? {
             let rel = sink.relative(&old.location);
@@ -64,11 +87,102 @@ pub fn commit(
         }
         files.push((*table, finals));
     }
+    Ok(files)
+}
+
+/// Delta layout: moves the staged files into their tables, then commits each table.
+fn commit_delta(
+    sink: &Storage,
+    run_id: &str,
+    staged: &[(Table, WrittenTable)],
+    manifest: &Manifest,
+) -> Result<Vec<(Table, Vec<String>)>> {
+    let tag = attempt_tag(staged, manifest);
+    let mut placed: Vec<(Table, Vec<NewFile>)> = Vec::new();
+    for (table, written) in staged {
+        let mut adds = Vec::new();
+        for from in &written.staged {
+            let name = from
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_suffix(".parquet"))
+                .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
+            let path = format!("{name}.{tag}.parquet");
+            let to = format!("{}/{path}", table.dir());
+            // A retried commit (`pipeline commit` after a crash) finds some files moved already.
+            if sink.exists(from)? || !sink.exists(&to)? {
+                sink.rename(from, &to)?;
+            }
+            crash_point::reached("commit.first-part-moved");
+            adds.push(NewFile {
+                size: sink.size(&to)?,
+                path,
+            });
+        }
+        placed.push((*table, adds));
+    }
+    crash_point::reached("commit.parts-placed");
+    let mut files = Vec::new();
+    for table in Table::ALL {
+        let delta = DeltaTable::open(sink, table.dir())?;
+        let version = match placed.iter().find(|(t, _)| *t == table) {
+            Some((_, adds)) => {
+                let schema =
+                    tables::part_schema(sink, &format!("{}/{}", table.dir(), adds[0].path))?;
+                let v = delta.replace_run(run_id, Some(&schema), adds)?;
+                files.push((
+                    table,
+                    adds.iter()
+                        .map(|a| format!("{}/{}", table.dir(), a.path))
+                        .collect(),
+                ));
+                v
+            }
+            // A table this run no longer writes (embeddings turned off): its earlier rows go.
+            None if delta.exists()? => delta.replace_run(run_id, None, &[])?,
+            None => continue,
+        };
+        tracing::debug!(table = table.dir(), version, "Delta commit.");
+        crash_point::reached("commit.first-table-committed");
+    }
+    Ok(files)
+}
+
+/// A tag unique to this attempt at publishing R, the same for every retry of it: a hash of
+/// what was staged and when the run started.
+fn attempt_tag(staged: &[(Table, WrittenTable)], manifest: &Manifest) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(manifest.run_id.as_bytes());
+    h.update(manifest.started_at.as_bytes());
+    for (t, w) in staged {
+        h.update(t.dir().as_bytes());
+        for f in &w.staged {
+            h.update(f.as_bytes());
+        }
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes the manifest and `_SUCCESS`, and clears the staging area.
+fn finish(
+    sink: &Storage,
+    run_id: &str,
+    files: Vec<(Table, Vec<String>)>,
+    manifest: &mut Manifest,
+) -> Result<Committed> {
+    let run_dir = format!("runs/{run_id}");
     manifest.tables = files
         .iter()
         .map(|(t, f)| (t.dir().to_string(), f.clone()))
         .collect();
-    manifest.finished_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    if manifest.finished_at.is_empty() {
+        manifest.finished_at =
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    }
     let mut json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| Error::internal(e, "writing the manifest"))?;
     json.push(b'\n');

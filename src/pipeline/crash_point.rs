@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 pub const CRASH_AT_VAR: &str = "PIPELINE_CRASH_AT";
 
 /// Every point, in the order a run reaches them (`model.*` only when it fits, `shard.*` only
-/// when sharded).
+/// when sharded; `commit.old-parts-removed` only with `sink.format = "parquet"`,
+/// `commit.parts-placed` and `commit.first-table-committed` only with `"delta"`).
 pub const POINTS: &[&str] = &[
     "model.weights-written",
     "shard.staged",
@@ -20,6 +21,8 @@ pub const POINTS: &[&str] = &[
     "commit.success-removed",
     "commit.old-parts-removed",
     "commit.first-part-moved",
+    "commit.parts-placed",
+    "commit.first-table-committed",
     "commit.manifest-written",
     "commit.published",
 ];

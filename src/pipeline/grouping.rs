@@ -9,18 +9,13 @@ use std::collections::BTreeMap;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Float32Type;
-use arrow::record_batch::RecordBatch;
-use bytes::Bytes;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::{ArrowWriter, ProjectionMask};
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use super::manifest::{AnomalyGroup, Manifest};
+use super::staged;
 use crate::decide::groups;
 use crate::error::{Error, Result};
 use crate::io::storage::Storage;
-use crate::io::tables::{self, ROW_GROUP_ROWS, Table, WrittenTable};
+use crate::io::tables::{self, Table, WrittenTable};
 
 /// One model's flagged embeddings, and where each came from (part, row within the part).
 #[derive(Default)]
@@ -44,7 +39,7 @@ pub fn assign(
     let mut rows_per_part = Vec::with_capacity(written.staged.len());
     for (part, rel) in written.staged.iter().enumerate() {
         let mut row = 0;
-        for batch in read(sink, rel, Some(&["model_id", "embedding"]))? {
+        for batch in staged::read(sink, rel, Some(&["model_id", "embedding"]))? {
             let bad = || Error::data(sink.display(rel), "not an anomalies part");
             let ids = batch
                 .column_by_name("model_id")
@@ -91,7 +86,7 @@ pub fn assign(
         if part_labels.iter().all(Option::is_none) {
             continue;
         }
-        let batches = read(sink, rel, None)?;
+        let batches = staged::read(sink, rel, None)?;
         let mut offset = 0;
         let mut rewritten = Vec::with_capacity(batches.len());
         for batch in &batches {
@@ -102,56 +97,7 @@ pub fn assign(
             )?);
             offset += n;
         }
-        sink.put(rel, write(&rewritten, rel)?)?;
+        sink.put(rel, staged::encode(&rewritten, rel)?)?;
     }
     Ok(())
-}
-
-/// Every batch of the staged part `rel`, only `columns` when given.
-fn read(sink: &Storage, rel: &str, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>> {
-    let unreadable = |e: parquet::errors::ParquetError| {
-        Error::data_because(sink.display(rel), "cannot read a staged anomalies part", e)
-    };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(sink.get(rel)?).map_err(unreadable)?;
-    let builder = match columns {
-        Some(names) => {
-            let roots: Vec<usize> = names
-                .iter()
-                .filter_map(|n| builder.schema().index_of(n).ok())
-                .collect();
-            let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-            builder.with_projection(mask)
-        }
-        None => builder,
-    };
-    builder
-        .build()
-        .map_err(unreadable)?
-        .map(|b| {
-            b.map_err(|e| {
-                Error::data_because(sink.display(rel), "cannot read a staged anomalies part", e)
-            })
-        })
-        .collect()
-}
-
-/// `batches` as one Parquet file, written as the table writer writes parts.
-fn write(batches: &[RecordBatch], rel: &str) -> Result<Bytes> {
-    let internal =
-        |e: parquet::errors::ParquetError| Error::internal(e, "rewriting an anomalies part");
-    let schema = batches
-        .first()
-        .map(RecordBatch::schema)
-        .ok_or_else(|| Error::Internal(format!("{rel}: a part with rows but no batch")))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(internal)?;
-    for b in batches {
-        writer.write(b).map_err(internal)?;
-    }
-    writer.close().map_err(internal)?;
-    Ok(Bytes::from(out))
 }

@@ -41,6 +41,9 @@ pub struct Manifest {
     /// The groups the run's anomalies fall into (per model with an embedding), largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anomaly_groups: Vec<AnomalyGroup>,
+    /// What the run's scores looked like: quantiles, p-values, drift (also its `history/` row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores_summary: Option<super::history::ScoreSummary>,
     /// Final part files per table, relative to the sink.
     pub tables: BTreeMap<String, Vec<String>>,
     /// The resolved configuration (after `${VAR}` and `--set`).

@@ -11,13 +11,16 @@ pub mod commit;
 pub mod crash_point;
 pub mod fit;
 pub mod grouping;
+pub mod history;
 pub mod manifest;
 pub mod progress;
+pub mod publish;
 pub mod read;
 pub mod reference;
 pub mod score;
 pub mod scorer;
 pub mod shards;
+pub mod staged;
 
 use std::collections::BTreeMap;
 
@@ -125,8 +128,14 @@ pub fn run(
         waiting_for,
     };
     let Some(shard) = shard else {
-        grouping::assign(&sink, &scored.tables, &mut manifest)?;
-        let committed = commit::commit(&sink, &run_id, &scored.tables, &mut manifest)?;
+        let committed = publish::publish(
+            &sink,
+            &ctx.io,
+            &run_id,
+            &scored.tables,
+            &mut manifest,
+            Some(&model),
+        )?;
         tracing::info!(
             scored = scored.scored,
             anomalies = scored.anomalies,
@@ -144,7 +153,15 @@ pub fn run(
         "Shard staged."
     );
     Ok(
-        match shards::try_commit(&sink, &run_id, shard.count, Some(shard.index), false)? {
+        match shards::try_commit(
+            &sink,
+            &ctx.io,
+            &run_id,
+            shard.count,
+            Some(shard.index),
+            false,
+            Some(&model),
+        )? {
             shards::CommitOutcome::Published(whole, committed) => {
                 tracing::info!(
                     scored = whole.rows.scored,
@@ -246,6 +263,7 @@ fn manifest_of(
         },
         unmodelled_partitions: scored.unmodelled_partitions.clone(),
         anomaly_groups: Vec::new(),
+        scores_summary: None,
         tables: Default::default(),
         config: config.clone(),
     }

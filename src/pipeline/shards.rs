@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::artifact::ModelSet;
 use super::commit::{self, Committed};
 use super::manifest::Manifest;
+use super::publish;
 use crate::error::{Error, Result};
 use crate::io::source::Shard;
-use crate::io::storage::Storage;
+use crate::io::storage::{Io, Storage};
 use crate::io::tables::{Table, WrittenTable};
 
 /// What one shard staged: its share of the run's manifest, and its part files.
@@ -156,10 +158,12 @@ fn lock_token() -> Bytes {
 /// the lock then finds them gone, and this worker lets go instead of publishing the run again.
 pub fn try_commit(
     sink: &Storage,
+    io: &Io,
     run_id: &str,
     count: u32,
     own: Option<u32>,
     force: bool,
+    models: Option<&ModelSet>,
 ) -> Result<CommitOutcome> {
     let waiting = missing(sink, run_id, count)?;
     if !waiting.is_empty() {
@@ -181,8 +185,7 @@ pub fn try_commit(
         return Ok(CommitOutcome::PublishedElsewhere);
     }
     let (mut manifest, staged) = merge(found.into_values().collect())?;
-    super::grouping::assign(sink, &staged, &mut manifest)?;
-    let committed = commit::commit(sink, run_id, &staged, &mut manifest)?;
+    let committed = publish::publish(sink, io, run_id, &staged, &mut manifest, models)?;
     Ok(CommitOutcome::Published(Box::new(manifest), committed))
 }
 

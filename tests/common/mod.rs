@@ -2,6 +2,7 @@
 //! fixtures in each image layout, and read written tables back with the parquet crate.
 #![allow(dead_code)]
 
+pub mod delta;
 pub mod fault_proxy;
 pub mod s3;
 

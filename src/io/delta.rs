@@ -1,0 +1,373 @@
+//! Delta Lake tables (`sink.format = "delta"`), through the Delta kernel (`delta_kernel`).
+//!
+//! Each of a sink's tables is then a Delta table: its Parquet files plus `_delta_log/`, whose
+//! numbered commits say which files make up each version. A reader (polars `read_delta`, the
+//! `deltalake` package, Spark, DuckDB's delta extension) reads the files of one version, so a
+//! commit that removes a run's previous files and adds its new ones is seen whole or not at all,
+//! and earlier versions stay readable (time travel) until the table is vacuumed.
+//!
+//! Commits go through the kernel's transactions: a commit file is created only if absent, so two
+//! writers committing at once cannot both take a version; the loser reads the new version and
+//! tries again ([`replace_run`]). Our data files are written by the table writer, not by the
+//! kernel, and are handed to it as add-file metadata (path, size, time, row count).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, MapArray, RecordBatch, StringArray, StructArray,
+    new_null_array,
+};
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Int64Type, Schema};
+use delta_kernel::committer::FileSystemCommitter;
+use delta_kernel::engine::arrow_conversion::{TryFromArrow, TryIntoArrow};
+use delta_kernel::engine::arrow_data::ArrowEngineData;
+use delta_kernel::engine_data::FilteredEngineData;
+use delta_kernel::schema::{SchemaRef, StructType};
+use delta_kernel::transaction::create_table::create_table;
+use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
+use delta_kernel::{KernelError, Snapshot};
+use delta_kernel_default_engine::DefaultEngine;
+use delta_kernel_default_engine::executor::tokio::TokioMultiThreadExecutor;
+use url::Url;
+
+use super::storage::Storage;
+use super::tables::run_of_part;
+use crate::error::{Error, Result, from_store};
+
+/// How often a commit is tried again after losing its version to another writer.
+const MAX_ATTEMPTS: usize = 50;
+
+/// What the commits say they were written by.
+const ENGINE_INFO: &str = concat!("anomaly-pipeline/", env!("CARGO_PKG_VERSION"));
+
+/// The log directory that makes a directory a Delta table.
+pub const LOG_DIR: &str = "_delta_log";
+
+/// A data file to add: its path relative to the table and its size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFile {
+    /// Relative to the table directory (`part-….parquet`).
+    pub path: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// One Delta table of a sink: the table directory `dir` under the sink root.
+pub struct DeltaTable {
+    sink: Storage,
+    dir: String,
+    url: Url,
+    engine: DefaultEngine<TokioMultiThreadExecutor>,
+}
+
+impl std::fmt::Debug for DeltaTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeltaTable({})", self.url)
+    }
+}
+
+impl DeltaTable {
+    /// The table at `dir` (e.g. `scores`) under `sink`, whether or not it exists yet.
+    pub fn open(sink: &Storage, dir: &str) -> Result<Self> {
+        let url = table_url(sink, dir)?;
+        let executor = Arc::new(TokioMultiThreadExecutor::new(sink.runtime().clone()));
+        let engine = DefaultEngine::builder(Arc::clone(sink.store()))
+            .with_task_executor(executor)
+            .build();
+        Ok(Self {
+            sink: sink.clone(),
+            dir: dir.trim_matches('/').to_string(),
+            url,
+            engine,
+        })
+    }
+
+    /// Whether the table has a log with at least one commit.
+    pub fn exists(&self) -> Result<bool> {
+        Ok(self
+            .sink
+            .list(&format!("{}/{LOG_DIR}", self.dir))?
+            .iter()
+            .any(|m| m.location.as_ref().ends_with(".json")))
+    }
+
+    /// The data files of the table's latest version (path relative to the table directory,
+    /// size in bytes), sorted by path; with the version (`None` for a table that does not exist
+    /// yet).
+    pub fn live_files(&self) -> Result<(Option<u64>, Vec<(String, u64)>)> {
+        if !self.exists()? {
+            return Ok((None, Vec::new()));
+        }
+        let snapshot = self.snapshot()?;
+        let mut files = Vec::new();
+        for (batch, live) in self.scan_files(&snapshot)? {
+            let sizes = batch
+                .column_by_name("size")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>())
+                .ok_or_else(|| Error::Internal("the kernel's file list has no size".into()))?;
+            for (i, path) in paths_of(&batch)?.into_iter().enumerate() {
+                if let Some(path) = path.filter(|_| live[i]) {
+                    files.push((path, sizes.value(i).max(0) as u64));
+                }
+            }
+        }
+        files.sort();
+        Ok((Some(snapshot.version()), files))
+    }
+
+    /// One commit that removes every file of run `run_id` from the latest version and adds
+    /// `adds`, creating the table (with `schema`, the files' schema) if it does not exist; with
+    /// no `schema` the table's own is kept (and there is nothing to create). Returns the version
+    /// committed, or the current one when there was nothing to do: a retry of a commit that went
+    /// through (every file of `adds` live, none of the run's others) commits nothing.
+    pub fn replace_run(
+        &self,
+        run_id: &str,
+        schema: Option<&Schema>,
+        adds: &[NewFile],
+    ) -> Result<u64> {
+        let kernel_schema = schema
+            .map(|s| {
+                StructType::try_from_arrow(s)
+                    .map(Arc::new)
+                    .map_err(|e| Error::internal(e, "describing the table for Delta"))
+            })
+            .transpose()?;
+        let ours: BTreeSet<&str> = adds.iter().map(|a| a.path.as_str()).collect();
+        for attempt in 0..MAX_ATTEMPTS {
+            let result = if !self.exists()? {
+                let Some(kernel_schema) = kernel_schema.clone() else {
+                    return Ok(0);
+                };
+                let mut txn = create_table(self.url.as_str(), kernel_schema, ENGINE_INFO, true)
+                    .build(&self.engine, Box::new(FileSystemCommitter::new()))
+                    .map_err(|e| self.kernel_error(e, "creating the Delta table"))?;
+                let metadata = Self::add_metadata(txn.add_files_schema(), adds)?;
+                txn.add_files(metadata);
+                match txn.commit(&self.engine) {
+                    Ok(CommitResult::Committed(c)) => Ok(c.commit_version()),
+                    Ok(_) => Err(()),
+                    Err(e) => return Err(self.kernel_error(e, "creating the Delta table")),
+                }
+            } else {
+                let snapshot = self.snapshot()?;
+                if let Some(ours) = &kernel_schema {
+                    self.check_schema(&snapshot, ours)?;
+                }
+                let mut live_ours = 0;
+                let mut removes = Vec::new();
+                for (batch, live) in self.scan_files(&snapshot)? {
+                    let mut remove = vec![false; live.len()];
+                    for (i, path) in paths_of(&batch)?.iter().enumerate() {
+                        let Some(path) = path.as_deref().filter(|_| live[i]) else {
+                            continue;
+                        };
+                        if ours.contains(path) {
+                            live_ours += 1;
+                        } else if file_name(path).and_then(run_of_part) == Some(run_id) {
+                            remove[i] = true;
+                        }
+                    }
+                    if remove.contains(&true) {
+                        let data = Box::new(ArrowEngineData::new(batch));
+                        removes.push(
+                            FilteredEngineData::try_new(data, remove)
+                                .map_err(|e| self.kernel_error(e, "removing the run's files"))?,
+                        );
+                    }
+                }
+                if live_ours == ours.len() && removes.is_empty() {
+                    return Ok(snapshot.version());
+                }
+                let mut txn = snapshot
+                    .clone()
+                    .update_table(UpdateTableOperation::Write, ENGINE_INFO, true)
+                    .build(&self.engine, Box::new(FileSystemCommitter::new()))
+                    .map_err(|e| self.kernel_error(e, "starting a Delta commit"))?;
+                for r in removes {
+                    txn.remove_files(r);
+                }
+                let metadata = Self::add_metadata(txn.add_files_schema(), adds)?;
+                txn.add_files(metadata);
+                match txn.commit(&self.engine) {
+                    Ok(CommitResult::Committed(c)) => Ok(c.commit_version()),
+                    Ok(_) => Err(()),
+                    Err(e) => return Err(self.kernel_error(e, "committing to the Delta table")),
+                }
+            };
+            match result {
+                Ok(version) => return Ok(version),
+                Err(()) => {
+                    tracing::debug!(table = %self.url, attempt, "Another writer took the Delta version; trying again.");
+                }
+            }
+        }
+        Err(Error::Transient {
+            uri: self.sink.display(&self.dir),
+            source: format!("lost the race for a Delta version {MAX_ATTEMPTS} times").into(),
+        })
+    }
+
+    fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        Snapshot::builder_for(self.url.as_str())
+            .build(&self.engine)
+            .map_err(|e| self.kernel_error(e, "reading the Delta log"))
+    }
+
+    /// The scan-file batches of `snapshot`, each with which of its rows are live files (the
+    /// kernel's selection, spelled out for every row).
+    fn scan_files(&self, snapshot: &Arc<Snapshot>) -> Result<Vec<(RecordBatch, Vec<bool>)>> {
+        let listing = |e| self.kernel_error(e, "listing the table's files");
+        let scan = snapshot.clone().scan_builder().build().map_err(listing)?;
+        let mut out = Vec::new();
+        for meta in scan.scan_metadata(&self.engine).map_err(listing)? {
+            let (data, selection) = meta.map_err(listing)?.scan_files.into_parts();
+            let batch = record_batch(data)?;
+            let live = (0..batch.num_rows())
+                .map(|i| selection.get(i).copied().unwrap_or(true))
+                .collect();
+            out.push((batch, live));
+        }
+        Ok(out)
+    }
+
+    /// A run writes the columns the table has: a change (another passthrough column, another
+    /// embedding width) would make the table unreadable as one, so it is refused.
+    fn check_schema(&self, snapshot: &Snapshot, ours: &StructType) -> Result<()> {
+        let theirs = snapshot.schema();
+        let names = |s: &StructType| -> Vec<(String, String)> {
+            s.fields()
+                .map(|f| (f.name().clone(), f.data_type().to_string()))
+                .collect()
+        };
+        if names(&theirs) != names(ours) {
+            return Err(Error::data(
+                self.sink.display(&self.dir),
+                format!(
+                    "the Delta table has columns {:?} but this run writes {:?}: keep the passthrough columns and the model's embedding width of the runs before, or write to a new sink.uri",
+                    names(&theirs)
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>(),
+                    names(ours)
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The add-file metadata of `adds`, in the kernel's add-file schema (no partition values,
+    /// no statistics: readers then read every file, which a run's few files make cheap).
+    fn add_metadata(schema: &SchemaRef, adds: &[NewFile]) -> Result<Box<ArrowEngineData>> {
+        let arrow: Schema = schema
+            .as_ref()
+            .try_into_arrow()
+            .map_err(|e| Error::internal(e, "the add-file schema"))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let n = adds.len();
+        let long = |f: &dyn Fn(&NewFile) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(adds.iter().map(f)))
+        };
+        let columns: Vec<ArrayRef> = arrow
+            .fields()
+            .iter()
+            .map(|field| -> Result<ArrayRef> {
+                Ok(match field.name().as_str() {
+                    "path" => Arc::new(StringArray::from_iter_values(
+                        adds.iter().map(|a| a.path.as_str()),
+                    )),
+                    "size" => long(&|a| a.size as i64),
+                    "modificationTime" => long(&|_| now),
+                    "partitionValues" => empty_maps(field.data_type(), n)?,
+                    _ => new_null_array(field.data_type(), n),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let batch = RecordBatch::try_new(Arc::new(arrow), columns)
+            .map_err(|e| Error::internal(e, "building the add-file metadata"))?;
+        Ok(Box::new(ArrowEngineData::new(batch)))
+    }
+
+    /// The kernel's error as ours: a store failure is classified as the store's own errors
+    /// are (transient, permission, ...); anything else is a table we cannot use.
+    fn kernel_error(&self, e: KernelError, doing: &str) -> Error {
+        let uri = self.sink.display(&self.dir);
+        match without_backtrace(e) {
+            KernelError::ObjectStore(store) => from_store(&uri, store),
+            other => Error::DataCause {
+                uri,
+                message: format!("{doing} failed"),
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+/// The table's URL for the kernel: the sink root's own URL (so that the kernel's paths are the
+/// store's paths) with the table directory appended, ending in `/`.
+fn table_url(sink: &Storage, dir: &str) -> Result<Url> {
+    let dir = dir.trim_matches('/');
+    let url = match sink.local_path(dir) {
+        Some(path) => Url::from_directory_path(&path)
+            .map_err(|()| Error::Usage(format!("{}: not an absolute path", path.display())))?,
+        None => {
+            let text = format!("{}/", sink.display(dir));
+            Url::parse(&text).map_err(|e| Error::usage_because(format!("{text}: not a URL"), e))?
+        }
+    };
+    Ok(url)
+}
+
+/// The error under the kernel's backtrace wrappers.
+fn without_backtrace(e: KernelError) -> KernelError {
+    match e {
+        KernelError::Backtraced { source, .. } => without_backtrace(*source),
+        other => other,
+    }
+}
+
+/// The last segment of a `/`-separated path.
+fn file_name(path: &str) -> Option<&str> {
+    path.rsplit('/').next()
+}
+
+fn record_batch(data: Box<dyn delta_kernel::EngineData>) -> Result<RecordBatch> {
+    ArrowEngineData::try_from_engine_data(data)
+        .map(|d| d.record_batch().clone())
+        .map_err(|e| Error::internal(e, "reading the kernel's file list"))
+}
+
+/// The `path` column of a scan-files batch.
+fn paths_of(batch: &RecordBatch) -> Result<Vec<Option<String>>> {
+    let paths = batch
+        .column_by_name("path")
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| Error::Internal("the kernel's file list has no path column".into()))?;
+    Ok((0..paths.len())
+        .map(|i| (!paths.is_null(i)).then(|| paths.value(i).to_string()))
+        .collect())
+}
+
+/// `n` empty `map<string, string>` values of type `t`.
+fn empty_maps(t: &DataType, n: usize) -> Result<ArrayRef> {
+    let DataType::Map(entries, sorted) = t else {
+        return Err(Error::Internal(format!(
+            "partitionValues is {t}, not a map"
+        )));
+    };
+    let empty = arrow::array::new_empty_array(entries.data_type());
+    let entries_array = empty
+        .as_any()
+        .downcast_ref::<StructArray>()
+        .ok_or_else(|| Error::Internal("map entries are not a struct".into()))?
+        .clone();
+    let offsets = OffsetBuffer::new(ScalarBuffer::from(vec![0i32; n + 1]));
+    let maps = MapArray::try_new(Arc::clone(entries), offsets, entries_array, None, *sorted)
+        .map_err(|e| Error::internal(e, "building partition values"))?;
+    Ok(Arc::new(maps))
+}
