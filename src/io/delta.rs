@@ -45,9 +45,10 @@ const ENGINE_INFO: &str = concat!("anomaly-pipeline/", env!("CARGO_PKG_VERSION")
 /// The log directory that makes a directory a Delta table.
 pub const LOG_DIR: &str = "_delta_log";
 
-/// A data file to add: its path relative to the table and its size in bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewFile {
+/// A data file of a table (to add, or live in a version): its path relative to the table and
+/// its size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DataFile {
     /// Relative to the table directory (`part-….parquet`).
     pub path: String,
     /// Bytes.
@@ -93,12 +94,11 @@ impl DeltaTable {
             .any(|m| m.location.as_ref().ends_with(".json")))
     }
 
-    /// The data files of the table's latest version (path relative to the table directory,
-    /// size in bytes), sorted by path; with the version (`None` for a table that does not exist
-    /// yet).
-    pub fn live_files(&self) -> Result<(Option<u64>, Vec<(String, u64)>)> {
+    /// The latest version and its data files, sorted by path; `None` for a table that does
+    /// not exist yet.
+    pub fn live_files(&self) -> Result<Option<(u64, Vec<DataFile>)>> {
         if !self.exists()? {
-            return Ok((None, Vec::new()));
+            return Ok(None);
         }
         let snapshot = self.snapshot()?;
         let mut files = Vec::new();
@@ -109,12 +109,15 @@ impl DeltaTable {
                 .ok_or_else(|| Error::Internal("the kernel's file list has no size".into()))?;
             for (i, path) in paths_of(&batch)?.into_iter().enumerate() {
                 if let Some(path) = path.filter(|_| live[i]) {
-                    files.push((path, sizes.value(i).max(0) as u64));
+                    files.push(DataFile {
+                        path,
+                        size: sizes.value(i).max(0) as u64,
+                    });
                 }
             }
         }
         files.sort();
-        Ok((Some(snapshot.version()), files))
+        Ok(Some((snapshot.version(), files)))
     }
 
     /// One commit that removes every file of run `run_id` from the latest version and adds
@@ -126,7 +129,7 @@ impl DeltaTable {
         &self,
         run_id: &str,
         schema: Option<&Schema>,
-        adds: &[NewFile],
+        adds: &[DataFile],
     ) -> Result<u64> {
         let kernel_schema = schema
             .map(|s| {
@@ -263,14 +266,14 @@ impl DeltaTable {
 
     /// The add-file metadata of `adds`, in the kernel's add-file schema (no partition values,
     /// no statistics: readers then read every file, which a run's few files make cheap).
-    fn add_metadata(schema: &SchemaRef, adds: &[NewFile]) -> Result<Box<ArrowEngineData>> {
+    fn add_metadata(schema: &SchemaRef, adds: &[DataFile]) -> Result<Box<ArrowEngineData>> {
         let arrow: Schema = schema
             .as_ref()
             .try_into_arrow()
             .map_err(|e| Error::internal(e, "the add-file schema"))?;
         let now = chrono::Utc::now().timestamp_millis();
         let n = adds.len();
-        let long = |f: &dyn Fn(&NewFile) -> i64| -> ArrayRef {
+        let long = |f: &dyn Fn(&DataFile) -> i64| -> ArrayRef {
             Arc::new(Int64Array::from_iter_values(adds.iter().map(f)))
         };
         let columns: Vec<ArrayRef> = arrow
@@ -370,4 +373,142 @@ fn empty_maps(t: &DataType, n: usize) -> Result<ArrayRef> {
     let maps = MapArray::try_new(Arc::clone(entries), offsets, entries_array, None, *sorted)
         .map_err(|e| Error::internal(e, "building partition values"))?;
     Ok(Arc::new(maps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::storage::Io;
+    use arrow::datatypes::Field;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Writes a one-column part `name` with `rows` rows into table `t` and says what to add.
+    fn part(sink: &Storage, t: &str, name: &str, rows: i64) -> DataFile {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from_iter_values(0..rows))],
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let rel = format!("{t}/{name}");
+        sink.put(&rel, bytes.into()).unwrap();
+        DataFile {
+            path: name.to_string(),
+            size: sink.size(&rel).unwrap(),
+        }
+    }
+
+    fn names(table: &DeltaTable) -> Vec<String> {
+        table
+            .live_files()
+            .unwrap()
+            .map(|(_, files)| files.into_iter().map(|f| f.path).collect())
+            .unwrap_or_default()
+    }
+
+    /// A run's commit replaces exactly its own files; a retried commit commits nothing; a table
+    /// the run no longer writes loses the run's files; another schema is refused.
+    #[test]
+    fn replacing_a_run_touches_only_its_files_and_a_retry_commits_nothing() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let sink =
+            Storage::open(dir.path().to_str().unwrap(), &Io::new(rt.handle().clone())).unwrap();
+        let table = DeltaTable::open(&sink, "t").unwrap();
+        assert!(!table.exists().unwrap());
+        assert_eq!(table.live_files().unwrap(), None);
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, false)]);
+        let a1 = part(&sink, "t", "part-a-0000-00000.0000000000000001.parquet", 3);
+        let b1 = part(&sink, "t", "part-b-0000-00000.0000000000000001.parquet", 4);
+        assert_eq!(
+            table
+                .replace_run("a", Some(&schema), std::slice::from_ref(&a1))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            table
+                .replace_run("b", Some(&schema), std::slice::from_ref(&b1))
+                .unwrap(),
+            1
+        );
+        let a2 = part(&sink, "t", "part-a-0000-00000.0000000000000002.parquet", 5);
+        assert_eq!(
+            table
+                .replace_run("a", Some(&schema), std::slice::from_ref(&a2))
+                .unwrap(),
+            2
+        );
+        assert_eq!(names(&table), [a2.path.clone(), b1.path.clone()]);
+        // The same commit again (a retry after a crash): nothing new.
+        assert_eq!(
+            table
+                .replace_run("a", Some(&schema), std::slice::from_ref(&a2))
+                .unwrap(),
+            2
+        );
+        // Run a no longer writes this table.
+        assert_eq!(table.replace_run("a", None, &[]).unwrap(), 3);
+        assert_eq!(names(&table), std::slice::from_ref(&b1.path));
+        // Another schema would make the table unreadable as one.
+        let other = Schema::new(vec![Field::new("y", DataType::Utf8, true)]);
+        let e = table.replace_run("c", Some(&other), &[]).unwrap_err();
+        assert!(e.to_string().contains("columns"), "{e}");
+        assert_eq!(e.exit_code(), 65);
+    }
+
+    /// Writers racing for the same versions all commit, each once: the losers of a version
+    /// retry against the new one.
+    #[test]
+    fn concurrent_commits_each_land_once() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let sink =
+            Storage::open(dir.path().to_str().unwrap(), &Io::new(rt.handle().clone())).unwrap();
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, false)]);
+        let seed = part(&sink, "t", "part-seed-0000-00000.parquet", 1);
+        DeltaTable::open(&sink, "t")
+            .unwrap()
+            .replace_run("seed", Some(&schema), &[seed])
+            .unwrap();
+        let files: Vec<DataFile> = (0..6)
+            .map(|i| part(&sink, "t", &format!("part-r{i}-0000-00000.parquet"), i + 1))
+            .collect();
+        let versions: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let sink = sink.clone();
+                    let schema = schema.clone();
+                    s.spawn(move || {
+                        DeltaTable::open(&sink, "t")
+                            .unwrap()
+                            .replace_run(&format!("r{i}"), Some(&schema), std::slice::from_ref(f))
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = versions.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (1..=6).collect::<Vec<u64>>(),
+            "one version each: {versions:?}"
+        );
+        assert_eq!(names(&DeltaTable::open(&sink, "t").unwrap()).len(), 7);
+    }
 }

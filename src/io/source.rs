@@ -297,33 +297,28 @@ async fn stream_file(
     Ok(())
 }
 
-/// Lists what `uri` names: one file, every `*.parquet` below a directory, or a glob's matches.
+/// The store a source's files are in, and each file's URI (as shown), path and size.
+type Found = (Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>);
+
 /// The files of the Delta table at `uri` (a directory without a glob), or `None` when it is
 /// not one.
-fn delta_files(
-    uri: &str,
-    io: &Io,
-) -> Result<Option<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)>> {
+fn delta_files(uri: &str, io: &Io) -> Result<Option<Found>> {
     if uri.contains(['*', '?', '[']) || uri.ends_with(".parquet") {
         return Ok(None);
     }
     let root = Storage::open(uri, io)?;
-    let table = DeltaTable::open(&root, "")?;
-    if !table.exists()? {
+    let Some((_, live)) = DeltaTable::open(&root, "")?.live_files()? else {
         return Ok(None);
-    }
-    let (_, live) = table.live_files()?;
+    };
     let files = live
         .into_iter()
-        .map(|(rel, size)| (Arc::from(root.display(&rel)), root.path(&rel), size))
+        .map(|f| (Arc::from(root.display(&f.path)), root.path(&f.path), f.size))
         .collect();
     Ok(Some((Arc::clone(root.store()), files)))
 }
 
-async fn find_files(
-    uri: &str,
-    settings: &StorageConfig,
-) -> Result<(Arc<dyn ObjectStore>, Vec<(Arc<str>, Path, u64)>)> {
+/// Lists what `uri` names: one file, every `*.parquet` below a directory, or a glob's matches.
+async fn find_files(uri: &str, settings: &StorageConfig) -> Result<Found> {
     let glob_at = uri.find(['*', '?', '[']);
     let (base, pattern) = match glob_at {
         Some(i) => {

@@ -74,18 +74,25 @@ pub fn sticky_chains(n: usize, d: usize, seed: u64) -> ndarray::Array2<u8> {
     x
 }
 
-/// `n` one-pixel RGB images with R uniform on 20..236, G = R and B = 255 − G: G and B are
-/// certain given their predecessors in R, G, B order.
-pub fn copied_channels(n: usize, seed: u64) -> ndarray::Array2<u8> {
+/// `n` one-pixel RGB images in a chain R → G → B: R uniform on 20..236, G = R plus noise
+/// uniform on −[`CHAIN_NOISE`]..=[`CHAIN_NOISE`], and B = 255 − G. In R, G, B order, G is
+/// uncertain given R (about ln(2·CHAIN_NOISE + 1) nats) and B certain given G; a model that
+/// took the channels in another order (R, B, G: B uncertain, G certain) or that let B see R
+/// but not G (B as uncertain as G) shows it in the per-channel NLL.
+pub fn chained_channels(n: usize, seed: u64) -> ndarray::Array2<u8> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut v = Vec::with_capacity(n * 3);
     for _ in 0..n {
-        let r: u8 = rng.random_range(20..236);
-        v.extend([r, r, 255 - r]);
+        let r: i32 = rng.random_range(20..236);
+        let g = (r + rng.random_range(-CHAIN_NOISE..=CHAIN_NOISE)).clamp(0, 255) as u8;
+        v.extend([r as u8, g, 255 - g]);
     }
     ndarray::Array2::from_shape_vec((n, 3), v).unwrap()
 }
+
+/// The half-width of G's noise around R in [`chained_channels`].
+pub const CHAIN_NOISE: i32 = 16;
 
 /// Mean −log p(x_c | x_<c) of each channel over one-pixel RGB images.
 pub fn per_channel_nll(model: &dyn DensityModel, pixels: ArrayView2<'_, u8>) -> [f64; 3] {

@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use crate::config::SinkFormat;
 use crate::error::{Error, Result};
-use crate::io::delta::{DeltaTable, NewFile};
+use crate::io::delta::{DataFile, DeltaTable};
 use crate::io::storage::Storage;
 use crate::io::tables::{self, Table, WrittenTable, run_of_part};
 
@@ -98,7 +98,7 @@ fn commit_delta(
     manifest: &Manifest,
 ) -> Result<Vec<(Table, Vec<String>)>> {
     let tag = attempt_tag(staged, manifest);
-    let mut placed: Vec<(Table, Vec<NewFile>)> = Vec::new();
+    let mut placed: Vec<(Table, Vec<DataFile>)> = Vec::new();
     for (table, written) in staged {
         let mut adds = Vec::new();
         for from in &written.staged {
@@ -114,7 +114,7 @@ fn commit_delta(
                 sink.rename(from, &to)?;
             }
             crash_point::reached("commit.first-part-moved");
-            adds.push(NewFile {
+            adds.push(DataFile {
                 size: sink.size(&to)?,
                 path,
             });

@@ -652,12 +652,13 @@ mod tests {
         }
     }
 
-    /// RGB pixels where G = R and B = 255 − G: G and B are nearly certain given their
-    /// predecessors (the residual is the dequantization noise, about a level wide).
+    /// RGB pixels in a chain R → G → B ([`chained_channels`]): R is spread over many values, G
+    /// given R over the noise's 33 (ln 33 ≈ 3.5 nats), and B is certain given G; a wrong channel
+    /// order or a B that does not see G fails.
     #[test]
     fn colour_channels_see_their_predecessors() {
         let n = 2000;
-        let pixels = copied_channels(n, 8);
+        let pixels = chained_channels(n, 8);
         let data = TrainingSet {
             shape: ImageShape::new(1, 1, 3),
             levels: 256,
@@ -685,7 +686,17 @@ mod tests {
         let per_channel = per_channel_nll(&m, pixels.view());
         eprintln!("per-channel NLL {per_channel:?}");
         assert!(per_channel[0] > 4.0, "R is uncertain: {per_channel:?}");
-        assert!(per_channel[1] < 0.3, "G given R: {per_channel:?}");
-        assert!(per_channel[2] < 0.3, "B given R, G: {per_channel:?}");
+        let ideal_g = f64::from(2 * CHAIN_NOISE + 1).ln();
+        assert!(
+            per_channel[1] > ideal_g - 0.3 && per_channel[1] < ideal_g + 0.7,
+            "G given R is as uncertain as its noise: {per_channel:?}"
+        );
+        // RNADE's conditional is a smooth density on dequantized values, so B given G is at best
+        // a triangle two levels wide around the right level, whose own level holds 3/4 of it:
+        // −ln 0.75 ≈ 0.29 nats is its floor. (A bound of 0.3 sat on that floor, and the
+        // trajectories of the AVX-512, AVX2 and portable kernels, which differ in rounding
+        // only, landed on either side of it: 0.22 to 0.43.) A B that did not see G would cost
+        // as much as G itself, above 3 nats.
+        assert!(per_channel[2] < 0.6, "B given G: {per_channel:?}");
     }
 }
