@@ -170,6 +170,18 @@ fn sigkill_at_any_point_leaves_the_previous_run_or_nothing_and_a_rerun_repairs()
 
 #[test]
 fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
+    signal_stops_the_run("TERM");
+}
+
+/// Ctrl-C at a terminal: the same as SIGTERM.
+#[test]
+fn sigint_stops_within_seconds_with_75_and_publishes_nothing() {
+    signal_stops_the_run("INT");
+}
+
+/// Sends SIG`signal` mid-training and checks the run stops within seconds, with 75, naming the
+/// signal, having published and left nothing.
+fn signal_stops_the_run(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
@@ -211,7 +223,7 @@ fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
         .expect("training starts");
     let signalled = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -221,7 +233,7 @@ fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
         }
         assert!(
             signalled.elapsed() < Duration::from_secs(10),
-            "still running 10 s after SIGTERM"
+            "still running 10 s after SIG{signal}"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -230,7 +242,7 @@ fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
     assert_eq!(code, Some(75), "{log}");
     assert!(stopped_in < Duration::from_secs(5), "took {stopped_in:?}");
     assert!(
-        log.contains("SIGTERM") && !log.contains("panicked"),
+        log.contains(&format!("SIG{signal}")) && !log.contains("panicked"),
         "{log}"
     );
     let out = d.join("out");
@@ -245,23 +257,6 @@ fn sigterm_stops_within_seconds_with_75_and_publishes_nothing() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(staged, 0, "nothing staged is left behind");
-}
-
-/// Runs `args` with the process set to abort at crash point `point` (see
-/// `src/pipeline/crash_point.rs`) and checks it died there.
-fn crash_at(dir: &Path, args: &[&str], point: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("PIPELINE_LOG")
-        .env("PIPELINE_CRASH_AT", point)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains(&format!("PIPELINE_CRASH_AT={point}: aborting")),
-        "{point}: did not die there: {stderr}"
-    );
 }
 
 fn staged_entries(out: &Path) -> usize {

@@ -39,23 +39,23 @@ fn run_args(source: &str) -> Vec<String> {
         .collect()
 }
 
+/// A directory set up by [`setup`], or `None` where the reader is missing (outside CI).
+fn prepared() -> Option<tempfile::TempDir> {
+    if !delta::available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    Some(dir)
+}
+
 fn scores(d: &Path) -> Option<DeltaRead> {
     delta::read_local(&d.join("out/scores"), None, RUN)
 }
 
 fn crash_at(dir: &Path, args: &[String], point: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("PIPELINE_LOG")
-        .env("PIPELINE_CRASH_AT", point)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains(&format!("PIPELINE_CRASH_AT={point}: aborting")),
-        "{point}: did not die there: {stderr}"
-    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::common::crash_at(dir, &args, point);
 }
 
 fn run_ok(d: &Path, args: &[String]) {
@@ -68,12 +68,10 @@ fn run_ok(d: &Path, args: &[String]) {
 /// replaced its rows (time travel).
 #[test]
 fn a_delta_sink_reads_with_the_deltalake_package_and_keeps_last_nights_version() {
-    if !delta::available() {
+    let Some(dir) = prepared() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let d = dir.path();
-    setup(d);
     run_ok(d, &run_args("a.parquet"));
     let first = scores(d).expect("a scores table");
     assert_eq!(first.rows.len(), 600);
@@ -152,12 +150,10 @@ fn a_delta_sink_reads_with_the_deltalake_package_and_keeps_last_nights_version()
 /// none; and a rerun completes with the new rows.
 #[test]
 fn a_crash_at_every_commit_step_leaves_the_previous_version_or_the_new_one() {
-    if !delta::available() {
+    let Some(dir) = prepared() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let d = dir.path();
-    setup(d);
     run_ok(d, &run_args("a.parquet"));
     let a = scores(d).unwrap().rows;
     run_ok(d, &run_args("b.parquet"));

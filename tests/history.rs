@@ -4,30 +4,7 @@
 
 use std::path::Path;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use crate::common::*;
-
-/// Images like [`images`], with every pixel's chance of being bright raised by `shift`.
-fn shifted_images(n: usize, side: usize, seed: u64, shift: f64) -> Vec<Vec<u8>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let dims = side * side;
-    (0..n)
-        .map(|_| {
-            (0..dims)
-                .map(|d| {
-                    let p = 0.1 + 0.8 * (d as f64 / dims as f64) + shift;
-                    if rng.random::<f64>() < p {
-                        rng.random_range(140..=255)
-                    } else {
-                        rng.random_range(0..100)
-                    }
-                })
-                .collect()
-        })
-        .collect()
-}
 
 fn manifest(out: &Path, run: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join(format!("runs/{run}/manifest.json"))).unwrap())
@@ -54,7 +31,7 @@ fn a_night_like_the_training_data_does_not_drift_and_a_shifted_one_does() {
     write_tensor_u8(
         &d.join("shifted.parquet"),
         &ids(0, 2000),
-        &shifted_images(2000, side, 3, 0.2),
+        &shifted_images(2000, side, side, 3, 0.2),
         &[side, side],
     );
     write_config(

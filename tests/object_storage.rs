@@ -468,3 +468,33 @@ fn requests_whose_answer_is_lost_are_retried_without_harm() {
     eprintln!("answers lost (delete, create, copy): {lost:?}");
     assert!(lost.iter().all(|&n| n >= 1), "every kind was hit: {lost:?}");
 }
+
+/// A store that refuses access (403 AccessDenied: wrong credentials or policy) ends the run in
+/// exit 77 at once, not after retries, saying to check the credentials; and the binary never
+/// prints the secret it was given.
+#[test]
+fn a_store_that_refuses_access_ends_in_77() {
+    use crate::common::fault_proxy::{Fault, FaultProxy};
+    let Some(server) = S3Server::with_demo_digits() else {
+        return;
+    };
+    let proxy = FaultProxy::start(server.port(), |_| Fault::Forbidden);
+    let mut env_owned = server.env();
+    env_owned[0].1 = proxy.endpoint.clone();
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let started = std::time::Instant::now();
+    let out = demo(
+        "s3://frames/demo/digits.parquet",
+        "s3://frames/out",
+        "refused",
+        &env,
+        &[],
+    );
+    out.expect(77)
+        .mentions(&["permission denied", "credentials"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "a refusal is not retried as if transient"
+    );
+    assert!(!out.stderr.contains("test-secret") && !out.stdout.contains("test-secret"));
+}

@@ -185,3 +185,105 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
     )
     .expect(64);
 }
+
+/// Three workers, the last of which dies right after staging its rows (before it could see that
+/// it was the last): nobody publishes the run, the others have gone, and `pipeline commit`
+/// publishes it with every row once, as one process scores them. Then the same run again,
+/// its last worker dying in the middle of publishing it: `pipeline commit` repeats the commit.
+#[test]
+fn a_worker_dying_after_staging_or_while_publishing_leaves_the_run_to_pipeline_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let demo = repo().join("data/demo/digits.parquet"); // 4 row groups
+    let fit = pipeline(
+        &repo(),
+        &["fit", "pipelines/demo.toml"],
+        &[("DEMO_OUT", d.join("models-sink").to_str().unwrap())],
+    );
+    let model = fitted_model(&fit);
+    let set_source = format!("source.uri=\"{}\"", demo.display());
+    let cfg = repo().join("pipelines/demo.toml").display().to_string();
+    let score = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            cfg.as_str(),
+            "--model",
+            model.as_str(),
+            "--run-id",
+            "night",
+            "--set",
+            &set_source,
+        ];
+        args.extend(extra);
+        pipeline(d, &args, &[("DEMO_OUT", out.to_str().unwrap())])
+    };
+    let single = d.join("single");
+    score(&single, &[]).expect(0);
+    let one = likelihoods(&single.join("scores"));
+
+    let sharded = d.join("sharded");
+    for point in ["shard.staged", "commit.first-part-moved"] {
+        for i in 0..2 {
+            score(&sharded, &["--shard", &format!("{i}/3")]).expect(0);
+        }
+        let args: Vec<String> = [
+            "score",
+            &cfg,
+            "--model",
+            &model,
+            "--run-id",
+            "night",
+            "--set",
+            &set_source,
+            "--shard",
+            "2/3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dying = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(&args)
+            .current_dir(d)
+            .env_remove("PIPELINE_LOG")
+            .env("DEMO_OUT", &sharded)
+            .env("PIPELINE_CRASH_AT", point)
+            .output()
+            .unwrap();
+        assert!(!dying.status.success(), "the worker died at {point}");
+        assert!(
+            !sharded.join("runs/night/_SUCCESS").exists(),
+            "nobody published ({point})"
+        );
+        let committed = pipeline(
+            d,
+            &[
+                "commit",
+                sharded.to_str().unwrap(),
+                "--run-id",
+                "night",
+                "--shards",
+                "3",
+            ],
+            &[],
+        );
+        committed.expect(0);
+        assert!(sharded.join("runs/night/_SUCCESS").exists());
+        assert_eq!(
+            likelihoods(&sharded.join("scores")),
+            one,
+            "every row once ({point})"
+        );
+        assert_eq!(
+            rows(&read_table(&sharded.join("scores"))),
+            one.len(),
+            "no second copy ({point})"
+        );
+        assert_eq!(
+            rows(&read_table(&sharded.join("history"))),
+            1,
+            "one history row for the run ({point})"
+        );
+        assert!(!sharded.join("_staging/night").exists(), "{point}");
+    }
+}

@@ -27,7 +27,7 @@ use delta_kernel::engine_data::FilteredEngineData;
 use delta_kernel::schema::{SchemaRef, StructType};
 use delta_kernel::transaction::create_table::create_table;
 use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
-use delta_kernel::{KernelError, Snapshot};
+use delta_kernel::{KernelError, KernelResult, Snapshot};
 use delta_kernel_default_engine::DefaultEngine;
 use delta_kernel_default_engine::executor::tokio::TokioMultiThreadExecutor;
 use url::Url;
@@ -140,47 +140,21 @@ impl DeltaTable {
             .transpose()?;
         let ours: BTreeSet<&str> = adds.iter().map(|a| a.path.as_str()).collect();
         for attempt in 0..MAX_ATTEMPTS {
-            let result = if !self.exists()? {
+            let committed = if !self.exists()? {
                 let Some(kernel_schema) = kernel_schema.clone() else {
                     return Ok(0);
                 };
                 let mut txn = create_table(self.url.as_str(), kernel_schema, ENGINE_INFO, true)
                     .build(&self.engine, Box::new(FileSystemCommitter::new()))
                     .map_err(|e| self.kernel_error(e, "creating the Delta table"))?;
-                let metadata = Self::add_metadata(txn.add_files_schema(), adds)?;
-                txn.add_files(metadata);
-                match txn.commit(&self.engine) {
-                    Ok(CommitResult::Committed(c)) => Ok(c.commit_version()),
-                    Ok(_) => Err(()),
-                    Err(e) => return Err(self.kernel_error(e, "creating the Delta table")),
-                }
+                txn.add_files(Self::add_metadata(txn.add_files_schema(), adds)?);
+                self.version_of(txn.commit(&self.engine), "creating the Delta table")?
             } else {
                 let snapshot = self.snapshot()?;
                 if let Some(ours) = &kernel_schema {
                     self.check_schema(&snapshot, ours)?;
                 }
-                let mut live_ours = 0;
-                let mut removes = Vec::new();
-                for (batch, live) in self.scan_files(&snapshot)? {
-                    let mut remove = vec![false; live.len()];
-                    for (i, path) in paths_of(&batch)?.iter().enumerate() {
-                        let Some(path) = path.as_deref().filter(|_| live[i]) else {
-                            continue;
-                        };
-                        if ours.contains(path) {
-                            live_ours += 1;
-                        } else if file_name(path).and_then(run_of_part) == Some(run_id) {
-                            remove[i] = true;
-                        }
-                    }
-                    if remove.contains(&true) {
-                        let data = Box::new(ArrowEngineData::new(batch));
-                        removes.push(
-                            FilteredEngineData::try_new(data, remove)
-                                .map_err(|e| self.kernel_error(e, "removing the run's files"))?,
-                        );
-                    }
-                }
+                let (live_ours, removes) = self.run_files(&snapshot, run_id, &ours)?;
                 if live_ours == ours.len() && removes.is_empty() {
                     return Ok(snapshot.version());
                 }
@@ -192,25 +166,65 @@ impl DeltaTable {
                 for r in removes {
                     txn.remove_files(r);
                 }
-                let metadata = Self::add_metadata(txn.add_files_schema(), adds)?;
-                txn.add_files(metadata);
-                match txn.commit(&self.engine) {
-                    Ok(CommitResult::Committed(c)) => Ok(c.commit_version()),
-                    Ok(_) => Err(()),
-                    Err(e) => return Err(self.kernel_error(e, "committing to the Delta table")),
-                }
+                txn.add_files(Self::add_metadata(txn.add_files_schema(), adds)?);
+                self.version_of(txn.commit(&self.engine), "committing to the Delta table")?
             };
-            match result {
-                Ok(version) => return Ok(version),
-                Err(()) => {
-                    tracing::debug!(table = %self.url, attempt, "Another writer took the Delta version; trying again.");
-                }
+            if let Some(version) = committed {
+                return Ok(version);
             }
+            tracing::debug!(table = %self.url, attempt, "Another writer took the Delta version; trying again.");
         }
         Err(Error::Transient {
             uri: self.sink.display(&self.dir),
             source: format!("lost the race for a Delta version {MAX_ATTEMPTS} times").into(),
         })
+    }
+
+    /// Of `snapshot`'s live files: how many are already `ours` (a retried commit), and the
+    /// other files of run `run_id`, selected for removal.
+    fn run_files(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        run_id: &str,
+        ours: &BTreeSet<&str>,
+    ) -> Result<(usize, Vec<FilteredEngineData>)> {
+        let mut live_ours = 0;
+        let mut removes = Vec::new();
+        for (batch, live) in self.scan_files(snapshot)? {
+            let mut remove = vec![false; live.len()];
+            for (i, path) in paths_of(&batch)?.iter().enumerate() {
+                let Some(path) = path.as_deref().filter(|_| live[i]) else {
+                    continue;
+                };
+                if ours.contains(path) {
+                    live_ours += 1;
+                } else if file_name(path).and_then(run_of_part) == Some(run_id) {
+                    remove[i] = true;
+                }
+            }
+            if remove.contains(&true) {
+                let data = Box::new(ArrowEngineData::new(batch));
+                removes.push(
+                    FilteredEngineData::try_new(data, remove)
+                        .map_err(|e| self.kernel_error(e, "removing the run's files"))?,
+                );
+            }
+        }
+        Ok((live_ours, removes))
+    }
+
+    /// The version a commit took, or `None` when another writer took it first (or the commit
+    /// hit an error worth retrying).
+    fn version_of<S>(
+        &self,
+        result: KernelResult<CommitResult<S>>,
+        doing: &str,
+    ) -> Result<Option<u64>> {
+        match result {
+            Ok(CommitResult::Committed(c)) => Ok(Some(c.commit_version())),
+            Ok(CommitResult::Conflicted(_) | CommitResult::Retryable(_)) => Ok(None),
+            Err(e) => Err(self.kernel_error(e, doing)),
+        }
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>> {
@@ -379,15 +393,8 @@ fn empty_maps(t: &DataType, n: usize) -> Result<ArrayRef> {
 mod tests {
     use super::*;
     use crate::io::storage::Io;
+    use crate::io::storage::tests::runtime;
     use arrow::datatypes::Field;
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
 
     /// Writes a one-column part `name` with `rows` rows into table `t` and says what to add.
     fn part(sink: &Storage, t: &str, name: &str, rows: i64) -> DataFile {

@@ -205,6 +205,15 @@ impl Storage {
         }
     }
 
+    /// Copies an object, replacing any object at `to`: on a local disk a hard link (no bytes
+    /// copied), in a cloud store a server-side copy.
+    pub fn copy(&self, from: &str, to: &str) -> Result<()> {
+        let (f, t) = (self.path(from), self.path(to));
+        self.rt
+            .block_on(self.store.copy(&f, &t))
+            .map_err(|e| from_store(&self.display(from), e))
+    }
+
     /// Moves an object, replacing any object at `to`.
     ///
     /// On a local disk this is one atomic rename. Cloud stores have no rename: it is a copy
@@ -391,7 +400,7 @@ fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -402,7 +411,8 @@ mod tests {
         assert_eq!(path, Path::from_absolute_path(parent).unwrap());
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
+    /// A small IO runtime for tests that open stores.
+    pub(crate) fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

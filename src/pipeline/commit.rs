@@ -2,20 +2,22 @@
 //!
 //! Order of operations for run R:
 //! 1. delete `runs/R/_SUCCESS` (from here on, R reads as incomplete);
-//! 2. delete R's old part files in `scores/`, `anomalies/`, `rejects/`;
-//! 3. move R's staged part files from `_staging/R/` into place;
+//! 2. delete R's old part files in every table;
+//! 3. copy R's staged part files from `_staging/R/` into place (a hard link on a local disk, a
+//!    server-side copy in a cloud store);
 //! 4. write `runs/R/manifest.json`, then `runs/R/_SUCCESS`;
-//! 5. remove what is left of `_staging/R/`.
+//! 5. remove `_staging/R/`.
 //!
 //! A crash anywhere leaves R without `_SUCCESS`; rerunning R repeats the protocol and ends with
-//! exactly one copy of its rows.
+//! exactly one copy of its rows. The staged files stay until the end, so a commit that crashed
+//! part-way can also be repeated as it was (`pipeline commit` for a sharded run).
 //!
 //! With `sink.format = "delta"` steps 2 and 3 are instead:
-//! 2. move R's staged part files into their tables under names unique to this attempt (no
-//!    Delta reader sees a file before a commit adds it);
+//! 2. copy R's staged part files into their tables under names unique to this attempt (no
+//!    Delta reader sees a file before a commit adds it; a repeated commit finds them there);
 //! 3. per table, one Delta commit that removes R's previous files and adds the new ones
 //!    ([`DeltaTable::replace_run`]): a reader sees R's previous rows or its new ones, never a
-//!    mix and never none, whatever the moment of a crash. Moved files that a crash left out of
+//!    mix and never none, whatever the moment of a crash. Copied files that a crash left out of
 //!    every commit are never read (vacuuming the table deletes them).
 
 use bytes::Bytes;
@@ -81,7 +83,7 @@ fn publish_parts(
                 .next()
                 .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
             let to = format!("{}/{name}", table.dir());
-            sink.rename(from, &to)?;
+            sink.copy(from, &to)?;
             crash_point::reached("commit.first-part-moved");
             finals.push(to);
         }
@@ -90,7 +92,7 @@ fn publish_parts(
     Ok(files)
 }
 
-/// Delta layout: moves the staged files into their tables, then commits each table.
+/// Delta layout: copies the staged files into their tables, then commits each table.
 fn commit_delta(
     sink: &Storage,
     run_id: &str,
@@ -109,9 +111,10 @@ fn commit_delta(
                 .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
             let path = format!("{name}.{tag}.parquet");
             let to = format!("{}/{path}", table.dir());
-            // A retried commit (`pipeline commit` after a crash) finds some files moved already.
-            if sink.exists(from)? || !sink.exists(&to)? {
-                sink.rename(from, &to)?;
+            // A repeated commit (`pipeline commit` after a crash) finds some files there already,
+            // perhaps in a committed version: they must not change.
+            if !sink.exists(&to)? {
+                sink.copy(from, &to)?;
             }
             crash_point::reached("commit.first-part-moved");
             adds.push(DataFile {

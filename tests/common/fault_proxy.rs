@@ -24,6 +24,8 @@ pub enum Fault {
     Throttle,
     /// Read the request head, answer `500 Internal Error`, close.
     ServerError,
+    /// Read the request head, answer `403 Forbidden` (AccessDenied), close.
+    Forbidden,
     /// Close at once with a TCP reset.
     Reset,
     /// Wait this long, then forward.
@@ -223,7 +225,12 @@ fn read_head(client: &mut TcpStream) {
 
 fn answer(mut client: TcpStream, status: &str) {
     read_head(&mut client);
-    let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
+    let code = if status.starts_with("403") {
+        "AccessDenied"
+    } else {
+        "SlowDown"
+    };
+    let body = format!("<Error><Code>{code}</Code><Message>injected</Message></Error>");
     let _ = write!(
         client,
         "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -243,6 +250,7 @@ fn handle(client: TcpStream, target: u16, fault: Fault) {
     match fault {
         Fault::Throttle => return answer(client, "503 Slow Down"),
         Fault::ServerError => return answer(client, "500 Internal Server Error"),
+        Fault::Forbidden => return answer(client, "403 Forbidden"),
         Fault::Reset => {
             // SO_LINGER 0: closing sends RST, as a crashed load balancer would.
             let _ = socket_linger_zero(&client);

@@ -83,6 +83,33 @@ pub fn pipeline(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
+/// Says why a test is skipped, or fails it where `required_by` (an environment variable that
+/// CI sets: `PIPELINE_REQUIRE_S3`, …) is set: required in CI means it cannot skip there.
+pub fn skip_unless_required(required_by: &str, why: &str) {
+    assert!(
+        std::env::var_os(required_by).is_none(),
+        "{required_by} is set, so this test may not skip, but: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
+/// Runs `args` with the process set to abort at crash point `point` (see
+/// `src/pipeline/crash_point.rs`) and checks it died there.
+pub fn crash_at(dir: &Path, args: &[&str], point: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PIPELINE_LOG")
+        .env("PIPELINE_CRASH_AT", point)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("PIPELINE_CRASH_AT={point}: aborting")),
+        "{point}: did not die there: {stderr}"
+    );
+}
+
 /// Runs `pipeline fit CONFIG` in `dir` and returns the model directory it printed.
 pub fn fit_model(dir: &Path, config: &str) -> String {
     fitted_model(&pipeline(dir, &["fit", config], &[]))
@@ -101,13 +128,25 @@ pub fn write_config(dir: &Path, name: &str, source: &str, sink: &str, extra: &st
 /// Synthetic grayscale images: pixel d is bright with probability p_d, where p varies
 /// smoothly across the image, so a model has something to learn.
 pub fn images(n: usize, height: usize, width: usize, seed: u64) -> Vec<Vec<u8>> {
+    shifted_images(n, height, width, seed, 0.0)
+}
+
+/// [`images`] with every pixel's chance of being bright raised by `shift`: another
+/// distribution, for drift.
+pub fn shifted_images(
+    n: usize,
+    height: usize,
+    width: usize,
+    seed: u64,
+    shift: f64,
+) -> Vec<Vec<u8>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let dims = height * width;
     (0..n)
         .map(|_| {
             (0..dims)
                 .map(|d| {
-                    let p = 0.1 + 0.8 * (d as f64 / dims as f64);
+                    let p = 0.1 + 0.8 * (d as f64 / dims as f64) + shift;
                     if rng.random::<f64>() < p {
                         rng.random_range(140..=255)
                     } else {

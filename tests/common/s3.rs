@@ -46,22 +46,26 @@ fn moto_server() -> Option<Command> {
 impl S3Server {
     /// Starts a server on a free port, or `None` (with a message) where moto is not installed.
     pub fn start() -> Option<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+        let port = match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(addr) => addr.port(),
+            Err(e) => {
+                super::skip_unless_required(
+                    "PIPELINE_REQUIRE_S3",
+                    &format!("cannot bind a loopback port for the S3 server: {e}"),
+                );
+                return None;
+            }
+        };
         Self::start_on(port)
     }
 
     /// Starts a server on `port`.
     pub fn start_on(port: u16) -> Option<Self> {
         let Some(mut command) = moto_server() else {
-            assert!(
-                std::env::var_os("PIPELINE_REQUIRE_S3").is_none(),
-                "PIPELINE_REQUIRE_S3 is set but no moto server can be started"
+            super::skip_unless_required(
+                "PIPELINE_REQUIRE_S3",
+                "no moto server here (pip install 'moto[server]'; .ci/run does)",
             );
-            eprintln!("skipped: no moto server here (pip install 'moto[server]'; .ci/run does)");
             return None;
         };
         let child = command

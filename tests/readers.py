@@ -1,0 +1,159 @@
+"""Outside readers of the tables: every table of a demo run, opened by the readers the README
+names, with its row count and column types checked against schemas/tables.json.
+
+The Parquet layout is read by pyarrow, DuckDB and polars; the Delta layout by the deltalake
+package and by polars' read_delta. Run by .ci/run after the Rust tests (which build the binary):
+
+    python3 tests/readers.py target/debug/pipeline
+
+Exits non-zero, naming the reader, table and column, on the first disagreement.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import duckdb
+import polars as pl
+import pyarrow.dataset as ds
+from deltalake import DeltaTable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo's passthrough columns, after `id` in scores and anomalies (uint8 label as int16).
+PASSTHROUGH = [("label", "Int16"), ("condition", "Utf8")]
+TABLES = ["scores", "anomalies", "rejects", "history"]
+
+
+def canonical_arrow(text):
+    """schemas/tables.json's Arrow type text as a reader-neutral token."""
+    text = text.replace("non-null ", "")
+    table = {
+        "Utf8": "string",
+        "Float64": "f64",
+        "Float32": "f32",
+        "Boolean": "bool",
+        "Int16": "i16",
+        "Int32": "i32",
+        "Int64": "i64",
+        'Timestamp(µs, "UTC")': "timestamp_utc",
+    }
+    if text.startswith("List(") and text.endswith(")"):
+        return "list<" + canonical_arrow(text[5:-1]) + ">"
+    return table[text]
+
+
+def canonical_pyarrow(t):
+    import pyarrow as pa
+
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return "list<" + canonical_pyarrow(t.value_type) + ">"
+    if pa.types.is_timestamp(t):
+        return "timestamp_utc" if t.tz in ("UTC", "+00:00") and t.unit == "us" else f"timestamp {t}"
+    names = {"double": "f64", "float": "f32", "bool": "bool", "int16": "i16", "int32": "i32", "int64": "i64"}
+    return names.get(str(t), str(t))
+
+
+def canonical_duckdb(t):
+    t = str(t)
+    if t.endswith("[]"):
+        return "list<" + canonical_duckdb(t[:-2]) + ">"
+    names = {
+        "VARCHAR": "string",
+        "DOUBLE": "f64",
+        "FLOAT": "f32",
+        "BOOLEAN": "bool",
+        "SMALLINT": "i16",
+        "INTEGER": "i32",
+        "BIGINT": "i64",
+        "TIMESTAMP WITH TIME ZONE": "timestamp_utc",
+    }
+    return names.get(t, t)
+
+
+def canonical_polars(t):
+    if isinstance(t, pl.List):
+        return "list<" + canonical_polars(t.inner) + ">"
+    if isinstance(t, pl.Datetime):
+        return "timestamp_utc" if t.time_zone == "UTC" and t.time_unit == "us" else f"datetime {t}"
+    names = {pl.String: "string", pl.Float64: "f64", pl.Float32: "f32", pl.Boolean: "bool",
+             pl.Int16: "i16", pl.Int32: "i32", pl.Int64: "i64"}
+    for k, v in names.items():
+        if t == k:
+            return v
+    return str(t)
+
+
+def expected_columns(reference, table):
+    cols = [(c["name"], canonical_arrow(c["type"])) for c in reference[table]]
+    if table in ("scores", "anomalies"):
+        cols[2:2] = [(n, canonical_arrow(t)) for n, t in PASSTHROUGH]
+    return cols
+
+
+def check(reader, table, got_columns, got_rows, want_columns, want_rows):
+    if got_columns != want_columns:
+        for (gn, gt), (wn, wt) in zip(got_columns, want_columns):
+            if (gn, gt) != (wn, wt):
+                sys.exit(f"{reader} reads {table}.{gn} as {gt}; schemas/tables.json says {wn} {wt}")
+        sys.exit(f"{reader} reads {table} with columns {got_columns}, not {want_columns}")
+    if got_rows != want_rows:
+        sys.exit(f"{reader} reads {got_rows} rows of {table}, the manifest says {want_rows}")
+    print(f"ok  {reader:<18} {table:<10} {got_rows:>5} rows, {len(got_columns)} columns")
+
+
+def run_demo(binary, out, fmt):
+    env = dict(os.environ, DEMO_OUT=out)
+    env.pop("RUST_BACKTRACE", None)
+    subprocess.run([binary, "run", "pipelines/demo.toml", "--run-id", "readers", "-q",
+                    "--set", f'sink.format="{fmt}"'], cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, "runs/readers/manifest.json")) as f:
+        rows = json.load(f)["rows"]
+    return {"scores": rows["scored"], "anomalies": rows["anomalies"],
+            "rejects": rows["rejected"], "history": 1}
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "target/debug/pipeline"))
+    with open(os.path.join(REPO, "schemas/tables.json")) as f:
+        reference = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        parquet_out = os.path.join(tmp, "parquet")
+        counts = run_demo(binary, parquet_out, "parquet")
+        for table in TABLES:
+            want = expected_columns(reference, table)
+            path = os.path.join(parquet_out, table)
+            data = ds.dataset(path, format="parquet").to_table()
+            check("pyarrow", table, [(f.name, canonical_pyarrow(f.type)) for f in data.schema],
+                  data.num_rows, want, counts[table])
+            rel = duckdb.sql(f"SELECT * FROM read_parquet('{path}/*.parquet')")
+            n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}/*.parquet')").fetchall()[0][0]
+            check("duckdb", table, [(c, canonical_duckdb(t)) for c, t in zip(rel.columns, rel.types)],
+                  n, want, counts[table])
+            frame = pl.read_parquet(f"{path}/*.parquet")
+            check("polars", table, [(c, canonical_polars(t)) for c, t in frame.schema.items()],
+                  frame.height, want, counts[table])
+
+        delta_out = os.path.join(tmp, "delta")
+        counts = run_demo(binary, delta_out, "delta")
+        for table in TABLES:
+            want = expected_columns(reference, table)
+            path = os.path.join(delta_out, table)
+            data = DeltaTable(path).to_pyarrow_table()
+            check("deltalake", table, [(f.name, canonical_pyarrow(f.type)) for f in data.schema],
+                  data.num_rows, want, counts[table])
+            frame = pl.read_delta(path)
+            check("polars read_delta", table, [(c, canonical_polars(t)) for c, t in frame.schema.items()],
+                  frame.height, want, counts[table])
+    print("readers: every table read with the types schemas/tables.json gives")
+    sys.stdout.flush()
+    # The deltalake package's threads can abort the interpreter's teardown; the checks are done.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
