@@ -476,3 +476,26 @@ fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
     );
     assert!(!d.join("out/runs").exists(), "nothing committed");
 }
+
+/// A file whose footer places its column chunks beyond its end (its data cut out, the footer
+/// kept, as a truncated upload that kept its tail would be): a data error naming the file and
+/// the chunk, before any row is read, not a read past the end.
+#[test]
+fn a_footer_that_places_chunks_outside_the_file_is_a_data_error() {
+    let dir = small_source(300);
+    let d = dir.path();
+    let path = d.join("f.parquet");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    let footer_len = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().unwrap()) as usize;
+    let tail = &bytes[n - 8 - footer_len..];
+    // "PAR1", then the footer: every chunk the footer places now starts or ends past the end.
+    let mut cut = bytes[..4].to_vec();
+    cut.extend_from_slice(tail);
+    std::fs::write(&path, &cut).unwrap();
+    let stderr = bounded(d, &["run", "p.toml"], 65);
+    assert!(
+        stderr.contains("f.parquet") && stderr.contains("outside the"),
+        "{stderr}"
+    );
+}
