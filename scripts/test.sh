@@ -2,7 +2,7 @@
 # The whole test suite, as README's "Two commands" gives it and as .ci/run runs it:
 #  1. `cargo test` (unit tests, and the integration tests that drive the real binary);
 #  2. every table of a demo run opened by outside readers (tests/readers.py: pyarrow, DuckDB,
-#     polars, deltalake), where those Python packages are installed (required where
+#     polars, Spark, deltalake), where those Python packages are installed (required where
 #     PIPELINE_REQUIRE_READERS is set, as in CI);
 #  3. the model tests once more under each other instruction set the CPU has: the kernels pick
 #     the widest, and a model test whose verdict depended on it (a training trajectory that
@@ -14,14 +14,14 @@ cd "$(dirname "$0")/.."
 
 cargo test "$@"
 
-if python3 -c "import deltalake, pyarrow, duckdb, polars" >/dev/null 2>&1; then
+if python3 -c "import deltalake, pyarrow, duckdb, polars, pyspark" >/dev/null 2>&1; then
     echo "== every table through outside readers (tests/readers.py)"
     python3 tests/readers.py target/debug/pipeline
 elif [ -n "${PIPELINE_REQUIRE_READERS:-}" ]; then
-    echo "PIPELINE_REQUIRE_READERS is set but deltalake, pyarrow, duckdb or polars does not import" >&2
+    echo "PIPELINE_REQUIRE_READERS is set but deltalake, pyarrow, duckdb, polars or pyspark does not import" >&2
     exit 1
 else
-    echo "== skipped the outside readers: pip install deltalake pyarrow duckdb polars"
+    echo "== skipped the outside readers: pip install deltalake pyarrow duckdb polars pyspark (and Java)"
 fi
 
 other_isas=""

@@ -1,8 +1,11 @@
 """Outside readers of the tables: every table of a demo run, opened by the readers the README
 names, with its row count and column types checked against schemas/tables.json.
 
-The Parquet layout is read by pyarrow, DuckDB and polars; the Delta layout by the deltalake
-package and by polars' read_delta. Run by .ci/run after the Rust tests (which build the binary):
+The Parquet layout is read by pyarrow, DuckDB, polars and Spark (pyspark in local mode); the
+Delta layout by the deltalake package and by polars' read_delta. (Spark reads Delta through the
+delta-spark jars, which come from Maven at run time, and DuckDB through an extension it
+downloads: neither can be fetched here, so those two read only the Parquet layout.) Run by
+.ci/run after the Rust tests (which build the binary):
 
     python3 tests/readers.py target/debug/pipeline
 
@@ -87,6 +90,29 @@ def canonical_polars(t):
     return str(t)
 
 
+def canonical_spark(t):
+    t = t.simpleString()
+    if t.startswith("array<") and t.endswith(">"):
+        return "list<" + {"float": "f32", "string": "string", "double": "f64"}.get(t[6:-1], t[6:-1]) + ">"
+    names = {"string": "string", "double": "f64", "float": "f32", "boolean": "bool",
+             "smallint": "i16", "int": "i32", "bigint": "i64", "timestamp": "timestamp_utc"}
+    return names.get(t, t)
+
+
+def spark_session():
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[2]").appName("readers")
+             .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.session.timeZone", "UTC")
+             .config("spark.driver.bindAddress", "127.0.0.1")
+             .config("spark.driver.host", "127.0.0.1")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
 def expected_columns(reference, table):
     cols = [(c["name"], canonical_arrow(c["type"])) for c in reference[table]]
     if table in ("scores", "anomalies"):
@@ -124,6 +150,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         parquet_out = os.path.join(tmp, "parquet")
         counts = run_demo(binary, parquet_out, "parquet")
+        spark = spark_session()
         for table in TABLES:
             want = expected_columns(reference, table)
             path = os.path.join(parquet_out, table)
@@ -137,6 +164,10 @@ def main():
             frame = pl.read_parquet(f"{path}/*.parquet")
             check("polars", table, [(c, canonical_polars(t)) for c, t in frame.schema.items()],
                   frame.height, want, counts[table])
+            df = spark.read.parquet(path)
+            check("spark", table, [(f.name, canonical_spark(f.dataType)) for f in df.schema.fields],
+                  df.count(), want, counts[table])
+        spark.stop()
 
         delta_out = os.path.join(tmp, "delta")
         counts = run_demo(binary, delta_out, "delta")

@@ -302,6 +302,30 @@ mod tests {
         Ar::fit(params, &data)
     }
 
+    /// Binary RGB in a chain R → G → B: AR-2 takes the channels in R, G, B order (its two
+    /// predecessors of B are R and G).
+    #[test]
+    fn colour_channels_see_their_predecessors() {
+        let shape = ImageShape::new(1, 1, 3);
+        let x = binary_chained_channels(3000, 5);
+        let data = TrainingSet {
+            shape,
+            levels: 2,
+            pixels: x.view(),
+            validation: x.slice(ndarray::s![..0, ..]),
+            redraw: None,
+        };
+        let params = Hyperparameters {
+            k: 2,
+            order: Order::Raster,
+            context: Context::Previous,
+            l2: 0.1,
+            seed: 0,
+        };
+        let m = Ar::fit(params, &data);
+        assert_binary_chain_in_rgb_order(&m, x.view());
+    }
+
     #[test]
     fn every_ordering_and_context_normalizes_over_all_images() {
         let shape = ImageShape::new(3, 4, 1); // D = 12: 4,096 images
