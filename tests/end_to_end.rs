@@ -248,6 +248,22 @@ fn fit_then_score_gives_the_same_scores_as_run() {
     assert!(a.values().all(|v| *v < 0.0));
 }
 
+/// The mean share of pixels on each sampled tile's majority side (bright above 128) of a
+/// `pipeline sample` grid of `count` tiles of `h`×`w` (scale 1; tiles 2 pixels apart).
+fn majority_agreement(grid: &image::GrayImage, count: usize, h: usize, w: usize) -> f64 {
+    const GAP: usize = 2;
+    let cols = (count as f64).sqrt().ceil() as usize;
+    let mut total = 0.0;
+    for k in 0..count {
+        let (oy, ox) = (GAP + (k / cols) * (h + GAP), GAP + (k % cols) * (w + GAP));
+        let bright = (0..h * w)
+            .filter(|i| grid.get_pixel((ox + i % w) as u32, (oy + i / w) as u32).0[0] > 128)
+            .count();
+        total += bright.max(h * w - bright) as f64 / (h * w) as f64;
+    }
+    total / count as f64
+}
+
 #[test]
 fn every_model_kind_runs_end_to_end_and_samples() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,9 +271,12 @@ fn every_model_kind_runs_end_to_end_and_samples() {
     write_tensor_u8(
         &d.join("d.parquet"),
         &ids(0, 400),
-        &images(400, 5, 6, 12),
+        &latent_images(400, 30, 12),
         &[5, 6],
     );
+    // Mean log-likelihood of the independent baselines (bernoulli for binary pixels,
+    // categorical for 8-bit), which every model with a context must beat on these images.
+    let mut baseline: std::collections::HashMap<bool, f64> = Default::default();
     for (kind, extra) in [
         ("bernoulli", ""),
         ("categorical", "[preprocess]\nbinarize = \"none\"\n"),
@@ -265,18 +284,18 @@ fn every_model_kind_runs_end_to_end_and_samples() {
             "ar",
             "k = 3\ncontext = \"neighbourhood\"\norder = \"random\"\n",
         ),
-        ("fvsbn", "[train]\nepochs = 3\nlearning_rate = 0.01\n"),
+        ("fvsbn", "[train]\nepochs = 20\nlearning_rate = 0.05\n"),
         (
             "nade",
-            "hidden = 20\norder = \"random\"\n\n[train]\nepochs = 3\nlearning_rate = 0.01\n",
+            "hidden = 20\norder = \"random\"\n\n[train]\nepochs = 20\nlearning_rate = 0.05\n",
         ),
         (
             "ar",
-            "k = 4\ncomponents = 3\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 2\n",
+            "k = 4\ncomponents = 3\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 20\nlearning_rate = 0.03\n",
         ),
         (
             "rnade",
-            "hidden = 8\ncomponents = 3\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 2\n",
+            "hidden = 8\ncomponents = 3\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 20\nlearning_rate = 0.03\n",
         ),
         (
             "pixelrnn",
@@ -284,7 +303,7 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         ),
         (
             "pixelrnn",
-            "architecture = \"row_lstm\"\nlayers = 1\nhidden = 4\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 1\n",
+            "architecture = \"row_lstm\"\nlayers = 1\nhidden = 4\n\n[preprocess]\nbinarize = \"none\"\n\n[train]\nepochs = 20\nlearning_rate = 0.02\n",
         ),
     ] {
         let eight_bit = extra.contains("binarize");
@@ -346,11 +365,22 @@ fn every_model_kind_runs_end_to_end_and_samples() {
                 "{name}: no embeddings table unasked"
             );
         }
-        assert!(
-            floats(&scores, "log_likelihood")
-                .iter()
-                .all(|l| l.is_finite() && *l <= 0.0)
-        );
+        let ll = floats(&scores, "log_likelihood");
+        assert!(ll.iter().all(|l| l.is_finite() && *l <= 0.0));
+        let mean = ll.iter().sum::<f64>() / ll.len() as f64;
+        let binary_pixels = !eight_bit && kind != "categorical";
+        match baseline.get(&binary_pixels) {
+            None => {
+                baseline.insert(binary_pixels, mean);
+            }
+            // Each image's pixels share one hidden brightness: after a few pixels a model
+            // with a context knows it, an independent one never does (about 10 nats apart
+            // for binary pixels when learned; a few epochs must at least win).
+            Some(&independent) => assert!(
+                mean > independent + 1.0,
+                "{name}: mean log-likelihood {mean:.2} does not beat the independent {independent:.2}"
+            ),
+        }
         assert!(
             strings(&scores, "model")
                 .iter()
@@ -371,14 +401,32 @@ fn every_model_kind_runs_end_to_end_and_samples() {
                 "sample",
                 model_dir.to_str().unwrap(),
                 "-n",
-                "4",
+                "16",
+                "--scale",
+                "1",
                 "--out",
                 &png,
             ],
             &[],
         )
         .expect(0);
-        assert!(image::open(d.join(&png)).is_ok(), "{kind} sample grid");
+        let grid = image::open(d.join(&png))
+            .unwrap_or_else(|e| panic!("{kind} sample grid: {e}"))
+            .to_luma8();
+        // A drawn image of these data is bright or dark as a whole when the model learned that
+        // its pixels go together: about 90% of them on the majority side, against about 60%
+        // for independent pixels.
+        let agreement = majority_agreement(&grid, 16, 5, 6);
+        eprintln!("{name}: samples agree with their majority at {agreement:.2}");
+        let independent = ["bernoulli", "categorical"].contains(&kind);
+        assert!(
+            if independent {
+                agreement < 0.75
+            } else {
+                agreement > 0.75
+            },
+            "{name}: samples agree with their majority at {agreement:.2}"
+        );
         if kind != "categorical" && (["fvsbn", "nade", "pixelrnn"].contains(&kind) || eight_bit) {
             let meta: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap())

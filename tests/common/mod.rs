@@ -158,6 +158,28 @@ pub fn shifted_images(
         .collect()
 }
 
+/// Images whose pixels share one hidden brightness: each image is bright or dark as a whole (a
+/// fair coin), and each pixel follows it with probability 0.9 (bright: 190..=210, dark:
+/// 30..=50, narrow enough that an 8-bit model's mixture can fit them). Pixels depend on each
+/// other, so a model with a context beats an independent one.
+pub fn latent_images(n: usize, dims: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let bright = rng.random_bool(0.5);
+            (0..dims)
+                .map(|_| {
+                    if rng.random_bool(0.9) == bright {
+                        rng.random_range(190..=210)
+                    } else {
+                        rng.random_range(30..=50)
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Ids `img-00000`, … for `n` images starting at `start`.
 pub fn ids(start: usize, n: usize) -> Vec<String> {
     (start..start + n).map(|i| format!("img-{i:05}")).collect()
