@@ -106,6 +106,35 @@ pub fn binary_chained_channels(n: usize, seed: u64) -> ndarray::Array2<u8> {
     ndarray::Array2::from_shape_vec((n, 3), v).unwrap()
 }
 
+/// Fits a binary model with `fit` (given the data and the training settings) on 2,000 images of
+/// [`binary_chained_channels`] and checks it on 1,000 more with
+/// [`assert_binary_chain_in_rgb_order`].
+pub fn check_binary_chain<M: DensityModel>(
+    fit: impl FnOnce(&crate::train::TrainingSet<'_>, &crate::train::TrainSettings) -> M,
+) {
+    let x = binary_chained_channels(3000, 5);
+    let (train, valid) = x.view().split_at(ndarray::Axis(0), 2000);
+    let data = crate::train::TrainingSet {
+        shape: crate::data::ImageShape::new(1, 1, 3),
+        levels: 2,
+        pixels: train,
+        validation: valid,
+        redraw: None,
+    };
+    let settings = crate::train::TrainSettings {
+        epochs: 60,
+        batch_size: 50,
+        learning_rate: 0.05,
+        patience: 10,
+        anneal: 0,
+        weight_decay: 0.0,
+        seed: 1,
+        ..crate::train::TrainSettings::default()
+    };
+    let model = fit(&data, &settings);
+    assert_binary_chain_in_rgb_order(&model, valid);
+}
+
 /// Checks a binary model fitted on [`binary_chained_channels`] took the channels in R, G, B
 /// order with B seeing G: R costs ln 2, G given R the entropy of its 1/4 flip (0.562 nats), B
 /// given G that of its 1/32 flip (0.139). In R, B, G order, or with B blind to G, B would cost

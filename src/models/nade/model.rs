@@ -506,33 +506,9 @@ mod tests {
     /// Binary RGB in a chain R → G → B: NADE takes the channels in R, G, B order.
     #[test]
     fn colour_channels_see_their_predecessors() {
-        let x = binary_chained_channels(3000, 5);
-        let (train, valid) = x.view().split_at(ndarray::Axis(0), 2000);
-        let data = TrainingSet {
-            shape: ImageShape::new(1, 1, 3),
-            levels: 2,
-            pixels: train,
-            validation: valid,
-            redraw: None,
-        };
-        let settings = TrainSettings {
-            epochs: 60,
-            batch_size: 50,
-            learning_rate: 0.05,
-            patience: 10,
-            anneal: 0,
-            weight_decay: 0.0,
-            seed: 1,
-            ..TrainSettings::default()
-        };
-        let (m, _) = Nade::fit(
-            8,
-            Order::Raster,
-            0,
-            &data,
-            &Training::unmonitored(&settings),
-        );
-        assert_binary_chain_in_rgb_order(&m, valid);
+        check_binary_chain(|data, s| {
+            Nade::fit(8, Order::Raster, 0, data, &Training::unmonitored(s)).0
+        });
     }
 
     #[test]
