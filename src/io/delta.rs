@@ -33,7 +33,6 @@ use delta_kernel_default_engine::executor::tokio::TokioMultiThreadExecutor;
 use url::Url;
 
 use super::storage::Storage;
-use super::tables::run_of_part;
 use crate::error::{Error, Result, from_store};
 
 /// How often a commit is tried again after losing its version to another writer.
@@ -120,14 +119,15 @@ impl DeltaTable {
         Ok(Some((snapshot.version(), files)))
     }
 
-    /// One commit that removes every file of run `run_id` from the latest version and adds
+    /// One commit that removes every file of the latest version that `replaced` says belongs to
+    /// what is being replaced (it is given the file's name) and adds
     /// `adds`, creating the table (with `schema`, the files' schema) if it does not exist; with
     /// no `schema` the table's own is kept (and there is nothing to create). Returns the version
     /// committed, or the current one when there was nothing to do: a retry of a commit that went
     /// through (every file of `adds` live, none of the run's others) commits nothing.
     pub fn replace_run(
         &self,
-        run_id: &str,
+        replaced: impl Fn(&str) -> bool,
         schema: Option<&Schema>,
         adds: &[DataFile],
     ) -> Result<u64> {
@@ -154,7 +154,7 @@ impl DeltaTable {
                 if let Some(ours) = &kernel_schema {
                     self.check_schema(&snapshot, ours)?;
                 }
-                let (live_ours, removes) = self.run_files(&snapshot, run_id, &ours)?;
+                let (live_ours, removes) = self.replaced_files(&snapshot, &replaced, &ours)?;
                 if live_ours == ours.len() && removes.is_empty() {
                     return Ok(snapshot.version());
                 }
@@ -181,11 +181,11 @@ impl DeltaTable {
     }
 
     /// Of `snapshot`'s live files: how many are already `ours` (a retried commit), and the
-    /// other files of run `run_id`, selected for removal.
-    fn run_files(
+    /// others that `replaced` names, selected for removal.
+    fn replaced_files(
         &self,
         snapshot: &Arc<Snapshot>,
-        run_id: &str,
+        replaced: &dyn Fn(&str) -> bool,
         ours: &BTreeSet<&str>,
     ) -> Result<(usize, Vec<FilteredEngineData>)> {
         let mut live_ours = 0;
@@ -198,7 +198,7 @@ impl DeltaTable {
                 };
                 if ours.contains(path) {
                     live_ours += 1;
-                } else if file_name(path).and_then(run_of_part) == Some(run_id) {
+                } else if replaced(file_name(path)) {
                     remove[i] = true;
                 }
             }
@@ -349,8 +349,8 @@ fn without_backtrace(e: KernelError) -> KernelError {
 }
 
 /// The last segment of a `/`-separated path.
-fn file_name(path: &str) -> Option<&str> {
-    path.rsplit('/').next()
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 fn record_batch(data: Box<dyn delta_kernel::EngineData>) -> Result<RecordBatch> {
@@ -416,6 +416,11 @@ mod tests {
         }
     }
 
+    /// The files of run `run` by our part names.
+    fn of_run(run: &str) -> impl Fn(&str) -> bool + '_ {
+        move |name| crate::io::tables::run_of_part(name) == Some(run)
+    }
+
     fn names(table: &DeltaTable) -> Vec<String> {
         table
             .live_files()
@@ -440,20 +445,20 @@ mod tests {
         let b1 = part(&sink, "t", "part-b-0000-00000.0000000000000001.parquet", 4);
         assert_eq!(
             table
-                .replace_run("a", Some(&schema), std::slice::from_ref(&a1))
+                .replace_run(of_run("a"), Some(&schema), std::slice::from_ref(&a1))
                 .unwrap(),
             0
         );
         assert_eq!(
             table
-                .replace_run("b", Some(&schema), std::slice::from_ref(&b1))
+                .replace_run(of_run("b"), Some(&schema), std::slice::from_ref(&b1))
                 .unwrap(),
             1
         );
         let a2 = part(&sink, "t", "part-a-0000-00000.0000000000000002.parquet", 5);
         assert_eq!(
             table
-                .replace_run("a", Some(&schema), std::slice::from_ref(&a2))
+                .replace_run(of_run("a"), Some(&schema), std::slice::from_ref(&a2))
                 .unwrap(),
             2
         );
@@ -461,16 +466,18 @@ mod tests {
         // The same commit again (a retry after a crash): nothing new.
         assert_eq!(
             table
-                .replace_run("a", Some(&schema), std::slice::from_ref(&a2))
+                .replace_run(of_run("a"), Some(&schema), std::slice::from_ref(&a2))
                 .unwrap(),
             2
         );
         // Run a no longer writes this table.
-        assert_eq!(table.replace_run("a", None, &[]).unwrap(), 3);
+        assert_eq!(table.replace_run(of_run("a"), None, &[]).unwrap(), 3);
         assert_eq!(names(&table), std::slice::from_ref(&b1.path));
         // Another schema would make the table unreadable as one.
         let other = Schema::new(vec![Field::new("y", DataType::Utf8, true)]);
-        let e = table.replace_run("c", Some(&other), &[]).unwrap_err();
+        let e = table
+            .replace_run(of_run("c"), Some(&other), &[])
+            .unwrap_err();
         assert!(e.to_string().contains("columns"), "{e}");
         assert_eq!(e.exit_code(), 65);
     }
@@ -487,7 +494,7 @@ mod tests {
         let seed = part(&sink, "t", "part-seed-0000-00000.parquet", 1);
         DeltaTable::open(&sink, "t")
             .unwrap()
-            .replace_run("seed", Some(&schema), &[seed])
+            .replace_run(of_run("seed"), Some(&schema), &[seed])
             .unwrap();
         let files: Vec<DataFile> = (0..6)
             .map(|i| part(&sink, "t", &format!("part-r{i}-0000-00000.parquet"), i + 1))
@@ -502,7 +509,11 @@ mod tests {
                     s.spawn(move || {
                         DeltaTable::open(&sink, "t")
                             .unwrap()
-                            .replace_run(&format!("r{i}"), Some(&schema), std::slice::from_ref(f))
+                            .replace_run(
+                                of_run(&format!("r{i}")),
+                                Some(&schema),
+                                std::slice::from_ref(f),
+                            )
                             .unwrap()
                     })
                 })

@@ -125,6 +125,7 @@ fn commit_delta(
         placed.push((*table, adds));
     }
     crash_point::reached("commit.parts-placed");
+    let of_run = |name: &str| run_of_part(name) == Some(run_id);
     let mut files = Vec::new();
     for table in Table::ALL {
         let delta = DeltaTable::open(sink, table.dir())?;
@@ -132,7 +133,7 @@ fn commit_delta(
             Some((_, adds)) => {
                 let schema =
                     tables::part_schema(sink, &format!("{}/{}", table.dir(), adds[0].path))?;
-                let v = delta.replace_run(run_id, Some(&schema), adds)?;
+                let v = delta.replace_run(of_run, Some(&schema), adds)?;
                 files.push((
                     table,
                     adds.iter()
@@ -142,7 +143,7 @@ fn commit_delta(
                 v
             }
             // A table this run no longer writes (embeddings turned off): its earlier rows go.
-            None if delta.exists()? => delta.replace_run(run_id, None, &[])?,
+            None if delta.exists()? => delta.replace_run(of_run, None, &[])?,
             None => continue,
         };
         tracing::debug!(table = table.dir(), version, "Delta commit.");

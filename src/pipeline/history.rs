@@ -13,43 +13,13 @@ use arrow::array::{
 };
 use arrow::datatypes::Float64Type;
 use arrow::record_batch::RecordBatch;
-use serde::{Deserialize, Serialize};
 
-use super::manifest::Manifest;
+use super::manifest::{Manifest, ModelDrift, ScoreSummary};
 use super::staged;
 use crate::decide::{self, drift};
 use crate::error::{Error, Result};
 use crate::io::storage::Storage;
 use crate::io::tables::{self, Table, WrittenTable};
-
-/// What a run's scores looked like, as recorded in its manifest and its `history/` row.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ScoreSummary {
-    /// The 50%, 90%, 99% and 99.9% quantiles of the run's scores (null without scores).
-    pub score_quantiles: Option<[f64; 4]>,
-    /// The share of the run's p-values below 0.01 (about 0.01 on a night like the calibration
-    /// data, more with anomalies); null without p-values.
-    pub p_below_001: Option<f64>,
-    /// The same below 0.05.
-    pub p_below_005: Option<f64>,
-    /// The drift test over the run's models: the largest statistic, and the smallest p-value
-    /// times the number of models tested (Bonferroni), so that a run drifts at the stated level
-    /// however many partitions it has. Null where no model has calibration scores.
-    pub drift: Option<drift::Drift>,
-    /// Each model's own test.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub drift_by_model: Vec<ModelDrift>,
-}
-
-/// One model's drift test.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelDrift {
-    /// The model (`models/<model_id>/`).
-    pub model_id: String,
-    /// Its test.
-    #[serde(flatten)]
-    pub drift: drift::Drift,
-}
 
 /// The quantiles recorded, as fractions.
 pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];

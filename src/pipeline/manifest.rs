@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PipelineConfig;
 use crate::decide::StoredThreshold;
+use crate::decide::drift::Drift;
 
 /// The run manifest, written after every table is in place and before `_SUCCESS`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,7 +44,7 @@ pub struct Manifest {
     pub anomaly_groups: Vec<AnomalyGroup>,
     /// What the run's scores looked like: quantiles, p-values, drift (also its `history/` row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scores_summary: Option<super::history::ScoreSummary>,
+    pub scores_summary: Option<ScoreSummary>,
     /// Final part files per table, relative to the sink.
     pub tables: BTreeMap<String, Vec<String>>,
     /// The resolved configuration (after `${VAR}` and `--set`).
@@ -59,6 +60,35 @@ pub struct AnomalyGroup {
     pub group: i32,
     /// Flagged images in the group.
     pub images: u64,
+}
+
+/// What a run's scores looked like, as recorded in its manifest and its `history/` row.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScoreSummary {
+    /// The 50%, 90%, 99% and 99.9% quantiles of the run's scores (null without scores).
+    pub score_quantiles: Option<[f64; 4]>,
+    /// The share of the run's p-values below 0.01 (about 0.01 on a night like the calibration
+    /// data, more with anomalies); null without p-values.
+    pub p_below_001: Option<f64>,
+    /// The same below 0.05.
+    pub p_below_005: Option<f64>,
+    /// The drift test over the run's models: the largest statistic, and the smallest p-value
+    /// times the number of models tested (Bonferroni), so that a run drifts at the stated level
+    /// however many partitions it has. Null where no model has calibration scores.
+    pub drift: Option<Drift>,
+    /// Each model's own test.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift_by_model: Vec<ModelDrift>,
+}
+
+/// One model's drift test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDrift {
+    /// The model (`models/<model_id>/`).
+    pub model_id: String,
+    /// Its test.
+    #[serde(flatten)]
+    pub drift: Drift,
 }
 
 /// One partition of a partitioned run.
