@@ -5,20 +5,27 @@ use std::process::{Command, Stdio};
 
 use crate::common::*;
 
+/// The demo's model fitted once under `d`, the `--set` that points the demo at the bundled
+/// digits by absolute path (4 row groups), and the demo pipeline's path.
+fn demo_model(d: &std::path::Path) -> (String, String, String) {
+    let fit = pipeline(
+        &repo(),
+        &["fit", "pipelines/demo.toml"],
+        &[("DEMO_OUT", d.join("models-sink").to_str().unwrap())],
+    );
+    let demo = repo().join("data/demo/digits.parquet");
+    (
+        fitted_model(&fit),
+        format!("source.uri=\"{}\"", demo.display()),
+        repo().join("pipelines/demo.toml").display().to_string(),
+    )
+}
+
 #[test]
 fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let demo = repo().join("data/demo/digits.parquet"); // 4 row groups
-    let fit_out = d.join("models-sink");
-    let fit = pipeline(
-        &repo(),
-        &["fit", "pipelines/demo.toml"],
-        &[("DEMO_OUT", fit_out.to_str().unwrap())],
-    );
-    let model = fitted_model(&fit);
-    let set_source = format!("source.uri=\"{}\"", demo.display());
-    let cfg = repo().join("pipelines/demo.toml").display().to_string();
+    let (model, set_source, cfg) = demo_model(d);
 
     let single = d.join("single");
     pipeline(
@@ -194,16 +201,8 @@ fn shards_run_in_parallel_write_exactly_the_rows_of_one_process() {
 fn a_worker_dying_after_staging_or_while_publishing_leaves_the_run_to_pipeline_commit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let demo = repo().join("data/demo/digits.parquet"); // 4 row groups
-    let fit = pipeline(
-        &repo(),
-        &["fit", "pipelines/demo.toml"],
-        &[("DEMO_OUT", d.join("models-sink").to_str().unwrap())],
-    );
-    let model = fitted_model(&fit);
-    let set_source = format!("source.uri=\"{}\"", demo.display());
-    let cfg = repo().join("pipelines/demo.toml").display().to_string();
-    let score = |out: &std::path::Path, extra: &[&str]| {
+    let (model, set_source, cfg) = demo_model(d);
+    let score = |out: &std::path::Path, extra: &[&str], env: &[(&str, &str)]| {
         let mut args = vec![
             "score",
             cfg.as_str(),
@@ -215,42 +214,29 @@ fn a_worker_dying_after_staging_or_while_publishing_leaves_the_run_to_pipeline_c
             &set_source,
         ];
         args.extend(extra);
-        pipeline(d, &args, &[("DEMO_OUT", out.to_str().unwrap())])
+        let mut env = env.to_vec();
+        env.push(("DEMO_OUT", out.to_str().unwrap()));
+        pipeline(d, &args, &env)
     };
     let single = d.join("single");
-    score(&single, &[]).expect(0);
+    score(&single, &[], &[]).expect(0);
     let one = likelihoods(&single.join("scores"));
 
     let sharded = d.join("sharded");
     for point in ["shard.staged", "commit.first-part-moved"] {
         for i in 0..2 {
-            score(&sharded, &["--shard", &format!("{i}/3")]).expect(0);
+            score(&sharded, &["--shard", &format!("{i}/3")], &[]).expect(0);
         }
-        let args: Vec<String> = [
-            "score",
-            &cfg,
-            "--model",
-            &model,
-            "--run-id",
-            "night",
-            "--set",
-            &set_source,
-            "--shard",
-            "2/3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dying = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-            .args(&args)
-            .current_dir(d)
-            .env_remove("PIPELINE_LOG")
-            .env("DEMO_OUT", &sharded)
-            .env("PIPELINE_CRASH_AT", point)
-            .output()
-            .unwrap();
-        assert!(!dying.status.success(), "the worker died at {point}");
+        let dying = score(
+            &sharded,
+            &["--shard", "2/3"],
+            &[("PIPELINE_CRASH_AT", point)],
+        );
+        assert!(
+            dying.code != 0 && dying.stderr.contains(&format!("PIPELINE_CRASH_AT={point}")),
+            "the worker died at {point}: {}",
+            dying.stderr
+        );
         assert!(
             !sharded.join("runs/night/_SUCCESS").exists(),
             "nobody published ({point})"

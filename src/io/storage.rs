@@ -214,24 +214,6 @@ impl Storage {
             .map_err(|e| from_store(&self.display(from), e))
     }
 
-    /// Moves an object, replacing any object at `to`.
-    ///
-    /// On a local disk this is one atomic rename. Cloud stores have no rename: it is a copy
-    /// (retried by the store's client like any idempotent request) and then [`Self::delete`].
-    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
-        let (f, t) = (self.path(from), self.path(to));
-        if self.local {
-            return self
-                .rt
-                .block_on(self.store.rename(&f, &t))
-                .map_err(|e| from_store(&self.display(from), e));
-        }
-        self.rt
-            .block_on(self.store.copy(&f, &t))
-            .map_err(|e| from_store(&self.display(from), e))?;
-        self.delete(from)
-    }
-
     /// Deletes an object; deleting one that is not there is not an error.
     ///
     /// Transient failures are retried here, per `[storage] max_retries`: the S3 client sends a
@@ -421,7 +403,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn put_get_rename_list_delete_round_trip() {
+    fn put_get_copy_list_delete_round_trip() {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path().to_str().unwrap(), &Io::new(rt.handle().clone())).unwrap();
@@ -431,8 +413,14 @@ pub(crate) mod tests {
         );
         s.put("t/_staging/a.txt", Bytes::from_static(b"hi"))
             .unwrap();
-        s.rename("t/_staging/a.txt", "t/final/a.txt").unwrap();
+        s.copy("t/_staging/a.txt", "t/final/a.txt").unwrap();
         assert_eq!(&s.get("t/final/a.txt").unwrap()[..], b"hi");
+        assert_eq!(s.size("t/final/a.txt").unwrap(), 2);
+        // The copy stands on its own: replacing the original leaves it as it was.
+        s.put("t/_staging/a.txt", Bytes::from_static(b"changed"))
+            .unwrap();
+        assert_eq!(&s.get("t/final/a.txt").unwrap()[..], b"hi");
+        s.delete("t/_staging/a.txt").unwrap();
         assert!(!s.exists("t/_staging/a.txt").unwrap());
         let listed: Vec<String> = s
             .list("t")

@@ -78,11 +78,7 @@ fn publish_parts(
     for (table, written) in staged {
         let mut finals = Vec::new();
         for from in &written.staged {
-            let name = from
-                .rsplit('/')
-                .next()
-                .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
-            let to = format!("{}/{name}", table.dir());
+            let to = format!("{}/{}", table.dir(), staged_name(from)?);
             sink.copy(from, &to)?;
             crash_point::reached("commit.first-part-moved");
             finals.push(to);
@@ -104,12 +100,10 @@ fn commit_delta(
     for (table, written) in staged {
         let mut adds = Vec::new();
         for from in &written.staged {
-            let name = from
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.strip_suffix(".parquet"))
+            let stem = staged_name(from)?
+                .strip_suffix(".parquet")
                 .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))?;
-            let path = format!("{name}.{tag}.parquet");
+            let path = format!("{stem}.{tag}.parquet");
             let to = format!("{}/{path}", table.dir());
             // A repeated commit (`pipeline commit` after a crash) finds some files there already,
             // perhaps in a committed version: they must not change.
@@ -150,6 +144,14 @@ fn commit_delta(
         crash_point::reached("commit.first-table-committed");
     }
     Ok(files)
+}
+
+/// The file name of a staged part (`_staging/R/<table>/<name>`).
+fn staged_name(from: &str) -> Result<&str> {
+    from.rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Error::Internal(format!("odd staged path {from}")))
 }
 
 /// A tag unique to this attempt at publishing R, the same for every retry of it: a hash of
