@@ -119,6 +119,20 @@ pub enum Error {
         source: Cause,
     },
 
+    /// A store that answered a request the pipeline needs with 501 Not Implemented (exit 74):
+    /// retrying cannot help, the store lacks part of the API.
+    #[error(
+        "the store at {uri} does not implement a request the pipeline makes (HTTP 501 Not Implemented): \
+         it needs a complete S3, GCS or Azure Blob implementation (emulators and gateways may lack some requests)"
+    )]
+    Unimplemented {
+        /// The URI being accessed.
+        uri: String,
+        /// The underlying error.
+        #[source]
+        source: Cause,
+    },
+
     /// Storage unreachable or throttled after the in-process retries (exit 75; retry later).
     #[error("storage unavailable at {uri} (transient: retrying the run later may succeed)")]
     Transient {
@@ -165,7 +179,7 @@ impl Error {
             },
             Error::InputMissing { .. } => 66,
             Error::Internal(_) | Error::InternalCause { .. } => 70,
-            Error::Io { .. } => 74,
+            Error::Io { .. } | Error::Unimplemented { .. } => 74,
             Error::Transient { .. } | Error::Interrupted { .. } => 75,
             Error::Permission { .. } => 77,
             Error::Config(_) | Error::Setting { .. } => 78,
@@ -301,6 +315,19 @@ pub fn from_store(uri: &str, err: object_store::Error) -> Error {
         S::InvalidPath { .. } | S::NotSupported { .. } | S::NotImplemented { .. } => {
             Error::Usage(format!("{uri}: {message}"))
         }
+        // object_store has no typed status for these; its messages are stable.
+        _ if message.contains("501 Not Implemented") => Error::Unimplemented {
+            uri: uri.to_string(),
+            source: Box::new(err),
+        },
+        _ if message.contains("URL scheme is not allowed") => Error::Setting {
+            key: "environment".into(),
+            message: format!(
+                "{uri}: the store's endpoint is plain http, which is refused unless allowed: set \
+                 AWS_ALLOW_HTTP=true (S3), GOOGLE_ALLOW_HTTP=true (GCS) or AZURE_ALLOW_HTTP=true \
+                 (Azure) for an endpoint you trust on a private network"
+            ),
+        },
         _ => match io_kind(&err) {
             // A local filesystem error that retrying cannot fix.
             Some(kind) if !is_transient_io(kind) => Error::Io {
@@ -399,6 +426,27 @@ mod tests {
             e.to_string(),
             "a.toml has 2 problems:\n  a.toml:3: unknown key `x`\n  a.toml: missing `sink.uri`"
         );
+    }
+
+    #[test]
+    fn a_store_without_the_request_or_refusing_plain_http_is_not_transient() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        let e = from_store(
+            "s3://b/k",
+            generic("Server returned non-2xx status code: 501 Not Implemented: "),
+        );
+        assert_eq!(e.exit_code(), 74, "{e}");
+        let e = from_store("s3://b/k", generic("builder error: URL scheme is not allowed"));
+        assert_eq!(e.exit_code(), 78);
+        assert!(e.to_string().contains("AWS_ALLOW_HTTP"), "{e}");
+        let e = from_store(
+            "s3://b/k",
+            generic("Server returned non-2xx status code: 503 Service Unavailable"),
+        );
+        assert_eq!(e.exit_code(), 75);
     }
 
     #[test]

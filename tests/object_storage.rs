@@ -1,7 +1,9 @@
-//! The demo against a real S3-compatible server on loopback: the same rows as on local disk,
-//! and a store that goes away ends in exit 75 with a rerun that repairs the run.
+//! The demo against real object stores on loopback (S3, Google Cloud Storage, Azure Blob; see
+//! `common/stores.rs`): the same rows as on local disk, no planted credential anywhere, and a
+//! store that goes away ends in exit 75 with a rerun that repairs the run. The fault-injection
+//! tests run against S3 only: the retry policy they check is the same for every store.
 
-use crate::common::s3::S3Server;
+use crate::common::stores::{Kind, StoreServer, PLANTED_SECRETS};
 use crate::common::*;
 
 /// Runs the demo with `source` and `sink` URIs and `env`, as run `run_id`.
@@ -22,36 +24,77 @@ fn demo(source: &str, sink: &str, run_id: &str, env: &[(&str, &str)], extra: &[&
 }
 
 #[test]
-fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
-    let Some(server) = S3Server::with_demo_digits() else {
+fn s3_the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
+    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::S3);
+}
+
+#[test]
+fn gcs_the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
+    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Gcs);
+}
+
+#[test]
+fn azure_the_demo_reads_and_writes_a_container_with_the_rows_of_a_local_run() {
+    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Azure);
+}
+
+#[test]
+fn http_the_demo_reads_and_writes_a_webdav_share_with_the_rows_of_a_local_run() {
+    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Http);
+}
+
+/// Where the demo's digits are in a server from [`StoreServer::with_demo_digits`], as a user
+/// writes it (Azure's source in the `abfss://` form, its sink in the `az://` one).
+fn demo_digits(server: &StoreServer, kind: Kind) -> String {
+    match kind {
+        Kind::Azure => "abfss://frames@pipelinetest.dfs.core.windows.net/demo/digits.parquet".into(),
+        _ => server.uri("frames", "demo/digits.parquet"),
+    }
+}
+
+/// The demo from the bucket and (where the emulator takes object_store's writes, see
+/// [`StoreServer::writable`]) to it.
+fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
+    let Some(server) = StoreServer::with_demo_digits(kind) else {
         return;
     };
     let env_owned = server.env();
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let scratch = tempfile::tempdir().unwrap();
+    let sink = if server.writable() {
+        server.uri("frames", "out")
+    } else {
+        scratch.path().join("out").display().to_string()
+    };
+    // A directory holding what the sink holds under `rel`.
+    let fetched = |rel: &str| -> std::path::PathBuf {
+        if !server.writable() {
+            return scratch.path().join("out").join(rel);
+        }
+        let into = scratch.path().join("fetched").join(rel);
+        server.download("frames", &format!("out/{rel}"), &into);
+        into
+    };
 
-    let run = demo(
-        "s3://frames/demo/digits.parquet",
-        "s3://frames/out",
-        "night",
-        &env,
-        &[],
-    );
+    let run = demo(&demo_digits(&server, kind), &sink, "night", &env, &[]);
     run.expect(0);
     assert!(
-        run.stdout.contains("s3://frames/out/scores/"),
+        run.stdout.contains(&format!("{sink}/scores/")),
         "{}",
         run.stdout
     );
-    let keys = server.keys("frames", "out");
-    assert!(
-        keys.contains(&"out/runs/night/_SUCCESS".to_string()),
-        "{keys:?}"
-    );
-    assert!(keys.contains(&"out/runs/night/manifest.json".to_string()));
-    assert!(
-        !keys.iter().any(|k| k.contains("_staging")),
-        "staging is cleaned up: {keys:?}"
-    );
+    if server.writable() {
+        let keys = server.keys("frames", "out");
+        assert!(
+            keys.contains(&"out/runs/night/_SUCCESS".to_string()),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"out/runs/night/manifest.json".to_string()));
+        assert!(
+            !keys.iter().any(|k| k.contains("_staging")),
+            "staging is cleaned up: {keys:?}"
+        );
+    }
 
     let local = tempfile::tempdir().unwrap();
     let local_out = local.path().join("out");
@@ -63,9 +106,7 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
         &[],
     )
     .expect(0);
-    let fetched = tempfile::tempdir().unwrap();
-    server.download("frames", "out/scores", fetched.path());
-    let remote = likelihoods(fetched.path());
+    let remote = likelihoods(&fetched("scores"));
     let here = likelihoods(&local_out.join("scores"));
     assert_eq!(remote.len(), 2000);
     assert_eq!(remote, here, "same rows from the bucket as from local disk");
@@ -75,7 +116,7 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
         &repo(),
         &[
             "evaluate",
-            "s3://frames/out/scores",
+            &format!("{sink}/scores"),
             "--label-column",
             "condition",
             "--normal",
@@ -92,29 +133,25 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
         &[
             "query",
             "--sink",
-            "s3://frames/out",
+            &sink,
             "SELECT count(*) AS images, sum(CAST(is_anomaly AS INT)) AS flagged FROM scores",
             "--out",
-            "s3://frames/answers/counts.csv",
+            &format!("{sink}/answers/counts.csv"),
         ],
         &env,
     );
     query.expect(0);
-    let answers = tempfile::tempdir().unwrap();
-    server.download("frames", "answers", answers.path());
     let flagged = bools(&read_table(&local_out.join("scores")), "is_anomaly")
         .into_iter()
         .filter(|&f| f)
         .count();
     assert_eq!(
-        std::fs::read_to_string(answers.path().join("counts.csv")).unwrap(),
+        std::fs::read_to_string(fetched("answers").join("counts.csv")).unwrap(),
         format!("images,flagged\n2000,{flagged}\n")
     );
     // No credential in anything the run printed or wrote.
-    let runs = tempfile::tempdir().unwrap();
-    server.download("frames", "out/runs", runs.path());
-    let manifest = std::fs::read_to_string(runs.path().join("night/manifest.json")).unwrap();
-    assert!(manifest.contains("s3://frames/demo/digits.parquet"));
+    let manifest = std::fs::read_to_string(fetched("runs").join("night/manifest.json")).unwrap();
+    assert!(manifest.contains(&demo_digits(&server, kind)), "{manifest}");
     for text in [
         &run.stdout,
         &run.stderr,
@@ -124,14 +161,47 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
         &query.stderr,
         &manifest,
     ] {
-        assert!(!text.contains("test-secret") && !text.contains("test-key-id"));
+        for secret in PLANTED_SECRETS {
+            assert!(!text.contains(secret), "{secret} appears in {text}");
+        }
     }
 }
 
 #[test]
-fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
-    let Some(mut server) = S3Server::start() else {
+fn s3_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
+    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::S3);
+}
+
+#[test]
+fn gcs_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
+    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Gcs);
+}
+
+#[test]
+fn azure_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
+    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Azure);
+}
+
+#[test]
+fn http_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
+    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Http);
+}
+
+/// The store unreachable from the start: the sink (or, where the emulator cannot take writes,
+/// the source) is in it.
+fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(kind: Kind) {
+    let Some(mut server) = StoreServer::start(kind) else {
         return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let local_sink = scratch.path().join("out");
+    let (source, sink, unreachable) = if server.writable() {
+        let sink = server.uri("frames", "out");
+        ("data/demo/digits.parquet".to_string(), sink.clone(), sink)
+    } else {
+        let source = server.uri("frames", "demo/digits.parquet");
+        let sink = local_sink.display().to_string();
+        (source.clone(), sink, source)
     };
     let port = server.port();
     let env_owned = server.env();
@@ -143,47 +213,66 @@ fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
         "--set",
         "storage.request_timeout_seconds=2",
     ];
-    let failed = demo(
-        "data/demo/digits.parquet",
-        "s3://frames/out",
-        "r",
-        &env,
-        &fast,
-    );
-    failed.expect(75).mentions(&["s3://frames/out"]);
+    let failed = demo(&source, &sink, "r", &env, &fast);
+    failed.expect(75).mentions(&[&unreachable]);
 
-    // The store is back (empty, as moto keeps objects in memory): the same run id completes.
-    let server = S3Server::start_on(port).expect("moto restarts");
+    // The store is back (empty, as each server keeps objects in memory): the same run id
+    // completes.
+    let server = StoreServer::start_on(kind, port).expect("the server restarts");
     server.create_bucket("frames");
-    demo(
-        "data/demo/digits.parquet",
-        "s3://frames/out",
-        "r",
-        &env,
-        &fast,
-    )
-    .expect(0);
-    let fetched = tempfile::tempdir().unwrap();
-    server.download("frames", "out/scores", fetched.path());
-    assert_eq!(likelihoods(fetched.path()).len(), 2000);
+    if !server.writable() {
+        let digits = repo().join("data/demo/digits.parquet");
+        server.upload("frames", "demo/digits.parquet", &digits);
+    }
+    demo(&source, &sink, "r", &env, &fast).expect(0);
+    let scores = if server.writable() {
+        let fetched = scratch.path().join("fetched");
+        server.download("frames", "out/scores", &fetched);
+        fetched
+    } else {
+        local_sink.join("scores")
+    };
+    assert_eq!(likelihoods(&scores).len(), 2000);
 }
 
 #[test]
-fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    let Some(mut server) = S3Server::start() else {
+fn s3_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::S3);
+}
+
+#[test]
+fn gcs_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Gcs);
+}
+
+#[test]
+fn azure_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(
+        Kind::Azure,
+    );
+}
+
+#[test]
+fn http_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Http);
+}
+
+fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(kind: Kind) {
+    let Some(mut server) = StoreServer::start(kind) else {
         return;
     };
     let port = server.port();
     let env_owned = server.env();
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let demo = repo().join("data/demo/digits.parquet");
-    let upload = |server: &S3Server| {
+    let upload = |server: &StoreServer| {
         server.create_bucket("frames");
         for i in 0..24 {
             server.upload("frames", &format!("day/part-{i:02}.parquet"), &demo);
         }
     };
     upload(&server);
+    let day = server.uri("frames", "day/");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A model fitted once, on local disk; the sink is local too, so what was published can be
@@ -210,11 +299,13 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
                 run,
                 "--log-format",
                 "json",
-                "--set",
-                "source.uri=\"s3://frames/day/\"",
             ]
             .map(String::from),
         )
+        .chain([
+            "--set".to_string(),
+            format!("source.uri=\"{day}\""),
+        ])
         .chain(
             [
                 "--set",
@@ -267,8 +358,8 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
         "the failed run's staging is removed"
     );
 
-    // Back up (moto starts empty: the files are uploaded again); the rerun completes.
-    let server = S3Server::start_on(port).expect("moto restarts");
+    // Back up (empty: the files are uploaded again); the rerun completes.
+    let server = StoreServer::start_on(kind, port).expect("the server restarts");
     upload(&server);
     let mut env2 = env.clone();
     let sink_s = sink.to_str().unwrap().to_string();
@@ -288,7 +379,7 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
 fn injected_storage_faults_are_retried_or_end_in_75() {
     use crate::common::fault_proxy::{Fault, FaultProxy};
     use std::time::Duration;
-    let Some(server) = S3Server::with_demo_digits() else {
+    let Some(server) = StoreServer::with_demo_digits(Kind::S3) else {
         return;
     };
     let proxy = FaultProxy::start(server.port(), |n| match n % 6 {
@@ -298,8 +389,7 @@ fn injected_storage_faults_are_retried_or_end_in_75() {
         5 => Fault::Slow(Duration::from_millis(700)),
         _ => Fault::None,
     });
-    let mut env_owned = server.env();
-    env_owned[0].1 = proxy.endpoint.clone();
+    let env_owned = server.env_via(&proxy.endpoint);
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let retries = [
         "--set",
@@ -340,7 +430,7 @@ fn injected_storage_faults_are_retried_or_end_in_75() {
 
     // Throttled on every connection: the retries run out and the run ends in 75.
     let always = FaultProxy::start(server.port(), |_| Fault::Throttle);
-    env_owned[0].1 = always.endpoint.clone();
+    let env_owned = server.env_via(&always.endpoint);
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let started = std::time::Instant::now();
     demo(
@@ -369,7 +459,7 @@ fn requests_whose_answer_is_lost_are_retried_without_harm() {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-    let Some(server) = S3Server::with_demo_digits() else {
+    let Some(server) = StoreServer::with_demo_digits(Kind::S3) else {
         return;
     };
     // Lost answers per kind: delete, create, copy.
@@ -400,8 +490,7 @@ fn requests_whose_answer_is_lost_are_retried_without_harm() {
             RequestFault::Forward
         }
     });
-    let mut env_owned = server.env();
-    env_owned[0].1 = proxy.endpoint.clone();
+    let env_owned = server.env_via(&proxy.endpoint);
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let run = demo(
         "s3://frames/demo/digits.parquet",
@@ -475,12 +564,11 @@ fn requests_whose_answer_is_lost_are_retried_without_harm() {
 #[test]
 fn a_store_that_refuses_access_ends_in_77() {
     use crate::common::fault_proxy::{Fault, FaultProxy};
-    let Some(server) = S3Server::with_demo_digits() else {
+    let Some(server) = StoreServer::with_demo_digits(Kind::S3) else {
         return;
     };
     let proxy = FaultProxy::start(server.port(), |_| Fault::Forbidden);
-    let mut env_owned = server.env();
-    env_owned[0].1 = proxy.endpoint.clone();
+    let env_owned = server.env_via(&proxy.endpoint);
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let started = std::time::Instant::now();
     let out = demo(
@@ -497,4 +585,27 @@ fn a_store_that_refuses_access_ends_in_77() {
         "a refusal is not retried as if transient"
     );
     assert!(!out.stderr.contains("test-secret") && !out.stdout.contains("test-secret"));
+}
+
+/// A store that lacks a request the pipeline makes (answers 501 Not Implemented, as
+/// gcp-storage-emulator does to HEAD) ends the run in 74, saying so, not in 75: rerunning the
+/// same request against the same store cannot succeed.
+#[test]
+fn a_store_without_a_request_ends_in_74_not_75() {
+    use crate::common::fault_proxy::{Fault, FaultProxy};
+    let Some(server) = StoreServer::with_demo_digits(Kind::S3) else {
+        return;
+    };
+    let proxy = FaultProxy::start(server.port(), |_| Fault::NotImplemented);
+    let env_owned = server.env_via(&proxy.endpoint);
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    demo(
+        "s3://frames/demo/digits.parquet",
+        "s3://frames/out",
+        "incomplete",
+        &env,
+        &["--set", "storage.max_retries=1"],
+    )
+    .expect(74)
+    .mentions(&["501 Not Implemented", "does not implement"]);
 }

@@ -343,8 +343,13 @@ async fn find_files(uri: &str, settings: &StorageConfig) -> Result<Found> {
         }
     };
 
+    // A zero-byte object is never a Parquet file: it is how a WebDAV server answers HEAD on
+    // a directory, and how some tools mark a prefix as a folder. Listing decides, and if it
+    // finds nothing the object is read as the file it claims to be (and reported as empty).
+    let mut empty_object = None;
     if pattern.is_none() && !uri.ends_with('/') {
         match store.head(&base_path).await {
+            Ok(meta) if meta.size == 0 => empty_object = Some(meta),
             Ok(meta) => return Ok((store, vec![(uri.into(), meta.location, meta.size)])),
             Err(object_store::Error::NotFound { .. }) => {}
             // A local directory answers `head` with an error of its own; listing decides.
@@ -386,6 +391,9 @@ async fn find_files(uri: &str, settings: &StorageConfig) -> Result<Found> {
         .map(|m| (show(&m.location), m.location, m.size))
         .collect();
     if files.is_empty() {
+        if let Some(meta) = empty_object {
+            return Ok((store, vec![(uri.into(), meta.location, meta.size)]));
+        }
         return Err(Error::InputMissing {
             uri: uri.to_string(),
             hint: "no Parquet file matched; check source.uri (a file, a directory of *.parquet files, or a glob)".into(),

@@ -366,10 +366,16 @@ fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
             )
             .build()
             .map(|s| Arc::new(s) as _),
+        // The user chose plain http by writing `http://`; the other stores' endpoints come from
+        // their environment, where `*_ALLOW_HTTP` says the same.
         ObjectStoreScheme::Http => object_store::http::HttpBuilder::new()
             .with_url(&url[..url::Position::BeforePath])
             .with_retry(retry)
             .with_config(ClientConfigKey::Timeout, &timeout)
+            .with_config(
+                ClientConfigKey::AllowHttp,
+                if url.scheme() == "http" { "true" } else { "false" },
+            )
             .build()
             .map(|s| Arc::new(s) as _),
         other => {

@@ -26,6 +26,8 @@ pub enum Fault {
     ServerError,
     /// Read the request head, answer `403 Forbidden` (AccessDenied), close.
     Forbidden,
+    /// Read the request head, answer `501 Not Implemented` (an incomplete emulator), close.
+    NotImplemented,
     /// Close at once with a TCP reset.
     Reset,
     /// Wait this long, then forward.
@@ -251,6 +253,7 @@ fn handle(client: TcpStream, target: u16, fault: Fault) {
         Fault::Throttle => return answer(client, "503 Slow Down"),
         Fault::ServerError => return answer(client, "500 Internal Server Error"),
         Fault::Forbidden => return answer(client, "403 Forbidden"),
+        Fault::NotImplemented => return answer(client, "501 Not Implemented"),
         Fault::Reset => {
             // SO_LINGER 0: closing sends RST, as a crashed load balancer would.
             let _ = socket_linger_zero(&client);

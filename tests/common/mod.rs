@@ -4,7 +4,7 @@
 
 pub mod delta;
 pub mod fault_proxy;
-pub mod s3;
+pub mod stores;
 
 use std::collections::HashMap;
 use std::fs::File;
