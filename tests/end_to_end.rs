@@ -514,6 +514,85 @@ fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
     assert_eq!(manifest["threshold"]["value"], threshold[0]);
 }
 
+/// Benjamini–Hochberg over all p-values at level `fdr`: which of `p` are flagged.
+fn benjamini_hochberg(p: &[f64], fdr: f64) -> Vec<bool> {
+    let mut sorted = p.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let m = sorted.len() as f64;
+    let cutoff = (0..sorted.len())
+        .rev()
+        .find(|&k| sorted[k] <= (k + 1) as f64 * fdr / m)
+        .map(|k| sorted[k]);
+    p.iter().map(|&p| cutoff.is_some_and(|c| p <= c)).collect()
+}
+
+/// With `source.partition_by`, each partition's model calibrates its own p-values and
+/// Benjamini–Hochberg runs within each partition: a partition full of anomalies does not lower
+/// the bar for a clean one (as pooling the run's p-values would).
+#[test]
+fn conformal_runs_benjamini_hochberg_within_each_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train_labels: Vec<u16> = (0..4000).map(|i| (i % 2) as u16).collect();
+    write_tensor_u8_labelled(
+        &d.join("train.parquet"),
+        &ids(0, 4000),
+        &images(4000, 8, 8, 1),
+        &[8, 8],
+        &train_labels,
+    );
+    // Partition 0: 300 fresh normal images and 100 inverted ones; partition 1: 300 normal.
+    let mut fresh = images(700, 8, 8, 2);
+    for img in &mut fresh[300..400] {
+        img.iter_mut().for_each(|v| *v = 255 - *v);
+    }
+    let labels: Vec<u16> = (0..700).map(|i| u16::from(i >= 400)).collect();
+    write_tensor_u8_labelled(&d.join("fresh.parquet"), &ids(10_000, 700), &fresh, &[8, 8], &labels);
+    let extra = "[threshold]\nmethod = \"conformal\"\nfdr = 0.1\n\n\
+                 [train]\nvalidation_fraction = 0.5\nmin_images = 100\n";
+    for (name, source) in [("fit.toml", "train.parquet"), ("score.toml", "fresh.parquet")] {
+        let path = write_config(d, name, source, "out", extra);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("[source]\n", "[source]\npartition_by = [\"label\"]\n", 1);
+        std::fs::write(&path, text).unwrap();
+    }
+    let model_dir = fit_model(d, "fit.toml");
+    pipeline(
+        d,
+        &["score", "score.toml", "--model", &model_dir, "--run-id", "r"],
+        &[],
+    )
+    .expect(0);
+
+    let scores = read_table(&d.join("out/scores"));
+    let ids_read = strings(&scores, "id");
+    let p = floats(&scores, "p_value");
+    let flags = bools(&scores, "is_anomaly");
+    let threshold = floats(&scores, "threshold");
+    let partition = |i: usize| u16::from(ids_read[i].as_deref().unwrap() >= "img-10400");
+    let planted = |i: usize| {
+        let id = ids_read[i].as_deref().unwrap();
+        ("img-10300".."img-10400").contains(&id)
+    };
+    for part in [0, 1] {
+        let rows: Vec<usize> = (0..p.len()).filter(|&i| partition(i) == part).collect();
+        let bh = benjamini_hochberg(&rows.iter().map(|&i| p[i]).collect::<Vec<_>>(), 0.1);
+        for (k, &i) in rows.iter().enumerate() {
+            assert_eq!(flags[i], bh[k], "partition {part}, row {i}");
+            assert_eq!(threshold[i], threshold[rows[0]], "one threshold per partition");
+        }
+    }
+    let found = (0..p.len()).filter(|&i| flags[i] && planted(i)).count();
+    assert_eq!(found, 100, "every planted anomaly is flagged");
+    // The data make the difference visible: pooled over the run, BH would flag other images.
+    assert_ne!(
+        benjamini_hochberg(&p, 0.1),
+        flags,
+        "pooling would flag the same images: the test cannot tell per-partition BH from pooled"
+    );
+}
+
 #[test]
 fn likelihood_ratio_and_complexity_scores_are_fitted_stored_and_reloaded() {
     let dir = tempfile::tempdir().unwrap();

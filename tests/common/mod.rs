@@ -250,8 +250,21 @@ pub fn write_camera_frames(path: &Path, n: usize) {
     );
 }
 
-/// Layout (a): `arrow.fixed_shape_tensor<uint8>` of `shape`, with `id` and `label` columns.
+/// Layout (a): `arrow.fixed_shape_tensor<uint8>` of `shape`, with `id` and `label` columns
+/// (`label` is the row index mod 10).
 pub fn write_tensor_u8(path: &Path, ids: &[String], images: &[Vec<u8>], shape: &[usize]) {
+    let labels: Vec<u16> = (0..ids.len()).map(|i| (i % 10) as u16).collect();
+    write_tensor_u8_labelled(path, ids, images, shape, &labels);
+}
+
+/// [`write_tensor_u8`] with the given labels.
+pub fn write_tensor_u8_labelled(
+    path: &Path,
+    ids: &[String],
+    images: &[Vec<u8>],
+    shape: &[usize],
+    labels: &[u16],
+) {
     let size = shape.iter().product::<usize>();
     let values = UInt8Array::from_iter_values(images.iter().flatten().copied());
     let list = FixedSizeListArray::new(
@@ -260,7 +273,7 @@ pub fn write_tensor_u8(path: &Path, ids: &[String], images: &[Vec<u8>], shape: &
         Arc::new(values),
         None,
     );
-    let labels = UInt16Array::from_iter_values((0..ids.len()).map(|i| (i % 10) as u16));
+    let labels = UInt16Array::from_iter_values(labels.iter().copied());
     write_columns(
         path,
         vec![
