@@ -439,7 +439,10 @@ mod tests {
             generic("Server returned non-2xx status code: 501 Not Implemented: "),
         );
         assert_eq!(e.exit_code(), 74, "{e}");
-        let e = from_store("s3://b/k", generic("builder error: URL scheme is not allowed"));
+        let e = from_store(
+            "s3://b/k",
+            generic("builder error: URL scheme is not allowed"),
+        );
         assert_eq!(e.exit_code(), 78);
         assert!(e.to_string().contains("AWS_ALLOW_HTTP"), "{e}");
         let e = from_store(

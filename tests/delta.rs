@@ -299,10 +299,7 @@ fn a_delta_sink_in_a_bucket_reads_back_through_the_store(kind: Kind) {
     pipeline(d, &args, &env).expect(0);
     // delta-rs takes object_store's own configuration keys, and reads the emulator's URL
     // from the environment as the binary does.
-    let options: Vec<(&str, String)> = env_owned
-        .iter()
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
+    let options: Vec<(&str, String)> = env_owned.iter().map(|(k, v)| (*k, v.clone())).collect();
     let table = format!("{sink}/scores");
     let first = delta::read(&table, None, &options, RUN).expect("a Delta table in the bucket");
     assert_eq!(first.rows.len(), 600);
@@ -311,7 +308,11 @@ fn a_delta_sink_in_a_bucket_reads_back_through_the_store(kind: Kind) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     pipeline(d, &args, &env).expect(0);
     let second = delta::read(&table, None, &options, RUN).unwrap();
-    assert_eq!(second.rows.len(), 600, "one copy of each row after the rerun");
+    assert_eq!(
+        second.rows.len(),
+        600,
+        "one copy of each row after the rerun"
+    );
     assert_eq!(second.version, first.version + 1);
     assert_ne!(second.rows, first.rows);
     let history = delta::read(&format!("{sink}/history"), None, &options, RUN).unwrap();

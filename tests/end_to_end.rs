@@ -547,20 +547,38 @@ fn conformal_runs_benjamini_hochberg_within_each_partition() {
         img.iter_mut().for_each(|v| *v = 255 - *v);
     }
     let labels: Vec<u16> = (0..700).map(|i| u16::from(i >= 400)).collect();
-    write_tensor_u8_labelled(&d.join("fresh.parquet"), &ids(10_000, 700), &fresh, &[8, 8], &labels);
+    write_tensor_u8_labelled(
+        &d.join("fresh.parquet"),
+        &ids(10_000, 700),
+        &fresh,
+        &[8, 8],
+        &labels,
+    );
     let extra = "[threshold]\nmethod = \"conformal\"\nfdr = 0.1\n\n\
                  [train]\nvalidation_fraction = 0.5\nmin_images = 100\n";
-    for (name, source) in [("fit.toml", "train.parquet"), ("score.toml", "fresh.parquet")] {
+    for (name, source) in [
+        ("fit.toml", "train.parquet"),
+        ("score.toml", "fresh.parquet"),
+    ] {
         let path = write_config(d, name, source, "out", extra);
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replacen("[source]\n", "[source]\npartition_by = [\"label\"]\n", 1);
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            "[source]\n",
+            "[source]\npartition_by = [\"label\"]\n",
+            1,
+        );
         std::fs::write(&path, text).unwrap();
     }
     let model_dir = fit_model(d, "fit.toml");
     pipeline(
         d,
-        &["score", "score.toml", "--model", &model_dir, "--run-id", "r"],
+        &[
+            "score",
+            "score.toml",
+            "--model",
+            &model_dir,
+            "--run-id",
+            "r",
+        ],
         &[],
     )
     .expect(0);
@@ -580,7 +598,10 @@ fn conformal_runs_benjamini_hochberg_within_each_partition() {
         let bh = benjamini_hochberg(&rows.iter().map(|&i| p[i]).collect::<Vec<_>>(), 0.1);
         for (k, &i) in rows.iter().enumerate() {
             assert_eq!(flags[i], bh[k], "partition {part}, row {i}");
-            assert_eq!(threshold[i], threshold[rows[0]], "one threshold per partition");
+            assert_eq!(
+                threshold[i], threshold[rows[0]],
+                "one threshold per partition"
+            );
         }
     }
     let found = (0..p.len()).filter(|&i| flags[i] && planted(i)).count();

@@ -3,7 +3,7 @@
 //! store that goes away ends in exit 75 with a rerun that repairs the run. The fault-injection
 //! tests run against S3 only: the retry policy they check is the same for every store.
 
-use crate::common::stores::{Kind, StoreServer, PLANTED_SECRETS};
+use crate::common::stores::{Kind, PLANTED_SECRETS, StoreServer};
 use crate::common::*;
 
 /// Runs the demo with `source` and `sink` URIs and `env`, as run `run_id`.
@@ -47,7 +47,9 @@ fn http_the_demo_reads_and_writes_a_webdav_share_with_the_rows_of_a_local_run() 
 /// writes it (Azure's source in the `abfss://` form, its sink in the `az://` one).
 fn demo_digits(server: &StoreServer, kind: Kind) -> String {
     match kind {
-        Kind::Azure => "abfss://frames@pipelinetest.dfs.core.windows.net/demo/digits.parquet".into(),
+        Kind::Azure => {
+            "abfss://frames@pipelinetest.dfs.core.windows.net/demo/digits.parquet".into()
+        }
         _ => server.uri("frames", "demo/digits.parquet"),
     }
 }
@@ -247,9 +249,7 @@ fn gcs_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun
 
 #[test]
 fn azure_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(
-        Kind::Azure,
-    );
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Azure);
 }
 
 #[test]
@@ -293,19 +293,8 @@ fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_rep
         ]
         .into_iter()
         .map(String::from)
-        .chain(
-            [
-                "--run-id",
-                run,
-                "--log-format",
-                "json",
-            ]
-            .map(String::from),
-        )
-        .chain([
-            "--set".to_string(),
-            format!("source.uri=\"{day}\""),
-        ])
+        .chain(["--run-id", run, "--log-format", "json"].map(String::from))
+        .chain(["--set".to_string(), format!("source.uri=\"{day}\"")])
         .chain(
             [
                 "--set",

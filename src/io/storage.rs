@@ -374,7 +374,11 @@ fn cloud(uri: &str, s: &StorageConfig) -> Result<(Arc<dyn ObjectStore>, Path)> {
             .with_config(ClientConfigKey::Timeout, &timeout)
             .with_config(
                 ClientConfigKey::AllowHttp,
-                if url.scheme() == "http" { "true" } else { "false" },
+                if url.scheme() == "http" {
+                    "true"
+                } else {
+                    "false"
+                },
             )
             .build()
             .map(|s| Arc::new(s) as _),

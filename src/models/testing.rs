@@ -133,6 +133,65 @@ pub fn check_binary_chain<M: DensityModel>(
     };
     let model = fit(&data, &settings);
     assert_binary_chain_in_rgb_order(&model, valid);
+    assert_samples_follow_the_binary_chain(&model);
+}
+
+/// The share of `n` images drawn from `model` (one pixel, three channels) for which each
+/// `test` holds.
+pub fn sampled_share<const T: usize>(
+    model: &dyn DensityModel,
+    n: usize,
+    tests: [&dyn Fn([u8; 3]) -> bool; T],
+) -> [f64; T] {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut img = [0u8; 3];
+    let mut held = [0usize; T];
+    for _ in 0..n {
+        model.sample(&mut rng, &mut img);
+        for (count, test) in held.iter_mut().zip(&tests) {
+            *count += usize::from(test(img));
+        }
+    }
+    let shares = held.map(|h| h as f64 / n as f64);
+    eprintln!("sampled shares {shares:?}");
+    shares
+}
+
+/// Checks that images drawn from a binary model fitted on [`binary_chained_channels`] follow
+/// the chain channel by channel: R a fair coin, G unlike R a quarter of the time, B unlike G
+/// 1/32 of it. A sampler that drew the channels in another order than the likelihood uses, or
+/// independently, puts G unlike R half of the time or B unlike G far more often.
+pub fn assert_samples_follow_the_binary_chain(model: &dyn DensityModel) {
+    let shares = sampled_share(
+        model,
+        4000,
+        [&|x| x[0] == 1, &|x| x[1] != x[0], &|x| x[2] != x[1]],
+    );
+    let [r_on, g_flipped, b_flipped] = shares;
+    assert!((r_on - 0.5).abs() < 0.04, "R on: {shares:?}");
+    assert!((g_flipped - 0.25).abs() < 0.04, "G unlike R: {shares:?}");
+    assert!(b_flipped < 0.07, "B unlike G: {shares:?}");
+}
+
+/// Checks that images drawn from an 8-bit model fitted on [`chained_channels`] follow the
+/// chain: G within the noise of R and B = 255 − G, give or take `b_slack` levels, in at least
+/// 85% of them (independent channels would put G near R in about 15% of images).
+pub fn assert_samples_follow_the_chain(model: &dyn DensityModel, b_slack: i32) {
+    let near = |a: u8, b: i32, within: i32| (i32::from(a) - b).abs() <= within;
+    let shares = sampled_share(
+        model,
+        2000,
+        [
+            &|x| (16..240).contains(&x[0]),
+            &|x| near(x[1], i32::from(x[0]), CHAIN_NOISE + 2),
+            &|x| near(x[2], 255 - i32::from(x[1]), b_slack),
+        ],
+    );
+    assert!(
+        shares.iter().all(|&s| s >= 0.85),
+        "R in range, G near R, B = 255 − G: {shares:?}"
+    );
 }
 
 /// Checks a binary model fitted on [`binary_chained_channels`] took the channels in R, G, B

@@ -77,7 +77,11 @@ pub fn read(
         .args(["-c", READER, &args.to_string()])
         // Some settings reach object_store (inside delta-rs) only from the environment, as
         // they reach the binary (the Azure emulator's URL).
-        .envs(options.iter().map(|(k, v)| (k.to_uppercase(), v.as_str().unwrap_or_default())))
+        .envs(
+            options
+                .iter()
+                .map(|(k, v)| (k.to_uppercase(), v.as_str().unwrap_or_default())),
+        )
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .output()

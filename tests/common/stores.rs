@@ -82,9 +82,16 @@ impl Kind {
                     )?;
                 let mut c = Command::new(bin);
                 // The XML API (objects by path) answers requests addressed to the public host.
-                c.args(["-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"])
-                    .args(["-port", &port, "-log-level", "error"])
-                    .args(["-public-host", &format!("127.0.0.1:{port}")]);
+                c.args([
+                    "-scheme",
+                    "http",
+                    "-backend",
+                    "memory",
+                    "-host",
+                    "127.0.0.1",
+                ])
+                .args(["-port", &port, "-log-level", "error"])
+                .args(["-public-host", &format!("127.0.0.1:{port}")]);
                 Ok(c)
             }
             Kind::Azure => {
@@ -100,7 +107,10 @@ impl Kind {
                 c.args(["--blobHost", "127.0.0.1", "--blobPort", &port])
                     .args(["--inMemoryPersistence", "--disableTelemetry", "--silent"])
                     .arg("--skipApiVersionCheck")
-                    .env("AZURITE_ACCOUNTS", format!("{AZURE_ACCOUNT}:{}", azure_key()));
+                    .env(
+                        "AZURITE_ACCOUNTS",
+                        format!("{AZURE_ACCOUNT}:{}", azure_key()),
+                    );
                 Ok(c)
             }
             Kind::Http => {
@@ -108,9 +118,16 @@ impl Kind {
                     .filter(|_| python_imports("cheroot"))
                     .ok_or("no WsgiDAV here (pip install wsgidav cheroot; .ci/run does)")?;
                 let mut c = Command::new(bin);
-                c.args(["--host", "127.0.0.1", "--port", &port, "--auth", "anonymous"])
-                    .args(["--no-config", "-q", "--server", "cheroot", "--root"])
-                    .arg(root);
+                c.args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port,
+                    "--auth",
+                    "anonymous",
+                ])
+                .args(["--no-config", "-q", "--server", "cheroot", "--root"])
+                .arg(root);
                 Ok(c)
             }
         }
@@ -380,8 +397,10 @@ impl StoreServer {
                 )
             }
         };
-        let headers: Vec<(&str, &str)> =
-            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         self.request(method, &path, &headers, body.as_bytes());
     }
 
@@ -404,7 +423,9 @@ impl StoreServer {
         s.read_to_end(&mut reply).unwrap();
         let reply = String::from_utf8_lossy(&reply);
         assert!(
-            ["200", "201"].iter().any(|code| reply.starts_with(&format!("HTTP/1.1 {code}"))),
+            ["200", "201"]
+                .iter()
+                .any(|code| reply.starts_with(&format!("HTTP/1.1 {code}"))),
             "{method} {path} on {:?}: {reply}",
             self.kind
         );
@@ -477,13 +498,7 @@ impl StoreServer {
         let rt = Self::runtime();
         for key in self.keys(bucket, prefix) {
             let bytes = rt
-                .block_on(async {
-                    store
-                        .get(&self.object(bucket, &key))
-                        .await?
-                        .bytes()
-                        .await
-                })
+                .block_on(async { store.get(&self.object(bucket, &key)).await?.bytes().await })
                 .unwrap();
             let rel = key.strip_prefix(prefix).unwrap().trim_start_matches('/');
             let path = dir.join(rel);

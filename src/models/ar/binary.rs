@@ -324,6 +324,7 @@ mod tests {
         };
         let m = Ar::fit(params, &data);
         assert_binary_chain_in_rgb_order(&m, x.view());
+        assert_samples_follow_the_binary_chain(&m);
     }
 
     #[test]

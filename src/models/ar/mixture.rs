@@ -595,6 +595,7 @@ mod tests {
             "G given R is as uncertain as its noise: {per_channel:?}"
         );
         assert!(per_channel[2] < 0.15, "B given G: {per_channel:?}");
+        assert_samples_follow_the_chain(&m, 1);
     }
 
     #[test]

@@ -164,6 +164,41 @@ mod tests {
         assert_maps_sum_to_likelihood(&m, &all_images(4, 2));
     }
 
+    /// Two RGB pixels (channels interleaved R, G, B per pixel), each value with a rate of its
+    /// own: the samples put each rate back on its own channel and pixel.
+    #[test]
+    fn rgb_samples_keep_each_channel_its_rate() {
+        let rates = [0.9, 0.5, 0.1, 0.2, 0.65, 0.97];
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let n = 4000;
+        let flat: Vec<u8> = (0..n)
+            .flat_map(|_| rates.map(|q| u8::from(rand::Rng::random_bool(&mut rng, q))))
+            .collect();
+        let pixels = Array2::from_shape_vec((n, 6), flat).unwrap();
+        let data = TrainingSet {
+            shape: ImageShape::new(1, 2, 3),
+            levels: 2,
+            pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
+        };
+        let m = Bernoulli::fit(1.0, &data);
+        let mut sums = [0u32; 6];
+        let mut img = [0u8; 6];
+        for _ in 0..n {
+            m.sample(&mut rng, &mut img);
+            for (s, &x) in sums.iter_mut().zip(&img) {
+                *s += u32::from(x);
+            }
+        }
+        for (k, (s, q)) in sums.iter().zip(rates).enumerate() {
+            let mean = f64::from(*s) / n as f64;
+            // Fitted and sampled from n draws each: both errors, four standard errors wide.
+            let tol = 4.0 * (2.0 * q * (1.0 - q) / n as f64).sqrt();
+            assert!((mean - q).abs() < tol, "value {k}: {mean} vs {q} (±{tol})");
+        }
+    }
+
     #[test]
     fn sample_means_match_the_marginals() {
         let p = vec![0.05, 0.3, 0.5, 0.9];

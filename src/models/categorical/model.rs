@@ -185,6 +185,52 @@ mod tests {
         assert!((p(7) - 1.0 / 259.0).abs() < 1e-15);
     }
 
+    /// Two RGB pixels of 8 levels, each value with a most likely level of its own (held 70%
+    /// of the time): the samples put each mode back on its own channel and pixel.
+    #[test]
+    fn rgb_samples_keep_each_channel_its_mode() {
+        let modes = [1u8, 4, 6, 7, 0, 3];
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let n = 4000;
+        let flat: Vec<u8> = (0..n)
+            .flat_map(|_| {
+                modes.map(|mode| {
+                    if rand::Rng::random_bool(&mut rng, 0.7) {
+                        mode
+                    } else {
+                        rand::Rng::random_range(&mut rng, 0..8)
+                    }
+                })
+            })
+            .collect();
+        let pixels = Array2::from_shape_vec((n, 6), flat).unwrap();
+        let data = TrainingSet {
+            shape: ImageShape::new(1, 2, 3),
+            levels: 8,
+            pixels: pixels.view(),
+            validation: pixels.slice(ndarray::s![..0, ..]),
+            redraw: None,
+        };
+        let m = Categorical::fit(1.0, &data);
+        let mut held = [0u32; 6];
+        let mut img = [0u8; 6];
+        for _ in 0..n {
+            m.sample(&mut rng, &mut img);
+            for ((h, &x), &mode) in held.iter_mut().zip(&img).zip(&modes) {
+                *h += u32::from(x == mode);
+            }
+        }
+        let q = 0.7 + 0.3 / 8.0;
+        let tol = 4.0 * (2.0 * q * (1.0 - q) / n as f64).sqrt();
+        for (k, h) in held.iter().enumerate() {
+            let share = f64::from(*h) / n as f64;
+            assert!(
+                (share - q).abs() < tol,
+                "value {k}: mode held {share} vs {q} (±{tol})"
+            );
+        }
+    }
+
     #[test]
     fn sample_frequencies_match_the_distribution() {
         let m = fitted_1x2(4);

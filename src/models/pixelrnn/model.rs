@@ -502,6 +502,20 @@ mod tests {
             assert!((g - ln2).abs() < 0.15, "{architecture:?}: G {g}");
             // Half of G's: far from the ln 2 that B would have if it missed G.
             assert!(b < ln2 / 2.0, "{architecture:?}: B {b} (G {g})");
+            // Its samples follow the chain: G is R or R + 1, B is 7 − G. B's fit above may
+            // leave it ln 2 / 2 uncertain, so B = 7 − G in somewhat fewer samples than G's
+            // share; a B drawn blind to G would match half the time, independent channels 1/8.
+            let shares = sampled_share(
+                &m,
+                2000,
+                [&|x| x[1] == x[0] || x[1] == (x[0] + 1) % 8, &|x| {
+                    x[2] == 7 - x[1]
+                }],
+            );
+            assert!(
+                shares[0] > 0.85 && shares[1] > 0.7,
+                "{architecture:?}: samples with G from R, B from G: {shares:?}"
+            );
         }
     }
 

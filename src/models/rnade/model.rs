@@ -698,5 +698,6 @@ mod tests {
         // only, landed on either side of it: 0.22 to 0.43.) A B that did not see G would cost
         // as much as G itself, above 3 nats.
         assert!(per_channel[2] < 0.6, "B given G: {per_channel:?}");
+        assert_samples_follow_the_chain(&m, 2);
     }
 }
