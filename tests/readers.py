@@ -1,5 +1,6 @@
-"""Outside readers of the tables: every table of a demo run, opened by the readers the README
-names, with its row count and column types checked against schemas/tables.json.
+"""Outside readers of the tables: every table of a demo run (the demo with a small NADE, so that
+it writes embeddings too), opened by the readers the README names, with its row count and column
+types checked against schemas/tables.json.
 
 The Parquet layout is read by pyarrow, DuckDB, polars and Spark (pyspark in local mode); the
 Delta layout by the deltalake package and by polars' read_delta. (Spark reads Delta through the
@@ -26,7 +27,7 @@ from deltalake import DeltaTable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's passthrough columns, after `id` in scores and anomalies (uint8 label as int16).
 PASSTHROUGH = [("label", "Int16"), ("condition", "Utf8")]
-TABLES = ["scores", "anomalies", "rejects", "history"]
+TABLES = ["scores", "anomalies", "rejects", "history", "embeddings"]
 
 
 def canonical_arrow(text):
@@ -44,6 +45,8 @@ def canonical_arrow(text):
     }
     if text.startswith("List(") and text.endswith(")"):
         return "list<" + canonical_arrow(text[5:-1]) + ">"
+    if text.startswith("FixedSizeList(") and text.endswith(")"):
+        return "vector<" + canonical_arrow(text[len("FixedSizeList("):-1].split(" x ", 1)[1]) + ">"
     return table[text]
 
 
@@ -54,6 +57,8 @@ def canonical_pyarrow(t):
         return "string"
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
         return "list<" + canonical_pyarrow(t.value_type) + ">"
+    if pa.types.is_fixed_size_list(t):
+        return "vector<" + canonical_pyarrow(t.value_type) + ">"
     if pa.types.is_timestamp(t):
         return "timestamp_utc" if t.tz in ("UTC", "+00:00") and t.unit == "us" else f"timestamp {t}"
     names = {"double": "f64", "float": "f32", "bool": "bool", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -64,6 +69,8 @@ def canonical_duckdb(t):
     t = str(t)
     if t.endswith("[]"):
         return "list<" + canonical_duckdb(t[:-2]) + ">"
+    if t.endswith("]") and "[" in t:
+        return "vector<" + canonical_duckdb(t[: t.rindex("[")]) + ">"
     names = {
         "VARCHAR": "string",
         "DOUBLE": "f64",
@@ -80,6 +87,8 @@ def canonical_duckdb(t):
 def canonical_polars(t):
     if isinstance(t, pl.List):
         return "list<" + canonical_polars(t.inner) + ">"
+    if isinstance(t, pl.Array):
+        return "vector<" + canonical_polars(t.inner) + ">"
     if isinstance(t, pl.Datetime):
         return "timestamp_utc" if t.time_zone == "UTC" and t.time_unit == "us" else f"datetime {t}"
     names = {pl.String: "string", pl.Float64: "f64", pl.Float32: "f32", pl.Boolean: "bool",
@@ -113,10 +122,17 @@ def spark_session():
     return spark
 
 
-def expected_columns(reference, table):
+def expected_columns(reference, table, vectors=True):
+    """The columns schemas/tables.json gives `table`, with the demo's passthrough columns.
+
+    With `vectors` false, a fixed-size list (the embedding) is expected as a plain list: Parquet
+    has no fixed-size list of its own (readers that do not read the Arrow schema stored beside
+    it, DuckDB and Spark, see a list), and neither has Delta."""
     cols = [(c["name"], canonical_arrow(c["type"])) for c in reference[table]]
-    if table in ("scores", "anomalies"):
+    if table in ("scores", "anomalies", "embeddings"):
         cols[2:2] = [(n, canonical_arrow(t)) for n, t in PASSTHROUGH]
+    if not vectors:
+        cols = [(n, t.replace("vector<", "list<")) for n, t in cols]
     return cols
 
 
@@ -131,16 +147,30 @@ def check(reader, table, got_columns, got_rows, want_columns, want_rows):
     print(f"ok  {reader:<18} {table:<10} {got_rows:>5} rows, {len(got_columns)} columns")
 
 
-def run_demo(binary, out, fmt):
+def nade_demo(tmp):
+    """pipelines/demo.toml with a 16-unit NADE (which has embeddings) for its Bernoulli model."""
+    with open(os.path.join(REPO, "pipelines/demo.toml")) as f:
+        text = f.read()
+    model = '[model]\nkind = "bernoulli"\nalpha = 1.0\n'
+    if model not in text:
+        sys.exit("pipelines/demo.toml's [model] changed: update tests/readers.py's nade_demo")
+    path = os.path.join(tmp, "demo-nade.toml")
+    with open(path, "w") as f:
+        f.write(text.replace(model, '[model]\nkind = "nade"\nhidden = 16\n'))
+    return path
+
+
+def run_demo(binary, config, out, fmt):
     env = dict(os.environ, DEMO_OUT=out)
     env.pop("RUST_BACKTRACE", None)
-    subprocess.run([binary, "run", "pipelines/demo.toml", "--run-id", "readers", "-q",
-                    "--set", f'sink.format="{fmt}"'], cwd=REPO, env=env, check=True,
+    subprocess.run([binary, "run", config, "--run-id", "readers", "-q",
+                    "--set", f'sink.format="{fmt}"', "--set", "sink.embeddings=true",
+                    "--set", "train.epochs=2"], cwd=REPO, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "runs/readers/manifest.json")) as f:
         rows = json.load(f)["rows"]
     return {"scores": rows["scored"], "anomalies": rows["anomalies"],
-            "rejects": rows["rejected"], "history": 1}
+            "rejects": rows["rejected"], "history": 1, "embeddings": rows["scored"]}
 
 
 def main():
@@ -149,7 +179,8 @@ def main():
         reference = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         parquet_out = os.path.join(tmp, "parquet")
-        counts = run_demo(binary, parquet_out, "parquet")
+        config = nade_demo(tmp)
+        counts = run_demo(binary, config, parquet_out, "parquet")
         spark = spark_session()
         for table in TABLES:
             want = expected_columns(reference, table)
@@ -160,19 +191,19 @@ def main():
             rel = duckdb.sql(f"SELECT * FROM read_parquet('{path}/*.parquet')")
             n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}/*.parquet')").fetchall()[0][0]
             check("duckdb", table, [(c, canonical_duckdb(t)) for c, t in zip(rel.columns, rel.types)],
-                  n, want, counts[table])
+                  n, expected_columns(reference, table, vectors=False), counts[table])
             frame = pl.read_parquet(f"{path}/*.parquet")
             check("polars", table, [(c, canonical_polars(t)) for c, t in frame.schema.items()],
                   frame.height, want, counts[table])
             df = spark.read.parquet(path)
             check("spark", table, [(f.name, canonical_spark(f.dataType)) for f in df.schema.fields],
-                  df.count(), want, counts[table])
+                  df.count(), expected_columns(reference, table, vectors=False), counts[table])
         spark.stop()
 
         delta_out = os.path.join(tmp, "delta")
-        counts = run_demo(binary, delta_out, "delta")
+        counts = run_demo(binary, config, delta_out, "delta")
         for table in TABLES:
-            want = expected_columns(reference, table)
+            want = expected_columns(reference, table, vectors=False)
             path = os.path.join(delta_out, table)
             data = DeltaTable(path).to_pyarrow_table()
             check("deltalake", table, [(f.name, canonical_pyarrow(f.type)) for f in data.schema],

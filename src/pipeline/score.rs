@@ -12,7 +12,7 @@ use super::Context;
 use super::progress::Progress;
 use super::read::{ReadCounts, for_each_batch, partition_keys};
 use super::scorer::{Scorer, Scores, no_embedding, pixel_nll_map};
-use crate::config::{PipelineConfig, SourceConfig, ThresholdMethod};
+use crate::config::{PipelineConfig, SinkFormat, SourceConfig, ThresholdMethod};
 use crate::data::preprocess::Preprocessor;
 use crate::data::{ImageBatch, ImageShape, Reject};
 use crate::decide;
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::io::source::{Shard, Source};
 use crate::io::storage::Storage;
 use crate::io::tables::{
-    self, RowScore, ScoredRows, Table, TableWriter, WrittenTable, anomalies_schema,
+    self, RowScore, ScoredRows, Table, TableWriter, VectorType, WrittenTable, anomalies_schema,
     embeddings_schema, passthrough_fields, rejects_schema, scores_schema,
 };
 use crate::pipeline::artifact::{LoadedModel, ModelSet};
@@ -294,8 +294,16 @@ impl<'a> RunTables<'a> {
             passthrough_fields(pass.source.files()[0].schema(), &config.source.passthrough);
         let max_rows = config.sink.max_rows_per_file;
         let writer = |table, schema| TableWriter::new(sink, table, run_id, part, schema, max_rows);
-        let embeddings = embedding
-            .map(|width| writer(Table::Embeddings, embeddings_schema(&passthrough, width)));
+        let vectors = match config.sink.format {
+            SinkFormat::Parquet => VectorType::FixedSize,
+            SinkFormat::Delta => VectorType::List,
+        };
+        let embeddings = embedding.map(|width| {
+            writer(
+                Table::Embeddings,
+                embeddings_schema(&passthrough, width, vectors),
+            )
+        });
         Self {
             run_id,
             source_config: &config.source,
