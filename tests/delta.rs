@@ -1,6 +1,6 @@
 //! `sink.format = "delta"`: every table a Delta Lake table, read back by an independent reader
 //! (the `deltalake` package) at every moment a crash can leave it, with concurrent shards, and
-//! on the S3 and Azure emulators.
+//! on the S3, GCS and Azure emulators.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -269,9 +269,14 @@ fn four_shards_at_once_commit_one_version_with_one_copy_of_every_row() {
     );
 }
 
-/// A Delta sink in Azure Blob (on Azurite): the `deltalake` package reads the rows through the
-/// store, and a rerun replaces them in one new version. (GCS's emulator takes no writes from
-/// object_store: see `StoreServer::writable`.)
+/// A Delta sink in Google Cloud Storage and in Azure Blob (each on its emulator): the
+/// `deltalake` package reads the rows through the store, and a rerun replaces them in one new
+/// version.
+#[test]
+fn a_delta_sink_in_gcs_reads_back_through_the_store() {
+    a_delta_sink_in_a_bucket_reads_back_through_the_store(Kind::Gcs);
+}
+
 #[test]
 fn a_delta_sink_in_azure_reads_back_through_the_store() {
     a_delta_sink_in_a_bucket_reads_back_through_the_store(Kind::Azure);

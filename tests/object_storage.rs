@@ -54,8 +54,6 @@ fn demo_digits(server: &StoreServer, kind: Kind) -> String {
     }
 }
 
-/// The demo from the bucket and (where the emulator takes object_store's writes, see
-/// [`StoreServer::writable`]) to it.
 fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
     let Some(server) = StoreServer::with_demo_digits(kind) else {
         return;
@@ -63,16 +61,9 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
     let env_owned = server.env();
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let scratch = tempfile::tempdir().unwrap();
-    let sink = if server.writable() {
-        server.uri("frames", "out")
-    } else {
-        scratch.path().join("out").display().to_string()
-    };
+    let sink = server.uri("frames", "out");
     // A directory holding what the sink holds under `rel`.
     let fetched = |rel: &str| -> std::path::PathBuf {
-        if !server.writable() {
-            return scratch.path().join("out").join(rel);
-        }
         let into = scratch.path().join("fetched").join(rel);
         server.download("frames", &format!("out/{rel}"), &into);
         into
@@ -85,18 +76,16 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
         "{}",
         run.stdout
     );
-    if server.writable() {
-        let keys = server.keys("frames", "out");
-        assert!(
-            keys.contains(&"out/runs/night/_SUCCESS".to_string()),
-            "{keys:?}"
-        );
-        assert!(keys.contains(&"out/runs/night/manifest.json".to_string()));
-        assert!(
-            !keys.iter().any(|k| k.contains("_staging")),
-            "staging is cleaned up: {keys:?}"
-        );
-    }
+    let keys = server.keys("frames", "out");
+    assert!(
+        keys.contains(&"out/runs/night/_SUCCESS".to_string()),
+        "{keys:?}"
+    );
+    assert!(keys.contains(&"out/runs/night/manifest.json".to_string()));
+    assert!(
+        !keys.iter().any(|k| k.contains("_staging")),
+        "staging is cleaned up: {keys:?}"
+    );
 
     let local = tempfile::tempdir().unwrap();
     let local_out = local.path().join("out");
@@ -189,22 +178,11 @@ fn http_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
     an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Http);
 }
 
-/// The store unreachable from the start: the sink (or, where the emulator cannot take writes,
-/// the source) is in it.
 fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(kind: Kind) {
     let Some(mut server) = StoreServer::start(kind) else {
         return;
     };
-    let scratch = tempfile::tempdir().unwrap();
-    let local_sink = scratch.path().join("out");
-    let (source, sink, unreachable) = if server.writable() {
-        let sink = server.uri("frames", "out");
-        ("data/demo/digits.parquet".to_string(), sink.clone(), sink)
-    } else {
-        let source = server.uri("frames", "demo/digits.parquet");
-        let sink = local_sink.display().to_string();
-        (source.clone(), sink, source)
-    };
+    let sink = server.uri("frames", "out");
     let port = server.port();
     let env_owned = server.env();
     let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -215,26 +193,17 @@ fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(kind: Kind) {
         "--set",
         "storage.request_timeout_seconds=2",
     ];
-    let failed = demo(&source, &sink, "r", &env, &fast);
-    failed.expect(75).mentions(&[&unreachable]);
+    let failed = demo("data/demo/digits.parquet", &sink, "r", &env, &fast);
+    failed.expect(75).mentions(&[&sink]);
 
     // The store is back (empty, as each server keeps objects in memory): the same run id
     // completes.
     let server = StoreServer::start_on(kind, port).expect("the server restarts");
     server.create_bucket("frames");
-    if !server.writable() {
-        let digits = repo().join("data/demo/digits.parquet");
-        server.upload("frames", "demo/digits.parquet", &digits);
-    }
-    demo(&source, &sink, "r", &env, &fast).expect(0);
-    let scores = if server.writable() {
-        let fetched = scratch.path().join("fetched");
-        server.download("frames", "out/scores", &fetched);
-        fetched
-    } else {
-        local_sink.join("scores")
-    };
-    assert_eq!(likelihoods(&scores).len(), 2000);
+    demo("data/demo/digits.parquet", &sink, "r", &env, &fast).expect(0);
+    let fetched = tempfile::tempdir().unwrap();
+    server.download("frames", "out/scores", fetched.path());
+    assert_eq!(likelihoods(fetched.path()).len(), 2000);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 pub mod delta;
 pub mod fault_proxy;
+pub mod gcs_shim;
 pub mod stores;
 
 use std::collections::HashMap;

