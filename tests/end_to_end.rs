@@ -460,22 +460,7 @@ fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
         "[threshold]\nmethod = \"conformal\"\nfdr = 0.1\n\n[train]\nvalidation_fraction = 0.5\n";
     write_config(d, "fit.toml", "train.parquet", "out", extra);
     write_config(d, "score.toml", "fresh.parquet", "out", extra);
-    let model_dir = fit_model(d, "fit.toml");
-    pipeline(
-        d,
-        &[
-            "score",
-            "score.toml",
-            "--model",
-            &model_dir,
-            "--run-id",
-            "r",
-        ],
-        &[],
-    )
-    .expect(0);
-
-    let scores = read_table(&d.join("out/scores"));
+    let scores = fit_then_score(d);
     let ids_read = strings(&scores, "id");
     let p = floats(&scores, "p_value");
     let score = floats(&scores, "score");
@@ -488,15 +473,9 @@ fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
     );
     // Benjamini–Hochberg by hand over the written p-values gives the same flags, and the
     // flags are exactly the scores above the run's threshold.
-    let mut sorted = p.clone();
-    sorted.sort_by(f64::total_cmp);
-    let m = sorted.len() as f64;
-    let cutoff = (0..sorted.len())
-        .rev()
-        .find(|&k| sorted[k] <= (k + 1) as f64 * 0.1 / m)
-        .map(|k| sorted[k]);
+    let bh = benjamini_hochberg(&p, 0.1);
     for i in 0..flags.len() {
-        assert_eq!(flags[i], cutoff.is_some_and(|c| p[i] <= c), "row {i}");
+        assert_eq!(flags[i], bh[i], "row {i}");
         assert_eq!(flags[i], score[i] > threshold[0], "row {i}");
     }
     let planted = |i: usize| ids_read[i].as_deref().unwrap() >= "img-10300";
@@ -512,6 +491,22 @@ fn conformal_flags_planted_anomalies_by_benjamini_hochberg_over_the_run() {
     assert_eq!(manifest["threshold"]["method"], "conformal");
     assert_eq!(manifest["threshold"]["fdr"], 0.1);
     assert_eq!(manifest["threshold"]["value"], threshold[0]);
+}
+
+/// Fits `fit.toml` in `d`, scores `score.toml` with that model as run `r`, and reads the
+/// scores back.
+fn fit_then_score(d: &std::path::Path) -> Vec<arrow::record_batch::RecordBatch> {
+    let model_dir = fit_model(d, "fit.toml");
+    let args = [
+        "score",
+        "score.toml",
+        "--model",
+        &model_dir,
+        "--run-id",
+        "r",
+    ];
+    pipeline(d, &args, &[]).expect(0);
+    read_table(&d.join("out/scores"))
 }
 
 /// Benjamini–Hochberg over all p-values at level `fdr`: which of `p` are flagged.
@@ -568,22 +563,7 @@ fn conformal_runs_benjamini_hochberg_within_each_partition() {
         );
         std::fs::write(&path, text).unwrap();
     }
-    let model_dir = fit_model(d, "fit.toml");
-    pipeline(
-        d,
-        &[
-            "score",
-            "score.toml",
-            "--model",
-            &model_dir,
-            "--run-id",
-            "r",
-        ],
-        &[],
-    )
-    .expect(0);
-
-    let scores = read_table(&d.join("out/scores"));
+    let scores = fit_then_score(d);
     let ids_read = strings(&scores, "id");
     let p = floats(&scores, "p_value");
     let flags = bools(&scores, "is_anomaly");

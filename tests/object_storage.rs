@@ -6,6 +6,38 @@
 use crate::common::stores::{Kind, PLANTED_SECRETS, StoreServer};
 use crate::common::*;
 
+/// One test per store (modules `s3`, `gcs`, `azure`, `http` under the check's name) for a
+/// check that takes the store's kind.
+macro_rules! on_every_store {
+    ($($check:ident),* $(,)?) => {$(
+        mod $check {
+            use crate::common::stores::Kind;
+            #[test]
+            fn s3() {
+                super::$check(Kind::S3);
+            }
+            #[test]
+            fn gcs() {
+                super::$check(Kind::Gcs);
+            }
+            #[test]
+            fn azure() {
+                super::$check(Kind::Azure);
+            }
+            #[test]
+            fn http() {
+                super::$check(Kind::Http);
+            }
+        }
+    )*};
+}
+
+on_every_store!(
+    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run,
+    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run,
+    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs,
+);
+
 /// Runs the demo with `source` and `sink` URIs and `env`, as run `run_id`.
 fn demo(source: &str, sink: &str, run_id: &str, env: &[(&str, &str)], extra: &[&str]) -> Output {
     let set = format!("source.uri=\"{source}\"");
@@ -23,26 +55,6 @@ fn demo(source: &str, sink: &str, run_id: &str, env: &[(&str, &str)], extra: &[&
     pipeline(&repo(), &args, &env)
 }
 
-#[test]
-fn s3_the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
-    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::S3);
-}
-
-#[test]
-fn gcs_the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run() {
-    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Gcs);
-}
-
-#[test]
-fn azure_the_demo_reads_and_writes_a_container_with_the_rows_of_a_local_run() {
-    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Azure);
-}
-
-#[test]
-fn http_the_demo_reads_and_writes_a_webdav_share_with_the_rows_of_a_local_run() {
-    the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(Kind::Http);
-}
-
 /// Where the demo's digits are in a server from [`StoreServer::with_demo_digits`], as a user
 /// writes it (Azure's source in the `abfss://` form, its sink in the `az://` one).
 fn demo_digits(server: &StoreServer, kind: Kind) -> String {
@@ -54,6 +66,8 @@ fn demo_digits(server: &StoreServer, kind: Kind) -> String {
     }
 }
 
+/// The demo from and to the store: the rows of a local run, the tools read the sink there, and
+/// no planted credential appears in anything printed or written.
 fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
     let Some(server) = StoreServer::with_demo_digits(kind) else {
         return;
@@ -158,26 +172,8 @@ fn the_demo_reads_and_writes_a_bucket_with_the_rows_of_a_local_run(kind: Kind) {
     }
 }
 
-#[test]
-fn s3_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
-    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::S3);
-}
-
-#[test]
-fn gcs_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
-    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Gcs);
-}
-
-#[test]
-fn azure_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
-    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Azure);
-}
-
-#[test]
-fn http_an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run() {
-    an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(Kind::Http);
-}
-
+/// The sink's store down from the start: exit 75 naming it; the same run id completes once
+/// the store is back.
 fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(kind: Kind) {
     let Some(mut server) = StoreServer::start(kind) else {
         return;
@@ -206,26 +202,8 @@ fn an_unreachable_store_ends_in_75_and_a_rerun_repairs_the_run(kind: Kind) {
     assert_eq!(likelihoods(fetched.path()).len(), 2000);
 }
 
-#[test]
-fn s3_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::S3);
-}
-
-#[test]
-fn gcs_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Gcs);
-}
-
-#[test]
-fn azure_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Azure);
-}
-
-#[test]
-fn http_the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs() {
-    the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(Kind::Http);
-}
-
+/// The source's store stopped once scoring has started: exit 75, nothing published, the
+/// failed run's staging removed; a rerun completes.
 fn the_store_vanishing_mid_run_ends_in_75_with_nothing_published_and_a_rerun_repairs(kind: Kind) {
     let Some(mut server) = StoreServer::start(kind) else {
         return;
