@@ -258,7 +258,7 @@ pub fn embeddings_batch(
     let keep = BooleanArray::from_iter(embeddings.iter().map(|e| Some(e.is_some())));
     let kept = filter_record_batch(scores, &keep)
         .map_err(|e| Error::internal(e, "selecting embedded rows"))?;
-    let vector_type = schema.field(schema.fields().len() - 1).data_type();
+    let column_type = schema.field(schema.fields().len() - 1).data_type();
     let Some(width) = embeddings.iter().flatten().next().map(|e| e.len()) else {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     };
@@ -268,7 +268,7 @@ pub fn embeddings_batch(
     let fixed =
         arrow::array::FixedSizeListArray::try_new(item, width as i32, Arc::new(values), None)
             .map_err(|e| Error::internal(e, "building the embedding column"))?;
-    let vectors = arrow::compute::cast(&fixed, vector_type)
+    let vectors = arrow::compute::cast(&fixed, column_type)
         .map_err(|e| Error::internal(e, "building the embedding column"))?;
     let mut columns: Vec<ArrayRef> = schema.fields()[..schema.fields().len() - 1]
         .iter()
