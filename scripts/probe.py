@@ -11,6 +11,11 @@ Reads ../shared/data/mnist/train.parquet (not part of the repository: without it
 says so and exits 0). Needs pyarrow and numpy, and a release build (`cargo build --release`).
 
     python3 scripts/probe.py [--model nade] [--set model.hidden=500] [--work DIR] [--binary PATH]
+        [--coarser K ...]
+
+`--coarser K` (pixelrnn) also probes the embedding averaged down from its grid G to K regions a
+side (K must divide G and G divide 28, so every region holds as many pixels and the result is
+exactly what `model.embedding_grid = K` computes): one fit compares several grids.
 """
 
 import argparse
@@ -77,6 +82,21 @@ def logistic_probe(np, x_train, y_train, x_test, y_test, epochs=60, l2=1e-4, see
     return float(((xv @ w + b).argmax(axis=1) == y_test).mean())
 
 
+def coarser(np, features, kind, model, work, k):
+    """A PixelRNN embedding of G x G regions (row-major, 2h features each) averaged down to k x k."""
+    import json
+    if kind != "pixelrnn":
+        raise SystemExit("--coarser is for pixelrnn embeddings")
+    hyper = json.loads((work / model / "model.json").read_text())
+    hyper = hyper.get("hyperparameters", hyper)
+    grid, f = hyper["embedding_grid"], 2 * hyper["hidden"]
+    if grid % k or 28 % grid:
+        raise SystemExit(f"--coarser {k}: needs k to divide the grid {grid}, and the grid 28")
+    step = grid // k
+    x = features.reshape(len(features), k, step, k, step, f)
+    return x.mean(axis=(2, 4)).reshape(len(features), -1)
+
+
 def main() -> int:
     here = pathlib.Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,6 +105,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/anomaly-pipeline-probe")
     parser.add_argument("--binary", help="the pipeline executable (default: target/release/pipeline)")
     parser.add_argument("--epochs", type=int, default=60, help="passes of the logistic regression")
+    parser.add_argument("--coarser", type=int, action="append", default=[], metavar="K",
+                        help="pixelrnn: also probe the embedding pooled down to K x K regions")
     args = parser.parse_args()
     mnist = here.parent / "shared" / "data" / "mnist" / "train.parquet"
     if not mnist.exists():
@@ -134,7 +156,10 @@ def main() -> int:
     split = 50_000
     print(f"model {args.model} ({model}): fit {fit_seconds:.0f} s, embed 60,000 images {embed_seconds:.0f} s, width {width}")
     print(f"{'features':<28} {'test accuracy':>14}")
-    for name, x in [(f"{args.model} embedding", features), ("raw pixels", pixels), ("binarized pixels", binarized)]:
+    probes = [(f"{args.model} embedding", features)]
+    for k in args.coarser:
+        probes.append((f"{args.model} pooled to {k}x{k}", coarser(np, features, args.model, model, work, k)))
+    for name, x in probes + [("raw pixels", pixels), ("binarized pixels", binarized)]:
         acc = logistic_probe(np, x[:split], labels[:split], x[split:], labels[split:], epochs=args.epochs)
         print(f"{name:<28} {100 * acc:>13.2f}%", flush=True)
     return 0

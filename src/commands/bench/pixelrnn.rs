@@ -40,6 +40,7 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             architecture,
             layers: a.layers,
             hidden: a.hidden.unwrap_or(PixelRnnParams::default().hidden),
+            ..PixelRnnParams::default()
         };
         <PixelRnn as Family>::check(&params).map_err(|problems| {
             let list: Vec<String> = problems

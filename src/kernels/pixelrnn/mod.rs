@@ -42,11 +42,6 @@ use super::math::{Target, exp, fmadd, log_sigmoid, sigmoid};
 /// order, so results do not depend on the thread count.
 pub const CHUNK: usize = 8;
 
-/// The embedding pools the final features over a grid of this many regions a side (rows and
-/// columns split as evenly as they go), so it keeps where in the image a feature is, coarsely:
-/// a mean over the whole image would give a 3 and an E much the same strokes.
-pub const POOL_GRID: usize = 2;
-
 /// Taps of the mask-A input convolution (7 × 7).
 const TAPS_A: usize = INPUT_KERNEL * INPUT_KERNEL;
 
@@ -83,10 +78,10 @@ impl Shape {
         2 * self.hidden
     }
 
-    /// Values of an image's embedding: the 2h final features (after their ReLU, what the
-    /// output layers read) averaged over each of the [`POOL_GRID`]² regions of the image.
-    pub fn embedding_width(&self) -> usize {
-        POOL_GRID * POOL_GRID * self.features()
+    /// Values of an image's embedding pooled over `grid` × `grid` regions: the 2h final
+    /// features (after their ReLU, what the output layers read) of each region.
+    pub fn embedding_width(&self, grid: usize) -> usize {
+        grid * grid * self.features()
     }
 
     /// Logits per pixel: C · [`logits_per_channel`].
@@ -278,9 +273,18 @@ pub struct Net<'a> {
     pub width: usize,
     /// The instruction set of the element-wise kernels.
     pub isa: Isa,
+    /// Regions a side the embedding pools the final features over (rows and columns split as
+    /// evenly as they go), at least 1: the embedding keeps roughly where in the image a
+    /// feature is, which a mean over the whole image would not (a 3 and an E share strokes).
+    pub pool_grid: usize,
 }
 
 impl Net<'_> {
+    /// Values of an image's embedding, [`Shape::embedding_width`] at [`Self::pool_grid`].
+    pub fn embedding_width(&self) -> usize {
+        self.shape.embedding_width(self.pool_grid)
+    }
+
     /// Sub-pixels per image, H·W·C.
     fn dims(&self) -> usize {
         self.height * self.width * self.shape.channels
@@ -309,7 +313,7 @@ impl Net<'_> {
     }
 
     /// [`Self::log_likelihood`] that also writes, from the same pass, each image's embedding
-    /// (images × [`Shape::embedding_width`]): for each [`POOL_GRID`]² region (row-major), the
+    /// (images × [`Self::embedding_width`]): for each of the `pool_grid`² regions (row-major), the
     /// mean of the final features ReLU(·) over its pixels; a region with no pixels (an image
     /// narrower than the grid) is zero.
     pub fn log_likelihood_and_embedding(
@@ -332,7 +336,7 @@ impl Net<'_> {
         let n = self.check(images);
         assert_eq!(out.len(), n);
         let d = self.dims();
-        let width = self.shape.embedding_width();
+        let width = self.embedding_width();
         // What is not asked for still gets a buffer to write into, so one loop serves all.
         let (mut spare_terms, mut spare_embeddings) = (Vec::new(), Vec::new());
         let sub_pixels = sub_pixels.unwrap_or_else(|| {
@@ -346,7 +350,7 @@ impl Net<'_> {
         });
         assert_eq!(sub_pixels.len(), n * d);
         assert_eq!(embeddings.len(), n * width);
-        let pool = Pooling::new(self.height, self.width);
+        let pool = Pooling::new(self.height, self.width, self.pool_grid);
         images
             .par_chunks(CHUNK * d)
             .zip(out.par_chunks_mut(CHUNK))
@@ -616,20 +620,23 @@ impl Geometry {
     }
 }
 
-/// The [`POOL_GRID`]² regions of an H × W image that the embedding averages over.
+/// The grid² regions of an H × W image that the embedding averages over.
 struct Pooling {
     height: usize,
     width: usize,
+    grid: usize,
     /// Pixels per region.
     count: Vec<f32>,
 }
 
 impl Pooling {
-    fn new(height: usize, width: usize) -> Self {
+    fn new(height: usize, width: usize, grid: usize) -> Self {
+        assert!(grid > 0, "an embedding grid of at least one region");
         let mut p = Self {
             height,
             width,
-            count: vec![0.0; POOL_GRID * POOL_GRID],
+            grid,
+            count: vec![0.0; grid * grid],
         };
         for r in 0..height {
             for c in 0..width {
@@ -642,13 +649,13 @@ impl Pooling {
 
     /// The region of pixel (r, c), row-major.
     fn region(&self, r: usize, c: usize) -> usize {
-        (r * POOL_GRID / self.height) * POOL_GRID + c * POOL_GRID / self.width
+        (r * self.grid / self.height) * self.grid + c * self.grid / self.width
     }
 
     /// Each image's mean of the map rows `relu` (`f` features per pixel) over each region, into
     /// `emb` (the chunk's images × regions × f); an empty region stays zero.
     fn mean_features(&self, g: &Geometry, relu: &[f32], f: usize, emb: &mut [f32]) {
-        let width = POOL_GRID * POOL_GRID * f;
+        let width = self.grid * self.grid * f;
         emb.fill(0.0);
         for (i, r, c, m) in g.pixels(self.height) {
             let at = i * width + self.region(r, c) * f;
@@ -1830,6 +1837,7 @@ mod tests {
             height: H,
             width: W,
             isa,
+            pool_grid: 2,
         }
     }
 
@@ -1922,34 +1930,42 @@ mod tests {
     }
 
     /// The embedding comes from the scoring pass (the same log-likelihoods beside it) and
-    /// equals the reference's pooled features, on every instruction set.
+    /// equals the reference's pooled features, on every instruction set, for grids that split
+    /// the image evenly, unevenly and into more regions than it has rows (some left empty).
     #[test]
     fn embeddings_match_the_reference() {
         for arch in ARCHITECTURES {
             for shape in shapes(arch, 3, 2) {
                 let (flat, p) = random(shape, 21);
                 let x = images(shape, N, 5);
-                let (d, width) = (H * W * shape.channels, shape.embedding_width());
-                assert_eq!(width, POOL_GRID * POOL_GRID * 6);
-                for isa in Isa::for_tests() {
-                    let fast = net(shape, &flat, isa);
-                    let (mut ll, mut plain) = (vec![0.0; N], vec![0.0; N]);
-                    let mut emb = vec![f32::NAN; N * width];
-                    fast.log_likelihood_and_embedding(&x, &mut ll, &mut emb);
-                    fast.log_likelihood(&x, &mut plain, None);
-                    assert_eq!(ll, plain, "{shape:?} {}", isa.name());
-                    for i in 0..N {
-                        let want =
-                            reference::embedding(&p, &x[i * d..(i + 1) * d], H, W, POOL_GRID);
-                        for (k, (&got, want)) in emb[i * width..].iter().zip(&want).enumerate() {
-                            assert!(
-                                (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{shape:?} {} image {i} value {k}: {got} vs {want}",
-                                isa.name()
-                            );
+                for grid in [1, 2, 3, H + 1] {
+                    let d = H * W * shape.channels;
+                    let width = shape.embedding_width(grid);
+                    assert_eq!(width, grid * grid * 6);
+                    for isa in Isa::for_tests() {
+                        let fast = Net {
+                            pool_grid: grid,
+                            ..net(shape, &flat, isa)
+                        };
+                        let (mut ll, mut plain) = (vec![0.0; N], vec![0.0; N]);
+                        let mut emb = vec![f32::NAN; N * width];
+                        fast.log_likelihood_and_embedding(&x, &mut ll, &mut emb);
+                        fast.log_likelihood(&x, &mut plain, None);
+                        assert_eq!(ll, plain, "{shape:?} {}", isa.name());
+                        for i in 0..N {
+                            let want = reference::embedding(&p, &x[i * d..(i + 1) * d], H, W, grid);
+                            assert_eq!(want.len(), width);
+                            for (k, (&got, want)) in emb[i * width..].iter().zip(&want).enumerate()
+                            {
+                                assert!(
+                                    (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "{shape:?} {} grid {grid} image {i} value {k}: {got} vs {want}",
+                                    isa.name()
+                                );
+                            }
                         }
+                        assert!(emb.iter().any(|&e| e > 0.0), "some features are on");
                     }
-                    assert!(emb.iter().any(|&e| e > 0.0), "some features are on");
                 }
             }
         }

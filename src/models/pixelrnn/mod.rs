@@ -51,6 +51,13 @@ pub const MAX_HIDDEN: usize = 256;
 /// The most recurrent layers `model.layers` accepts.
 pub const MAX_LAYERS: usize = 32;
 
+/// The most regions a side `model.embedding_grid` accepts.
+pub const MAX_EMBEDDING_GRID: usize = 32;
+
+/// The embedding grid of a model stored before `embedding_grid` was a key: its reference sample
+/// was embedded over quarters of the image.
+pub(crate) const STORED_EMBEDDING_GRID: usize = 2;
+
 /// PixelRNN: a 7 × 7 mask-A convolution, `layers` residual recurrent layers of `hidden` LSTM
 /// units (2·hidden feature maps between them), two ReLU + 1×1 layers, and per sub-pixel a
 /// sigmoid (binary pixels) or a 256-way softmax (8-bit, `preprocess.binarize = "none"`); colour
@@ -67,6 +74,10 @@ pub struct PixelRnnParams {
     /// LSTM units per layer (and direction), 1 to 256 and at least the images' channels; the
     /// feature maps are twice as many.
     pub hidden: usize,
+    /// The embedding (`sink.embeddings`, nearest normal images, groups of anomalies) averages
+    /// the final 2·`hidden` features over this many regions a side of the image, 1 to 32:
+    /// `embedding_grid`² · 2 · `hidden` values. Finer keeps more of where a stroke is.
+    pub embedding_grid: usize,
 }
 
 impl Default for PixelRnnParams {
@@ -75,6 +86,7 @@ impl Default for PixelRnnParams {
             architecture: ArchitectureName::DiagonalBiLstm,
             layers: 7,
             hidden: 16,
+            embedding_grid: 7,
         }
     }
 }
@@ -93,10 +105,15 @@ impl PixelRnnParams {
 }
 
 /// The wording of the size checks, for the config and for stored models.
-pub(crate) fn size_problems(layers: usize, hidden: usize) -> [Option<ParamProblem>; 2] {
+pub(crate) fn size_problems(
+    layers: usize,
+    hidden: usize,
+    embedding_grid: usize,
+) -> [Option<ParamProblem>; 3] {
     [
         ParamProblem::range("layers", layers, 1, MAX_LAYERS),
         ParamProblem::range("hidden", hidden, 1, MAX_HIDDEN),
+        ParamProblem::range("embedding_grid", embedding_grid, 1, MAX_EMBEDDING_GRID),
     ]
 }
 
@@ -118,7 +135,10 @@ impl Family for PixelRnn {
     }
 
     fn check(params: &PixelRnnParams) -> Result<PixelRnnParams, Vec<ParamProblem>> {
-        checked(params.clone(), size_problems(params.layers, params.hidden))
+        checked(
+            params.clone(),
+            size_problems(params.layers, params.hidden, params.embedding_grid),
+        )
     }
 
     fn fit(
@@ -128,7 +148,10 @@ impl Family for PixelRnn {
     ) -> Result<Fitted, ModelError> {
         let net = params.shape(data.shape.channels, data.levels);
         let (model, curve) = PixelRnn::fit(net, data, training)?;
-        Ok(Fitted::trained(model, curve))
+        Ok(Fitted::trained(
+            model.with_embedding_grid(params.embedding_grid),
+            curve,
+        ))
     }
 
     /// Small steps (16 images, as in the paper) make more progress per hour on a CPU than the

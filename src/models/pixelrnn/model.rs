@@ -14,7 +14,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::{ArchitectureName, size_problems};
+use super::{ArchitectureName, PixelRnnParams, STORED_EMBEDDING_GRID, size_problems};
 use crate::data::ImageShape;
 use crate::kernels::Isa;
 use crate::kernels::pixelrnn::reference::logits_per_channel;
@@ -34,6 +34,8 @@ pub struct PixelRnn {
     net: Shape,
     seed: u64,
     params: Vec<f32>,
+    /// Regions a side of the embedding's pooling.
+    embedding_grid: usize,
     /// The instruction set of the element-wise kernels.
     isa: Isa,
 }
@@ -84,6 +86,7 @@ impl PixelRnn {
             net,
             seed,
             params,
+            embedding_grid: PixelRnnParams::default().embedding_grid,
             isa: Isa::detect(),
         })
     }
@@ -108,6 +111,13 @@ impl PixelRnn {
     /// The flat parameters.
     pub fn flat(&self) -> &[f32] {
         &self.params
+    }
+
+    /// The same model, embedding images over `grid` × `grid` regions (at least 1).
+    pub fn with_embedding_grid(mut self, grid: usize) -> Self {
+        assert!(grid > 0, "an embedding grid of at least one region");
+        self.embedding_grid = grid;
+        self
     }
 
     /// The same model, running its element-wise kernels on `isa`.
@@ -140,6 +150,7 @@ impl PixelRnn {
             height: self.shape.height,
             width: self.shape.width,
             isa: self.isa,
+            pool_grid: self.embedding_grid,
         }
     }
 
@@ -160,7 +171,11 @@ impl PixelRnn {
                 .ok_or_else(|| ModelError::invalid(format!("hyper-parameter `{key}` is missing")))
         };
         let (layers, hidden) = (size("layers")?, size("hidden")?);
-        let problems: Vec<_> = size_problems(layers, hidden)
+        let embedding_grid = match hyperparameters.get("embedding_grid") {
+            None => STORED_EMBEDDING_GRID,
+            Some(_) => size("embedding_grid")?,
+        };
+        let problems: Vec<_> = size_problems(layers, hidden, embedding_grid)
             .into_iter()
             .flatten()
             .collect();
@@ -198,6 +213,7 @@ impl PixelRnn {
             net,
             seed: hyperparameters["seed"].as_u64().unwrap_or(0),
             params,
+            embedding_grid,
             isa: Isa::detect(),
         })
     }
@@ -258,10 +274,10 @@ impl GradientModel for PixelRnn {
 }
 
 /// The final features (what the output layers read, after their ReLU) averaged over each
-/// region of a 2 × 2 grid of the image: 4 · 2h values.
+/// region of an `embedding_grid` × `embedding_grid` grid of the image: grid² · 2h values.
 impl Embed for PixelRnn {
     fn embedding_width(&self) -> usize {
-        self.net.embedding_width()
+        self.net.embedding_width(self.embedding_grid)
     }
 
     fn log_likelihood_and_embedding(
@@ -341,6 +357,7 @@ impl DensityModel for PixelRnn {
             "architecture": ArchitectureName::of(self.net.architecture),
             "layers": self.net.layers,
             "hidden": self.net.hidden,
+            "embedding_grid": self.embedding_grid,
             "seed": self.seed,
         })
     }
@@ -564,6 +581,21 @@ mod tests {
         assert_eq!(again.params, m.params, "a fixed seed gives the same model");
     }
 
+    /// The embedding grid goes into the artifact and comes back; a model stored before it was
+    /// a key embeds over quarters, as its stored reference sample was.
+    #[test]
+    fn the_embedding_grid_is_stored() {
+        let shape = ImageShape::new(5, 6, 1);
+        let m = random_model(shape, 2, Architecture::RowLstm, 3).with_embedding_grid(3);
+        assert_eq!(m.embedding_width(), 3 * 3 * 2 * m.net.hidden);
+        let back = PixelRnn::from_tensors(shape, 2, &m.hyperparameters(), &m.tensors()).unwrap();
+        assert_eq!(back.embedding_width(), m.embedding_width());
+        let mut old = m.hyperparameters();
+        old.as_object_mut().unwrap().remove("embedding_grid");
+        let old = PixelRnn::from_tensors(shape, 2, &old, &m.tensors()).unwrap();
+        assert_eq!(old.embedding_width(), 2 * 2 * 2 * m.net.hidden);
+    }
+
     #[test]
     fn stored_models_that_do_not_fit_are_refused() {
         let shape = ImageShape::new(3, 4, 1);
@@ -585,6 +617,9 @@ mod tests {
         let mut big = hyper.clone();
         big["layers"] = 0.into();
         assert!(refused(&big, &tensors).contains("layers"));
+        let mut no_regions = hyper.clone();
+        no_regions["embedding_grid"] = 0.into();
+        assert!(refused(&no_regions, &tensors).contains("embedding_grid"));
         let mut other = hyper.clone();
         other["architecture"] = "row_lstm".into();
         // A Row LSTM's input-to-state has two taps where the diagonal's has one.
