@@ -324,8 +324,8 @@ fn every_model_kind_runs_end_to_end_and_samples() {
         let width = match name {
             "nade" => Some(20),
             "rnade" => Some(8),
-            "pixelrnn" => Some(4 * 2 * 4),
-            "pixelrnn-8bit" => Some(4 * 2 * 4),
+            // The default `embedding_grid` (7 × 7 regions) of 2 · hidden features.
+            "pixelrnn" | "pixelrnn-8bit" => Some(7 * 7 * 2 * 4),
             _ => None,
         };
         let embed = ["--set", "sink.embeddings=true"];
