@@ -5,8 +5,11 @@
 //! ([`math::LANES`]) that LLVM vectorizes, and compiled three times: for AVX-512, for AVX2 + FMA,
 //! and portable. [`Isa::detect`] picks the widest one the CPU has, once per process; the
 //! environment variable `PIPELINE_ISA` (`avx512`, `avx2`, `portable`) narrows the choice for
-//! benchmarks and tests, and naming one the CPU lacks is an error at start-up. Plain matrix products are not here: they go through ndarray's GEMM.
+//! benchmarks and tests, and naming one the CPU lacks is an error at start-up. Matrix products go
+//! through ndarray's GEMM (matrixmultiply), except the thin ones of the recurrent kernels:
+//! [`gemm`] has register tiles of its own for them.
 
+pub mod gemm;
 pub mod math;
 pub mod nade;
 pub mod pixelrnn;

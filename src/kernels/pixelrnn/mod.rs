@@ -8,9 +8,9 @@
 //! the 1×1 back to 2h, the output layers — is one GEMM over all the pixels of a chunk of images
 //! at once; only the state-to-state products run step by step, and each step is still one GEMM
 //! over every image and column of a row (Row LSTM) or every image and row of a skewed column
-//! (Diagonal BiLSTM). The GEMMs are matrixmultiply's (through ndarray) on strided views of the
-//! parameters, so the weights are read in the reference's layout; the gates' σ and tanh are the
-//! vectorized ones of [`math`](super::math), compiled for each instruction set.
+//! (Diagonal BiLSTM). The GEMMs are [`gemm_rows`](super::gemm::gemm_rows)' register tiles on
+//! strided views of the maps (a weight read across is copied into rows first); the gates' σ and
+//! tanh are the vectorized ones of [`math`](super::math), compiled for each instruction set.
 //!
 //! Layouts inside a chunk of n images of H × W:
 //! - maps are `[row][image][column + 2][channels]`: one zero column either side of each image
@@ -28,7 +28,6 @@ pub mod reference;
 
 use std::cell::RefCell;
 
-use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder, linalg::general_mat_mul};
 use rayon::prelude::*;
 
 pub use reference::{Architecture, INPUT_KERNEL, Shape};
@@ -36,6 +35,7 @@ use reference::{group, logits_per_channel, same_pixel_allows};
 
 use super::Isa;
 use super::dispatch;
+use super::gemm::{Mat, gemm_rows, mat};
 use super::math::{Target, exp, fmadd, log_sigmoid, sigmoid};
 
 /// Images per chunk: each chunk runs the whole network on one thread, and chunks are summed in
@@ -400,27 +400,43 @@ impl Net<'_> {
         self.check(images);
         assert_eq!(grad.len(), self.params.len());
         let d = self.dims();
-        let parts: Vec<(f64, Vec<f32>)> = images
-            .par_chunks(CHUNK * d)
-            .map(|x| {
-                with_workspace(|ws| {
-                    let g = ws.prepare(self, x.len() / d);
-                    forward(self, &g, ws, x, self.height);
-                    let mut part = vec![0f32; grad.len()];
-                    let nll = backward(self, &g, ws, x, &mut part);
-                    (nll, part)
+        let len = grad.len();
+        let chunks = images.len().div_ceil(CHUNK * d);
+        // Each chunk's gradient in a buffer of its own, kept by the calling thread between
+        // calls (a fresh one per step cost page faults and zeroing); a nested call on the same
+        // thread (rayon runs another shard's step while this one waits) gets a fresh one.
+        let mut run = |parts: &mut [f32]| -> f64 {
+            let nlls: Vec<f64> = images
+                .par_chunks(CHUNK * d)
+                .zip(parts.par_chunks_mut(len))
+                .map(|(x, part)| {
+                    part.fill(0.0);
+                    with_workspace(|ws| {
+                        let g = ws.prepare(self, x.len() / d);
+                        forward(self, &g, ws, x, self.height);
+                        backward(self, &g, ws, x, part)
+                    })
                 })
-            })
-            .collect();
+                .collect();
+            for part in parts.chunks_exact(len) {
+                grad.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            nlls.iter().sum()
+        };
+        let nll = PARTS.with(|kept| match kept.try_borrow_mut() {
+            Ok(mut kept) => {
+                if kept.len() < chunks * len {
+                    kept.resize(chunks * len, 0.0);
+                }
+                run(&mut kept[..chunks * len])
+            }
+            Err(_) => run(&mut vec![0f32; chunks * len]),
+        });
         // One channel: the passes write no masked weight. Colour: the GEMMs fill them all.
-        let mask = (self.shape.channels > 1).then(|| self.shape.mask());
-        let mut nll = 0.0;
-        for (v, part) in parts {
-            nll += v;
-            grad.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-        }
-        if let Some(mask) = mask {
-            grad.iter_mut().zip(mask).for_each(|(a, m)| *a *= m);
+        if self.shape.channels > 1 {
+            grad.iter_mut()
+                .zip(self.shape.mask())
+                .for_each(|(a, m)| *a *= m);
         }
         nll
     }
@@ -686,9 +702,20 @@ struct Recurrence {
 /// One layer's stored activations.
 #[derive(Debug, Default)]
 struct LayerActs {
-    /// The map the 1×1 convolution back to 2h reads: h per map row.
+    /// The Diagonal BiLSTM's output map, its two directions summed: h per map row (empty for
+    /// the Row LSTM, whose output is its hidden map).
     lstm: Vec<f32>,
     dirs: Vec<Recurrence>,
+}
+
+impl LayerActs {
+    /// The map the 1×1 convolution back to 2h reads: h per map row.
+    fn output(&self) -> &[f32] {
+        match self.dirs.as_slice() {
+            [one] => &one.hidden,
+            _ => &self.lstm,
+        }
+    }
 }
 
 /// Every buffer a chunk's forward and backward pass use, allocated once per thread and
@@ -719,6 +746,8 @@ struct Workspace {
 
 thread_local! {
     static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+    /// [`Net::gradient`]'s per-chunk gradients, on the thread that asks for a gradient.
+    static PARTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
@@ -745,7 +774,10 @@ impl Workspace {
             feats: zeros((net.shape.layers + 1) * g.rows * f),
             layers: (0..net.shape.layers)
                 .map(|_| LayerActs {
-                    lstm: zeros(g.rows * h),
+                    lstm: zeros(match net.shape.architecture {
+                        Architecture::RowLstm => 0,
+                        Architecture::DiagonalBiLstm => g.rows * h,
+                    }),
                     dirs: (0..net.shape.architecture.directions())
                         .map(|_| Recurrence {
                             gates: zeros(grid * 4 * h),
@@ -776,21 +808,12 @@ impl Workspace {
     }
 }
 
-/// A strided matrix: element (i, j) at `data[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
-    Mat { data, rs, cs }
-}
-
-/// C (m × n, at `c` with strides rsc, csc) = A (m × k) · B (k × n) + beta · C.
+/// C (m × n, rows `ldc` apart) = A (m × k) · B (k × n) + β·C through [`gemm_rows`], whose B
+/// has contiguous rows: a B laid out across (a weight read transposed, a few thousand values)
+/// is copied into rows first.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
+    isa: Isa,
     m: usize,
     k: usize,
     n: usize,
@@ -798,32 +821,16 @@ fn gemm(
     b: Mat<'_>,
     beta: f32,
     c: &mut [f32],
-    rsc: usize,
-    csc: usize,
+    ldc: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
+    if b.cs == 1 {
+        gemm_rows(isa, m, k, n, a, b.data, b.rs, beta, c, ldc);
+    } else {
+        let rows: Vec<f32> = (0..k * n)
+            .map(|e| b.data[(e / n) * b.rs + (e % n) * b.cs])
+            .collect();
+        gemm_rows(isa, m, k, n, a, &rows, n, beta, c, ldc);
     }
-    let span =
-        |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
-    let mut c =
-        ArrayViewMut2::from_shape((m, n).strides((rsc, csc)), &mut c[..span(m, n, rsc, csc)])
-            .expect("C lies in its buffer");
-    if k == 0 {
-        c.map_inplace(|v| *v *= beta);
-        return;
-    }
-    let a = ArrayView2::from_shape(
-        (m, k).strides((a.rs, a.cs)),
-        &a.data[..span(m, k, a.rs, a.cs)],
-    )
-    .expect("A lies in its buffer");
-    let b = ArrayView2::from_shape(
-        (k, n).strides((b.rs, b.cs)),
-        &b.data[..span(k, n, b.rs, b.cs)],
-    )
-    .expect("B lies in its buffer");
-    general_mat_mul(1.0, &a, &b, beta, &mut c);
 }
 
 /// A convolution's weights `[out][inner][taps]` (as stored) rearranged as the GEMM operand
@@ -847,33 +854,6 @@ fn add_taps_major(d: &[f32], grad: &mut [f32], out: usize, inner: usize, taps: u
         for u in 0..inner {
             for t in 0..taps {
                 grad[(g * inner + u) * taps + t] += d[(t * inner + u) * out + g];
-            }
-        }
-    }
-}
-
-/// The Diagonal BiLSTM's state-to-state input for skewed column j's cells (rows lo..=hi, every
-/// image): each cell's row is `[h at (j − 1, r), h at (j − 1, r − 1)]`, zero above row 0.
-fn skewed_taps(
-    hidden: &[f32],
-    g: &Geometry,
-    j: usize,
-    lo: usize,
-    hi: usize,
-    h: usize,
-    taps: &mut [f32],
-) {
-    for r in lo..=hi {
-        for i in 0..g.n {
-            let q = (r - lo) * g.n + i;
-            let row = &mut taps[q * 2 * h..(q + 1) * 2 * h];
-            let same = g.cell(j - 1, r, i);
-            row[..h].copy_from_slice(&hidden[same * h..(same + 1) * h]);
-            if r > 0 {
-                let above = g.cell(j - 1, r - 1, i);
-                row[h..].copy_from_slice(&hidden[above * h..(above + 1) * h]);
-            } else {
-                row[h..].fill(0.0);
             }
         }
     }
@@ -914,6 +894,40 @@ fn input_taps(
             })
         })
     })
+}
+
+/// For every sub-pixel of `image` (`width` wide, `channels` per pixel) that is not zero, and
+/// every pixel (r, c) among the first `rows` rows whose mask-A window reads it,
+/// `visit(r, c, t·C + k)` with the weight row of that tap: [`input_taps`] turned around, so a
+/// binary image's off sub-pixels cost nothing.
+fn on_readers(
+    image: &[u8],
+    width: usize,
+    channels: usize,
+    rows: usize,
+    mut visit: impl FnMut(usize, usize, usize),
+) {
+    let half = INPUT_KERNEL / 2;
+    for (at, _) in image[..rows * width * channels]
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v != 0)
+    {
+        let (pixel, k) = (at / channels, at % channels);
+        let (r0, c0) = (pixel / width, pixel % width);
+        for r in r0..(r0 + half + 1).min(rows) {
+            // Its own row reads it from the right (and the pixel itself, for the colour groups
+            // after k); the rows below from either side.
+            let lo = if r == r0 { c0 } else { c0.saturating_sub(half) };
+            for c in lo..(c0 + half + 1).min(width) {
+                if r == r0 && c == c0 && k + 1 == channels {
+                    continue;
+                }
+                let t = (half - (r - r0)) * INPUT_KERNEL + c0 + half - c;
+                visit(r, c, t * channels + k);
+            }
+        }
+    }
 }
 
 /// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
@@ -1037,15 +1051,19 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
     feat0.fill(0.0);
     let d = net.dims();
     if net.shape.levels == 2 {
-        // Binary pixels are mostly off: add the weights of the taps that are on.
-        for (i, r, c, m) in g.pixels(rows) {
-            let out = &mut feat0[m * f..(m + 1) * f];
-            out.copy_from_slice(bias);
-            for (t, _) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
-                out.iter_mut()
+        // Binary pixels are mostly off: add the weights of the taps that are on, visiting
+        // only the sub-pixels that are.
+        for (_, _, _, m) in g.pixels(rows) {
+            feat0[m * f..(m + 1) * f].copy_from_slice(bias);
+        }
+        for i in 0..g.n {
+            on_readers(&x[i * d..(i + 1) * d], g.width, ch, rows, |r, c, t| {
+                let m = g.pix(r, i, c);
+                feat0[m * f..(m + 1) * f]
+                    .iter_mut()
                     .zip(&taps[t * f..(t + 1) * f])
                     .for_each(|(a, b)| *a += b);
-            }
+            });
         }
     } else {
         // 8-bit sub-pixels are mostly on: one GEMM over the window of every pixel.
@@ -1059,6 +1077,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         }
         fill_rows(feat0, bias, active);
         gemm(
+            net.isa,
             active,
             k,
             f,
@@ -1067,7 +1086,6 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
             1.0,
             feat0,
             f,
-            1,
         );
         g.zero_padding(feat0, f, rows);
     }
@@ -1084,22 +1102,25 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         }
         // Back to 2h features, added to the layer's input.
         let next = &mut after[..plane];
-        next[..active * f].copy_from_slice(&input[..active * f]);
-        for row in next[..active * f].chunks_exact_mut(f) {
-            row.iter_mut()
-                .zip(&w[at.output_bias..at.output_bias + f])
-                .for_each(|(a, b)| *a += b);
+        let out_bias = &w[at.output_bias..at.output_bias + f];
+        for (row, from) in next[..active * f]
+            .chunks_exact_mut(f)
+            .zip(input[..active * f].chunks_exact(f))
+        {
+            for ((a, &x), &b) in row.iter_mut().zip(from).zip(out_bias) {
+                *a = x + b;
+            }
         }
         gemm(
+            net.isa,
             active,
             h,
             f,
-            mat(&acts.lstm, h, 1),
+            mat(acts.output(), h, 1),
             mat(&w[at.output..], 1, h),
             1.0,
             next,
             f,
-            1,
         );
         g.zero_padding(next, f, rows);
     }
@@ -1112,6 +1133,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         .for_each(|(y, v)| *y = v.max(0.0));
     fill_rows(&mut ws.head, &w[o.head_bias..o.head_bias + f], active);
     gemm(
+        net.isa,
         active,
         f,
         f,
@@ -1120,7 +1142,6 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         1.0,
         &mut ws.head,
         f,
-        1,
     );
     ws.head[..active * f]
         .iter_mut()
@@ -1132,6 +1153,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         active,
     );
     gemm(
+        net.isa,
         active,
         f,
         outs,
@@ -1140,12 +1162,13 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         1.0,
         &mut ws.logits,
         outs,
-        1,
     );
 }
 
-/// Row LSTM forward: the input-to-state (taps dx = −1, 0) for all rows at once, then row by
-/// row the state-to-state (dx = −1, 0, +1 over the row above) and the gates.
+/// Row LSTM forward, row by row (so a row's gates stay in cache from their products to the
+/// nonlinearities): the input-to-state (taps dx = −1, 0 of the layer's input), the
+/// state-to-state (dx = −1, 0, +1 over the row above) and the gates. The layer's output is the
+/// LSTM's hidden map itself.
 fn row_lstm_forward(
     net: &Net<'_>,
     g: &Geometry,
@@ -1155,34 +1178,35 @@ fn row_lstm_forward(
     rows: usize,
 ) {
     let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
-    let active = g.rows_up_to(rows);
     let rec = &mut acts.dirs[0];
     let z = &mut rec.gates;
-    fill_rows(z, &w[at.input_bias[0]..at.input_bias[0] + 4 * h], active);
-    // Both taps (dx = −1, 0) at once: map row m − 1 and m are 2·2h contiguous values, so A is
-    // an overlapping view and K = 4h. The first map row is padding, never a pixel.
+    let bias = &w[at.input_bias[0]..at.input_bias[0] + 4 * h];
     let w_in = taps_major(&w[at.input[0]..], 4 * h, f, 2);
-    gemm(
-        active - 1,
-        2 * f,
-        4 * h,
-        mat(input, f, 1),
-        mat(&w_in, 4 * h, 1),
-        1.0,
-        &mut z[4 * h..],
-        4 * h,
-        1,
-    );
     let w_state = taps_major(&w[at.state[0]..], 4 * h, h, 3);
     let block = g.n * g.p;
     for r in 0..rows {
         let (b0, b1) = (r * block, (r + 1) * block);
+        let zr = &mut z[b0 * 4 * h..b1 * 4 * h];
+        fill_rows(zr, bias, block);
+        // Both input taps at once: map rows m − 1 and m are 2·2h contiguous values, so A is an
+        // overlapping view and K = 4h. The block's first map row is padding, never a pixel.
+        gemm(
+            net.isa,
+            block - 1,
+            2 * f,
+            4 * h,
+            mat(&input[b0 * f..], f, 1),
+            mat(&w_in, 4 * h, 1),
+            1.0,
+            &mut zr[4 * h..],
+            4 * h,
+        );
         if r > 0 {
             // The row above at c − 1, c, c + 1, all three taps in one product (K = 3h); the
             // block's first and last map rows are padding.
             let prev = &rec.hidden[(b0 - block) * h..b0 * h];
-            let zr = &mut z[b0 * 4 * h..b1 * 4 * h];
             gemm(
+                net.isa,
                 block - 2,
                 3 * h,
                 4 * h,
@@ -1191,7 +1215,6 @@ fn row_lstm_forward(
                 1.0,
                 &mut zr[4 * h..],
                 4 * h,
-                1,
             );
         }
         let (done, rest) = rec.cell.split_at_mut(b0 * h);
@@ -1202,7 +1225,7 @@ fn row_lstm_forward(
         };
         lstm_forward(
             net.isa,
-            &mut z[b0 * 4 * h..b1 * 4 * h],
+            zr,
             c_prev,
             &mut rest[..block * h],
             &mut rec.hidden[b0 * h..b1 * h],
@@ -1217,7 +1240,6 @@ fn row_lstm_forward(
             cells[(g.p - 1) * h..].fill(0.0);
         }
     }
-    acts.lstm[..active * h].copy_from_slice(&rec.hidden[..active * h]);
 }
 
 /// Diagonal BiLSTM forward: per direction, the 1×1 input-to-state for all pixels at once, then
@@ -1239,6 +1261,7 @@ fn diagonal_forward(
     for d in 0..2 {
         fill_rows(z, &w[at.input_bias[d]..at.input_bias[d] + 4 * h], active);
         gemm(
+            net.isa,
             active,
             f,
             4 * h,
@@ -1247,11 +1270,9 @@ fn diagonal_forward(
             1.0,
             z,
             4 * h,
-            1,
         );
         let rec = &mut acts.dirs[d];
         let w_state = taps_major(&w[at.state[d]..], 4 * h, h, 2);
-        let mut taps = vec![0f32; rows * g.n * 2 * h];
         for j in 0..columns {
             let Some((lo, hi)) = g.valid(j, rows) else {
                 continue;
@@ -1267,19 +1288,24 @@ fn diagonal_forward(
             }
             let cells = c1 - c0;
             if j > 0 {
-                // Same row and row above of the previous column, side by side: one K = 2h product.
-                skewed_taps(&rec.hidden, g, j, lo, hi, h, &mut taps);
-                gemm(
-                    cells,
-                    2 * h,
-                    4 * h,
-                    mat(&taps, 2 * h, 1),
-                    mat(&w_state, 4 * h, 1),
-                    1.0,
-                    &mut rec.gates[c0 * 4 * h..c1 * 4 * h],
-                    4 * h,
-                    1,
-                );
+                // The previous column's cells of the same rows, and of the rows above, lie
+                // contiguous in the skewed grid (a cell never written is zero): one product per
+                // tap, read in place. Row 0 has no row above.
+                let (same, skip) = (g.cell(j - 1, lo, 0), usize::from(lo == 0) * g.n);
+                let (tap0, tap1) = w_state.split_at(h * 4 * h);
+                for (from, tap, first) in [(same, tap0, 0), (same + skip - g.n, tap1, skip)] {
+                    gemm(
+                        net.isa,
+                        cells - first,
+                        h,
+                        4 * h,
+                        mat(&rec.hidden[from * h..], h, 1),
+                        mat(tap, 4 * h, 1),
+                        1.0,
+                        &mut rec.gates[(c0 + first) * 4 * h..c1 * 4 * h],
+                        4 * h,
+                    );
+                }
             }
             let (done, rest) = rec.cell.split_at_mut(c0 * h);
             let c_prev = if j > 0 {
@@ -1331,6 +1357,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         .sum::<f64>();
     add_column_sums(d_logit, rows, &mut grad[o.logit_bias..o.logit_bias + outs]);
     gemm(
+        net.isa,
         outs,
         rows,
         f,
@@ -1339,11 +1366,11 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         1.0,
         &mut grad[o.logit..],
         f,
-        1,
     );
     // Through the second ReLU: ∂head = ∂logits · W where the head is on.
     let d_head = &mut ws.d_tmp;
     gemm(
+        net.isa,
         rows,
         outs,
         f,
@@ -1352,7 +1379,6 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         0.0,
         d_head,
         f,
-        1,
     );
     d_head[..plane]
         .iter_mut()
@@ -1363,6 +1389,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
             }
         });
     gemm(
+        net.isa,
         f,
         rows,
         f,
@@ -1371,10 +1398,10 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         1.0,
         &mut grad[o.head..],
         f,
-        1,
     );
     add_column_sums(d_head, rows, &mut grad[o.head_bias..o.head_bias + f]);
     gemm(
+        net.isa,
         rows,
         f,
         f,
@@ -1383,7 +1410,6 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         0.0,
         &mut ws.d_feat,
         f,
-        1,
     );
     let last = &ws.feats[net.shape.layers * plane..];
     ws.d_feat[..plane]
@@ -1400,15 +1426,15 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         let acts = &ws.layers[l];
         // The 1×1 back to 2h.
         gemm(
+            net.isa,
             f,
             rows,
             h,
             mat(&ws.d_feat, 1, f),
-            mat(&acts.lstm, h, 1),
+            mat(acts.output(), h, 1),
             1.0,
             &mut grad[at.output..],
             h,
-            1,
         );
         add_column_sums(
             &ws.d_feat,
@@ -1417,6 +1443,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         );
         let d_lstm = &mut ws.d_tmp[..rows * h];
         gemm(
+            net.isa,
             rows,
             f,
             h,
@@ -1425,7 +1452,6 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
             0.0,
             d_lstm,
             h,
-            1,
         );
         let scratch = Scratch {
             d_h: &mut ws.d_h,
@@ -1467,18 +1493,19 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
     // The padding rows of ∂features are zero.
     add_column_sums(d_feat, rows, &mut grad[o.input_bias..o.input_bias + f]);
     if net.shape.levels == 2 {
-        for (i, r, c, m) in g.pixels(g.height) {
-            let df = &d_feat[m * f..(m + 1) * f];
-            for (t, _) in input_taps(&x[i * d..(i + 1) * d], g.width, ch, r, c) {
+        for i in 0..g.n {
+            on_readers(&x[i * d..(i + 1) * d], g.width, ch, g.height, |r, c, t| {
+                let m = g.pix(r, i, c);
                 d_taps[t * f..(t + 1) * f]
                     .iter_mut()
-                    .zip(df)
+                    .zip(&d_feat[m * f..(m + 1) * f])
                     .for_each(|(a, b)| *a += b);
-            }
+            });
         }
     } else {
         let k = LIVE_TAPS * ch;
         gemm(
+            net.isa,
             k,
             rows,
             f,
@@ -1487,7 +1514,6 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
             0.0,
             &mut d_taps,
             f,
-            1,
         );
     }
     add_taps_major(&d_taps, &mut grad[o.input..], f, ch, TAPS_A);
@@ -1557,6 +1583,7 @@ fn row_lstm_backward(
             let dz = &d_z[(b0 + 1) * 4 * h..(b1 - 1) * 4 * h];
             let prev_h = &rec.hidden[(b0 - block) * h..b0 * h];
             gemm(
+                net.isa,
                 3 * h,
                 block - 2,
                 4 * h,
@@ -1565,9 +1592,9 @@ fn row_lstm_backward(
                 1.0,
                 &mut d_state,
                 4 * h,
-                1,
             );
             gemm(
+                net.isa,
                 block - 2,
                 4 * h,
                 3 * h,
@@ -1576,7 +1603,6 @@ fn row_lstm_backward(
                 0.0,
                 &mut d_taps,
                 3 * h,
-                1,
             );
             let above = &mut d_h[(b0 - block) * h..b0 * h];
             for (m, taps) in d_taps[..(block - 2) * 3 * h]
@@ -1595,6 +1621,7 @@ fn row_lstm_backward(
     let input_w = at.input[0];
     let mut d_input = vec![0f32; 2 * f * 4 * h];
     gemm(
+        net.isa,
         2 * f,
         rows - 1,
         4 * h,
@@ -1603,7 +1630,6 @@ fn row_lstm_backward(
         0.0,
         &mut d_input,
         4 * h,
-        1,
     );
     add_taps_major(&d_input, &mut grad[input_w..], 4 * h, f, 2);
     add_column_sums(
@@ -1612,6 +1638,7 @@ fn row_lstm_backward(
         &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h],
     );
     gemm(
+        net.isa,
         rows - 1,
         4 * h,
         f,
@@ -1620,9 +1647,9 @@ fn row_lstm_backward(
         1.0,
         d_feat,
         f,
-        1,
     );
     gemm(
+        net.isa,
         rows,
         4 * h,
         f,
@@ -1631,7 +1658,6 @@ fn row_lstm_backward(
         1.0,
         d_feat,
         f,
-        1,
     );
 }
 
@@ -1682,7 +1708,6 @@ fn diagonal_backward(
         let state = at.state[d];
         let w_state = taps_major(&w[state..], 4 * h, h, 2);
         let mut d_state = vec![0f32; 2 * h * 4 * h];
-        let mut taps = vec![0f32; g.height * g.n * 2 * h];
         for j in (0..g.skewed).rev() {
             let Some((lo, hi)) = g.valid(j, g.height) else {
                 continue;
@@ -1707,43 +1732,37 @@ fn diagonal_backward(
                 h,
             );
             if j > 0 {
-                skewed_taps(&rec.hidden, g, j, lo, hi, h, &mut taps);
-                gemm(
-                    2 * h,
-                    cells,
-                    4 * h,
-                    mat(&taps, 1, 2 * h),
-                    mat(dz, 4 * h, 1),
-                    1.0,
-                    &mut d_state,
-                    4 * h,
-                    1,
-                );
-                gemm(
-                    cells,
-                    4 * h,
-                    2 * h,
-                    mat(dz, 4 * h, 1),
-                    mat(&w_state, 1, 4 * h),
-                    0.0,
-                    &mut taps,
-                    2 * h,
-                    1,
-                );
-                let (same, above) = (g.cell(j - 1, lo, 0), g.cell(j - 1, lo.max(1) - 1, 0));
-                let skip = usize::from(lo == 0) * g.n;
-                for (q, t) in taps[..cells * 2 * h].chunks_exact(2 * h).enumerate() {
-                    d_h[(same + q) * h..(same + q + 1) * h]
-                        .iter_mut()
-                        .zip(&t[..h])
-                        .for_each(|(a, b)| *a += b);
-                    if q >= skip {
-                        let at = above + q - skip;
-                        d_h[at * h..(at + 1) * h]
-                            .iter_mut()
-                            .zip(&t[h..])
-                            .for_each(|(a, b)| *a += b);
-                    }
+                // As in the forward pass, each tap in place: the state weights' gradient, and
+                // what reaches the previous column's hidden states.
+                let (same, skip) = (g.cell(j - 1, lo, 0), usize::from(lo == 0) * g.n);
+                let (d0, d1) = d_state.split_at_mut(h * 4 * h);
+                let (tap0, tap1) = w_state.split_at(h * 4 * h);
+                for (from, tap, d_tap, first) in
+                    [(same, tap0, d0, 0), (same + skip - g.n, tap1, d1, skip)]
+                {
+                    let dz = &dz[first * 4 * h..];
+                    gemm(
+                        net.isa,
+                        h,
+                        cells - first,
+                        4 * h,
+                        mat(&rec.hidden[from * h..], 1, h),
+                        mat(dz, 4 * h, 1),
+                        1.0,
+                        d_tap,
+                        4 * h,
+                    );
+                    gemm(
+                        net.isa,
+                        cells - first,
+                        4 * h,
+                        h,
+                        mat(dz, 4 * h, 1),
+                        mat(tap, 1, 4 * h),
+                        1.0,
+                        &mut d_h[from * h..],
+                        h,
+                    );
                 }
             }
             for r in lo..=hi {
@@ -1757,6 +1776,7 @@ fn diagonal_backward(
         }
         add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 2);
         gemm(
+            net.isa,
             4 * h,
             rows,
             f,
@@ -1765,7 +1785,6 @@ fn diagonal_backward(
             1.0,
             &mut grad[at.input[d]..],
             f,
-            1,
         );
         add_column_sums(
             d_z,
@@ -1773,6 +1792,7 @@ fn diagonal_backward(
             &mut grad[at.input_bias[d]..at.input_bias[d] + 4 * h],
         );
         gemm(
+            net.isa,
             rows,
             4 * h,
             f,
@@ -1781,7 +1801,6 @@ fn diagonal_backward(
             1.0,
             d_feat,
             f,
-            1,
         );
     }
 }
@@ -1853,6 +1872,32 @@ mod tests {
                 assert!(tensors.windows(2).all(|w| w[0].1.end == w[1].1.start));
                 let back = flatten(&unflatten(shape, &flat));
                 assert_eq!(back, flat);
+            }
+        }
+    }
+
+    /// The scatter form of mask A visits exactly the (pixel, tap) pairs the gather form reads,
+    /// grey and colour, whole images and their first rows.
+    #[test]
+    fn on_readers_visits_what_input_taps_reads() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for channels in [1, 3] {
+            for rows in [1, 3, H] {
+                let x: Vec<u8> = (0..H * W * channels)
+                    .map(|_| u8::from(rng.random_bool(0.4)))
+                    .collect();
+                let mut gathered: Vec<(usize, usize, usize)> = Vec::new();
+                for r in 0..rows {
+                    for c in 0..W {
+                        gathered.extend(input_taps(&x, W, channels, r, c).map(|(t, _)| (r, c, t)));
+                    }
+                }
+                let mut scattered = Vec::new();
+                on_readers(&x, W, channels, rows, |r, c, t| scattered.push((r, c, t)));
+                gathered.sort_unstable();
+                scattered.sort_unstable();
+                assert!(!gathered.is_empty());
+                assert_eq!(scattered, gathered, "{channels} channels, {rows} rows");
             }
         }
     }
@@ -2010,6 +2055,56 @@ mod tests {
                                 want[k]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// At the paper's width (h = 16: the gates fill whole vectors, every GEMM runs full
+    /// register tiles) the fast log-likelihoods and gradient still equal the reference's.
+    #[test]
+    fn full_width_tiles_match_the_reference() {
+        for arch in ARCHITECTURES {
+            let shape = shapes(arch, 16, 1)[0];
+            let (flat, p) = random(shape, 12);
+            let n = 9;
+            let x = images(shape, n, 4);
+            let d = H * W;
+            let mut want = vec![0f64; flat.len()];
+            let mut want_ll = Vec::new();
+            for i in 0..n {
+                let (ll, g) = reference::gradient(&p, &x[i * d..(i + 1) * d], H, W);
+                want_ll.push(ll);
+                let mut k = 0;
+                g.map(&mut |v| {
+                    want[k] -= v;
+                    k += 1;
+                });
+            }
+            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for isa in Isa::for_tests() {
+                let fast = net(shape, &flat, isa);
+                let mut ll = vec![0.0; n];
+                fast.log_likelihood(&x, &mut ll, None);
+                for (got, want) in ll.iter().zip(&want_ll) {
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{arch:?} {}: {got} vs {want}",
+                        isa.name()
+                    );
+                }
+                let mut grad = vec![0f32; flat.len()];
+                fast.gradient(&x, &mut grad);
+                for (name, range, _) in shape.tensors() {
+                    for k in range {
+                        assert!(
+                            (f64::from(grad[k]) - want[k]).abs() < 1e-4 * scale,
+                            "{arch:?} {} {name} [{k}]: {} vs {}",
+                            isa.name(),
+                            grad[k],
+                            want[k]
+                        );
                     }
                 }
             }

@@ -1,0 +1,487 @@
+//! C = A·B + β·C for the thin products of the recurrent kernels (K and N of a few dozen to a
+//! few hundred, M anything), without packing: B's rows and C's rows are contiguous, A has any
+//! strides (so an overlapping view of a map, or a transposed one, is an operand as it lies).
+//!
+//! Why not only matrixmultiply: it packs both operands on every call and its widest kernel is
+//! AVX2's 8 × 8, which on the per-row products of PixelRNN (M ≈ 240, K = 48, N = 64, hundreds
+//! of calls per image) left most of the machine idle. Here a register tile of rows × 64 columns
+//! (AVX-512: 6 × 4 vectors of 16; AVX2: 6 × 2 vectors of 8) runs down the whole K with B's rows
+//! streaming from L1; edges are the same tile with fewer rows and a masked last vector. The
+//! portable build hands the product to matrixmultiply (through ndarray), as before.
+//!
+//! Every instruction set is held to a plain f64 triple loop on odd sizes (tests below).
+
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder, linalg::general_mat_mul};
+
+use super::{Isa, Target};
+
+/// A strided matrix operand: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    /// The values; the matrix lies within them.
+    pub data: &'a [f32],
+    /// Distance between rows.
+    pub rs: usize,
+    /// Distance between columns.
+    pub cs: usize,
+}
+
+/// The matrix at `data` with row stride `rs` and column stride `cs`.
+pub fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
+    Mat { data, rs, cs }
+}
+
+/// Elements a `rows` × `cols` matrix with these strides reaches, from its first.
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    (rows - 1) * rs + (cols - 1) * cs + 1
+}
+
+/// C (m × n, rows `ldc` apart, columns adjacent) = A (m × k) · B (k × n, rows `ldb` apart,
+/// columns adjacent) + β·C. With β = 0, C is only written (what it held may be anything).
+///
+/// Panics if an operand does not lie within its slice.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rows(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= span(m, n, ldc, 1), "C lies in its buffer");
+    if k == 0 {
+        for row in 0..m {
+            c[row * ldc..row * ldc + n]
+                .iter_mut()
+                .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+        }
+        return;
+    }
+    assert!(
+        a.data.len() >= span(m, k, a.rs, a.cs),
+        "A lies in its buffer"
+    );
+    assert!(b.len() >= span(k, n, ldb, 1), "B lies in its buffer");
+    match isa.target() {
+        // SAFETY: an `Isa` exists only for an instruction set the CPU runs, and every operand
+        // was checked to lie within its slice above.
+        #[cfg(target_arch = "x86_64")]
+        Target::Avx512 => unsafe {
+            x86::gemm_avx512(
+                m,
+                k,
+                n,
+                a.data.as_ptr(),
+                a.rs,
+                a.cs,
+                b.as_ptr(),
+                ldb,
+                beta,
+                c.as_mut_ptr(),
+                ldc,
+            )
+        },
+        #[cfg(target_arch = "x86_64")]
+        Target::Avx2 => unsafe {
+            x86::gemm_avx2(
+                m,
+                k,
+                n,
+                a.data.as_ptr(),
+                a.rs,
+                a.cs,
+                b.as_ptr(),
+                ldb,
+                beta,
+                c.as_mut_ptr(),
+                ldc,
+            )
+        },
+        _ => gemm(m, k, n, a, mat(b, ldb, 1), beta, c, ldc, 1),
+    }
+}
+
+/// C (m × n, at `c` with strides `rsc`, `csc`) = A (m × k) · B (k × n) + β·C, any strides, by
+/// matrixmultiply (through ndarray): for the products whose shapes the register tiles of
+/// [`gemm_rows`] do not fit (a single output column, operands laid out across).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    c: &mut [f32],
+    rsc: usize,
+    csc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mut c =
+        ArrayViewMut2::from_shape((m, n).strides((rsc, csc)), &mut c[..span(m, n, rsc, csc)])
+            .expect("C lies in its buffer");
+    if k == 0 {
+        c.map_inplace(|v| *v *= beta);
+        return;
+    }
+    let a = ArrayView2::from_shape(
+        (m, k).strides((a.rs, a.cs)),
+        &a.data[..span(m, k, a.rs, a.cs)],
+    )
+    .expect("A lies in its buffer");
+    let b = ArrayView2::from_shape(
+        (k, n).strides((b.rs, b.cs)),
+        &b.data[..span(k, n, b.rs, b.cs)],
+    )
+    .expect("B lies in its buffer");
+    general_mat_mul(1.0, &a, &b, beta, &mut c);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Rows of a register tile.
+    const MR: usize = 6;
+
+    /// Runs `$tile::<R, V>(args…)` for the runtime rows (1..=6) and vectors (1..=V_MAX).
+    macro_rules! tiles {
+        ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
+            match ($rows, $vecs) {
+                (6, 4) => $tile::<6, 4>($($arg),*),
+                (6, 3) => $tile::<6, 3>($($arg),*),
+                (6, 2) => $tile::<6, 2>($($arg),*),
+                (6, 1) => $tile::<6, 1>($($arg),*),
+                (5, 4) => $tile::<5, 4>($($arg),*),
+                (5, 3) => $tile::<5, 3>($($arg),*),
+                (5, 2) => $tile::<5, 2>($($arg),*),
+                (5, 1) => $tile::<5, 1>($($arg),*),
+                (4, 4) => $tile::<4, 4>($($arg),*),
+                (4, 3) => $tile::<4, 3>($($arg),*),
+                (4, 2) => $tile::<4, 2>($($arg),*),
+                (4, 1) => $tile::<4, 1>($($arg),*),
+                (3, 4) => $tile::<3, 4>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*),
+                (3, 2) => $tile::<3, 2>($($arg),*),
+                (3, 1) => $tile::<3, 1>($($arg),*),
+                (2, 4) => $tile::<2, 4>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*),
+                (2, 2) => $tile::<2, 2>($($arg),*),
+                (2, 1) => $tile::<2, 1>($($arg),*),
+                (1, 4) => $tile::<1, 4>($($arg),*),
+                (1, 3) => $tile::<1, 3>($($arg),*),
+                (1, 2) => $tile::<1, 2>($($arg),*),
+                _ => $tile::<1, 1>($($arg),*),
+            }
+        };
+    }
+
+    /// AVX-512 [`super::gemm_rows`]: panels of 64 columns (4 vectors of 16), tiles of 6 rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and every operand lies within its allocation.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_avx512(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut j0 = 0;
+        while j0 < n {
+            let width = (n - j0).min(64);
+            let vecs = width.div_ceil(16);
+            let rest = width - 16 * (vecs - 1);
+            let tail: __mmask16 = if rest == 16 {
+                0xffff
+            } else {
+                (1u16 << rest) - 1
+            };
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = (m - i0).min(MR);
+                // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
+                unsafe {
+                    let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                    tiles!(
+                        tile512, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail
+                    );
+                }
+                i0 += rows;
+            }
+            j0 += 64;
+        }
+    }
+
+    /// One R × V·16 tile of C (the last vector masked by `tail`), down the whole K.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile512<const R: usize, const V: usize>(
+        k: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+        tail: __mmask16,
+    ) {
+        let mask = |v: usize| if v + 1 == V { tail } else { 0xffff };
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        // SAFETY (all accesses): within the tile's rows, columns and K, which the caller
+        // guarantees lie within the operands; masked lanes are not touched.
+        unsafe {
+            for p in 0..k {
+                let row = b.add(p * ldb);
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_maskz_loadu_ps(mask(v), row.add(16 * v));
+                }
+                let ap = a.add(p * cs);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r * rs));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm512_fmadd_ps(av, bv, *acc);
+                    }
+                }
+            }
+            let beta_v = _mm512_set1_ps(beta);
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, &acc) in acc.iter().enumerate() {
+                    let at = c.add(r * ldc + 16 * v);
+                    let out = if beta == 0.0 {
+                        acc
+                    } else {
+                        _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask(v), at), acc)
+                    };
+                    _mm512_mask_storeu_ps(at, mask(v), out);
+                }
+            }
+        }
+    }
+
+    /// AVX2 [`super::gemm_rows`]: panels of 16 columns (2 vectors of 8), tiles of 6 rows
+    /// (12 accumulators of the 16 registers).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and every operand lies within its allocation.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_avx2(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut j0 = 0;
+        while j0 < n {
+            let width = (n - j0).min(16);
+            let vecs = width.div_ceil(8);
+            let rest = (width - 8 * (vecs - 1)) as i32;
+            let full = rest == 8;
+            let lanes: [i32; 8] = std::array::from_fn(|l| if (l as i32) < rest { -1 } else { 0 });
+            // SAFETY: reads eight i32 from an array of eight.
+            let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = (m - i0).min(MR);
+                // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
+                unsafe {
+                    let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                    tiles!(
+                        tile256, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail, full
+                    );
+                }
+                i0 += rows;
+            }
+            j0 += 16;
+        }
+    }
+
+    /// One R × V·8 tile of C (the last vector masked by `tail` unless `full`), down the whole K.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile256<const R: usize, const V: usize>(
+        k: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+        tail: __m256i,
+        full: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        // SAFETY (all accesses): within the tile's rows, columns and K, which the caller
+        // guarantees lie within the operands; masked lanes are not touched.
+        unsafe {
+            for p in 0..k {
+                let row = b.add(p * ldb);
+                let mut bv = [_mm256_setzero_ps(); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = if full || v + 1 < V {
+                        _mm256_loadu_ps(row.add(8 * v))
+                    } else {
+                        _mm256_maskload_ps(row.add(8 * v), tail)
+                    };
+                }
+                let ap = a.add(p * cs);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(r * rs));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm256_fmadd_ps(av, bv, *acc);
+                    }
+                }
+            }
+            let beta_v = _mm256_set1_ps(beta);
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, &acc) in acc.iter().enumerate() {
+                    let at = c.add(r * ldc + 8 * v);
+                    if full || v + 1 < V {
+                        let out = if beta == 0.0 {
+                            acc
+                        } else {
+                            _mm256_fmadd_ps(beta_v, _mm256_loadu_ps(at), acc)
+                        };
+                        _mm256_storeu_ps(at, out);
+                    } else {
+                        let out = if beta == 0.0 {
+                            acc
+                        } else {
+                            _mm256_fmadd_ps(beta_v, _mm256_maskload_ps(at, tail), acc)
+                        };
+                        // A masked store is slow on some CPUs (AMD's), so only the edge has one.
+                        _mm256_maskstore_ps(at, tail, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// C = A·B + β·C in f64, the plain triple loop.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: Mat<'_>,
+        b: &[f32],
+        ldb: usize,
+        beta: f32,
+        c: &[f32],
+        ldc: usize,
+    ) -> Vec<f64> {
+        let mut out = Vec::new();
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = if beta == 0.0 {
+                    0.0
+                } else {
+                    f64::from(beta) * f64::from(c[i * ldc + j])
+                };
+                for p in 0..k {
+                    s += f64::from(a.data[i * a.rs + p * a.cs]) * f64::from(b[p * ldb + j]);
+                }
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// Every instruction set equals the f64 loop on odd sizes (edges of every tile shape),
+    /// strided, overlapping and transposed A, padded rows of B and C, β of 0 (C holding NaN,
+    /// which must not leak through) and 1, and leaves C's padding alone.
+    #[test]
+    fn every_instruction_set_equals_the_naive_product() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (13, 48, 64),
+            (6, 3, 65),
+            (11, 17, 16),
+            (238, 48, 64),
+            (5, 64, 129),
+            (19, 2, 70),
+        ] {
+            // A as: a padded row-major matrix, an overlapping view (rows one element apart as
+            // the Row LSTM's taps are), and a transposed view.
+            let lays = [(k + 3, 1), (1, m + 2), (2, 1)];
+            for (rs, cs) in lays {
+                let a_data: Vec<f32> = (0..span(m, k, rs, cs)).map(value).collect();
+                let a = mat(&a_data, rs, cs);
+                let (ldb, ldc) = (n + 5, n + 2);
+                let b: Vec<f32> = (0..span(k, n, ldb, 1)).map(|i| value(i + 11)).collect();
+                for beta in [0.0f32, 1.0] {
+                    let fill = if beta == 0.0 { f32::NAN } else { 0.25 };
+                    let start: Vec<f32> = (0..m * ldc + 3)
+                        .map(|i| {
+                            if i < m * ldc && i % ldc < n {
+                                fill * value(i + 5)
+                            } else {
+                                -7.0
+                            }
+                        })
+                        .collect();
+                    let want = naive(m, k, n, a, &b, ldb, beta, &start, ldc);
+                    for isa in Isa::for_tests() {
+                        let mut c = start.clone();
+                        gemm_rows(isa, m, k, n, a, &b, ldb, beta, &mut c, ldc);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (got, want) = (c[i * ldc + j], want[i * n + j]);
+                                assert!(
+                                    (f64::from(got) - want).abs() < 1e-5 * (1.0 + k as f64),
+                                    "{} {m}x{k}x{n} A({rs},{cs}) β {beta} [{i},{j}]: {got} vs {want}",
+                                    isa.name()
+                                );
+                            }
+                        }
+                        for (i, &v) in c.iter().enumerate() {
+                            if i % ldc >= n || i >= m * ldc {
+                                assert_eq!(v, -7.0, "{} padding at {i} written", isa.name());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
