@@ -5,7 +5,8 @@
 //! Why not only matrixmultiply: it packs both operands on every call and its widest kernel is
 //! AVX2's 8 × 8, which on the per-row products of PixelRNN (M ≈ 240, K = 48, N = 64, hundreds
 //! of calls per image) left most of the machine idle. Here a register tile of rows × 64 columns
-//! (AVX-512: 6 × 4 vectors of 16; AVX2: 6 × 2 vectors of 8) runs down the whole K with B's rows
+//! (AVX-512: 6 × 4 vectors of 16, up to 12 × 2 for narrow products; AVX2: 6 × 2 vectors of
+//! 8) runs down the whole K with B's rows
 //! streaming from L1; edges are the same tile with fewer rows and a masked last vector. The
 //! portable build hands the product to matrixmultiply (through ndarray), as before.
 //!
@@ -151,42 +152,87 @@ pub fn gemm(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Rows of a register tile.
-    const MR: usize = 6;
+    /// Rows of an AVX-512 tile of `vecs` vectors: 24 accumulators of the 32 registers, at
+    /// most 12 rows (a narrow product, N ≤ 32, gets a tall tile rather than few accumulators).
+    fn rows_512(vecs: usize) -> usize {
+        match vecs {
+            4 => 6,
+            3 => 8,
+            _ => 12,
+        }
+    }
 
-    /// Runs `$tile::<R, V>(args…)` for the runtime rows (1..=6) and vectors (1..=V_MAX).
-    macro_rules! tiles {
+    /// Rows of an AVX2 tile: 12 accumulators of the 16 registers.
+    const ROWS_256: usize = 6;
+
+    /// Runs `$tile::<R, V>(args…)` for the runtime rows and vectors of an AVX-512 tile.
+    macro_rules! tiles_512 {
         ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
             match ($rows, $vecs) {
                 (6, 4) => $tile::<6, 4>($($arg),*),
-                (6, 3) => $tile::<6, 3>($($arg),*),
-                (6, 2) => $tile::<6, 2>($($arg),*),
-                (6, 1) => $tile::<6, 1>($($arg),*),
                 (5, 4) => $tile::<5, 4>($($arg),*),
-                (5, 3) => $tile::<5, 3>($($arg),*),
-                (5, 2) => $tile::<5, 2>($($arg),*),
-                (5, 1) => $tile::<5, 1>($($arg),*),
                 (4, 4) => $tile::<4, 4>($($arg),*),
-                (4, 3) => $tile::<4, 3>($($arg),*),
-                (4, 2) => $tile::<4, 2>($($arg),*),
-                (4, 1) => $tile::<4, 1>($($arg),*),
                 (3, 4) => $tile::<3, 4>($($arg),*),
-                (3, 3) => $tile::<3, 3>($($arg),*),
-                (3, 2) => $tile::<3, 2>($($arg),*),
-                (3, 1) => $tile::<3, 1>($($arg),*),
                 (2, 4) => $tile::<2, 4>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (2, 1) => $tile::<2, 1>($($arg),*),
                 (1, 4) => $tile::<1, 4>($($arg),*),
+                (8, 3) => $tile::<8, 3>($($arg),*),
+                (7, 3) => $tile::<7, 3>($($arg),*),
+                (6, 3) => $tile::<6, 3>($($arg),*),
+                (5, 3) => $tile::<5, 3>($($arg),*),
+                (4, 3) => $tile::<4, 3>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*),
                 (1, 3) => $tile::<1, 3>($($arg),*),
+                (12, 2) => $tile::<12, 2>($($arg),*),
+                (11, 2) => $tile::<11, 2>($($arg),*),
+                (10, 2) => $tile::<10, 2>($($arg),*),
+                (9, 2) => $tile::<9, 2>($($arg),*),
+                (8, 2) => $tile::<8, 2>($($arg),*),
+                (7, 2) => $tile::<7, 2>($($arg),*),
+                (6, 2) => $tile::<6, 2>($($arg),*),
+                (5, 2) => $tile::<5, 2>($($arg),*),
+                (4, 2) => $tile::<4, 2>($($arg),*),
+                (3, 2) => $tile::<3, 2>($($arg),*),
+                (2, 2) => $tile::<2, 2>($($arg),*),
                 (1, 2) => $tile::<1, 2>($($arg),*),
+                (12, 1) => $tile::<12, 1>($($arg),*),
+                (11, 1) => $tile::<11, 1>($($arg),*),
+                (10, 1) => $tile::<10, 1>($($arg),*),
+                (9, 1) => $tile::<9, 1>($($arg),*),
+                (8, 1) => $tile::<8, 1>($($arg),*),
+                (7, 1) => $tile::<7, 1>($($arg),*),
+                (6, 1) => $tile::<6, 1>($($arg),*),
+                (5, 1) => $tile::<5, 1>($($arg),*),
+                (4, 1) => $tile::<4, 1>($($arg),*),
+                (3, 1) => $tile::<3, 1>($($arg),*),
+                (2, 1) => $tile::<2, 1>($($arg),*),
                 _ => $tile::<1, 1>($($arg),*),
             }
         };
     }
 
-    /// AVX-512 [`super::gemm_rows`]: panels of 64 columns (4 vectors of 16), tiles of 6 rows.
+    /// Runs `$tile::<R, V>(args…)` for the runtime rows and vectors of an AVX2 tile.
+    macro_rules! tiles_256 {
+        ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
+            match ($rows, $vecs) {
+                (6, 2) => $tile::<6, 2>($($arg),*),
+                (5, 2) => $tile::<5, 2>($($arg),*),
+                (4, 2) => $tile::<4, 2>($($arg),*),
+                (3, 2) => $tile::<3, 2>($($arg),*),
+                (2, 2) => $tile::<2, 2>($($arg),*),
+                (1, 2) => $tile::<1, 2>($($arg),*),
+                (6, 1) => $tile::<6, 1>($($arg),*),
+                (5, 1) => $tile::<5, 1>($($arg),*),
+                (4, 1) => $tile::<4, 1>($($arg),*),
+                (3, 1) => $tile::<3, 1>($($arg),*),
+                (2, 1) => $tile::<2, 1>($($arg),*),
+                _ => $tile::<1, 1>($($arg),*),
+            }
+        };
+    }
+
+    /// AVX-512 [`super::gemm_rows`]: panels of 64 columns (4 vectors of 16), tiles of 6 to 12
+    /// rows.
     ///
     /// # Safety
     /// The CPU has AVX-512F, and every operand lies within its allocation.
@@ -217,11 +263,11 @@ mod x86 {
             };
             let mut i0 = 0;
             while i0 < m {
-                let rows = (m - i0).min(MR);
+                let rows = (m - i0).min(rows_512(vecs));
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
                     let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
-                    tiles!(
+                    tiles_512!(
                         tile512, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail
                     );
                 }
@@ -312,11 +358,11 @@ mod x86 {
             let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
             let mut i0 = 0;
             while i0 < m {
-                let rows = (m - i0).min(MR);
+                let rows = (m - i0).min(ROWS_256);
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
                     let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
-                    tiles!(
+                    tiles_256!(
                         tile256, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail, full
                     );
                 }
@@ -440,6 +486,9 @@ mod tests {
             (238, 48, 64),
             (5, 64, 129),
             (19, 2, 70),
+            (29, 9, 32),
+            (25, 7, 20),
+            (17, 5, 40),
         ] {
             // A as: a padded row-major matrix, an overlapping view (rows one element apart as
             // the Row LSTM's taps are), and a transposed view.

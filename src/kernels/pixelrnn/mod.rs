@@ -691,11 +691,12 @@ impl Pooling {
 }
 
 /// One LSTM direction's stored activations: gates after their nonlinearity (o, f, i, g per
-/// cell), cell state and output, on the map (Row LSTM) or the skewed grid (Diagonal BiLSTM).
+/// cell), cell state, its tanh and output, on the map (Row LSTM) or the skewed grid (Diagonal BiLSTM).
 #[derive(Debug, Default)]
 struct Recurrence {
     gates: Vec<f32>,
     cell: Vec<f32>,
+    tanh_cell: Vec<f32>,
     hidden: Vec<f32>,
 }
 
@@ -782,6 +783,7 @@ impl Workspace {
                         .map(|_| Recurrence {
                             gates: zeros(grid * 4 * h),
                             cell: zeros(grid * h),
+                            tanh_cell: zeros(grid * h),
                             hidden: zeros(grid * h),
                         })
                         .collect(),
@@ -947,7 +949,8 @@ fn add_column_sums(m: &[f32], rows: usize, out: &mut [f32]) {
 dispatch! {
     /// LSTM step over a block of cells: `gates` holds the pre-activations (o, f, i, g per cell)
     /// and is left holding the activations; `c_prev` is the previous cell state (empty: zero).
-    fn lstm_forward(gates: &mut [f32], c_prev: &[f32], cell: &mut [f32], hidden: &mut [f32], h: usize) -> ()
+    /// Writes the cell state, its tanh (which the backward pass reads) and the output.
+    fn lstm_forward(gates: &mut [f32], c_prev: &[f32], cell: &mut [f32], tanh_cell: &mut [f32], hidden: &mut [f32], h: usize) -> ()
         => lstm_forward_body
 }
 
@@ -961,13 +964,15 @@ fn lstm_forward_body<T: Target>(
     gates: &mut [f32],
     c_prev: &[f32],
     cell: &mut [f32],
+    tanh_cell: &mut [f32],
     hidden: &mut [f32],
     h: usize,
 ) {
     // Whole contiguous runs per cell (σ over o, f, i; tanh over g), so each pass vectorizes.
-    for (k, ((g, c), out)) in gates
+    for (k, (((g, c), tc), out)) in gates
         .chunks_exact_mut(4 * h)
         .zip(cell.chunks_exact_mut(h))
+        .zip(tanh_cell.chunks_exact_mut(h))
         .zip(hidden.chunks_exact_mut(h))
         .enumerate()
     {
@@ -986,8 +991,9 @@ fn lstm_forward_body<T: Target>(
                 *c = fmadd::<T>(f, p, i * g);
             }
         }
-        for ((out, &o), &c) in out.iter_mut().zip(o).zip(&*c) {
-            *out = o * tanh::<T>(c);
+        for (((out, tc), &o), &c) in out.iter_mut().zip(tc).zip(o).zip(&*c) {
+            *tc = tanh::<T>(c);
+            *out = o * *tc;
         }
     }
 }
@@ -997,7 +1003,7 @@ dispatch! {
     /// gradient arriving from the next step (`d_c`, which is left holding what goes to the
     /// previous step, ∂c ⊙ f), the gate pre-activations' gradient into `d_z`.
     #[allow(clippy::too_many_arguments)]
-    fn lstm_backward(gates: &[f32], c_prev: &[f32], cell: &[f32], d_h: &[f32], d_c: &mut [f32], d_z: &mut [f32], h: usize) -> ()
+    fn lstm_backward(gates: &[f32], c_prev: &[f32], tanh_cell: &[f32], d_h: &[f32], d_c: &mut [f32], d_z: &mut [f32], h: usize) -> ()
         => lstm_backward_body
 }
 
@@ -1005,7 +1011,7 @@ dispatch! {
 fn lstm_backward_body<T: Target>(
     gates: &[f32],
     c_prev: &[f32],
-    cell: &[f32],
+    tanh_cell: &[f32],
     d_h: &[f32],
     d_c: &mut [f32],
     d_z: &mut [f32],
@@ -1019,7 +1025,7 @@ fn lstm_backward_body<T: Target>(
         let (o, f, i, gg) = (&g[..h], &g[h..2 * h], &g[2 * h..3 * h], &g[3 * h..]);
         for u in 0..h {
             let at = k * h + u;
-            let tc = tanh::<T>(cell[at]);
+            let tc = tanh_cell[at];
             let dh = d_h[at];
             let dc = fmadd::<T>(dh * o[u], 1.0 - tc * tc, d_c[at]);
             let prev = if c_prev.is_empty() { 0.0 } else { c_prev[at] };
@@ -1228,6 +1234,7 @@ fn row_lstm_forward(
             zr,
             c_prev,
             &mut rest[..block * h],
+            &mut rec.tanh_cell[b0 * h..b1 * h],
             &mut rec.hidden[b0 * h..b1 * h],
             h,
         );
@@ -1319,6 +1326,7 @@ fn diagonal_forward(
                 &mut rec.gates[c0 * 4 * h..c1 * 4 * h],
                 c_prev,
                 &mut rest[..cells * h],
+                &mut rec.tanh_cell[c0 * h..c1 * h],
                 &mut rec.hidden[c0 * h..c1 * h],
                 h,
             );
@@ -1572,7 +1580,7 @@ fn row_lstm_backward(
             net.isa,
             &rec.gates[b0 * 4 * h..b1 * 4 * h],
             c_prev,
-            &rec.cell[b0 * h..b1 * h],
+            &rec.tanh_cell[b0 * h..b1 * h],
             &d_h[b0 * h..b1 * h],
             d_c,
             &mut d_z[b0 * 4 * h..b1 * 4 * h],
@@ -1725,7 +1733,7 @@ fn diagonal_backward(
                 net.isa,
                 &rec.gates[c0 * 4 * h..c1 * 4 * h],
                 c_prev,
-                &rec.cell[c0 * h..c1 * h],
+                &rec.tanh_cell[c0 * h..c1 * h],
                 &d_h[c0 * h..c1 * h],
                 &mut d_c[lo * g.n * h..(hi + 1) * g.n * h],
                 dz,
