@@ -828,11 +828,18 @@ fn gemm(
     if b.cs == 1 {
         gemm_rows(isa, m, k, n, a, b.data, b.rs, beta, c, ldc);
     } else {
-        let rows: Vec<f32> = (0..k * n)
-            .map(|e| b.data[(e / n) * b.rs + (e % n) * b.cs])
-            .collect();
-        gemm_rows(isa, m, k, n, a, &rows, n, beta, c, ldc);
+        gemm_rows(isa, m, k, n, a, &rows_of(b, k, n), n, beta, c, ldc);
     }
+}
+
+/// The k × n matrix `b` copied into contiguous rows (a weight read transposed, made once
+/// before a loop that multiplies by it many times).
+fn rows_of(b: Mat<'_>, k: usize, n: usize) -> Vec<f32> {
+    let mut rows = Vec::with_capacity(k * n);
+    for i in 0..k {
+        rows.extend((0..n).map(|j| b.data[i * b.rs + j * b.cs]));
+    }
+    rows
 }
 
 /// A convolution's weights `[out][inner][taps]` (as stored) rearranged as the GEMM operand
@@ -955,11 +962,6 @@ dispatch! {
 }
 
 #[inline(always)]
-fn tanh<T: Target>(x: f32) -> f32 {
-    fmadd::<T>(2.0, sigmoid::<T>(2.0 * x), -1.0)
-}
-
-#[inline(always)]
 fn lstm_forward_body<T: Target>(
     gates: &mut [f32],
     c_prev: &[f32],
@@ -968,19 +970,22 @@ fn lstm_forward_body<T: Target>(
     hidden: &mut [f32],
     h: usize,
 ) {
-    // Whole contiguous runs per cell (σ over o, f, i; tanh over g), so each pass vectorizes.
-    for (k, (((g, c), tc), out)) in gates
+    // The nonlinearities run over the whole block at once, not cell by cell: long contiguous
+    // loops let the σ of many cells overlap (one cell's few vectors wait on each division in
+    // turn). tanh(x) = 2σ(2x) − 1, so σ covers all four gates.
+    for g in gates.chunks_exact_mut(4 * h) {
+        g[3 * h..].iter_mut().for_each(|v| *v *= 2.0);
+    }
+    gates.iter_mut().for_each(|v| *v = sigmoid::<T>(*v));
+    for (k, ((g, c), twice)) in gates
         .chunks_exact_mut(4 * h)
         .zip(cell.chunks_exact_mut(h))
         .zip(tanh_cell.chunks_exact_mut(h))
-        .zip(hidden.chunks_exact_mut(h))
         .enumerate()
     {
         let (sig, tg) = g.split_at_mut(3 * h);
-        sig.iter_mut().for_each(|v| *v = sigmoid::<T>(*v));
-        tg.iter_mut().for_each(|v| *v = tanh::<T>(*v));
-        let (o, rest) = sig.split_at(h);
-        let (f, i) = rest.split_at(h);
+        tg.iter_mut().for_each(|v| *v = fmadd::<T>(2.0, *v, -1.0));
+        let (f, i) = sig[h..].split_at(h);
         if c_prev.is_empty() {
             for ((c, &i), &g) in c.iter_mut().zip(i).zip(&*tg) {
                 *c = i * g;
@@ -991,9 +996,18 @@ fn lstm_forward_body<T: Target>(
                 *c = fmadd::<T>(f, p, i * g);
             }
         }
-        for (((out, tc), &o), &c) in out.iter_mut().zip(tc).zip(o).zip(&*c) {
-            *tc = tanh::<T>(c);
-            *out = o * *tc;
+        twice.iter_mut().zip(&*c).for_each(|(t, &c)| *t = 2.0 * c);
+    }
+    tanh_cell
+        .iter_mut()
+        .for_each(|v| *v = fmadd::<T>(2.0, sigmoid::<T>(*v), -1.0));
+    for ((g, tc), out) in gates
+        .chunks_exact(4 * h)
+        .zip(tanh_cell.chunks_exact(h))
+        .zip(hidden.chunks_exact_mut(h))
+    {
+        for ((out, &o), &tc) in out.iter_mut().zip(&g[..h]).zip(tc) {
+            *out = o * tc;
         }
     }
 }
@@ -1562,6 +1576,7 @@ fn row_lstm_backward(
     d_c.fill(0.0);
     let state = at.state[0];
     let w_state = taps_major(&w[state..], 4 * h, h, 3);
+    let w_state_t = rows_of(mat(&w_state, 1, 4 * h), 4 * h, 3 * h);
     let mut d_state = vec![0f32; 3 * h * 4 * h];
     let mut d_taps = vec![0f32; block * 3 * h];
     for r in (0..g.height).rev() {
@@ -1607,7 +1622,7 @@ fn row_lstm_backward(
                 4 * h,
                 3 * h,
                 mat(dz, 4 * h, 1),
-                mat(&w_state, 1, 4 * h),
+                mat(&w_state_t, 3 * h, 1),
                 0.0,
                 &mut d_taps,
                 3 * h,
@@ -1715,6 +1730,8 @@ fn diagonal_backward(
         d_z.fill(0.0);
         let state = at.state[d];
         let w_state = taps_major(&w[state..], 4 * h, h, 2);
+        let (tap0, tap1) = w_state.split_at(h * 4 * h);
+        let taps_t = [tap0, tap1].map(|tap| rows_of(mat(tap, 1, 4 * h), 4 * h, h));
         let mut d_state = vec![0f32; 2 * h * 4 * h];
         for j in (0..g.skewed).rev() {
             let Some((lo, hi)) = g.valid(j, g.height) else {
@@ -1744,10 +1761,10 @@ fn diagonal_backward(
                 // what reaches the previous column's hidden states.
                 let (same, skip) = (g.cell(j - 1, lo, 0), usize::from(lo == 0) * g.n);
                 let (d0, d1) = d_state.split_at_mut(h * 4 * h);
-                let (tap0, tap1) = w_state.split_at(h * 4 * h);
-                for (from, tap, d_tap, first) in
-                    [(same, tap0, d0, 0), (same + skip - g.n, tap1, d1, skip)]
-                {
+                for (from, tap_t, d_tap, first) in [
+                    (same, &taps_t[0], d0, 0),
+                    (same + skip - g.n, &taps_t[1], d1, skip),
+                ] {
                     let dz = &dz[first * 4 * h..];
                     gemm(
                         net.isa,
@@ -1766,7 +1783,7 @@ fn diagonal_backward(
                         4 * h,
                         h,
                         mat(dz, 4 * h, 1),
-                        mat(tap, 1, 4 * h),
+                        mat(tap_t, h, 1),
                         1.0,
                         &mut d_h[from * h..],
                         h,
