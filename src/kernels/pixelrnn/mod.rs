@@ -2041,6 +2041,30 @@ mod tests {
         }
     }
 
+    /// The reference's log p of each of the `n` images `x` (H × W), and the exact gradient of
+    /// their Σ NLL, flat (`len` values).
+    fn reference_nll_gradient(
+        p: &reference::Params,
+        x: &[u8],
+        n: usize,
+        len: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let d = x.len() / n;
+        let mut grad = vec![0f64; len];
+        let lls = (0..n)
+            .map(|i| {
+                let (ll, g) = reference::gradient(p, &x[i * d..(i + 1) * d], H, W);
+                let mut k = 0;
+                g.map(&mut |v| {
+                    grad[k] -= v;
+                    k += 1;
+                });
+                ll
+            })
+            .collect();
+        (lls, grad)
+    }
+
     /// The fast gradient of Σ NLL equals minus the reference's exact gradient of Σ log p, every
     /// parameter, on every instruction set.
     #[test]
@@ -2050,18 +2074,8 @@ mod tests {
                 let (flat, p) = random(shape, 5);
                 let n = 10;
                 let x = images(shape, n, 9);
-                let d = H * W * shape.channels;
-                let mut want = vec![0f64; flat.len()];
-                let mut want_nll = 0.0;
-                for i in 0..n {
-                    let (ll, g) = reference::gradient(&p, &x[i * d..(i + 1) * d], H, W);
-                    want_nll -= ll;
-                    let mut k = 0;
-                    g.map(&mut |v| {
-                        want[k] -= v;
-                        k += 1;
-                    });
-                }
+                let (want_ll, want) = reference_nll_gradient(&p, &x, n, flat.len());
+                let want_nll = -want_ll.iter().sum::<f64>();
                 let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
                 for isa in Isa::for_tests() {
                     let mut grad = vec![0f32; flat.len()];
@@ -2095,18 +2109,7 @@ mod tests {
             let (flat, p) = random(shape, 12);
             let n = 9;
             let x = images(shape, n, 4);
-            let d = H * W;
-            let mut want = vec![0f64; flat.len()];
-            let mut want_ll = Vec::new();
-            for i in 0..n {
-                let (ll, g) = reference::gradient(&p, &x[i * d..(i + 1) * d], H, W);
-                want_ll.push(ll);
-                let mut k = 0;
-                g.map(&mut |v| {
-                    want[k] -= v;
-                    k += 1;
-                });
-            }
+            let (want_ll, want) = reference_nll_gradient(&p, &x, n, flat.len());
             let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for isa in Isa::for_tests() {
                 let fast = net(shape, &flat, isa);
