@@ -1410,3 +1410,54 @@ fn anomalies_fall_into_groups_by_their_planted_kind() {
         "sharded groups and neighbours are the one process's"
     );
 }
+
+/// PixelRNN's options beyond the defaults, end to end: skip connections and RMSProp are fitted,
+/// stored (the hyper-parameter and one `layer{k}.skip` tensor per layer), reloaded and scored.
+#[test]
+fn pixelrnn_with_skip_connections_and_rmsprop_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_tensor_u8(
+        &d.join("d.parquet"),
+        &ids(0, 200),
+        &images(200, 5, 6, 3),
+        &[5, 6],
+    );
+    write_config(
+        d,
+        "fit.toml",
+        "d.parquet",
+        "out",
+        "[model]\nkind = \"pixelrnn\"\nlayers = 2\nhidden = 4\nskip_connections = true\n\
+         [train]\nepochs = 2\nbatch_size = 20\noptimizer = \"rmsprop\"\n",
+    );
+    let model_dir = fit_model(d, "fit.toml");
+    let model_dir = d.join(model_dir);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta["hyperparameters"]["skip_connections"], true, "{meta}");
+    let weights = std::fs::read(model_dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    for layer in 0..2 {
+        let skip = &header[format!("layer{layer}.skip")];
+        assert_eq!(skip["shape"], serde_json::json!([8, 8]), "{header}");
+    }
+    pipeline(
+        d,
+        &[
+            "score",
+            "fit.toml",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--run-id",
+            "again",
+        ],
+        &[],
+    )
+    .expect(0);
+    let scores = read_table(&d.join("out/scores"));
+    let ll = floats(&scores, "log_likelihood");
+    assert_eq!(ll.len(), 200);
+    assert!(ll.iter().all(|l| l.is_finite() && *l < 0.0), "{ll:?}");
+}

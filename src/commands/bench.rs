@@ -26,7 +26,7 @@ use crate::models::shared::ordering::Order;
 use crate::models::{DensityModel, Family};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Context, read};
-use crate::train::{Adam, GradientModel, GradientWorkspace};
+use crate::train::{GradientModel, GradientWorkspace, Optimizer};
 
 /// Quoted in issue 3 for a vectorized PyTorch 2 NADE-500 on a 2-core AVX-512 machine; shown for
 /// orientation only, never as a measurement of this run.
@@ -400,7 +400,7 @@ fn median_rate(repeats: usize, count: usize, mut pass: impl FnMut()) -> f64 {
 /// One epoch of real training steps (sharded gradient, reduction, Adam) over `pixels`.
 fn train_pass<M: Measured>(model: &M, pixels: ArrayView2<'_, u8>, batch: usize) {
     let mut m = model.clone();
-    let mut adam = Adam::new(m.params().len(), 1e-3);
+    let mut adam = Optimizer::adam(m.params().len(), 1e-3);
     let mut workspace = GradientWorkspace::default();
     for batch in pixels.axis_chunks_iter(Axis(0), batch) {
         let (_, grad) = workspace.mean_gradient(&m, batch);

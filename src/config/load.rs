@@ -733,6 +733,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::Rule;
 
     const GOOD: &str = r#"
 [pipeline]
@@ -780,6 +781,35 @@ uri = "out/"
         assert_eq!((c.train.batch_size, c.train.max_minutes), (50, Some(5.0)));
         let c = load("[model]\nkind = \"nade\"\n");
         assert_eq!((c.train.batch_size, c.train.max_minutes), (100, None));
+    }
+
+    /// `train.optimizer` reaches the training settings; Adam without it; a rule that does not
+    /// exist is refused on its line with the rules that do.
+    #[test]
+    fn the_optimizer_is_read_and_checked() {
+        let settings = |text: &str| {
+            load_str(
+                "p.toml",
+                &format!("{GOOD}{text}"),
+                &LoadOptions::default(),
+                &no_vars,
+            )
+            .unwrap()
+            .train
+            .settings()
+        };
+        assert_eq!(settings("").optimizer, Rule::Adam);
+        let rms = settings("[train]\noptimizer = \"rmsprop\"\n");
+        assert_eq!(rms.optimizer, Rule::Rmsprop);
+        let p = problems(
+            &format!("{GOOD}[train]\noptimizer = \"sgd\"\n"),
+            &LoadOptions::default(),
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("Some(") && p[0].contains("adam") && p[0].contains("rmsprop"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use load::{LoadOptions, load_file, load_str};
 pub use model::{BackgroundConfig, ModelConfig};
 
-use crate::train::TrainSettings;
+use crate::train::{Rule, TrainSettings};
 
 /// A whole pipeline file, as written by the user (before validation).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -179,6 +179,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Step size (models trained by gradient).
     pub learning_rate: f64,
+    /// The update rule of models trained by gradient.
+    pub optimizer: Rule,
     /// Epochs without a better validation NLL before training stops (models trained by
     /// gradient); the best epoch's parameters are kept.
     pub patience: u32,
@@ -221,6 +223,7 @@ impl Default for TrainConfig {
             epochs: s.epochs,
             batch_size: s.batch_size,
             learning_rate: s.learning_rate,
+            optimizer: s.optimizer,
             patience: s.patience,
             anneal: s.anneal,
             weight_decay: s.weight_decay,
@@ -241,6 +244,7 @@ impl TrainConfig {
             epochs: self.epochs,
             batch_size: self.batch_size,
             learning_rate: self.learning_rate,
+            optimizer: self.optimizer,
             patience: self.patience,
             anneal: self.anneal,
             weight_decay: self.weight_decay,

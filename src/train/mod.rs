@@ -1,5 +1,5 @@
-//! Training by gradient: Adam on minibatches, data-parallel over fixed shards with rayon, and
-//! early stopping on the validation split that keeps the best epoch.
+//! Training by gradient: Adam or RMSProp on minibatches, data-parallel over fixed shards with
+//! rayon, and early stopping on the validation split that keeps the best epoch.
 //!
 //! Each minibatch is cut into shards of [`SHARD_ROWS`] images; rayon computes the shards'
 //! gradients in parallel and they are summed in shard order. Because the shards do not depend
@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::data::ImageShape;
@@ -103,29 +104,57 @@ pub trait GradientModel: Send + Sync {
     fn start_step(&mut self, _step: u64) {}
 }
 
-/// Adam (Kingma & Ba 2015).
+/// The update rule of a gradient step (`train.optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Adam (Kingma & Ba 2015): a step along the gradient's running mean, scaled by its running
+    /// RMS, both bias-corrected (β₁ = 0.9, β₂ = 0.999).
+    #[default]
+    Adam,
+    /// RMSProp (Tieleman & Hinton 2012), the optimizer of the PixelRNN paper: a step along the
+    /// gradient itself, scaled by its running RMS (ρ = 0.9).
+    Rmsprop,
+}
+
+/// A gradient optimizer: [`Rule`] Adam or RMSProp, with optional decoupled weight decay.
 #[derive(Debug, Clone)]
-pub struct Adam {
+pub struct Optimizer {
+    rule: Rule,
     lr: f32,
     beta1: f32,
     beta2: f32,
     eps: f32,
+    /// Adam's running mean of the gradient (empty for RMSProp).
     m: Vec<f32>,
+    /// The running mean of the squared gradient.
     v: Vec<f32>,
     t: i32,
-    /// Decoupled weight decay per unit of step size (AdamW); 0 for plain Adam.
+    /// Decoupled weight decay per unit of step size (AdamW); 0 for none.
     decay: f32,
 }
 
-impl Adam {
-    /// An optimizer for `n` parameters with step size `lr` and the usual betas.
-    pub fn new(n: usize, lr: f32) -> Self {
+impl Optimizer {
+    /// Adam for `n` parameters with step size `lr` and the usual betas.
+    pub fn adam(n: usize, lr: f32) -> Self {
+        Self::with_rule(Rule::Adam, n, lr)
+    }
+
+    /// An optimizer following `rule` for `n` parameters with step size `lr`.
+    pub fn with_rule(rule: Rule, n: usize, lr: f32) -> Self {
         Self {
+            rule,
             lr,
             beta1: 0.9,
-            beta2: 0.999,
+            beta2: match rule {
+                Rule::Adam => 0.999,
+                Rule::Rmsprop => 0.9,
+            },
             eps: 1e-8,
-            m: vec![0.0; n],
+            m: match rule {
+                Rule::Adam => vec![0.0; n],
+                Rule::Rmsprop => Vec::new(),
+            },
             v: vec![0.0; n],
             t: 0,
             decay: 0.0,
@@ -144,23 +173,42 @@ impl Adam {
     /// result).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
         self.t += 1;
-        let c1 = 1.0 - self.beta1.powi(self.t);
-        let c2 = 1.0 - self.beta2.powi(self.t);
-        let step = self.lr * c2.sqrt() / c1;
         let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
         let shrink = 1.0 - self.lr * self.decay;
-        params
-            .par_chunks_mut(ELEMENT_CHUNK)
-            .zip(grad.par_chunks(ELEMENT_CHUNK))
-            .zip(self.m.par_chunks_mut(ELEMENT_CHUNK))
-            .zip(self.v.par_chunks_mut(ELEMENT_CHUNK))
-            .for_each(|(((p, g), m), v)| {
-                for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *p = *p * shrink - step * *m / (v.sqrt() + eps);
-                }
-            });
+        match self.rule {
+            Rule::Adam => {
+                let c1 = 1.0 - beta1.powi(self.t);
+                let c2 = 1.0 - beta2.powi(self.t);
+                let step = self.lr * c2.sqrt() / c1;
+                params
+                    .par_chunks_mut(ELEMENT_CHUNK)
+                    .zip(grad.par_chunks(ELEMENT_CHUNK))
+                    .zip(self.m.par_chunks_mut(ELEMENT_CHUNK))
+                    .zip(self.v.par_chunks_mut(ELEMENT_CHUNK))
+                    .for_each(|(((p, g), m), v)| {
+                        for (((p, g), m), v) in
+                            p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                        {
+                            *m = beta1 * *m + (1.0 - beta1) * g;
+                            *v = beta2 * *v + (1.0 - beta2) * g * g;
+                            *p = *p * shrink - step * *m / (v.sqrt() + eps);
+                        }
+                    });
+            }
+            Rule::Rmsprop => {
+                let step = self.lr;
+                params
+                    .par_chunks_mut(ELEMENT_CHUNK)
+                    .zip(grad.par_chunks(ELEMENT_CHUNK))
+                    .zip(self.v.par_chunks_mut(ELEMENT_CHUNK))
+                    .for_each(|((p, g), v)| {
+                        for ((p, g), v) in p.iter_mut().zip(g).zip(v.iter_mut()) {
+                            *v = beta2 * *v + (1.0 - beta2) * g * g;
+                            *p = *p * shrink - step * g / (v.sqrt() + eps);
+                        }
+                    });
+            }
+        }
     }
 }
 
@@ -171,8 +219,10 @@ pub struct TrainSettings {
     pub epochs: u32,
     /// Images per step.
     pub batch_size: usize,
-    /// Adam's step size.
+    /// The optimizer's step size.
     pub learning_rate: f64,
+    /// The update rule.
+    pub optimizer: Rule,
     /// Epochs without a better validation NLL before stopping.
     pub patience: u32,
     /// Halvings of the learning rate allowed on a plateau before stopping.
@@ -196,6 +246,7 @@ impl Default for TrainSettings {
             epochs: 20,
             batch_size: 100,
             learning_rate: 0.001,
+            optimizer: Rule::Adam,
             patience: 3,
             anneal: 2,
             weight_decay: 0.0,
@@ -231,7 +282,7 @@ pub struct EpochRecord {
     pub validation_nll: Option<f64>,
     /// Wall time since training started, in seconds.
     pub seconds: f64,
-    /// Adam's step size during the epoch (halved on plateaus, see `train.anneal`).
+    /// The step size during the epoch (halved on plateaus, see `train.anneal`).
     #[serde(default)]
     pub learning_rate: f64,
     /// Whether the wall-clock budget (`train.max_minutes`) ran out in this epoch, ending
@@ -333,8 +384,10 @@ pub fn train<M: GradientModel>(
     let mut lr = settings.learning_rate;
     let mut halvings = 0;
     let n = model.params().len();
-    let optimizer =
-        |lr: f64| Adam::new(n, lr as f32).with_weight_decay(settings.weight_decay as f32);
+    let optimizer = |lr: f64| {
+        Optimizer::with_rule(settings.optimizer, n, lr as f32)
+            .with_weight_decay(settings.weight_decay as f32)
+    };
     let mut adam = optimizer(lr);
     let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -440,7 +493,7 @@ mod tests {
     #[test]
     fn weight_decay_shrinks_parameters_without_a_gradient() {
         let mut p = vec![2.0f32, -4.0];
-        let mut adam = Adam::new(2, 0.1).with_weight_decay(0.5);
+        let mut adam = Optimizer::adam(2, 0.1).with_weight_decay(0.5);
         for _ in 0..3 {
             adam.step(&mut p, &[0.0, 0.0]);
         }
@@ -536,10 +589,29 @@ mod tests {
         );
     }
 
+    /// RMSProp's first step from a zero RMS is lr / √(1 − ρ) along the gradient's sign, and the
+    /// rule then settles in a quadratic's minimum (Adam's first step would be lr).
+    #[test]
+    fn rmsprop_steps_by_the_gradients_rms_and_minimizes_a_quadratic() {
+        let mut p = vec![5.0f32, -3.0];
+        let mut opt = Optimizer::with_rule(Rule::Rmsprop, 2, 0.01);
+        opt.step(&mut p, &[8.0, -0.5]);
+        let first = 0.01 / 0.1f32.sqrt();
+        assert!(
+            (p[0] - (5.0 - first)).abs() < 1e-5 && (p[1] - (-3.0 + first)).abs() < 1e-5,
+            "{p:?}"
+        );
+        for _ in 0..3000 {
+            let g: Vec<f32> = p.iter().map(|x| 2.0 * (x - 1.0)).collect();
+            opt.step(&mut p, &g);
+        }
+        assert!(p.iter().all(|x| (x - 1.0).abs() < 0.02), "{p:?}");
+    }
+
     #[test]
     fn adam_minimizes_a_quadratic() {
         let mut p = vec![5.0f32, -3.0];
-        let mut adam = Adam::new(2, 0.1);
+        let mut adam = Optimizer::adam(2, 0.1);
         for _ in 0..2000 {
             let g: Vec<f32> = p.iter().map(|x| 2.0 * (x - 1.0)).collect();
             adam.step(&mut p, &g);

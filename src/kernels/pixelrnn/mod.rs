@@ -57,6 +57,8 @@ struct LayerAt {
     state: [usize; 2],
     output: usize,
     output_bias: usize,
+    /// The skip connection's 1×1 `[2h][2h]`, where the shape has them.
+    skip: Option<usize>,
 }
 
 /// Where every tensor starts in the flat vector.
@@ -106,6 +108,7 @@ impl Shape {
                     state: [0; 2],
                     output: 0,
                     output_bias: 0,
+                    skip: None,
                 };
                 for d in 0..dirs {
                     l.input[d] = take(4 * h * f * self.architecture.input_taps());
@@ -118,6 +121,7 @@ impl Shape {
                 }
                 l.output = take(f * h);
                 l.output_bias = take(f);
+                l.skip = self.skip.then(|| take(f * f));
                 l
             })
             .collect();
@@ -179,6 +183,9 @@ impl Shape {
             }
             put(format!("layer{n}.output"), l.output, vec![f, h]);
             put(format!("layer{n}.output_bias"), l.output_bias, vec![f]);
+            if let Some(skip) = l.skip {
+                put(format!("layer{n}.skip"), skip, vec![f, f]);
+            }
         }
         put("head".into(), o.head, vec![f, f]);
         put("head_bias".into(), o.head_bias, vec![f]);
@@ -221,9 +228,12 @@ impl Shape {
                 }
             }
         }
-        for j in 0..f {
-            for k in 0..f {
-                m[o.head + j * f + k] = keep(group(k, f, ch), group(j, f, ch));
+        // Mask B on the 2h → 2h squares: the skip connections and the first output layer.
+        for square in o.layers.iter().filter_map(|l| l.skip).chain([o.head]) {
+            for j in 0..f {
+                for k in 0..f {
+                    m[square + j * f + k] = keep(group(k, f, ch), group(j, f, ch));
+                }
             }
         }
         let per = logits_per_channel(self.levels);
@@ -726,6 +736,9 @@ struct Workspace {
     key: Option<(Shape, Geometry)>,
     /// Each layer's input features, and the last layer's output: (L + 1) · rows · 2h.
     feats: Vec<f32>,
+    /// With skip connections, the features the output layers read: the last layer's output
+    /// plus every skip connection, rows · 2h (empty without).
+    skipped: Vec<f32>,
     layers: Vec<LayerActs>,
     /// ReLU of the final features, and the first output layer after its ReLU: rows · 2h each.
     relu: Vec<f32>,
@@ -738,6 +751,8 @@ struct Workspace {
     d_logits: Vec<f32>,
     z: Vec<f32>,
     d_feat: Vec<f32>,
+    /// With skip connections, ∂ of the features the output layers read.
+    d_final: Vec<f32>,
     d_tmp: Vec<f32>,
     d_h: Vec<f32>,
     d_z: Vec<f32>,
@@ -773,6 +788,7 @@ impl Workspace {
         *self = Workspace {
             key,
             feats: zeros((net.shape.layers + 1) * g.rows * f),
+            skipped: zeros(if net.shape.skip { g.rows * f } else { 0 }),
             layers: (0..net.shape.layers)
                 .map(|_| LayerActs {
                     lstm: zeros(match net.shape.architecture {
@@ -800,6 +816,7 @@ impl Workspace {
             d_logits: zeros(g.rows * net.shape.outputs()),
             z: zeros(g.rows * 4 * h),
             d_feat: zeros(g.rows * f),
+            d_final: zeros(if net.shape.skip { g.rows * f } else { 0 }),
             d_tmp: zeros(g.rows * f),
             d_h: zeros(grid.max(g.rows) * h),
             d_z: zeros(g.rows * 4 * h),
@@ -1143,10 +1160,31 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
             f,
         );
         g.zero_padding(next, f, rows);
+        if let Some(skip) = at.skip {
+            // Zero padding in, zero padding out: the skip has no bias.
+            gemm(
+                net.isa,
+                active,
+                f,
+                f,
+                mat(next, f, 1),
+                mat(&w[skip..], 1, f),
+                if l == 0 { 0.0 } else { 1.0 },
+                &mut ws.skipped,
+                f,
+            );
+        }
     }
 
     // Output: ReLU, 1×1 to 2h, ReLU, 1×1 to the logits.
-    let last = &ws.feats[net.shape.layers * plane..(net.shape.layers + 1) * plane];
+    let mut last = &ws.feats[net.shape.layers * plane..(net.shape.layers + 1) * plane];
+    if net.shape.skip {
+        ws.skipped[..active * f]
+            .iter_mut()
+            .zip(&last[..active * f])
+            .for_each(|(s, v)| *s += v);
+        last = &ws.skipped;
+    }
     ws.relu[..active * f]
         .iter_mut()
         .zip(&last[..active * f])
@@ -1433,7 +1471,11 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         &mut ws.d_feat,
         f,
     );
-    let last = &ws.feats[net.shape.layers * plane..];
+    let last = if net.shape.skip {
+        &ws.skipped
+    } else {
+        &ws.feats[net.shape.layers * plane..]
+    };
     ws.d_feat[..plane]
         .iter_mut()
         .zip(&last[..plane])
@@ -1442,10 +1484,40 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
                 *df = 0.0
             }
         });
+    if net.shape.skip {
+        ws.d_final[..plane].copy_from_slice(&ws.d_feat[..plane]);
+    }
 
     for (l, at) in o.layers.iter().enumerate().rev() {
         let input = &ws.feats[l * plane..(l + 1) * plane];
         let acts = &ws.layers[l];
+        if let Some(skip) = at.skip {
+            // The skip connection reads this layer's output maps: its gradient, and its share
+            // of ∂ of those maps (the rest came down the residual path from the layers above).
+            let output = &ws.feats[(l + 1) * plane..(l + 2) * plane];
+            gemm(
+                net.isa,
+                f,
+                rows,
+                f,
+                mat(&ws.d_final, 1, f),
+                mat(output, f, 1),
+                1.0,
+                &mut grad[skip..],
+                f,
+            );
+            gemm(
+                net.isa,
+                rows,
+                f,
+                f,
+                mat(&ws.d_final, f, 1),
+                mat(&w[skip..], f, 1),
+                1.0,
+                &mut ws.d_feat,
+                f,
+            );
+        }
         // The 1×1 back to 2h.
         gemm(
             net.isa,
@@ -1854,14 +1926,17 @@ mod tests {
     const W: usize = 7;
 
     /// Binary grey (the MNIST case), 5-level grey (the softmax) and 5-level RGB (the masks).
-    fn shapes(architecture: Architecture, hidden: usize, layers: usize) -> [Shape; 3] {
-        [(1, 2), (1, 5), (3, 5)].map(|(channels, levels)| Shape {
-            architecture,
-            hidden,
-            layers,
-            channels,
-            levels,
-        })
+    fn shapes(architecture: Architecture, hidden: usize, layers: usize) -> [Shape; 4] {
+        [(1, 2, false), (1, 5, false), (3, 5, false), (3, 5, true)].map(
+            |(channels, levels, skip)| Shape {
+                architecture,
+                hidden,
+                layers,
+                channels,
+                levels,
+                skip,
+            },
+        )
     }
 
     /// Random parameters of `shape`, flat, masked (for the fast passes), and the same

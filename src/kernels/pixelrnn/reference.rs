@@ -7,6 +7,9 @@
 //!   excluded) from x, scaled to [0, 1], to 2h feature maps;
 //! - `layers` residual recurrent layers: each turns its 2h input maps into h LSTM outputs,
 //!   brings them back to 2h with a 1×1 convolution and adds them to the input;
+//! - optionally (`skip`), learned skip connections: the output layers read the last layer's maps
+//!   plus a 1×1 convolution of every layer's output maps, Σ_l S_l·x_l, so each layer also reaches
+//!   the output directly;
 //! - two ReLU + 1×1 layers, then per sub-pixel a sigmoid (L = 2: the logit of
 //!   p(x = 1 | the past)) or a softmax over the L values.
 //!
@@ -86,6 +89,10 @@ pub struct Layer<T = f64> {
     pub output: Vec<T>,
     /// Its bias: `[2h]`.
     pub output_bias: Vec<T>,
+    /// The learned skip connection from the layer's output maps (its input plus the 1×1 above)
+    /// to the output layers, a 1×1 convolution (mask B) `[2h][2h]`; empty without skip
+    /// connections.
+    pub skip: Vec<T>,
 }
 
 /// All the parameters.
@@ -131,6 +138,7 @@ impl<T> Params<T> {
                 state: l.state.iter().map(|v| all(v)).collect(),
                 output: all(&l.output),
                 output_bias: all(&l.output_bias),
+                skip: all(&l.skip),
             })
             .collect();
         let head = all(&self.head);
@@ -194,6 +202,7 @@ impl<T> Params<T> {
             layers: self.layers.len(),
             channels: self.channels,
             levels: self.levels,
+            skip: self.layers.first().is_some_and(|l| !l.skip.is_empty()),
         }
     }
 }
@@ -211,6 +220,8 @@ pub struct Shape {
     pub channels: usize,
     /// Values L a sub-pixel takes (2 to 256; 2 is binary).
     pub levels: usize,
+    /// Learned skip connections from every layer to the output layers.
+    pub skip: bool,
 }
 
 impl Params {
@@ -222,6 +233,7 @@ impl Params {
             layers,
             channels,
             levels,
+            skip,
         } = shape;
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -249,6 +261,7 @@ impl Params {
                     state: (0..dirs).map(|_| draw(4 * hidden * hidden * st)).collect(),
                     output: draw(f * hidden),
                     output_bias: draw(f),
+                    skip: draw(if skip { f * f } else { 0 }),
                 })
                 .collect(),
             head: draw(f * f),
@@ -363,12 +376,14 @@ pub fn embedding(p: &Params, x: &[u8], height: usize, width: usize, grid: usize)
     sums
 }
 
-/// The 2h feature maps the recurrent stack leaves, before the output layers (which see one
-/// pixel's features each, so these hold the whole receptive field).
+/// The 2h feature maps the output layers read (which see one pixel's features each, so these
+/// hold the whole receptive field): the last layer's output maps, plus the skip connections'
+/// sum where there are some.
 fn features<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> Maps<T> {
     assert_eq!(x.len(), height * width * p.channels);
     let mut features = mask_a(p, x, height, width);
     let (f, n, ch) = (2 * p.hidden, p.hidden, p.channels);
+    let mut skipped = Maps::zeros(height, width, f);
     for layer in &p.layers {
         let lstm = match p.architecture {
             Architecture::RowLstm => row_lstm(p, layer, &features),
@@ -387,6 +402,26 @@ fn features<T: Scalar>(p: &Params<T>, x: &[u8], height: usize, width: usize) -> 
                     *o += layer.output_bias[j] + sum(terms);
                 }
             }
+        }
+        if layer.skip.is_empty() {
+            continue;
+        }
+        for r in 0..height {
+            for c in 0..width {
+                let x = features.at(r, c);
+                for (j, s) in skipped.at_mut(r, c).iter_mut().enumerate() {
+                    let to = group(j, f, ch);
+                    let terms = (0..f)
+                        .filter(|&k| same_pixel_allows(false, group(k, f, ch), to))
+                        .map(|k| layer.skip[j * f + k] * x[k]);
+                    *s += sum(terms);
+                }
+            }
+        }
+    }
+    if p.shape().skip {
+        for (v, s) in features.v.iter_mut().zip(&skipped.v) {
+            *v += *s;
         }
     }
     features
@@ -645,6 +680,15 @@ mod tests {
             layers,
             channels,
             levels,
+            skip: false,
+        }
+    }
+
+    /// The same shape with skip connections.
+    fn with_skip(shape: Shape) -> Shape {
+        Shape {
+            skip: true,
+            ..shape
         }
     }
 
@@ -687,14 +731,18 @@ mod tests {
     /// Every conditional is unchanged when any pixel at or after it changes, and changes for
     /// some earlier pixel; no earlier pixel outside the receptive field changes it. Exhaustive
     /// over the pixels of a 5×6 image, from several random images, both architectures, 1 to 3
-    /// layers.
+    /// layers, with and without skip connections.
     #[test]
     fn conditionals_see_only_the_past_and_the_diagonal_sees_all_of_it() {
         let (height, width) = (5, 6);
         let d = height * width;
         for arch in ARCHITECTURES {
-            for layers in 1..=3 {
-                let p = Params::random(grey(arch, 3, layers), 0.7, 11 + layers as u64);
+            for (layers, skip) in [(1, false), (2, false), (2, true), (3, false), (3, true)] {
+                let shape = Shape {
+                    skip,
+                    ..grey(arch, 3, layers)
+                };
+                let p = Params::random(shape, 0.7, 11 + layers as u64);
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(layers as u64);
                 // seen[i][q]: flipping pixel q moved the features conditional i reads, from some
                 // base image (the output layers see one pixel's features, so these carry the
@@ -770,13 +818,19 @@ mod tests {
     }
 
     /// The reference gradient agrees with central differences for every 5th parameter (every
-    /// tensor included), both architectures, two layers, odd sizes, grey and colour.
+    /// tensor included), both architectures, two layers, odd sizes, grey and colour, with and
+    /// without skip connections.
     #[test]
     fn the_gradient_matches_finite_differences() {
         // Binary grey, and 3-level colour (every mask and the softmax).
-        let cases = ARCHITECTURES
-            .into_iter()
-            .flat_map(|arch| [(grey(arch, 3, 2), 3, 5), (shape(arch, 3, 2, 3, 3), 2, 3)]);
+        let cases = ARCHITECTURES.into_iter().flat_map(|arch| {
+            [
+                (grey(arch, 3, 2), 3, 5),
+                (shape(arch, 3, 2, 3, 3), 2, 3),
+                (with_skip(grey(arch, 3, 2)), 3, 5),
+                (with_skip(shape(arch, 3, 2, 3, 3)), 2, 3),
+            ]
+        });
         for (shape, height, width) in cases {
             let arch = shape.architecture;
             let p = Params::random(shape, 0.6, 21);
@@ -809,7 +863,8 @@ mod tests {
 
     /// Σ over every image of p(x) is 1: binary 3×4 grey (2^12 images), binary 2×2 colour
     /// (2^12), 3-level 2×2 grey (3^4) and 3-level 1×2 colour (3^6, the softmax through every
-    /// mask); both architectures.
+    /// mask); both architectures; the grey and the colour binary ones also with skip
+    /// connections.
     #[test]
     fn probabilities_sum_to_one_over_every_image() {
         for arch in ARCHITECTURES {
@@ -818,6 +873,8 @@ mod tests {
                 (shape(arch, 3, 2, 3, 2), 2, 2),
                 (shape(arch, 2, 2, 1, 3), 2, 2),
                 (shape(arch, 3, 2, 3, 3), 1, 2),
+                (with_skip(grey(arch, 2, 2)), 3, 4),
+                (with_skip(shape(arch, 3, 2, 3, 2)), 2, 2),
             ];
             for (shape, height, width) in cases {
                 let p = Params::random(shape, 0.8, 3);
@@ -840,8 +897,11 @@ mod tests {
         let (height, width, ch) = (3, 4, 3);
         let d = height * width * ch;
         for arch in ARCHITECTURES {
-            for layers in 1..=2 {
-                let shape = shape(arch, 4, layers, ch, 4);
+            for (layers, skip) in [(1, false), (2, false), (2, true)] {
+                let shape = Shape {
+                    skip,
+                    ..shape(arch, 4, layers, ch, 4)
+                };
                 let p = Params::random(shape, 0.7, 30 + layers as u64);
                 let f = 2 * p.hidden;
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(layers as u64);
@@ -884,10 +944,10 @@ mod tests {
                 }
                 for (s, sees) in seen.iter().enumerate() {
                     if let Some(q) = (s..d).find(|&q| sees[q]) {
-                        panic!("{arch:?} L={layers}: {s} sees {q}");
+                        panic!("{arch:?} L={layers} skip={skip}: {s} sees {q}");
                     }
                     if let Some(q) = (s - s % ch..s).find(|&q| !sees[q]) {
-                        panic!("{arch:?} L={layers}: {s} misses {q} of its own pixel");
+                        panic!("{arch:?} L={layers} skip={skip}: {s} misses {q} of its own pixel");
                     }
                 }
             }

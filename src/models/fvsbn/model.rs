@@ -54,7 +54,7 @@ impl Fvsbn {
         }
     }
 
-    /// Fits by Adam with early stopping on binary pixels; returns the model and its training
+    /// Fits by gradient (`train.optimizer`) with early stopping on binary pixels; returns the model and its training
     /// curve.
     pub fn fit(
         order_kind: Order,

@@ -93,7 +93,7 @@ impl Nade {
         model
     }
 
-    /// Fits by Adam with early stopping on binary pixels; returns the model and its curve.
+    /// Fits by gradient (`train.optimizer`) with early stopping on binary pixels; returns the model and its curve.
     pub fn fit(
         hidden: usize,
         order_kind: Order,
@@ -487,7 +487,7 @@ mod tests {
                 let mut work = crate::train::GradientWorkspace::default();
                 let (nll, g) = work.mean_gradient(&m, x.view());
                 let mut params = m.params.clone();
-                let mut adam = crate::train::Adam::new(params.len(), 0.01);
+                let mut adam = crate::train::Optimizer::adam(params.len(), 0.01);
                 adam.step(&mut params, g);
                 (nll, params)
             })

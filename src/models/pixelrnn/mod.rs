@@ -62,7 +62,7 @@ pub(crate) const STORED_EMBEDDING_GRID: usize = 2;
 /// units (2·hidden feature maps between them), two ReLU + 1×1 layers, and per sub-pixel a
 /// sigmoid (binary pixels) or a 256-way softmax (8-bit, `preprocess.binarize = "none"`); colour
 /// channels are split into R, G, B groups of units so that G sees R and B sees R and G of the
-/// same pixel. Trained by Adam (`[train]`).
+/// same pixel. Trained by Adam or RMSProp (`[train]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PixelRnnParams {
@@ -78,6 +78,10 @@ pub struct PixelRnnParams {
     /// the final 2·`hidden` features over this many regions a side of the image, 1 to 32:
     /// `embedding_grid`² · 2 · `hidden` values. Finer keeps more of where a stroke is.
     pub embedding_grid: usize,
+    /// Learned skip connections: every layer's features also reach the output through a 1×1
+    /// convolution of their own (mask B), as in the paper, instead of only through the last
+    /// layer. Off by default (README, "Quality": what they changed in a measured fit).
+    pub skip_connections: bool,
 }
 
 impl Default for PixelRnnParams {
@@ -87,6 +91,7 @@ impl Default for PixelRnnParams {
             layers: 7,
             hidden: 16,
             embedding_grid: 7,
+            skip_connections: false,
         }
     }
 }
@@ -100,6 +105,7 @@ impl PixelRnnParams {
             layers: self.layers,
             channels,
             levels: usize::from(levels),
+            skip: self.skip_connections,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! A fitted (or training) PixelRNN: the flat parameters of
-//! [`kernels::pixelrnn`](crate::kernels::pixelrnn), trained by Adam over rayon chunks.
+//! [`kernels::pixelrnn`](crate::kernels::pixelrnn), trained by Adam or RMSProp (`train.optimizer`) over rayon chunks.
 //!
 //! Stored tensors are the kernels' tensors, named and shaped as [`Shape::tensors`] lists them
 //! (`input` [2h, C, 7, 7], `layer{k}.input{d}` [4h, 2h, taps], `layer{k}.state{d}`
 //! [4h, h, taps], `layer{k}.output` [2h, h], `head` [2h, 2h], `logit` [C·1 or C·256, 2h] and
-//! their biases); the hyper-parameters are the architecture, `layers`, `hidden` and the seed.
+//! their biases, and with skip connections `layer{k}.skip` [2h, 2h]); the hyper-parameters are
+//! the architecture, `layers`, `hidden`, `embedding_grid`, `skip_connections` and the seed.
 //! Channels and levels are the image's, stored beside them as for every model.
 
 use std::borrow::Cow;
@@ -91,7 +92,7 @@ impl PixelRnn {
         })
     }
 
-    /// Fits by Adam with early stopping; returns the model and its curve.
+    /// Fits by gradient (`train.optimizer`) with early stopping; returns the model and its curve.
     pub fn fit(
         net: Shape,
         data: &TrainingSet<'_>,
@@ -175,6 +176,12 @@ impl PixelRnn {
             None => STORED_EMBEDDING_GRID,
             Some(_) => size("embedding_grid")?,
         };
+        let skip = match hyperparameters.get("skip_connections") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ModelError::invalid("hyper-parameter `skip_connections` is not true or false")
+            })?,
+        };
         let problems: Vec<_> = size_problems(layers, hidden, embedding_grid)
             .into_iter()
             .flatten()
@@ -195,6 +202,7 @@ impl PixelRnn {
             layers,
             channels: shape.channels,
             levels: usize::from(levels),
+            skip,
         };
         let mut params = vec![0f32; net.param_len()];
         for (name, range, _) in net.tensors() {
@@ -358,6 +366,7 @@ impl DensityModel for PixelRnn {
             "layers": self.net.layers,
             "hidden": self.net.hidden,
             "embedding_grid": self.embedding_grid,
+            "skip_connections": self.net.skip,
             "seed": self.seed,
         })
     }
@@ -399,6 +408,7 @@ mod tests {
             layers: 2,
             channels: shape.channels,
             levels,
+            skip: true,
         };
         let pixels = Array2::<u8>::zeros((1, shape.dims()));
         let mut m = PixelRnn::init(shape, net, seed, pixels.view()).unwrap();
@@ -511,6 +521,7 @@ mod tests {
                 layers: 1,
                 channels: 3,
                 levels: 8,
+                skip: false,
             };
             let (m, _) = PixelRnn::fit(net, &data, &Training::unmonitored(&settings)).unwrap();
             let [r, g, b] = per_channel_nll(&m, valid);
@@ -561,6 +572,7 @@ mod tests {
             layers: 2,
             channels: 1,
             levels: 2,
+            skip: true,
         };
         let start = PixelRnn::init(shape, net, 1, train).unwrap();
         let before = train::mean_nll(&start, valid);

@@ -112,7 +112,7 @@ impl Rnade {
         }
     }
 
-    /// Fits by Adam with early stopping on 8-bit intensities; returns the model and its curve.
+    /// Fits by gradient (`train.optimizer`) with early stopping on 8-bit intensities; returns the model and its curve.
     pub fn fit(
         params: Hyperparameters,
         data: &TrainingSet<'_>,
