@@ -233,8 +233,10 @@ fn report_with<M: Measured>(
     }
     let naive = baseline.naive;
     say(format_args!(
-        "  naive reference (f64)   train {:>9.1} img/s   score {:>9.1} img/s   ({} images)\n",
-        naive.train, naive.score, baseline.naive_images
+        "  naive reference (f64)   train {:>9} img/s   score {:>9} img/s   ({} images)\n",
+        rate(naive.train),
+        rate(naive.score),
+        baseline.naive_images
     ));
     let best = fast
         .iter()
@@ -242,9 +244,9 @@ fn report_with<M: Measured>(
         .map(|(_, r)| *r)
         .expect("the chosen ISA was measured");
     say(format_args!(
-        "  speed-up over naive     train {:>9.1}×        score {:>9.1}×\n",
-        best.train / naive.train,
-        best.score / naive.score
+        "  speed-up over naive     train {:>9}×        score {:>9}×\n",
+        rate(best.train / naive.train),
+        rate(best.score / naive.score)
     ));
     // What `sink.embeddings` costs: scoring that also writes each image's embedding.
     let embedded = model.on(chosen);
@@ -506,4 +508,30 @@ fn sgemm_rate(repeats: usize) -> f64 {
 
 fn say(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stdout().lock().write_fmt(args);
+}
+
+/// A rate or ratio to three significant figures (at least one decimal), so that the f64
+/// reference's fraction of an image per second does not print as 0.0.
+fn rate(v: f64) -> String {
+    let decimals = if v >= 100.0 {
+        0
+    } else if v == 0.0 || !v.is_finite() {
+        1
+    } else {
+        (2 - v.abs().log10().floor() as i32).clamp(1, 6) as usize
+    };
+    format!("{v:.decimals$}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate;
+
+    #[test]
+    fn rates_keep_three_significant_figures() {
+        let shown: Vec<String> = [12088.9, 57.64, 1.5, 0.03456, 0.0, f64::INFINITY]
+            .map(rate)
+            .into();
+        assert_eq!(shown, ["12089", "57.6", "1.50", "0.0346", "0.0", "inf"]);
+    }
 }
