@@ -762,19 +762,22 @@ uri = "out/"
         }
     }
 
+    /// The minimal good file followed by `text`, loaded with default options.
+    fn load_after_good(text: &str) -> PipelineConfig {
+        load_str(
+            "p.toml",
+            &format!("{GOOD}{text}"),
+            &LoadOptions::default(),
+            &no_vars,
+        )
+        .unwrap()
+    }
+
     /// A family's own `[train]` defaults apply to the keys the file leaves out, and only for
     /// that family.
     #[test]
     fn a_family_brings_its_own_train_defaults() {
-        let load = |text: &str| {
-            load_str(
-                "p.toml",
-                &format!("{GOOD}{text}"),
-                &LoadOptions::default(),
-                &no_vars,
-            )
-            .unwrap()
-        };
+        let load = load_after_good;
         let c = load("[model]\nkind = \"pixelrnn\"\n");
         assert_eq!((c.train.batch_size, c.train.max_minutes), (16, Some(60.0)));
         let c = load("[model]\nkind = \"pixelrnn\"\n[train]\nbatch_size = 50\nmax_minutes = 5\n");
@@ -787,17 +790,7 @@ uri = "out/"
     /// exist is refused on its line with the rules that do.
     #[test]
     fn the_optimizer_is_read_and_checked() {
-        let settings = |text: &str| {
-            load_str(
-                "p.toml",
-                &format!("{GOOD}{text}"),
-                &LoadOptions::default(),
-                &no_vars,
-            )
-            .unwrap()
-            .train
-            .settings()
-        };
+        let settings = |text: &str| load_after_good(text).train.settings();
         assert_eq!(settings("").optimizer, Rule::Adam);
         let rms = settings("[train]\noptimizer = \"rmsprop\"\n");
         assert_eq!(rms.optimizer, Rule::Rmsprop);
