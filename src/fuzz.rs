@@ -14,6 +14,7 @@ use crate::config::SourceConfig;
 use crate::config::load::{LoadOptions, load_str};
 use crate::data::ImageShape;
 use crate::io::decode::{Decoder, decode_png};
+use crate::io::pages::check_file;
 use crate::io::source::check_footer;
 use crate::models::tensors::from_safetensors;
 use crate::pipeline::artifact::ModelMeta;
@@ -37,6 +38,15 @@ pub fn parquet_images(data: &[u8]) {
     };
     // As `Source` does before reading any file.
     if check_footer(builder.metadata(), data.len() as u64).is_err() {
+        return;
+    }
+    // As `StoreReader` does with every column chunk it fetches; the page walk can meet the
+    // reader's own panics on corrupt pages.
+    let file = Bytes::copy_from_slice(data);
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_file(builder.metadata(), &file)
+    }));
+    if !matches!(checked, Ok(Ok(()))) {
         return;
     }
     let config = SourceConfig {
@@ -213,7 +223,9 @@ mod tests {
     #[test]
     fn the_parquet_decoders_survive_mutations() {
         let found = include_bytes!("../tests/data/fuzz-dict-page-without-dictionary.parquet");
-        run(parquet_images, &[parquet_seed(), found.to_vec()], 2);
+        let oversized = include_bytes!("../tests/data/fuzz-oversized-dictionary.parquet");
+        let seeds = [parquet_seed(), found.to_vec(), oversized.to_vec()];
+        run(parquet_images, &seeds, 2);
     }
 
     #[test]

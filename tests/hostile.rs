@@ -477,6 +477,33 @@ fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
     assert!(!d.join("out/runs").exists(), "nothing committed");
 }
 
+/// A file the fuzzer found: a dictionary page header claiming 1.7 billion values in 384 bytes,
+/// which the parquet crate would allocate gigabytes for before reading one. The run refuses it
+/// as bad data, naming the column, without the allocation.
+#[test]
+fn a_dictionary_page_claiming_more_values_than_its_bytes_is_a_data_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(
+        repo().join("tests/data/fuzz-oversized-dictionary.parquet"),
+        d.join("f.parquet"),
+    )
+    .unwrap();
+    write_config(d, "p.toml", "f.parquet", "out", "");
+    let out = pipeline(d, &["run", "p.toml"], &[]);
+    assert_eq!(out.code, 65, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("image.list.element")
+            && out
+                .stderr
+                .contains("a dictionary page declares 1690932006 values in 384 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(!d.join("out/runs").exists(), "nothing committed");
+}
+
 /// A file whose footer places its column chunks beyond its end (its data cut out, the footer
 /// kept, as a truncated upload that kept its tail would be): a data error naming the file and
 /// the chunk, before any row is read, not a read past the end.

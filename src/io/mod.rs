@@ -3,6 +3,7 @@
 
 pub mod decode;
 pub mod delta;
+pub mod pages;
 pub mod png;
 pub mod source;
 pub mod storage;

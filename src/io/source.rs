@@ -235,7 +235,8 @@ async fn stream_file(
     batch_size: usize,
     tx: &mpsc::Sender<Result<SourceBatch>>,
 ) -> Result<()> {
-    let reader = StoreReader::new(Arc::clone(store), file.path.clone(), file.size);
+    let reader = StoreReader::new(Arc::clone(store), file.path.clone(), file.size)
+        .checking(Arc::clone(file.metadata.metadata()));
     let schema = file.schema();
     let roots: Vec<usize> = columns
         .iter()

@@ -4,8 +4,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, TryFutureExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
@@ -13,19 +13,46 @@ use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::{ParquetError, Result};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
+use super::pages;
+
 /// Reads one Parquet object of known size from a store.
 #[derive(Debug, Clone)]
 pub struct StoreReader {
     store: Arc<dyn ObjectStore>,
     path: Path,
     size: u64,
+    /// The file's footer, once read: fetched column chunks are checked against it
+    /// ([`pages`](super::pages)) before the reader decodes them.
+    checked_against: Option<Arc<ParquetMetaData>>,
 }
 
 impl StoreReader {
     /// A reader for the object at `path`, which is `size` bytes long (from the listing, which
     /// saves a request per file).
     pub fn new(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> Self {
-        Self { store, path, size }
+        Self {
+            store,
+            path,
+            size,
+            checked_against: None,
+        }
+    }
+
+    /// The same reader, refusing column chunks of `metadata` whose dictionary pages declare
+    /// more values than they hold.
+    pub fn checking(self, metadata: Arc<ParquetMetaData>) -> Self {
+        Self {
+            checked_against: Some(metadata),
+            ..self
+        }
+    }
+
+    fn check(&self, range: &Range<u64>, bytes: &Bytes) -> Result<()> {
+        match &self.checked_against {
+            Some(metadata) => pages::check_fetched(metadata, range, bytes)
+                .map_err(|e| ParquetError::General(e.to_string())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -35,18 +62,29 @@ fn external(e: object_store::Error) -> ParquetError {
 
 impl AsyncFileReader for StoreReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes>> {
-        self.store
-            .get_range(&self.path, range)
-            .map_err(external)
-            .boxed()
+        async move {
+            let bytes = self
+                .store
+                .get_range(&self.path, range.clone())
+                .await
+                .map_err(external)?;
+            self.check(&range, &bytes)?;
+            Ok(bytes)
+        }
+        .boxed()
     }
 
     fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Vec<Bytes>>> {
         async move {
-            self.store
+            let fetched = self
+                .store
                 .get_ranges(&self.path, &ranges)
                 .await
-                .map_err(external)
+                .map_err(external)?;
+            for (range, bytes) in ranges.iter().zip(&fetched) {
+                self.check(range, bytes)?;
+            }
+            Ok(fetched)
         }
         .boxed()
     }
