@@ -436,19 +436,26 @@ fn small_source(n: usize) -> tempfile::TempDir {
     dir
 }
 
+/// A temp dir with `f.parquet`, a copy of the fuzzer's find `tests/data/{name}`, and `p.toml`
+/// reading it into `out`.
+fn found_file_source(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("tests/data").join(name),
+        dir.path().join("f.parquet"),
+    )
+    .unwrap();
+    write_config(dir.path(), "p.toml", "f.parquet", "out", "");
+    dir
+}
+
 /// A file the fuzzer found: a data page that claims dictionary encoding with no dictionary
 /// page makes the parquet crate panic. The run must fail as bad data, not end the read early
 /// and commit the rows before it as if they were all.
 #[test]
 fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = found_file_source("fuzz-dict-page-without-dictionary.parquet");
     let d = dir.path();
-    std::fs::copy(
-        repo().join("tests/data/fuzz-dict-page-without-dictionary.parquet"),
-        d.join("f.parquet"),
-    )
-    .unwrap();
-    write_config(d, "p.toml", "f.parquet", "out", "");
     let out = pipeline(
         d,
         &[
@@ -482,14 +489,8 @@ fn a_page_that_panics_the_parquet_reader_is_a_data_error_not_lost_rows() {
 /// as bad data, naming the column, without the allocation.
 #[test]
 fn a_dictionary_page_claiming_more_values_than_its_bytes_is_a_data_error() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = found_file_source("fuzz-oversized-dictionary.parquet");
     let d = dir.path();
-    std::fs::copy(
-        repo().join("tests/data/fuzz-oversized-dictionary.parquet"),
-        d.join("f.parquet"),
-    )
-    .unwrap();
-    write_config(d, "p.toml", "f.parquet", "out", "");
     let out = pipeline(d, &["run", "p.toml"], &[]);
     assert_eq!(out.code, 65, "{}", out.stderr);
     assert!(
