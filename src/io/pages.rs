@@ -39,30 +39,35 @@ pub fn check_fetched(
     range: &Range<u64>,
     bytes: &Bytes,
 ) -> Result<(), OversizedDictionary> {
-    for (group, row_group) in metadata.row_groups().iter().enumerate() {
-        for column in row_group.columns() {
-            let (start, length) = column.byte_range();
-            if start == range.start && start.saturating_add(length) == range.end {
-                let chunk = ChunkBytes {
-                    start,
-                    bytes: bytes.clone(),
-                };
-                check_column_chunk(group, column, row_group.num_rows(), chunk)?;
-            }
-        }
-    }
-    Ok(())
+    check_chunks(metadata, |column| {
+        let (start, length) = column.byte_range();
+        (start == range.start && start.saturating_add(length) == range.end).then(|| ChunkBytes {
+            start,
+            bytes: bytes.clone(),
+        })
+    })
 }
 
 /// Checks every column chunk of a whole file held in memory.
 pub fn check_file(metadata: &ParquetMetaData, file: &Bytes) -> Result<(), OversizedDictionary> {
+    check_chunks(metadata, |_| {
+        Some(ChunkBytes {
+            start: 0,
+            bytes: file.clone(),
+        })
+    })
+}
+
+/// Checks each column chunk of `metadata` for which `bytes_of` has the bytes.
+fn check_chunks(
+    metadata: &ParquetMetaData,
+    bytes_of: impl Fn(&ColumnChunkMetaData) -> Option<ChunkBytes>,
+) -> Result<(), OversizedDictionary> {
     for (group, row_group) in metadata.row_groups().iter().enumerate() {
         for column in row_group.columns() {
-            let chunk = ChunkBytes {
-                start: 0,
-                bytes: file.clone(),
-            };
-            check_column_chunk(group, column, row_group.num_rows(), chunk)?;
+            if let Some(chunk) = bytes_of(column) {
+                check_column_chunk(group, column, row_group.num_rows(), chunk)?;
+            }
         }
     }
     Ok(())

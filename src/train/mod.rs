@@ -384,11 +384,11 @@ pub fn train<M: GradientModel>(
     let mut lr = settings.learning_rate;
     let mut halvings = 0;
     let n = model.params().len();
-    let optimizer = |lr: f64| {
+    let new_optimizer = |lr: f64| {
         Optimizer::with_rule(settings.optimizer, n, lr as f32)
             .with_weight_decay(settings.weight_decay as f32)
     };
-    let mut adam = optimizer(lr);
+    let mut optimizer = new_optimizer(lr);
     let mut workspace = GradientWorkspace::default();
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut index: Vec<usize> = (0..data.pixels.nrows()).collect();
@@ -415,7 +415,7 @@ pub fn train<M: GradientModel>(
             if let Some(clip) = settings.clip {
                 clip_norm(grad, clip);
             }
-            adam.step(model.params_mut(), grad);
+            optimizer.step(model.params_mut(), grad);
             epoch_nll += nll;
             seen += chunk.len();
             monitor.advance(chunk.len() as u64);
@@ -458,7 +458,7 @@ pub fn train<M: GradientModel>(
                     // Back to the best epoch, and on with half the step and fresh moments.
                     halvings += 1;
                     lr *= 0.5;
-                    adam = optimizer(lr);
+                    optimizer = new_optimizer(lr);
                     if let Some((_, params)) = &best {
                         model.params_mut().copy_from_slice(params);
                     }
