@@ -68,8 +68,9 @@ pub enum Command {
     Query(QueryArgs),
     /// Publish a sharded run whose shards have all staged (when no worker could).
     Commit(CommitArgs),
-    /// Measure NADE training and scoring speed: fast kernels on every instruction set this
-    /// CPU has, against the naive reference and the machine's SGEMM rate, all in this run.
+    /// Measure a model's training and scoring speed (`nade`, `rnade` or `pixelrnn`): fast
+    /// kernels on every instruction set this CPU has, against the naive reference, the
+    /// machine's SGEMM rate and (PixelRNN) PyTorch, all in this run.
     Bench(BenchArgs),
 }
 

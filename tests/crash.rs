@@ -22,13 +22,39 @@ fn setup(dir: &Path) {
         &images(2000, 12, 12, 5),
         &[12, 12],
     );
+    write_epochs(dir, 4);
+}
+
+/// The run's configuration, training NADE for exactly `epochs` epochs.
+fn write_epochs(dir: &Path, epochs: usize) {
     write_config(
         dir,
         "p.toml",
         "frames.parquet",
         "out",
-        "[model]\nkind = \"nade\"\nhidden = 24\n\n[train]\nepochs = 4\n",
+        &format!(
+            "[model]\nkind = \"nade\"\nhidden = 24\n\n[train]\nepochs = {epochs}\npatience = {epochs}\n"
+        ),
     );
+}
+
+/// Lengthens the run until it takes at least a few seconds, so that kill points spread over
+/// it land mid-run on fast machines and optimized builds too; leaves no output behind.
+fn calibrate(dir: &Path) {
+    for epochs in [4, 16, 64, 256] {
+        write_epochs(dir, epochs);
+        let started = Instant::now();
+        let run = start(dir).wait_with_output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::remove_dir_all(dir.join("out")).unwrap();
+        if started.elapsed() >= Duration::from_secs(3) {
+            return;
+        }
+    }
 }
 
 fn start(dir: &Path) -> Child {
@@ -106,17 +132,15 @@ fn sigkill_at_any_point_leaves_the_previous_run_or_nothing_and_a_rerun_repairs()
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
+    calibrate(d);
     // Killed before any run of R was complete: nothing of R is visible.
     for ms in [200, 700, 1500] {
         let mut child = start(d);
         std::thread::sleep(Duration::from_millis(ms));
-        if let Ok(Some(status)) = child.try_wait() {
-            // A fast machine finished the run before the kill: nothing was interrupted, so
-            // there is nothing to check at this point; start the next one from scratch.
-            assert!(status.success(), "the run failed on its own: {status}");
-            std::fs::remove_dir_all(d.join("out")).unwrap();
-            continue;
-        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended within {ms} ms, before the kill"
+        );
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(visible_rows(&d.join("out")), None, "killed at {ms} ms");
