@@ -37,6 +37,16 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     (rows - 1) * rs + (cols - 1) * cs + 1
 }
 
+/// A matrix operand whose rows lie anywhere: row i is `data[starts[i]..]`, its columns
+/// adjacent (the skewed columns of a map, gathered where they lie instead of copied out).
+#[derive(Debug, Clone, Copy)]
+pub struct Gathered<'a> {
+    /// The values; every row lies within them.
+    pub data: &'a [f32],
+    /// Where each row starts; the matrix has `starts.len()` rows.
+    pub starts: &'a [usize],
+}
+
 /// C (m × n, rows `ldc` apart, columns adjacent) = A (m × k) · B (k × n, rows `ldb` apart,
 /// columns adjacent) + β·C. With β = 0, C is only written (what it held may be anything).
 ///
@@ -54,59 +64,222 @@ pub fn gemm_rows(
     c: &mut [f32],
     ldc: usize,
 ) {
+    product(
+        isa,
+        m,
+        k,
+        n,
+        Operand::Strided(a),
+        b,
+        ldb,
+        beta,
+        None,
+        c,
+        ldc,
+    );
+}
+
+/// [`gemm_rows`] plus `bias` (n values) added to every row of C: C = A·B + β·C + 1·biasᵀ,
+/// without a pass over C to set it first.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rows_bias(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    bias: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+) {
+    product(
+        isa,
+        m,
+        k,
+        n,
+        Operand::Strided(a),
+        b,
+        ldb,
+        beta,
+        Some(bias),
+        c,
+        ldc,
+    );
+}
+
+/// C (`a.starts.len()` × n, rows `ldc` apart) = A (gathered rows of k values) · B + 1·biasᵀ;
+/// C is only written.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_gathered_bias(
+    isa: Isa,
+    k: usize,
+    n: usize,
+    a: Gathered<'_>,
+    b: &[f32],
+    ldb: usize,
+    bias: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let m = a.starts.len();
+    product(
+        isa,
+        m,
+        k,
+        n,
+        Operand::Gathered(a),
+        b,
+        ldb,
+        0.0,
+        Some(bias),
+        c,
+        ldc,
+    );
+}
+
+/// A's rows, strided or gathered.
+#[derive(Debug, Clone, Copy)]
+enum Operand<'a> {
+    Strided(Mat<'a>),
+    Gathered(Gathered<'a>),
+}
+
+/// C = A·B + β·C (+ bias on every row): checks the operands and runs the widest tiles.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Operand<'_>,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(c.len() >= span(m, n, ldc, 1), "C lies in its buffer");
+    if let Some(bias) = bias {
+        assert!(bias.len() >= n, "a bias for every column");
+    }
     if k == 0 {
         for row in 0..m {
-            c[row * ldc..row * ldc + n]
-                .iter_mut()
-                .for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+            for (j, v) in c[row * ldc..row * ldc + n].iter_mut().enumerate() {
+                let kept = if beta == 0.0 { 0.0 } else { *v * beta };
+                *v = kept + bias.map_or(0.0, |b| b[j]);
+            }
         }
         return;
     }
-    assert!(
-        a.data.len() >= span(m, k, a.rs, a.cs),
-        "A lies in its buffer"
-    );
+    match a {
+        Operand::Strided(a) => assert!(
+            a.data.len() >= span(m, k, a.rs, a.cs),
+            "A lies in its buffer"
+        ),
+        Operand::Gathered(a) => assert!(
+            a.starts.iter().all(|&s| s + k <= a.data.len()),
+            "A's rows lie in their buffer"
+        ),
+    }
     assert!(b.len() >= span(k, n, ldb, 1), "B lies in its buffer");
-    match isa.target() {
-        // SAFETY: an `Isa` exists only for an instruction set the CPU runs, and every operand
-        // was checked to lie within its slice above.
+    let bias_ptr = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+    match (isa.target(), a) {
+        // SAFETY (both arms): an `Isa` exists only for an instruction set the CPU runs, and
+        // every operand was checked to lie within its slice above.
         #[cfg(target_arch = "x86_64")]
-        Target::Avx512 => unsafe {
-            x86::gemm_avx512(
-                m,
-                k,
-                n,
-                a.data.as_ptr(),
-                a.rs,
-                a.cs,
-                b.as_ptr(),
-                ldb,
-                beta,
-                c.as_mut_ptr(),
-                ldc,
-            )
+        (Target::Avx512, a) => unsafe {
+            let (rows, cs) = x86::rows_of_operand(a);
+            match rows {
+                x86::Rows::Strided(s) => x86::gemm_avx512(
+                    m,
+                    k,
+                    n,
+                    s,
+                    cs,
+                    b.as_ptr(),
+                    ldb,
+                    beta,
+                    bias_ptr,
+                    c.as_mut_ptr(),
+                    ldc,
+                ),
+                x86::Rows::Gathered(g) => x86::gemm_avx512(
+                    m,
+                    k,
+                    n,
+                    g,
+                    cs,
+                    b.as_ptr(),
+                    ldb,
+                    beta,
+                    bias_ptr,
+                    c.as_mut_ptr(),
+                    ldc,
+                ),
+            }
         },
         #[cfg(target_arch = "x86_64")]
-        Target::Avx2 => unsafe {
-            x86::gemm_avx2(
-                m,
-                k,
-                n,
-                a.data.as_ptr(),
-                a.rs,
-                a.cs,
-                b.as_ptr(),
-                ldb,
-                beta,
-                c.as_mut_ptr(),
-                ldc,
-            )
+        (Target::Avx2, a) => unsafe {
+            let (rows, cs) = x86::rows_of_operand(a);
+            match rows {
+                x86::Rows::Strided(s) => x86::gemm_avx2(
+                    m,
+                    k,
+                    n,
+                    s,
+                    cs,
+                    b.as_ptr(),
+                    ldb,
+                    beta,
+                    bias_ptr,
+                    c.as_mut_ptr(),
+                    ldc,
+                ),
+                x86::Rows::Gathered(g) => x86::gemm_avx2(
+                    m,
+                    k,
+                    n,
+                    g,
+                    cs,
+                    b.as_ptr(),
+                    ldb,
+                    beta,
+                    bias_ptr,
+                    c.as_mut_ptr(),
+                    ldc,
+                ),
+            }
         },
-        _ => gemm(m, k, n, a, mat(b, ldb, 1), beta, c, ldc, 1),
+        (_, a) => {
+            // matrixmultiply: the bias goes into C first, gathered rows into a copy.
+            let mut beta = beta;
+            if let Some(bias) = bias {
+                for row in c[..span(m, n, ldc, 1)].chunks_mut(ldc) {
+                    for (v, &b) in row[..n].iter_mut().zip(bias) {
+                        *v = if beta == 0.0 { b } else { *v * beta + b };
+                    }
+                }
+                beta = 1.0;
+            }
+            match a {
+                Operand::Strided(a) => gemm(m, k, n, a, mat(b, ldb, 1), beta, c, ldc, 1),
+                Operand::Gathered(g) => {
+                    let rows: Vec<f32> = g
+                        .starts
+                        .iter()
+                        .flat_map(|&s| g.data[s..s + k].iter().copied())
+                        .collect();
+                    gemm(m, k, n, mat(&rows, k, 1), mat(b, ldb, 1), beta, c, ldc, 1);
+                }
+            }
+        }
     }
 }
 
@@ -152,6 +325,94 @@ pub fn gemm(
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::Operand;
+
+    /// Where a tile finds A's rows.
+    pub trait Source: Copy {
+        /// The same rows from row `i` on.
+        ///
+        /// # Safety
+        /// Row `i` is one of the operand's.
+        unsafe fn from(self, i: usize) -> Self;
+        /// Row `r`'s first value.
+        ///
+        /// # Safety
+        /// Row `r` is one of the operand's.
+        unsafe fn row(self, r: usize) -> *const f32;
+    }
+
+    /// Rows `rs` values apart.
+    #[derive(Clone, Copy)]
+    pub struct Strided {
+        a: *const f32,
+        rs: usize,
+    }
+
+    impl Source for Strided {
+        #[inline(always)]
+        unsafe fn from(self, i: usize) -> Self {
+            // SAFETY: the caller's row lies within A.
+            Self {
+                a: unsafe { self.a.add(i * self.rs) },
+                rs: self.rs,
+            }
+        }
+        #[inline(always)]
+        unsafe fn row(self, r: usize) -> *const f32 {
+            // SAFETY: as above.
+            unsafe { self.a.add(r * self.rs) }
+        }
+    }
+
+    /// Rows at listed offsets.
+    #[derive(Clone, Copy)]
+    pub struct Listed {
+        a: *const f32,
+        starts: *const usize,
+    }
+
+    impl Source for Listed {
+        #[inline(always)]
+        unsafe fn from(self, i: usize) -> Self {
+            // SAFETY: the caller's row is listed.
+            Self {
+                a: self.a,
+                starts: unsafe { self.starts.add(i) },
+            }
+        }
+        #[inline(always)]
+        unsafe fn row(self, r: usize) -> *const f32 {
+            // SAFETY: as above; the listed start lies within A (checked by the caller).
+            unsafe { self.a.add(*self.starts.add(r)) }
+        }
+    }
+
+    /// An operand's rows as a tile reads them.
+    pub enum Rows {
+        Strided(Strided),
+        Gathered(Listed),
+    }
+
+    /// The rows of `a` and its column stride.
+    pub fn rows_of_operand(a: Operand<'_>) -> (Rows, usize) {
+        match a {
+            Operand::Strided(m) => (
+                Rows::Strided(Strided {
+                    a: m.data.as_ptr(),
+                    rs: m.rs,
+                }),
+                m.cs,
+            ),
+            Operand::Gathered(g) => (
+                Rows::Gathered(Listed {
+                    a: g.data.as_ptr(),
+                    starts: g.starts.as_ptr(),
+                }),
+                1,
+            ),
+        }
+    }
+
     /// Rows of an AVX-512 tile of `vecs` vectors: 24 accumulators of the 32 registers, at
     /// most 12 rows (a narrow product, N ≤ 32, gets a tall tile rather than few accumulators).
     fn rows_512(vecs: usize) -> usize {
@@ -169,44 +430,44 @@ mod x86 {
     macro_rules! tiles_512 {
         ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
             match ($rows, $vecs) {
-                (6, 4) => $tile::<6, 4>($($arg),*),
-                (5, 4) => $tile::<5, 4>($($arg),*),
-                (4, 4) => $tile::<4, 4>($($arg),*),
-                (3, 4) => $tile::<3, 4>($($arg),*),
-                (2, 4) => $tile::<2, 4>($($arg),*),
-                (1, 4) => $tile::<1, 4>($($arg),*),
-                (8, 3) => $tile::<8, 3>($($arg),*),
-                (7, 3) => $tile::<7, 3>($($arg),*),
-                (6, 3) => $tile::<6, 3>($($arg),*),
-                (5, 3) => $tile::<5, 3>($($arg),*),
-                (4, 3) => $tile::<4, 3>($($arg),*),
-                (3, 3) => $tile::<3, 3>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*),
-                (1, 3) => $tile::<1, 3>($($arg),*),
-                (12, 2) => $tile::<12, 2>($($arg),*),
-                (11, 2) => $tile::<11, 2>($($arg),*),
-                (10, 2) => $tile::<10, 2>($($arg),*),
-                (9, 2) => $tile::<9, 2>($($arg),*),
-                (8, 2) => $tile::<8, 2>($($arg),*),
-                (7, 2) => $tile::<7, 2>($($arg),*),
-                (6, 2) => $tile::<6, 2>($($arg),*),
-                (5, 2) => $tile::<5, 2>($($arg),*),
-                (4, 2) => $tile::<4, 2>($($arg),*),
-                (3, 2) => $tile::<3, 2>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (1, 2) => $tile::<1, 2>($($arg),*),
-                (12, 1) => $tile::<12, 1>($($arg),*),
-                (11, 1) => $tile::<11, 1>($($arg),*),
-                (10, 1) => $tile::<10, 1>($($arg),*),
-                (9, 1) => $tile::<9, 1>($($arg),*),
-                (8, 1) => $tile::<8, 1>($($arg),*),
-                (7, 1) => $tile::<7, 1>($($arg),*),
-                (6, 1) => $tile::<6, 1>($($arg),*),
-                (5, 1) => $tile::<5, 1>($($arg),*),
-                (4, 1) => $tile::<4, 1>($($arg),*),
-                (3, 1) => $tile::<3, 1>($($arg),*),
-                (2, 1) => $tile::<2, 1>($($arg),*),
-                _ => $tile::<1, 1>($($arg),*),
+                (6, 4) => $tile::<6, 4, _>($($arg),*),
+                (5, 4) => $tile::<5, 4, _>($($arg),*),
+                (4, 4) => $tile::<4, 4, _>($($arg),*),
+                (3, 4) => $tile::<3, 4, _>($($arg),*),
+                (2, 4) => $tile::<2, 4, _>($($arg),*),
+                (1, 4) => $tile::<1, 4, _>($($arg),*),
+                (8, 3) => $tile::<8, 3, _>($($arg),*),
+                (7, 3) => $tile::<7, 3, _>($($arg),*),
+                (6, 3) => $tile::<6, 3, _>($($arg),*),
+                (5, 3) => $tile::<5, 3, _>($($arg),*),
+                (4, 3) => $tile::<4, 3, _>($($arg),*),
+                (3, 3) => $tile::<3, 3, _>($($arg),*),
+                (2, 3) => $tile::<2, 3, _>($($arg),*),
+                (1, 3) => $tile::<1, 3, _>($($arg),*),
+                (12, 2) => $tile::<12, 2, _>($($arg),*),
+                (11, 2) => $tile::<11, 2, _>($($arg),*),
+                (10, 2) => $tile::<10, 2, _>($($arg),*),
+                (9, 2) => $tile::<9, 2, _>($($arg),*),
+                (8, 2) => $tile::<8, 2, _>($($arg),*),
+                (7, 2) => $tile::<7, 2, _>($($arg),*),
+                (6, 2) => $tile::<6, 2, _>($($arg),*),
+                (5, 2) => $tile::<5, 2, _>($($arg),*),
+                (4, 2) => $tile::<4, 2, _>($($arg),*),
+                (3, 2) => $tile::<3, 2, _>($($arg),*),
+                (2, 2) => $tile::<2, 2, _>($($arg),*),
+                (1, 2) => $tile::<1, 2, _>($($arg),*),
+                (12, 1) => $tile::<12, 1, _>($($arg),*),
+                (11, 1) => $tile::<11, 1, _>($($arg),*),
+                (10, 1) => $tile::<10, 1, _>($($arg),*),
+                (9, 1) => $tile::<9, 1, _>($($arg),*),
+                (8, 1) => $tile::<8, 1, _>($($arg),*),
+                (7, 1) => $tile::<7, 1, _>($($arg),*),
+                (6, 1) => $tile::<6, 1, _>($($arg),*),
+                (5, 1) => $tile::<5, 1, _>($($arg),*),
+                (4, 1) => $tile::<4, 1, _>($($arg),*),
+                (3, 1) => $tile::<3, 1, _>($($arg),*),
+                (2, 1) => $tile::<2, 1, _>($($arg),*),
+                _ => $tile::<1, 1, _>($($arg),*),
             }
         };
     }
@@ -215,39 +476,39 @@ mod x86 {
     macro_rules! tiles_256 {
         ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
             match ($rows, $vecs) {
-                (6, 2) => $tile::<6, 2>($($arg),*),
-                (5, 2) => $tile::<5, 2>($($arg),*),
-                (4, 2) => $tile::<4, 2>($($arg),*),
-                (3, 2) => $tile::<3, 2>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (1, 2) => $tile::<1, 2>($($arg),*),
-                (6, 1) => $tile::<6, 1>($($arg),*),
-                (5, 1) => $tile::<5, 1>($($arg),*),
-                (4, 1) => $tile::<4, 1>($($arg),*),
-                (3, 1) => $tile::<3, 1>($($arg),*),
-                (2, 1) => $tile::<2, 1>($($arg),*),
-                _ => $tile::<1, 1>($($arg),*),
+                (6, 2) => $tile::<6, 2, _>($($arg),*),
+                (5, 2) => $tile::<5, 2, _>($($arg),*),
+                (4, 2) => $tile::<4, 2, _>($($arg),*),
+                (3, 2) => $tile::<3, 2, _>($($arg),*),
+                (2, 2) => $tile::<2, 2, _>($($arg),*),
+                (1, 2) => $tile::<1, 2, _>($($arg),*),
+                (6, 1) => $tile::<6, 1, _>($($arg),*),
+                (5, 1) => $tile::<5, 1, _>($($arg),*),
+                (4, 1) => $tile::<4, 1, _>($($arg),*),
+                (3, 1) => $tile::<3, 1, _>($($arg),*),
+                (2, 1) => $tile::<2, 1, _>($($arg),*),
+                _ => $tile::<1, 1, _>($($arg),*),
             }
         };
     }
 
     /// AVX-512 [`super::gemm_rows`]: panels of 64 columns (4 vectors of 16), tiles of 6 to 12
-    /// rows.
+    /// rows; `bias` null or n values added to every row.
     ///
     /// # Safety
     /// The CPU has AVX-512F, and every operand lies within its allocation.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm_avx512(
+    pub unsafe fn gemm_avx512<S: Source>(
         m: usize,
         k: usize,
         n: usize,
-        a: *const f32,
-        rs: usize,
+        a: S,
         cs: usize,
         b: *const f32,
         ldb: usize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         ldc: usize,
     ) {
@@ -266,9 +527,10 @@ mod x86 {
                 let rows = (m - i0).min(rows_512(vecs));
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
-                    let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                    let (a, b, c) = (a.from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                    let bias = if bias.is_null() { bias } else { bias.add(j0) };
                     tiles_512!(
-                        tile512, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail
+                        tile512, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail
                     );
                 }
                 i0 += rows;
@@ -281,32 +543,37 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile512<const R: usize, const V: usize>(
+    unsafe fn tile512<const R: usize, const V: usize, S: Source>(
         k: usize,
-        a: *const f32,
-        rs: usize,
+        a: S,
         cs: usize,
         b: *const f32,
         ldb: usize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         ldc: usize,
         tail: __mmask16,
     ) {
         let mask = |v: usize| if v + 1 == V { tail } else { 0xffff };
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
         // SAFETY (all accesses): within the tile's rows, columns and K, which the caller
         // guarantees lie within the operands; masked lanes are not touched.
         unsafe {
+            let mut start = [_mm512_setzero_ps(); V];
+            if !bias.is_null() {
+                for (v, s) in start.iter_mut().enumerate() {
+                    *s = _mm512_maskz_loadu_ps(mask(v), bias.add(16 * v));
+                }
+            }
+            let mut acc = [start; R];
             for p in 0..k {
                 let row = b.add(p * ldb);
                 let mut bv = [_mm512_setzero_ps(); V];
                 for (v, bv) in bv.iter_mut().enumerate() {
                     *bv = _mm512_maskz_loadu_ps(mask(v), row.add(16 * v));
                 }
-                let ap = a.add(p * cs);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap.add(r * rs));
+                    let av = _mm512_set1_ps(*a.row(r).add(p * cs));
                     for (acc, &bv) in acc.iter_mut().zip(&bv) {
                         *acc = _mm512_fmadd_ps(av, bv, *acc);
                     }
@@ -334,16 +601,16 @@ mod x86 {
     /// The CPU has AVX2 and FMA, and every operand lies within its allocation.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm_avx2(
+    pub unsafe fn gemm_avx2<S: Source>(
         m: usize,
         k: usize,
         n: usize,
-        a: *const f32,
-        rs: usize,
+        a: S,
         cs: usize,
         b: *const f32,
         ldb: usize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         ldc: usize,
     ) {
@@ -361,9 +628,10 @@ mod x86 {
                 let rows = (m - i0).min(ROWS_256);
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
-                    let (a, b, c) = (a.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                    let (a, b, c) = (a.from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                    let bias = if bias.is_null() { bias } else { bias.add(j0) };
                     tiles_256!(
-                        tile256, rows, vecs, k, a, rs, cs, b, ldb, beta, c, ldc, tail, full
+                        tile256, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail, full
                     );
                 }
                 i0 += rows;
@@ -376,23 +644,33 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile256<const R: usize, const V: usize>(
+    unsafe fn tile256<const R: usize, const V: usize, S: Source>(
         k: usize,
-        a: *const f32,
-        rs: usize,
+        a: S,
         cs: usize,
         b: *const f32,
         ldb: usize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         ldc: usize,
         tail: __m256i,
         full: bool,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
         // SAFETY (all accesses): within the tile's rows, columns and K, which the caller
         // guarantees lie within the operands; masked lanes are not touched.
         unsafe {
+            let mut start = [_mm256_setzero_ps(); V];
+            if !bias.is_null() {
+                for (v, s) in start.iter_mut().enumerate() {
+                    *s = if full || v + 1 < V {
+                        _mm256_loadu_ps(bias.add(8 * v))
+                    } else {
+                        _mm256_maskload_ps(bias.add(8 * v), tail)
+                    };
+                }
+            }
+            let mut acc = [start; R];
             for p in 0..k {
                 let row = b.add(p * ldb);
                 let mut bv = [_mm256_setzero_ps(); V];
@@ -403,9 +681,8 @@ mod x86 {
                         _mm256_maskload_ps(row.add(8 * v), tail)
                     };
                 }
-                let ap = a.add(p * cs);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ap.add(r * rs));
+                    let av = _mm256_broadcast_ss(&*a.row(r).add(p * cs));
                     for (acc, &bv) in acc.iter_mut().zip(&bv) {
                         *acc = _mm256_fmadd_ps(av, bv, *acc);
                     }
@@ -509,25 +786,82 @@ mod tests {
                             }
                         })
                         .collect();
-                    let want = naive(m, k, n, a, &b, ldb, beta, &start, ldc);
-                    for isa in Isa::for_tests() {
-                        let mut c = start.clone();
-                        gemm_rows(isa, m, k, n, a, &b, ldb, beta, &mut c, ldc);
-                        for i in 0..m {
-                            for j in 0..n {
-                                let (got, want) = (c[i * ldc + j], want[i * n + j]);
-                                assert!(
-                                    (f64::from(got) - want).abs() < 1e-5 * (1.0 + k as f64),
-                                    "{} {m}x{k}x{n} A({rs},{cs}) β {beta} [{i},{j}]: {got} vs {want}",
-                                    isa.name()
-                                );
+                    let bias: Vec<f32> = (0..n).map(|j| value(j + 3)).collect();
+                    for with_bias in [false, true] {
+                        let mut want = naive(m, k, n, a, &b, ldb, beta, &start, ldc);
+                        if with_bias {
+                            for (at, w) in want.iter_mut().enumerate() {
+                                *w += f64::from(bias[at % n]);
                             }
                         }
-                        for (i, &v) in c.iter().enumerate() {
-                            if i % ldc >= n || i >= m * ldc {
-                                assert_eq!(v, -7.0, "{} padding at {i} written", isa.name());
+                        for isa in Isa::for_tests() {
+                            let mut c = start.clone();
+                            if with_bias {
+                                gemm_rows_bias(isa, m, k, n, a, &b, ldb, beta, &bias, &mut c, ldc);
+                            } else {
+                                gemm_rows(isa, m, k, n, a, &b, ldb, beta, &mut c, ldc);
+                            }
+                            for i in 0..m {
+                                for j in 0..n {
+                                    let (got, want) = (c[i * ldc + j], want[i * n + j]);
+                                    assert!(
+                                        (f64::from(got) - want).abs() < 1e-5 * (1.0 + k as f64),
+                                        "{} {m}x{k}x{n} A({rs},{cs}) β {beta} [{i},{j}]: {got} vs {want}",
+                                        isa.name()
+                                    );
+                                }
+                            }
+                            for (i, &v) in c.iter().enumerate() {
+                                if i % ldc >= n || i >= m * ldc {
+                                    assert_eq!(v, -7.0, "{} padding at {i} written", isa.name());
+                                }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gathered rows (out of order, repeated, unaligned) with a bias equal the f64 loop over
+    /// the same rows copied out, on every instruction set; C is only written.
+    #[test]
+    fn gathered_rows_with_a_bias_equal_the_naive_product() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (13, 32, 64),
+            (29, 9, 70),
+            (224, 32, 64),
+        ] {
+            let data: Vec<f32> = (0..(m + 4) * (k + 3)).map(value).collect();
+            // Row i starts at (m − 1 − i)·(k + 3) + i % 3: reversed, and not aligned.
+            let starts: Vec<usize> = (0..m).map(|i| ((m - 1 - i) * (k + 3) + i % 3)).collect();
+            let copied: Vec<f32> = starts
+                .iter()
+                .flat_map(|&s| data[s..s + k].iter().copied())
+                .collect();
+            let (ldb, ldc) = (n + 5, n + 2);
+            let b: Vec<f32> = (0..span(k, n, ldb, 1)).map(|i| value(i + 11)).collect();
+            let bias: Vec<f32> = (0..n).map(|j| value(j + 3)).collect();
+            let start = vec![f32::NAN; m * ldc];
+            let want = naive(m, k, n, mat(&copied, k, 1), &b, ldb, 0.0, &start, ldc);
+            for isa in Isa::for_tests() {
+                let mut c = start.clone();
+                let a = Gathered {
+                    data: &data,
+                    starts: &starts,
+                };
+                gemm_gathered_bias(isa, k, n, a, &b, ldb, &bias, &mut c, ldc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, want) = (c[i * ldc + j], want[i * n + j] + f64::from(bias[j]));
+                        assert!(
+                            (f64::from(got) - want).abs() < 1e-5 * (1.0 + k as f64),
+                            "{} {m}x{k}x{n} [{i},{j}]: {got} vs {want}",
+                            isa.name()
+                        );
                     }
                 }
             }

@@ -35,7 +35,7 @@ use reference::{group, logits_per_channel, same_pixel_allows};
 
 use super::Isa;
 use super::dispatch;
-use super::gemm::{Mat, gemm_rows, mat};
+use super::gemm::{Gathered, Mat, gemm_gathered_bias, gemm_rows, gemm_rows_bias, mat};
 use super::math::{Target, exp, fmadd, log_sigmoid, sigmoid};
 
 /// Images per chunk: each chunk runs the whole network on one thread, and chunks are summed in
@@ -749,7 +749,6 @@ struct Workspace {
     logits: Vec<f32>,
     // Scratch of the passes.
     d_logits: Vec<f32>,
-    z: Vec<f32>,
     d_feat: Vec<f32>,
     /// With skip connections, ∂ of the features the output layers read.
     d_final: Vec<f32>,
@@ -814,7 +813,6 @@ impl Workspace {
             }),
             logits: zeros(g.rows * net.shape.outputs()),
             d_logits: zeros(g.rows * net.shape.outputs()),
-            z: zeros(g.rows * 4 * h),
             d_feat: zeros(g.rows * f),
             d_final: zeros(if net.shape.skip { g.rows * f } else { 0 }),
             d_tmp: zeros(g.rows * f),
@@ -846,6 +844,27 @@ fn gemm(
         gemm_rows(isa, m, k, n, a, b.data, b.rs, beta, c, ldc);
     } else {
         gemm_rows(isa, m, k, n, a, &rows_of(b, k, n), n, beta, c, ldc);
+    }
+}
+
+/// [`gemm`] plus `bias` added to every row of C, in the same pass (no fill of C first).
+#[allow(clippy::too_many_arguments)]
+fn gemm_bias(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    bias: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if b.cs == 1 {
+        gemm_rows_bias(isa, m, k, n, a, b.data, b.rs, beta, bias, c, ldc);
+    } else {
+        gemm_rows_bias(isa, m, k, n, a, &rows_of(b, k, n), n, beta, bias, c, ldc);
     }
 }
 
@@ -953,13 +972,6 @@ fn on_readers(
                 visit(r, c, t * channels + k);
             }
         }
-    }
-}
-
-/// Each of `rows` rows of `out` (width `bias.len()`) set to `bias`.
-fn fill_rows(out: &mut [f32], bias: &[f32], rows: usize) {
-    for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
-        row.copy_from_slice(bias);
     }
 }
 
@@ -1112,15 +1124,15 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
                 window[m * k + t] = f32::from(v) * scale;
             }
         }
-        fill_rows(feat0, bias, active);
-        gemm(
+        gemm_bias(
             net.isa,
             active,
             k,
             f,
             mat(window, k, 1),
             mat(&taps, f, 1),
-            1.0,
+            0.0,
+            bias,
             feat0,
             f,
         );
@@ -1133,22 +1145,12 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         let acts = &mut ws.layers[l];
         match net.shape.architecture {
             Architecture::RowLstm => row_lstm_forward(net, g, at, input, acts, rows),
-            Architecture::DiagonalBiLstm => {
-                diagonal_forward(net, g, at, input, acts, &mut ws.z, rows)
-            }
+            Architecture::DiagonalBiLstm => diagonal_forward(net, g, at, input, acts, rows),
         }
         // Back to 2h features, added to the layer's input.
         let next = &mut after[..plane];
-        let out_bias = &w[at.output_bias..at.output_bias + f];
-        for (row, from) in next[..active * f]
-            .chunks_exact_mut(f)
-            .zip(input[..active * f].chunks_exact(f))
-        {
-            for ((a, &x), &b) in row.iter_mut().zip(from).zip(out_bias) {
-                *a = x + b;
-            }
-        }
-        gemm(
+        next[..active * f].copy_from_slice(&input[..active * f]);
+        gemm_bias(
             net.isa,
             active,
             h,
@@ -1156,6 +1158,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
             mat(acts.output(), h, 1),
             mat(&w[at.output..], 1, h),
             1.0,
+            &w[at.output_bias..at.output_bias + f],
             next,
             f,
         );
@@ -1189,15 +1192,15 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         .iter_mut()
         .zip(&last[..active * f])
         .for_each(|(y, v)| *y = v.max(0.0));
-    fill_rows(&mut ws.head, &w[o.head_bias..o.head_bias + f], active);
-    gemm(
+    gemm_bias(
         net.isa,
         active,
         f,
         f,
         mat(&ws.relu, f, 1),
         mat(&w[o.head..], 1, f),
-        1.0,
+        0.0,
+        &w[o.head_bias..o.head_bias + f],
         &mut ws.head,
         f,
     );
@@ -1205,19 +1208,15 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         .iter_mut()
         .for_each(|v| *v = v.max(0.0));
     let outs = net.shape.outputs();
-    fill_rows(
-        &mut ws.logits,
-        &w[o.logit_bias..o.logit_bias + outs],
-        active,
-    );
-    gemm(
+    gemm_bias(
         net.isa,
         active,
         f,
         outs,
         mat(&ws.head, f, 1),
         mat(&w[o.logit..], 1, f),
-        1.0,
+        0.0,
+        &w[o.logit_bias..o.logit_bias + outs],
         &mut ws.logits,
         outs,
     );
@@ -1245,17 +1244,19 @@ fn row_lstm_forward(
     for r in 0..rows {
         let (b0, b1) = (r * block, (r + 1) * block);
         let zr = &mut z[b0 * 4 * h..b1 * 4 * h];
-        fill_rows(zr, bias, block);
         // Both input taps at once: map rows m − 1 and m are 2·2h contiguous values, so A is an
-        // overlapping view and K = 4h. The block's first map row is padding, never a pixel.
-        gemm(
+        // overlapping view and K = 4h. The block's first map row is padding, never a pixel:
+        // its gates only need to be finite.
+        zr[..4 * h].copy_from_slice(bias);
+        gemm_bias(
             net.isa,
             block - 1,
             2 * f,
             4 * h,
             mat(&input[b0 * f..], f, 1),
             mat(&w_in, 4 * h, 1),
-            1.0,
+            0.0,
+            bias,
             &mut zr[4 * h..],
             4 * h,
         );
@@ -1311,25 +1312,14 @@ fn diagonal_forward(
     at: &LayerAt,
     input: &[f32],
     acts: &mut LayerActs,
-    z: &mut [f32],
     rows: usize,
 ) {
     let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
-    let active = g.rows_up_to(rows);
     let columns = g.width + rows - 1;
+    let mut starts = Vec::with_capacity(g.height * g.n);
     for d in 0..2 {
-        fill_rows(z, &w[at.input_bias[d]..at.input_bias[d] + 4 * h], active);
-        gemm(
-            net.isa,
-            active,
-            f,
-            4 * h,
-            mat(input, f, 1),
-            mat(&w[at.input[d]..], 1, f),
-            1.0,
-            z,
-            4 * h,
-        );
+        let bias = &w[at.input_bias[d]..at.input_bias[d] + 4 * h];
+        let w_in = rows_of(mat(&w[at.input[d]..], 1, f), f, 4 * h);
         let rec = &mut acts.dirs[d];
         let w_state = taps_major(&w[at.state[d]..], 4 * h, h, 2);
         for j in 0..columns {
@@ -1337,14 +1327,26 @@ fn diagonal_forward(
                 continue;
             };
             let (c0, c1) = (g.cell(j, lo, 0), g.cell(j, hi + 1, 0));
-            for r in lo..=hi {
-                let c = g.column(j, r, d);
-                for i in 0..g.n {
-                    let (cell, m) = (g.cell(j, r, i), g.pix(r, i, c));
-                    rec.gates[cell * 4 * h..(cell + 1) * 4 * h]
-                        .copy_from_slice(&z[m * 4 * h..(m + 1) * 4 * h]);
-                }
-            }
+            // The input-to-state of the column's cells, read from the map where their pixels
+            // lie (skewing by gathering, not by copying).
+            starts.clear();
+            starts.extend(
+                (lo..=hi).flat_map(|r| (0..g.n).map(move |i| g.pix(r, i, g.column(j, r, d)) * f)),
+            );
+            gemm_gathered_bias(
+                net.isa,
+                f,
+                4 * h,
+                Gathered {
+                    data: input,
+                    starts: &starts,
+                },
+                &w_in,
+                4 * h,
+                bias,
+                &mut rec.gates[c0 * 4 * h..c1 * 4 * h],
+                4 * h,
+            );
             let cells = c1 - c0;
             if j > 0 {
                 // The previous column's cells of the same rows, and of the rows above, lie
