@@ -837,7 +837,7 @@ mod tests {
         ] {
             let data: Vec<f32> = (0..(m + 4) * (k + 3)).map(value).collect();
             // Row i starts at (m − 1 − i)·(k + 3) + i % 3: reversed, and not aligned.
-            let starts: Vec<usize> = (0..m).map(|i| ((m - 1 - i) * (k + 3) + i % 3)).collect();
+            let starts: Vec<usize> = (0..m).map(|i| (m - 1 - i) * (k + 3) + i % 3).collect();
             let copied: Vec<f32> = starts
                 .iter()
                 .flat_map(|&s| data[s..s + k].iter().copied())
