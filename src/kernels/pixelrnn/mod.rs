@@ -734,7 +734,8 @@ impl LayerActs {
 #[derive(Debug, Default)]
 struct Workspace {
     key: Option<(Shape, Geometry)>,
-    /// Each layer's input features, and the last layer's output: (L + 1) · rows · 2h.
+    /// Each layer's input features, and the last layer's output: (L + 1) · rows · 2h (a
+    /// pass without `keep` uses the first two in turn).
     feats: Vec<f32>,
     /// With skip connections, the features the output layers read: the last layer's output
     /// plus every skip connection, rows · 2h (empty without).
@@ -1144,8 +1145,9 @@ fn lstm_backward_body<T: Target>(
     }
 }
 
-/// The forward pass over one chunk (`x`: n images) for image rows `0..rows`, leaving every
-/// activation and the logits (map layout) in `ws`.
+/// The forward pass over one chunk (`x`: n images) for image rows `0..rows`, leaving the
+/// logits (map layout) and the final features' ReLU in `ws`, and with `keep` every activation
+/// the backward pass reads (without it, only what the next step needs is kept, in less room).
 fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usize, keep: bool) {
     let (f, h) = (net.shape.features(), net.shape.hidden);
     let o = net.shape.offsets();
