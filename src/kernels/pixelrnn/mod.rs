@@ -1057,52 +1057,89 @@ fn lstm_forward_cells<T: Target>(
     hidden: &mut [f32],
     h: usize,
 ) {
-    const ZERO: [f32; 16] = [0.0; 16];
-    for (k, (((g, c), tc), out)) in gates
-        .chunks_exact_mut(4 * h)
-        .zip(cell.chunks_exact_mut(h))
-        .zip(tanh_cell.chunks_exact_mut(h))
-        .zip(hidden.chunks_exact_mut(h))
+    // Groups of cells in two phases, so each phase's σ of different cells overlap (within a
+    // cell, tanh(c) waits on c, which waits on the gates).
+    const GROUP: usize = 8;
+    for (group, (((g, c), tc), out)) in gates
+        .chunks_mut(GROUP * 4 * h)
+        .zip(cell.chunks_mut(GROUP * h))
+        .zip(tanh_cell.chunks_mut(GROUP * h))
+        .zip(hidden.chunks_mut(GROUP * h))
         .enumerate()
     {
-        let (o, rest) = g.split_at_mut(h);
-        let (f, rest) = rest.split_at_mut(h);
-        let (i, t) = rest.split_at_mut(h);
-        for (u, ((((((o, f), i), t), c), tc), out)) in o
-            .chunks_exact_mut(16)
-            .zip(f.chunks_exact_mut(16))
-            .zip(i.chunks_exact_mut(16))
-            .zip(t.chunks_exact_mut(16))
-            .zip(c.chunks_exact_mut(16))
-            .zip(tc.chunks_exact_mut(16))
-            .zip(out.chunks_exact_mut(16))
+        // The gates, the cell state and 2c, which the second phase turns into tanh(c).
+        for (k, ((g, c), tc)) in g
+            .chunks_exact_mut(4 * h)
+            .zip(c.chunks_exact_mut(h))
+            .zip(tc.chunks_exact_mut(h))
             .enumerate()
         {
-            let p: &[f32; 16] = if c_prev.is_empty() {
-                &ZERO
-            } else {
-                let at = k * h + 16 * u;
-                c_prev[at..at + 16].try_into().expect("16 values")
-            };
-            let o: &mut [f32; 16] = o.try_into().expect("16 values");
-            let f: &mut [f32; 16] = f.try_into().expect("16 values");
-            let i: &mut [f32; 16] = i.try_into().expect("16 values");
-            let t: &mut [f32; 16] = t.try_into().expect("16 values");
-            let c: &mut [f32; 16] = c.try_into().expect("16 values");
-            let tc: &mut [f32; 16] = tc.try_into().expect("16 values");
-            let out: &mut [f32; 16] = out.try_into().expect("16 values");
-            // tanh(x) = 2σ(2x) − 1.
-            for q in 0..16 {
-                o[q] = sigmoid::<T>(o[q]);
-                f[q] = sigmoid::<T>(f[q]);
-                i[q] = sigmoid::<T>(i[q]);
-                t[q] = fmadd::<T>(2.0, sigmoid::<T>(2.0 * t[q]), -1.0);
-                c[q] = fmadd::<T>(f[q], p[q], i[q] * t[q]);
-                tc[q] = fmadd::<T>(2.0, sigmoid::<T>(2.0 * c[q]), -1.0);
-                out[q] = o[q] * tc[q];
+            let (o, rest) = g.split_at_mut(h);
+            let (f, rest) = rest.split_at_mut(h);
+            let (i, t) = rest.split_at_mut(h);
+            let at = (group * GROUP + k) * h;
+            for (u, (((((o, f), i), t), c), tc)) in o
+                .chunks_exact_mut(16)
+                .zip(f.chunks_exact_mut(16))
+                .zip(i.chunks_exact_mut(16))
+                .zip(t.chunks_exact_mut(16))
+                .zip(c.chunks_exact_mut(16))
+                .zip(tc.chunks_exact_mut(16))
+                .enumerate()
+            {
+                let p: &[f32; 16] = if c_prev.is_empty() {
+                    &[0.0; 16]
+                } else {
+                    sixteen(&c_prev[at + 16 * u..])
+                };
+                let (o, f, i, t) = (
+                    sixteen_mut(o),
+                    sixteen_mut(f),
+                    sixteen_mut(i),
+                    sixteen_mut(t),
+                );
+                let (c, tc) = (sixteen_mut(c), sixteen_mut(tc));
+                // tanh(x) = 2σ(2x) − 1.
+                for q in 0..16 {
+                    o[q] = sigmoid::<T>(o[q]);
+                    f[q] = sigmoid::<T>(f[q]);
+                    i[q] = sigmoid::<T>(i[q]);
+                    t[q] = fmadd::<T>(2.0, sigmoid::<T>(2.0 * t[q]), -1.0);
+                    c[q] = fmadd::<T>(f[q], p[q], i[q] * t[q]);
+                    tc[q] = 2.0 * c[q];
+                }
+            }
+        }
+        for ((g, tc), out) in g
+            .chunks_exact(4 * h)
+            .zip(tc.chunks_exact_mut(h))
+            .zip(out.chunks_exact_mut(h))
+        {
+            for ((o, tc), out) in g[..h]
+                .chunks_exact(16)
+                .zip(tc.chunks_exact_mut(16))
+                .zip(out.chunks_exact_mut(16))
+            {
+                let (o, tc, out) = (sixteen(o), sixteen_mut(tc), sixteen_mut(out));
+                for q in 0..16 {
+                    tc[q] = fmadd::<T>(2.0, sigmoid::<T>(tc[q]), -1.0);
+                    out[q] = o[q] * tc[q];
+                }
             }
         }
     }
+}
+
+/// The first sixteen values of `v`, as an array (loops over it vectorize whole).
+#[inline(always)]
+fn sixteen(v: &[f32]) -> &[f32; 16] {
+    v[..16].try_into().expect("16 values")
+}
+
+/// [`sixteen`], mutable.
+#[inline(always)]
+fn sixteen_mut(v: &mut [f32]) -> &mut [f32; 16] {
+    (&mut v[..16]).try_into().expect("16 values")
 }
 
 dispatch! {
