@@ -48,7 +48,9 @@ pub struct Gathered<'a> {
 }
 
 /// C (m × n, rows `ldc` apart, columns adjacent) = A (m × k) · B (k × n, rows `ldb` apart,
-/// columns adjacent) + β·C. With β = 0, C is only written (what it held may be anything).
+/// columns adjacent) + β·C, plus `bias` (n values) on every row when given, added in the
+/// accumulators rather than by a pass over C first. With β = 0, C is only written (what it held
+/// may be anything).
 ///
 /// Panics if an operand does not lie within its slice.
 #[allow(clippy::too_many_arguments)]
@@ -61,6 +63,7 @@ pub fn gemm_rows(
     b: &[f32],
     ldb: usize,
     beta: f32,
+    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
 ) {
@@ -73,38 +76,7 @@ pub fn gemm_rows(
         b,
         ldb,
         beta,
-        None,
-        c,
-        ldc,
-    );
-}
-
-/// [`gemm_rows`] plus `bias` (n values) added to every row of C: C = A·B + β·C + 1·biasᵀ,
-/// without a pass over C to set it first.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_rows_bias(
-    isa: Isa,
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Mat<'_>,
-    b: &[f32],
-    ldb: usize,
-    beta: f32,
-    bias: &[f32],
-    c: &mut [f32],
-    ldc: usize,
-) {
-    product(
-        isa,
-        m,
-        k,
-        n,
-        Operand::Strided(a),
-        b,
-        ldb,
-        beta,
-        Some(bias),
+        bias,
         c,
         ldc,
     );
@@ -189,96 +161,45 @@ fn product(
         ),
     }
     assert!(b.len() >= span(k, n, ldb, 1), "B lies in its buffer");
-    let bias_ptr = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
-    match (isa.target(), a) {
+    #[cfg(target_arch = "x86_64")]
+    if let target @ (Target::Avx512 | Target::Avx2) = isa.target() {
+        let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+        let (b, c) = (b.as_ptr(), c.as_mut_ptr());
         // SAFETY (both arms): an `Isa` exists only for an instruction set the CPU runs, and
         // every operand was checked to lie within its slice above.
-        #[cfg(target_arch = "x86_64")]
-        (Target::Avx512, a) => unsafe {
-            let (rows, cs) = x86::rows_of_operand(a);
-            match rows {
-                x86::Rows::Strided(s) => x86::gemm_avx512(
-                    m,
-                    k,
-                    n,
-                    s,
-                    cs,
-                    b.as_ptr(),
-                    ldb,
-                    beta,
-                    bias_ptr,
-                    c.as_mut_ptr(),
-                    ldc,
-                ),
-                x86::Rows::Gathered(g) => x86::gemm_avx512(
-                    m,
-                    k,
-                    n,
-                    g,
-                    cs,
-                    b.as_ptr(),
-                    ldb,
-                    beta,
-                    bias_ptr,
-                    c.as_mut_ptr(),
-                    ldc,
-                ),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        (Target::Avx2, a) => unsafe {
-            let (rows, cs) = x86::rows_of_operand(a);
-            match rows {
-                x86::Rows::Strided(s) => x86::gemm_avx2(
-                    m,
-                    k,
-                    n,
-                    s,
-                    cs,
-                    b.as_ptr(),
-                    ldb,
-                    beta,
-                    bias_ptr,
-                    c.as_mut_ptr(),
-                    ldc,
-                ),
-                x86::Rows::Gathered(g) => x86::gemm_avx2(
-                    m,
-                    k,
-                    n,
-                    g,
-                    cs,
-                    b.as_ptr(),
-                    ldb,
-                    beta,
-                    bias_ptr,
-                    c.as_mut_ptr(),
-                    ldc,
-                ),
-            }
-        },
-        (_, a) => {
-            // matrixmultiply: the bias goes into C first, gathered rows into a copy.
-            let mut beta = beta;
-            if let Some(bias) = bias {
-                for row in c[..span(m, n, ldc, 1)].chunks_mut(ldc) {
-                    for (v, &b) in row[..n].iter_mut().zip(bias) {
-                        *v = if beta == 0.0 { b } else { *v * beta + b };
-                    }
-                }
-                beta = 1.0;
-            }
+        unsafe {
             match a {
-                Operand::Strided(a) => gemm(m, k, n, a, mat(b, ldb, 1), beta, c, ldc, 1),
-                Operand::Gathered(g) => {
-                    let rows: Vec<f32> = g
-                        .starts
-                        .iter()
-                        .flat_map(|&s| g.data[s..s + k].iter().copied())
-                        .collect();
-                    gemm(m, k, n, mat(&rows, k, 1), mat(b, ldb, 1), beta, c, ldc, 1);
+                Operand::Strided(a) => {
+                    let rows = x86::Strided::of(a);
+                    x86::gemm(target, m, k, n, rows, a.cs, b, ldb, beta, bias, c, ldc);
+                }
+                Operand::Gathered(a) => {
+                    let rows = x86::Listed::of(a);
+                    x86::gemm(target, m, k, n, rows, 1, b, ldb, beta, bias, c, ldc);
                 }
             }
+        }
+        return;
+    }
+    // matrixmultiply: the bias goes into C first, gathered rows into a copy.
+    let mut beta = beta;
+    if let Some(bias) = bias {
+        for row in c[..span(m, n, ldc, 1)].chunks_mut(ldc) {
+            for (v, &b) in row[..n].iter_mut().zip(bias) {
+                *v = if beta == 0.0 { b } else { *v * beta + b };
+            }
+        }
+        beta = 1.0;
+    }
+    match a {
+        Operand::Strided(a) => gemm(m, k, n, a, mat(b, ldb, 1), beta, c, ldc, 1),
+        Operand::Gathered(g) => {
+            let rows: Vec<f32> = g
+                .starts
+                .iter()
+                .flat_map(|&s| g.data[s..s + k].iter().copied())
+                .collect();
+            gemm(m, k, n, mat(&rows, k, 1), mat(b, ldb, 1), beta, c, ldc, 1);
         }
     }
 }
@@ -325,15 +246,13 @@ pub fn gemm(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Operand;
-
     /// Where a tile finds A's rows.
     pub trait Source: Copy {
         /// The same rows from row `i` on.
         ///
         /// # Safety
         /// Row `i` is one of the operand's.
-        unsafe fn from(self, i: usize) -> Self;
+        unsafe fn rows_from(self, i: usize) -> Self;
         /// Row `r`'s first value.
         ///
         /// # Safety
@@ -348,9 +267,19 @@ mod x86 {
         rs: usize,
     }
 
+    impl Strided {
+        /// The rows of `m` (its column stride goes to the tiles apart).
+        pub fn of(m: super::Mat<'_>) -> Self {
+            Self {
+                a: m.data.as_ptr(),
+                rs: m.rs,
+            }
+        }
+    }
+
     impl Source for Strided {
         #[inline(always)]
-        unsafe fn from(self, i: usize) -> Self {
+        unsafe fn rows_from(self, i: usize) -> Self {
             // SAFETY: the caller's row lies within A.
             Self {
                 a: unsafe { self.a.add(i * self.rs) },
@@ -371,9 +300,19 @@ mod x86 {
         starts: *const usize,
     }
 
+    impl Listed {
+        /// The rows of `g`.
+        pub fn of(g: super::Gathered<'_>) -> Self {
+            Self {
+                a: g.data.as_ptr(),
+                starts: g.starts.as_ptr(),
+            }
+        }
+    }
+
     impl Source for Listed {
         #[inline(always)]
-        unsafe fn from(self, i: usize) -> Self {
+        unsafe fn rows_from(self, i: usize) -> Self {
             // SAFETY: the caller's row is listed.
             Self {
                 a: self.a,
@@ -387,29 +326,32 @@ mod x86 {
         }
     }
 
-    /// An operand's rows as a tile reads them.
-    pub enum Rows {
-        Strided(Strided),
-        Gathered(Listed),
-    }
-
-    /// The rows of `a` and its column stride.
-    pub fn rows_of_operand(a: Operand<'_>) -> (Rows, usize) {
-        match a {
-            Operand::Strided(m) => (
-                Rows::Strided(Strided {
-                    a: m.data.as_ptr(),
-                    rs: m.rs,
-                }),
-                m.cs,
-            ),
-            Operand::Gathered(g) => (
-                Rows::Gathered(Listed {
-                    a: g.data.as_ptr(),
-                    starts: g.starts.as_ptr(),
-                }),
-                1,
-            ),
+    /// Runs the tiles of `target` (AVX-512 or AVX2) over A's rows `a` with column stride `cs`.
+    ///
+    /// # Safety
+    /// The CPU has `target`'s instruction set, and every operand lies within its allocation.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm<S: Source>(
+        target: super::Target,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: S,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        beta: f32,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            if matches!(target, super::Target::Avx512) {
+                gemm_avx512(m, k, n, a, cs, b, ldb, beta, bias, c, ldc);
+            } else {
+                gemm_avx2(m, k, n, a, cs, b, ldb, beta, bias, c, ldc);
+            }
         }
     }
 
@@ -527,7 +469,7 @@ mod x86 {
                 let rows = (m - i0).min(rows_512(vecs));
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
-                    let (a, b, c) = (a.from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                    let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
                     let bias = if bias.is_null() { bias } else { bias.add(j0) };
                     tiles_512!(
                         tile512, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail
@@ -628,7 +570,7 @@ mod x86 {
                 let rows = (m - i0).min(ROWS_256);
                 // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
                 unsafe {
-                    let (a, b, c) = (a.from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                    let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
                     let bias = if bias.is_null() { bias } else { bias.add(j0) };
                     tiles_256!(
                         tile256, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail, full
@@ -796,11 +738,8 @@ mod tests {
                         }
                         for isa in Isa::for_tests() {
                             let mut c = start.clone();
-                            if with_bias {
-                                gemm_rows_bias(isa, m, k, n, a, &b, ldb, beta, &bias, &mut c, ldc);
-                            } else {
-                                gemm_rows(isa, m, k, n, a, &b, ldb, beta, &mut c, ldc);
-                            }
+                            let bias = with_bias.then_some(&bias[..]);
+                            gemm_rows(isa, m, k, n, a, &b, ldb, beta, bias, &mut c, ldc);
                             for i in 0..m {
                                 for j in 0..n {
                                     let (got, want) = (c[i * ldc + j], want[i * n + j]);

@@ -35,7 +35,7 @@ use reference::{group, logits_per_channel, same_pixel_allows};
 
 use super::Isa;
 use super::dispatch;
-use super::gemm::{Gathered, Mat, gemm_gathered_bias, gemm_rows, gemm_rows_bias, mat};
+use super::gemm::{Gathered, Mat, gemm_gathered_bias, gemm_rows, mat};
 use super::math::{Target, exp, fmadd, log_sigmoid, sigmoid};
 
 /// Images per chunk: each chunk runs the whole network on one thread, and chunks are summed in
@@ -841,14 +841,11 @@ fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    if b.cs == 1 {
-        gemm_rows(isa, m, k, n, a, b.data, b.rs, beta, c, ldc);
-    } else {
-        gemm_rows(isa, m, k, n, a, &rows_of(b, k, n), n, beta, c, ldc);
-    }
+    gemm_bias(isa, m, k, n, a, b, beta, None, c, ldc);
 }
 
-/// [`gemm`] plus `bias` added to every row of C, in the same pass (no fill of C first).
+/// [`gemm`] plus `bias` added to every row of C when given, in the same pass (no fill of C
+/// first).
 #[allow(clippy::too_many_arguments)]
 fn gemm_bias(
     isa: Isa,
@@ -858,14 +855,14 @@ fn gemm_bias(
     a: Mat<'_>,
     b: Mat<'_>,
     beta: f32,
-    bias: &[f32],
+    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
 ) {
     if b.cs == 1 {
-        gemm_rows_bias(isa, m, k, n, a, b.data, b.rs, beta, bias, c, ldc);
+        gemm_rows(isa, m, k, n, a, b.data, b.rs, beta, bias, c, ldc);
     } else {
-        gemm_rows_bias(isa, m, k, n, a, &rows_of(b, k, n), n, beta, bias, c, ldc);
+        gemm_rows(isa, m, k, n, a, &rows_of(b, k, n), n, beta, bias, c, ldc);
     }
 }
 
@@ -1234,7 +1231,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
             mat(window, k, 1),
             mat(&taps, f, 1),
             0.0,
-            bias,
+            Some(bias),
             feat0,
             f,
         );
@@ -1268,7 +1265,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
             mat(acts.output(), h, 1),
             mat(&w[at.output..], 1, h),
             1.0,
-            &w[at.output_bias..at.output_bias + f],
+            Some(&w[at.output_bias..at.output_bias + f]),
             next,
             f,
         );
@@ -1311,7 +1308,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         mat(&ws.relu, f, 1),
         mat(&w[o.head..], 1, f),
         0.0,
-        &w[o.head_bias..o.head_bias + f],
+        Some(&w[o.head_bias..o.head_bias + f]),
         &mut ws.head,
         f,
     );
@@ -1327,7 +1324,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         mat(&ws.head, f, 1),
         mat(&w[o.logit..], 1, f),
         0.0,
-        &w[o.logit_bias..o.logit_bias + outs],
+        Some(&w[o.logit_bias..o.logit_bias + outs]),
         &mut ws.logits,
         outs,
     );
@@ -1377,7 +1374,7 @@ fn row_lstm_forward(
             mat(&input[b0 * f..], f, 1),
             mat(&w_in, 4 * h, 1),
             0.0,
-            bias,
+            Some(bias),
             &mut zr[4 * h..],
             4 * h,
         );
