@@ -976,6 +976,22 @@ fn on_readers(
     }
 }
 
+/// `dst` += `src`, element by element, sixteen at a time in arrays (a plain loop here stayed
+/// scalar: the compiler could not tell the map from the weights).
+#[inline(always)]
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    let (mut d, mut s) = (dst.chunks_exact_mut(16), src.chunks_exact(16));
+    for (d, s) in (&mut d).zip(&mut s) {
+        let (d, s) = (sixteen_mut(d), *sixteen(s));
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    }
+    for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d += s;
+    }
+}
+
 /// Adds the column sums of the first `rows` rows of `m` (width `out.len()`) into `out`.
 fn add_column_sums(m: &[f32], rows: usize, out: &mut [f32]) {
     for row in m[..rows * out.len()].chunks_exact(out.len()) {
@@ -1229,10 +1245,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         for i in 0..g.n {
             on_readers(&x[i * d..(i + 1) * d], g.width, ch, rows, |r, c, t| {
                 let m = g.pix(r, i, c);
-                feat0[m * f..(m + 1) * f]
-                    .iter_mut()
-                    .zip(&taps[t * f..(t + 1) * f])
-                    .for_each(|(a, b)| *a += b);
+                add_assign(&mut feat0[m * f..(m + 1) * f], &taps[t * f..(t + 1) * f]);
             });
         }
     } else {
