@@ -1114,7 +1114,16 @@ fn lstm_forward_cells<T: Target>(
                     sixteen_mut(i),
                     sixteen_mut(t),
                 );
-                cell_state::<T>([o, f, i, t], p, sixteen_mut(c), sixteen_mut(tc));
+                let (c, tc) = (sixteen_mut(c), sixteen_mut(tc));
+                // tanh(x) = 2σ(2x) − 1.
+                for q in 0..16 {
+                    o[q] = sigmoid::<T>(o[q]);
+                    f[q] = sigmoid::<T>(f[q]);
+                    i[q] = sigmoid::<T>(i[q]);
+                    t[q] = fmadd::<T>(2.0, sigmoid::<T>(2.0 * t[q]), -1.0);
+                    c[q] = fmadd::<T>(f[q], p[q], i[q] * t[q]);
+                    tc[q] = 2.0 * c[q];
+                }
             }
         }
         for ((g, tc), out) in g
@@ -1127,41 +1136,13 @@ fn lstm_forward_cells<T: Target>(
                 .zip(tc.chunks_exact_mut(16))
                 .zip(out.chunks_exact_mut(16))
             {
-                cell_output::<T>(sixteen(o), sixteen_mut(tc), sixteen_mut(out));
+                let (o, tc, out) = (sixteen(o), sixteen_mut(tc), sixteen_mut(out));
+                for q in 0..16 {
+                    tc[q] = fmadd::<T>(2.0, sigmoid::<T>(tc[q]), -1.0);
+                    out[q] = o[q] * tc[q];
+                }
             }
         }
-    }
-}
-
-/// Sixteen units of one LSTM cell, first half: the gates `[o, f, i, g]` from pre-activation
-/// to activation (in place), the cell state `c` = f ⊙ `c_prev` + i ⊙ g, and 2c into `twice`
-/// (which [`cell_output`] turns into tanh(c)). Apart from `cell_output` so that the σ of
-/// several cells can overlap before any waits on its c.
-#[inline(always)]
-fn cell_state<T: Target>(
-    [o, f, i, g]: [&mut [f32; 16]; 4],
-    c_prev: &[f32; 16],
-    c: &mut [f32; 16],
-    twice: &mut [f32; 16],
-) {
-    // tanh(x) = 2σ(2x) − 1.
-    for q in 0..16 {
-        o[q] = sigmoid::<T>(o[q]);
-        f[q] = sigmoid::<T>(f[q]);
-        i[q] = sigmoid::<T>(i[q]);
-        g[q] = fmadd::<T>(2.0, sigmoid::<T>(2.0 * g[q]), -1.0);
-        c[q] = fmadd::<T>(f[q], c_prev[q], i[q] * g[q]);
-        twice[q] = 2.0 * c[q];
-    }
-}
-
-/// Sixteen units of one LSTM cell, second half: 2c (`tanh_cell`, from [`cell_state`]) to
-/// tanh(c), and the output o ⊙ tanh(c).
-#[inline(always)]
-fn cell_output<T: Target>(o: &[f32; 16], tanh_cell: &mut [f32; 16], out: &mut [f32; 16]) {
-    for q in 0..16 {
-        tanh_cell[q] = fmadd::<T>(2.0, sigmoid::<T>(tanh_cell[q]), -1.0);
-        out[q] = o[q] * tanh_cell[q];
     }
 }
 
@@ -1286,7 +1267,7 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         };
         let acts = &mut ws.layers[if keep { l } else { 0 }];
         let next = &mut after[..plane];
-        if net.shape.architecture == Architecture::RowLstm && row_step::applies(net, keep) {
+        if row_step::applies(net, keep) {
             row_step::layer(net, g, at, input, next, &mut acts.dirs[0], rows);
         } else {
             match net.shape.architecture {
@@ -1386,6 +1367,7 @@ fn row_lstm_forward(
 ) {
     let (f, h, w) = (net.shape.features(), net.shape.hidden, net.params);
     let rec = &mut acts.dirs[0];
+    let z = &mut rec.gates;
     let bias = &w[at.input_bias[0]..at.input_bias[0] + 4 * h];
     let w_in = taps_major(&w[at.input[0]..], 4 * h, f, 2);
     let w_state = taps_major(&w[at.state[0]..], 4 * h, h, 3);
@@ -1399,16 +1381,7 @@ fn row_lstm_forward(
             ((r % 2) * block, ((r + 1) % 2) * block)
         };
         let s1 = s0 + block;
-        let (cell, c_prev): (&mut [f32], &[f32]) = if r == 0 {
-            (&mut rec.cell[s0 * h..s1 * h], &[])
-        } else if s0 > above {
-            let (lo, hi) = rec.cell.split_at_mut(s0 * h);
-            (&mut hi[..block * h], &lo[above * h..(above + block) * h])
-        } else {
-            let (lo, hi) = rec.cell.split_at_mut(above * h);
-            (&mut lo[s0 * h..s1 * h], &hi[..block * h])
-        };
-        let zr = &mut rec.gates[s0 * 4 * h..s1 * 4 * h];
+        let zr = &mut z[s0 * 4 * h..s1 * 4 * h];
         // Both input taps at once: map rows m − 1 and m are 2·2h contiguous values, so A is an
         // overlapping view and K = 4h. The block's first map row is padding, never a pixel:
         // its gates only need to be finite.
@@ -1441,6 +1414,15 @@ fn row_lstm_forward(
                 4 * h,
             );
         }
+        let (cell, c_prev): (&mut [f32], &[f32]) = if r == 0 {
+            (&mut rec.cell[s0 * h..s1 * h], &[])
+        } else if s0 > above {
+            let (lo, hi) = rec.cell.split_at_mut(s0 * h);
+            (&mut hi[..block * h], &lo[above * h..(above + block) * h])
+        } else {
+            let (lo, hi) = rec.cell.split_at_mut(above * h);
+            (&mut lo[s0 * h..s1 * h], &hi[..block * h])
+        };
         lstm_forward(
             net.isa,
             zr,

@@ -13,7 +13,7 @@
 //! cells, outputs and next map are set to zero, which is what the next row's taps (and the
 //! next layer's) must read.
 
-use super::{Geometry, LayerAt, Net, Recurrence, mat, rows_of, taps_major};
+use super::{Architecture, Geometry, LayerAt, Net, Recurrence, mat, rows_of, taps_major};
 use crate::kernels::Target;
 
 /// LSTM units this layer is written for.
@@ -23,9 +23,13 @@ const GATES: usize = 4 * H;
 /// Features per map row, 2h.
 const F: usize = 2 * H;
 
-/// Whether [`layer`] can run a layer of `net`: AVX-512, h = 16, and no activations to keep.
+/// Whether [`layer`] can run a layer of `net`: a Row LSTM, AVX-512, h = 16, and no
+/// activations to keep.
 pub(super) fn applies(net: &Net<'_>, keep: bool) -> bool {
-    !keep && net.shape.hidden == H && net.isa.target() == Target::Avx512
+    !keep
+        && net.shape.architecture == Architecture::RowLstm
+        && net.shape.hidden == H
+        && net.isa.target() == Target::Avx512
 }
 
 /// A Row LSTM layer (weights at `at`) over image rows `0..rows` of the chunk `g`: from its
@@ -322,7 +326,7 @@ mod x86 {
 mod tests {
     use rand::{Rng, SeedableRng};
 
-    use super::super::reference::{self, Architecture, Params, Shape};
+    use super::super::reference::{self, Params, Shape};
     use super::super::{flatten, unflatten};
     use super::*;
     use crate::kernels::Isa;
