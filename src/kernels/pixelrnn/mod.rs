@@ -1146,6 +1146,28 @@ fn lstm_forward_cells<T: Target>(
     }
 }
 
+/// Slot `slot` of `buf` (slots of `len` values), mutable, and slot `above` (none: empty): a
+/// row's recurrent state and the row above's, which it reads.
+fn row_and_above(
+    buf: &mut [f32],
+    slot: usize,
+    above: Option<usize>,
+    len: usize,
+) -> (&mut [f32], &[f32]) {
+    let at = slot * len;
+    match above {
+        None => (&mut buf[at..at + len], &[]),
+        Some(a) if a < slot => {
+            let (lo, hi) = buf.split_at_mut(at);
+            (&mut hi[..len], &lo[a * len..(a + 1) * len])
+        }
+        Some(a) => {
+            let (lo, hi) = buf.split_at_mut(a * len);
+            (&mut lo[at..at + len], &hi[..len])
+        }
+    }
+}
+
 /// The first sixteen values of `v`, as an array (loops over it vectorize whole).
 #[inline(always)]
 fn sixteen(v: &[f32]) -> &[f32; 16] {
@@ -1267,8 +1289,8 @@ fn forward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], rows: usiz
         };
         let acts = &mut ws.layers[if keep { l } else { 0 }];
         let next = &mut after[..plane];
-        if row_step::applies(net, keep) {
-            row_step::layer(net, g, at, input, next, &mut acts.dirs[0], rows);
+        if row_step::applies(net) {
+            row_step::layer(net, g, at, input, next, &mut acts.dirs[0], rows, keep);
         } else {
             match net.shape.architecture {
                 Architecture::RowLstm => row_lstm_forward(net, g, at, input, acts, rows, keep),
@@ -1374,13 +1396,14 @@ fn row_lstm_forward(
     let block = g.n * g.p;
     for r in 0..rows {
         let (b0, b1) = (r * block, (r + 1) * block);
-        // Where this row's gates, cells and tanh go, and where the row above's cells are.
-        let (s0, above) = if keep {
-            (b0, b0.saturating_sub(block))
+        // The slot of this row's gates, cells and tanh, and of the row above's cells: with
+        // `keep` the map's own rows, without two slots in turn.
+        let (slot, above) = if keep {
+            (r, r.checked_sub(1))
         } else {
-            ((r % 2) * block, ((r + 1) % 2) * block)
+            (r % 2, (r > 0).then_some((r + 1) % 2))
         };
-        let s1 = s0 + block;
+        let (s0, s1) = (slot * block, (slot + 1) * block);
         let zr = &mut z[s0 * 4 * h..s1 * 4 * h];
         // Both input taps at once: map rows m − 1 and m are 2·2h contiguous values, so A is an
         // overlapping view and K = 4h. The block's first map row is padding, never a pixel:
@@ -1414,15 +1437,7 @@ fn row_lstm_forward(
                 4 * h,
             );
         }
-        let (cell, c_prev): (&mut [f32], &[f32]) = if r == 0 {
-            (&mut rec.cell[s0 * h..s1 * h], &[])
-        } else if s0 > above {
-            let (lo, hi) = rec.cell.split_at_mut(s0 * h);
-            (&mut hi[..block * h], &lo[above * h..(above + block) * h])
-        } else {
-            let (lo, hi) = rec.cell.split_at_mut(above * h);
-            (&mut lo[s0 * h..s1 * h], &hi[..block * h])
-        };
+        let (cell, c_prev) = row_and_above(&mut rec.cell, slot, above, block * h);
         lstm_forward(
             net.isa,
             zr,
@@ -2259,19 +2274,20 @@ mod tests {
         }
     }
 
-    /// The reference's log p of each of the `n` images `x` (H × W), and the exact gradient of
-    /// their Σ NLL, flat (`len` values).
-    fn reference_nll_gradient(
+    /// The reference's log p of each of the `n` images `x` (height × width), and the exact
+    /// gradient of their Σ NLL, flat (`len` values).
+    pub(super) fn reference_nll_gradient(
         p: &reference::Params,
         x: &[u8],
         n: usize,
+        (height, width): (usize, usize),
         len: usize,
     ) -> (Vec<f64>, Vec<f64>) {
         let d = x.len() / n;
         let mut grad = vec![0f64; len];
         let lls = (0..n)
             .map(|i| {
-                let (ll, g) = reference::gradient(p, &x[i * d..(i + 1) * d], H, W);
+                let (ll, g) = reference::gradient(p, &x[i * d..(i + 1) * d], height, width);
                 let mut k = 0;
                 g.map(&mut |v| {
                     grad[k] -= v;
@@ -2292,7 +2308,7 @@ mod tests {
                 let (flat, p) = random(shape, 5);
                 let n = 10;
                 let x = images(shape, n, 9);
-                let (want_ll, want) = reference_nll_gradient(&p, &x, n, flat.len());
+                let (want_ll, want) = reference_nll_gradient(&p, &x, n, (H, W), flat.len());
                 let want_nll = -want_ll.iter().sum::<f64>();
                 let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
                 for isa in Isa::for_tests() {
@@ -2329,7 +2345,7 @@ mod tests {
             let (flat, p) = random(shape, 12);
             let n = 9;
             let x = images(shape, n, 4);
-            let (want_ll, want) = reference_nll_gradient(&p, &x, n, flat.len());
+            let (want_ll, want) = reference_nll_gradient(&p, &x, n, (H, W), flat.len());
             let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for isa in Isa::for_tests() {
                 let fast = net(shape, &flat, isa);

@@ -1,19 +1,23 @@
-//! A Row LSTM layer fused for h = 16 on AVX-512, for passes that keep no activations
-//! (scoring, sampling). Row by row, a tile of a few pixels accumulates both products
-//! (input-to-state and state-to-state, K = 4h + 3h) into registers that hold exactly those
-//! pixels' four gates; the cell update, the output and the 1×1 convolution back to 2h (added
-//! to the layer's input) follow at once. The gates never reach memory, which the unfused path
-//! writes (a row of them is larger than L1) and reads back twice; the cells and outputs of only
-//! two rows are kept; the next map is written once. Its σ and tanh are AVX-512 code of their
-//! own (2ˣ scaled in one instruction, a reciprocal estimate and a Newton step instead of a
-//! division), tested against f64 here.
+//! A Row LSTM layer's forward pass fused for h = 16 on AVX-512. Row by row, a tile of a few
+//! pixels accumulates both products (input-to-state and state-to-state, K = 4h + 3h) into
+//! registers that hold exactly those pixels' four gates; the cell update, the output and the
+//! 1×1 convolution back to 2h (added to the layer's input) follow at once. The gate
+//! pre-activations never reach memory, which the unfused path writes (a row of them is larger
+//! than L1) and reads back twice; the next map is written once. A pass that keeps activations
+//! for the backward pass (training) stores the gates after their nonlinearity, the cells,
+//! their tanh and the outputs of every row, as the unfused path does; one that keeps none
+//! (scoring, sampling) keeps the cells and outputs of two rows only. Its σ and tanh are
+//! AVX-512 code of their own (2ˣ scaled in one instruction, a reciprocal estimate and a Newton
+//! step instead of a division), tested against f64 here.
 //!
-//! Training, other widths and other instruction sets take the GEMMs and
-//! [`lstm_forward`](super::lstm_forward). Only pixels are computed: the padding columns of the
-//! cells, outputs and next map are set to zero, which is what the next row's taps (and the
-//! next layer's) must read.
+//! Other widths and other instruction sets take the GEMMs and
+//! [`lstm_forward`](super::lstm_forward). Only pixels are computed: the padding columns of
+//! everything written are set to zero, which is what the next row's taps (and the next
+//! layer's, and the backward pass) must read.
 
-use super::{Architecture, Geometry, LayerAt, Net, Recurrence, mat, rows_of, taps_major};
+use super::{
+    Architecture, Geometry, LayerAt, Net, Recurrence, mat, row_and_above, rows_of, taps_major,
+};
 use crate::kernels::Target;
 
 /// LSTM units this layer is written for.
@@ -23,20 +27,21 @@ const GATES: usize = 4 * H;
 /// Features per map row, 2h.
 const F: usize = 2 * H;
 
-/// Whether [`layer`] can run a layer of `net`: a Row LSTM, AVX-512, h = 16, and no
-/// activations to keep.
-pub(super) fn applies(net: &Net<'_>, keep: bool) -> bool {
-    !keep
-        && net.shape.architecture == Architecture::RowLstm
+/// Whether [`layer`] can run a layer of `net`: a Row LSTM, AVX-512 and h = 16.
+pub(super) fn applies(net: &Net<'_>) -> bool {
+    net.shape.architecture == Architecture::RowLstm
         && net.shape.hidden == H
         && net.isa.target() == Target::Avx512
 }
 
 /// A Row LSTM layer (weights at `at`) over image rows `0..rows` of the chunk `g`: from its
 /// `input` map to the `next` map, input + 1×1(LSTM output) + bias (2h per map row, padding
-/// columns zero). `rec` is scratch for two rows of cells and outputs.
+/// columns zero). With `keep`, `rec` receives every row's activations in the map's layout
+/// (what [`row_lstm_backward`](super::row_lstm_backward) reads); without, it is scratch for
+/// two rows of cells and outputs.
 ///
-/// Panics unless [`applies`] holds and the maps cover the chunk.
+/// Panics unless [`applies`] holds and the maps (with `keep`, `rec` too) cover the chunk.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn layer(
     net: &Net<'_>,
     g: &Geometry,
@@ -45,11 +50,9 @@ pub(super) fn layer(
     next: &mut [f32],
     rec: &mut Recurrence,
     rows: usize,
+    keep: bool,
 ) {
-    assert!(
-        applies(net, false),
-        "the fused Row LSTM needs AVX-512 and h = 16"
-    );
+    assert!(applies(net), "the fused Row LSTM needs AVX-512 and h = 16");
     let w = net.params;
     let block = g.n * g.p;
     assert!(g.p == g.width + 2, "one padding column either side");
@@ -61,29 +64,40 @@ pub(super) fn layer(
         output: rows_of(mat(&w[at.output..], 1, H), H, F),
         output_bias: w[at.output_bias..at.output_bias + F].to_vec(),
     };
+    let slots = if keep { rows } else { 2 };
     for buf in [&mut rec.cell, &mut rec.hidden] {
-        if buf.len() < 2 * block * H {
-            buf.resize(2 * block * H, 0.0);
+        if buf.len() < slots * block * H {
+            buf.resize(slots * block * H, 0.0);
         }
+    }
+    if keep {
+        assert!(rec.gates.len() >= rows * block * GATES && rec.tanh_cell.len() >= rows * block * H);
     }
     for r in 0..rows {
         let span = r * block..(r + 1) * block;
-        // This row's cells and outputs in one slot, the row above's in the other.
-        let (c_lo, c_hi) = rec.cell[..2 * block * H].split_at_mut(block * H);
-        let (h_lo, h_hi) = rec.hidden[..2 * block * H].split_at_mut(block * H);
-        let (cell, c_above, hidden, h_above) = if r % 2 == 0 {
-            (c_lo, &*c_hi, h_lo, &*h_hi)
+        // This row's slot, and the row above's: with `keep` the map's own rows, without two
+        // slots in turn.
+        let (slot, above) = if keep {
+            (r, r.checked_sub(1))
         } else {
-            (c_hi, &*c_lo, h_hi, &*h_lo)
+            (r % 2, (r > 0).then_some((r + 1) % 2))
         };
-        let above = (r > 0).then_some((h_above, c_above));
+        let (cell, c_above) = row_and_above(&mut rec.cell, slot, above, block * H);
+        let (hidden, h_above) = row_and_above(&mut rec.hidden, slot, above, block * H);
+        let above = above.map(|_| (h_above, c_above));
+        let kept = keep.then(|| {
+            (
+                &mut rec.gates[span.start * GATES..span.end * GATES],
+                &mut rec.tanh_cell[span.start * H..span.end * H],
+            )
+        });
         let x = &input[span.start * F..span.end * F];
         let y = &mut next[span.start * F..span.end * F];
         // SAFETY: `applies` checked that the CPU runs AVX-512 (an `Isa`'s invariant); every
         // slice covers the row's `block` map rows, the weights their 4h or 2h columns.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::row(g.n, g.p, x, above, &weights, cell, hidden, y);
+            x86::row(g.n, g.p, x, above, &weights, cell, hidden, kept, y);
         }
     }
 }
@@ -112,7 +126,8 @@ mod x86 {
 
     /// One image row of n images (`p` map rows each): `x` the layer's input (2h per map row),
     /// `above` the row above's outputs and cells (h each; none for the first row), into this
-    /// row's `cell`, `hidden` and `next` map.
+    /// row's `cell`, `hidden` and `next` map, and if `kept` is given its activated gates (4h)
+    /// and tanh of the cells (h).
     ///
     /// # Safety
     /// The CPU has AVX-512F; every slice holds n·p map rows and the weights their shapes
@@ -127,8 +142,13 @@ mod x86 {
         w: &Weights,
         cell: &mut [f32],
         hidden: &mut [f32],
+        mut kept: Option<(&mut [f32], &mut [f32])>,
         next: &mut [f32],
     ) {
+        let (gates, tanh_cell) = match &mut kept {
+            Some((g, t)) => (g.as_mut_ptr(), t.as_mut_ptr()),
+            None => (std::ptr::null_mut(), std::ptr::null_mut()),
+        };
         let args = Args {
             x: x.as_ptr(),
             h_above: above.map_or(std::ptr::null(), |(h, _)| h.as_ptr()),
@@ -140,6 +160,8 @@ mod x86 {
             out_bias: w.output_bias.as_ptr(),
             cell: cell.as_mut_ptr(),
             hidden: hidden.as_mut_ptr(),
+            gates,
+            tanh_cell,
             next: next.as_mut_ptr(),
         };
         for i in 0..n {
@@ -147,6 +169,10 @@ mod x86 {
                 cell[q * H..(q + 1) * H].fill(0.0);
                 hidden[q * H..(q + 1) * H].fill(0.0);
                 next[q * F..(q + 1) * F].fill(0.0);
+                if let Some((g, t)) = &mut kept {
+                    g[q * 4 * H..(q + 1) * 4 * H].fill(0.0);
+                    t[q * H..(q + 1) * H].fill(0.0);
+                }
             }
             let end = (i + 1) * p - 1;
             let mut q = i * p + 1;
@@ -169,7 +195,8 @@ mod x86 {
         }
     }
 
-    /// The operands of [`row`]; `h_above` and `c_above` null for the first row.
+    /// The operands of [`row`]; `h_above` and `c_above` null for the first row, `gates` and
+    /// `tanh_cell` null when nothing is kept.
     #[derive(Clone, Copy)]
     struct Args {
         x: *const f32,
@@ -182,6 +209,8 @@ mod x86 {
         out_bias: *const f32,
         cell: *mut f32,
         hidden: *mut f32,
+        gates: *mut f32,
+        tanh_cell: *mut f32,
         next: *mut f32,
     }
 
@@ -213,12 +242,23 @@ mod x86 {
                 } else {
                     _mm512_loadu_ps(a.c_above.add((q + r) * H))
                 };
-                *c = _mm512_fmadd_ps(sigmoid(*f), c_prev, _mm512_mul_ps(sigmoid(*i), tanh(*g)));
+                let (f, i, g) = (sigmoid(*f), sigmoid(*i), tanh(*g));
+                *c = _mm512_fmadd_ps(f, c_prev, _mm512_mul_ps(i, g));
                 _mm512_storeu_ps(a.cell.add((q + r) * H), *c);
+                if !a.gates.is_null() {
+                    let kept = a.gates.add((q + r) * 4 * H);
+                    _mm512_storeu_ps(kept.add(H), f);
+                    _mm512_storeu_ps(kept.add(2 * H), i);
+                    _mm512_storeu_ps(kept.add(3 * H), g);
+                }
             }
             for (r, (gates, c)) in acc.iter().zip(&cells).enumerate() {
-                let out = _mm512_mul_ps(sigmoid(gates[0]), tanh(*c));
-                _mm512_storeu_ps(a.hidden.add((q + r) * H), out);
+                let (o, tc) = (sigmoid(gates[0]), tanh(*c));
+                _mm512_storeu_ps(a.hidden.add((q + r) * H), _mm512_mul_ps(o, tc));
+                if !a.gates.is_null() {
+                    _mm512_storeu_ps(a.gates.add((q + r) * 4 * H), o);
+                    _mm512_storeu_ps(a.tanh_cell.add((q + r) * H), tc);
+                }
             }
             // next = input + 1×1(output) + bias.
             let out_bias = [0, 1].map(|v| _mm512_loadu_ps(a.out_bias.add(16 * v)));
@@ -327,6 +367,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::super::reference::{self, Params, Shape};
+    use super::super::tests::reference_nll_gradient;
     use super::super::{flatten, unflatten};
     use super::*;
     use crate::kernels::Isa;
@@ -369,8 +410,9 @@ mod tests {
 
     /// Widths 1 to 13 give every tile size (1 to 6 pixels) and every remainder after full
     /// tiles; 10 images are a full chunk and a partial one; skip connections on and off. The
-    /// fused layers' log-likelihoods, and the logits of a pass over the first rows only
-    /// (sampling's), are the f64 reference's.
+    /// fused layers' log-likelihoods, the logits of a pass over the first rows only
+    /// (sampling's), and the gradient (whose forward pass keeps the fused layers' activations)
+    /// are the f64 reference's.
     #[test]
     fn fused_rows_match_the_reference_at_every_width() {
         let Some(isa) = Isa::available()
@@ -402,7 +444,7 @@ mod tests {
                     isa,
                     pool_grid: 1,
                 };
-                assert!(applies(&net, false) && !applies(&net, true));
+                assert!(applies(&net));
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(width as u64);
                 let d = height * width;
                 let x: Vec<u8> = (0..n * d).map(|_| u8::from(rng.random_bool(0.4))).collect();
@@ -424,6 +466,22 @@ mod tests {
                             "width {width}, skip {skip}, image {i}, logit {k}: {got} vs {want}"
                         );
                     }
+                }
+                let (want_ll, want) =
+                    reference_nll_gradient(&p, &x, n, (height, width), flat.len());
+                let mut grad = vec![0f32; flat.len()];
+                let nll = net.gradient(&x, &mut grad);
+                let want_nll = -want_ll.iter().sum::<f64>();
+                assert!(
+                    (nll - want_nll).abs() < 1e-4 * want_nll.abs(),
+                    "width {width}, skip {skip}: NLL {nll} vs {want_nll}"
+                );
+                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                for (k, (got, want)) in grad.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(*got) - want).abs() < 1e-4 * scale,
+                        "width {width}, skip {skip}, parameter {k}: {got} vs {want}"
+                    );
                 }
             }
         }
