@@ -6,9 +6,11 @@
 //! AVX2's 8 × 8, which on the per-row products of PixelRNN (M ≈ 240, K = 48, N = 64, hundreds
 //! of calls per image) left most of the machine idle. Here a register tile of rows × 64 columns
 //! (AVX-512: 6 × 4 vectors of 16, up to 12 × 2 for narrow products; AVX2: 6 × 2 vectors of
-//! 8) runs down the whole K with B's rows
-//! streaming from L1; edges are the same tile with fewer rows and a masked last vector. The
-//! portable build hands the product to matrixmultiply (through ndarray), as before.
+//! 8) runs down K with B's rows streaming from L1, every tile of a panel through one block of
+//! K before any starts the next (so a long K, a weight's gradient summed over a chunk's
+//! pixels, is not streamed from memory once per tile); edges are the same tile with fewer rows
+//! and a masked last vector. The portable build hands the product to matrixmultiply (through
+//! ndarray), as before.
 //!
 //! Every instruction set is held to a plain f64 triple loop on odd sizes (tests below).
 
@@ -368,6 +370,29 @@ mod x86 {
     /// Rows of an AVX2 tile: 12 accumulators of the 16 registers.
     const ROWS_256: usize = 6;
 
+    /// Depth of a block of K: every tile of a panel runs one block before any runs the next,
+    /// so the block's rows of B (at most 64 columns, 32 KiB) and its columns of A are read
+    /// from L1 by all but the first tile. A product with a long K (a weight's gradient, summed
+    /// over every pixel of a chunk) otherwise streams all of B from memory once per tile.
+    const KC: usize = 128;
+
+    /// The K blocks `(k0, k1, β, bias)` of a product over `k` values: the first with the
+    /// caller's β and bias, every later one adding to C.
+    fn k_blocks(
+        k: usize,
+        beta: f32,
+        bias: *const f32,
+    ) -> impl Iterator<Item = (usize, usize, f32, *const f32)> {
+        (0..k.div_ceil(KC)).map(move |b| {
+            let (k0, k1) = (b * KC, ((b + 1) * KC).min(k));
+            if b == 0 {
+                (k0, k1, beta, bias)
+            } else {
+                (k0, k1, 1.0, std::ptr::null())
+            }
+        })
+    }
+
     /// Runs `$tile::<R, V>(args…)` for the runtime rows and vectors of an AVX-512 tile.
     macro_rules! tiles_512 {
         ($tile:ident, $rows:expr, $vecs:expr, $($arg:expr),*) => {
@@ -464,29 +489,32 @@ mod x86 {
             } else {
                 (1u16 << rest) - 1
             };
-            let mut i0 = 0;
-            while i0 < m {
-                let rows = (m - i0).min(rows_512(vecs));
-                // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
-                unsafe {
-                    let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
-                    let bias = if bias.is_null() { bias } else { bias.add(j0) };
-                    tiles_512!(
-                        tile512, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail
-                    );
+            for (k0, k1, beta, bias) in k_blocks(k, beta, bias) {
+                let mut i0 = 0;
+                while i0 < m {
+                    let rows = (m - i0).min(rows_512(vecs));
+                    // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
+                    unsafe {
+                        let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                        let bias = if bias.is_null() { bias } else { bias.add(j0) };
+                        tiles_512!(
+                            tile512, rows, vecs, k0, k1, a, cs, b, ldb, beta, bias, c, ldc, tail
+                        );
+                    }
+                    i0 += rows;
                 }
-                i0 += rows;
             }
             j0 += 64;
         }
     }
 
-    /// One R × V·16 tile of C (the last vector masked by `tail`), down the whole K.
+    /// One R × V·16 tile of C (the last vector masked by `tail`), down K from `k0` to `k1`.
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile512<const R: usize, const V: usize, S: Source>(
-        k: usize,
+        k0: usize,
+        k1: usize,
         a: S,
         cs: usize,
         b: *const f32,
@@ -508,7 +536,7 @@ mod x86 {
                 }
             }
             let mut acc = [start; R];
-            for p in 0..k {
+            for p in k0..k1 {
                 let row = b.add(p * ldb);
                 let mut bv = [_mm512_setzero_ps(); V];
                 for (v, bv) in bv.iter_mut().enumerate() {
@@ -565,29 +593,34 @@ mod x86 {
             let lanes: [i32; 8] = std::array::from_fn(|l| if (l as i32) < rest { -1 } else { 0 });
             // SAFETY: reads eight i32 from an array of eight.
             let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
-            let mut i0 = 0;
-            while i0 < m {
-                let rows = (m - i0).min(ROWS_256);
-                // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
-                unsafe {
-                    let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
-                    let bias = if bias.is_null() { bias } else { bias.add(j0) };
-                    tiles_256!(
-                        tile256, rows, vecs, k, a, cs, b, ldb, beta, bias, c, ldc, tail, full
-                    );
+            for (k0, k1, beta, bias) in k_blocks(k, beta, bias) {
+                let mut i0 = 0;
+                while i0 < m {
+                    let rows = (m - i0).min(ROWS_256);
+                    // SAFETY: the tile's rows i0.. and columns j0.. lie within the operands.
+                    unsafe {
+                        let (a, b, c) = (a.rows_from(i0), b.add(j0), c.add(i0 * ldc + j0));
+                        let bias = if bias.is_null() { bias } else { bias.add(j0) };
+                        tiles_256!(
+                            tile256, rows, vecs, k0, k1, a, cs, b, ldb, beta, bias, c, ldc, tail,
+                            full
+                        );
+                    }
+                    i0 += rows;
                 }
-                i0 += rows;
             }
             j0 += 16;
         }
     }
 
-    /// One R × V·8 tile of C (the last vector masked by `tail` unless `full`), down the whole K.
+    /// One R × V·8 tile of C (the last vector masked by `tail` unless `full`), down K from
+    /// `k0` to `k1`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile256<const R: usize, const V: usize, S: Source>(
-        k: usize,
+        k0: usize,
+        k1: usize,
         a: S,
         cs: usize,
         b: *const f32,
@@ -613,7 +646,7 @@ mod x86 {
                 }
             }
             let mut acc = [start; R];
-            for p in 0..k {
+            for p in k0..k1 {
                 let row = b.add(p * ldb);
                 let mut bv = [_mm256_setzero_ps(); V];
                 for (v, bv) in bv.iter_mut().enumerate() {
@@ -708,6 +741,9 @@ mod tests {
             (29, 9, 32),
             (25, 7, 20),
             (17, 5, 40),
+            // K past one block (and one element past), as a weight's gradient over a chunk.
+            (64, 300, 64),
+            (9, 129, 20),
         ] {
             // A as: a padded row-major matrix, an overlapping view (rows one element apart as
             // the Row LSTM's taps are), and a transposed view.
