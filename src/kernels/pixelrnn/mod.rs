@@ -1199,6 +1199,9 @@ fn lstm_backward_body<T: Target>(
     d_z: &mut [f32],
     h: usize,
 ) {
+    if h.is_multiple_of(16) {
+        return lstm_backward_cells::<T>(gates, c_prev, tanh_cell, d_h, d_c, d_z, h);
+    }
     for (k, (g, dz)) in gates
         .chunks_exact(4 * h)
         .zip(d_z.chunks_exact_mut(4 * h))
@@ -1216,6 +1219,52 @@ fn lstm_backward_body<T: Target>(
             dz[2 * h + u] = dc * gg[u] * i[u] * (1.0 - i[u]);
             dz[3 * h + u] = dc * i[u] * (1.0 - gg[u] * gg[u]);
             d_c[at] = dc * f[u];
+        }
+    }
+}
+
+/// [`lstm_backward_body`] for h a multiple of 16: sixteen units at a time in fixed-size
+/// arrays, which vectorize whole (the general loop's indexing does not).
+#[inline(always)]
+fn lstm_backward_cells<T: Target>(
+    gates: &[f32],
+    c_prev: &[f32],
+    tanh_cell: &[f32],
+    d_h: &[f32],
+    d_c: &mut [f32],
+    d_z: &mut [f32],
+    h: usize,
+) {
+    let zero = [0f32; 16];
+    for (k, (g, dz)) in gates
+        .chunks_exact(4 * h)
+        .zip(d_z.chunks_exact_mut(4 * h))
+        .enumerate()
+    {
+        let (dz_o, rest) = dz.split_at_mut(h);
+        let (dz_f, rest) = rest.split_at_mut(h);
+        let (dz_i, dz_g) = rest.split_at_mut(h);
+        for u in (0..h).step_by(16) {
+            let at = k * h + u;
+            let (o, f) = (sixteen(&g[u..]), sixteen(&g[h + u..]));
+            let (i, gg) = (sixteen(&g[2 * h + u..]), sixteen(&g[3 * h + u..]));
+            let (tc, dh) = (sixteen(&tanh_cell[at..]), sixteen(&d_h[at..]));
+            let prev = if c_prev.is_empty() {
+                &zero
+            } else {
+                sixteen(&c_prev[at..])
+            };
+            let dc = sixteen_mut(&mut d_c[at..]);
+            let (dz_o, dz_f) = (sixteen_mut(&mut dz_o[u..]), sixteen_mut(&mut dz_f[u..]));
+            let (dz_i, dz_g) = (sixteen_mut(&mut dz_i[u..]), sixteen_mut(&mut dz_g[u..]));
+            for q in 0..16 {
+                let c = fmadd::<T>(dh[q] * o[q], 1.0 - tc[q] * tc[q], dc[q]);
+                dz_o[q] = dh[q] * tc[q] * o[q] * (1.0 - o[q]);
+                dz_f[q] = c * prev[q] * f[q] * (1.0 - f[q]);
+                dz_i[q] = c * gg[q] * i[q] * (1.0 - i[q]);
+                dz_g[q] = c * i[q] * (1.0 - gg[q] * gg[q]);
+                dc[q] = c * f[q];
+            }
         }
     }
 }
