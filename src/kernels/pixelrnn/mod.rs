@@ -1856,7 +1856,6 @@ fn row_lstm_backward(
     let state = at.state[0];
     let w_state = taps_major(&w[state..], 4 * h, h, 3);
     let w_state_t = rows_of(mat(&w_state, 1, 4 * h), 4 * h, 3 * h);
-    let mut d_state = vec![0f32; 3 * h * 4 * h];
     let mut d_taps = vec![0f32; block * 3 * h];
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);
@@ -1883,18 +1882,6 @@ fn row_lstm_backward(
         if r > 0 {
             // As in the forward pass: the three taps of the row above as one K = 3h operand.
             let dz = &d_z[(b0 + 1) * 4 * h..(b1 - 1) * 4 * h];
-            let prev_h = &rec.hidden[(b0 - block) * h..b0 * h];
-            gemm(
-                net.isa,
-                3 * h,
-                block - 2,
-                4 * h,
-                mat(prev_h, 1, h),
-                mat(dz, 4 * h, 1),
-                1.0,
-                &mut d_state,
-                4 * h,
-            );
             gemm(
                 net.isa,
                 block - 2,
@@ -1918,6 +1905,24 @@ fn row_lstm_backward(
             }
         }
     }
+    // State-to-state, every row at once: z[m] read the hidden state at m − block − 1, m −
+    // block, m − block + 1 (3h contiguous values), for every map row m from the second image
+    // row on. The padding map rows among them have ∂z = 0, so they add nothing.
+    let mut d_state = vec![0f32; 3 * h * 4 * h];
+    let first = block + 1;
+    if g.height > 1 {
+        gemm(
+            net.isa,
+            3 * h,
+            rows - 1 - first,
+            4 * h,
+            mat(&rec.hidden, 1, h),
+            mat(&d_z[first * 4 * h..], 4 * h, 1),
+            0.0,
+            &mut d_state,
+            4 * h,
+        );
+    }
     add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 3);
     // Input-to-state: dx = −1 (z[m] read x[m − 1]) and dx = 0, as one K = 4h operand.
     let input_w = at.input[0];
@@ -1939,25 +1944,22 @@ fn row_lstm_backward(
         rows,
         &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h],
     );
-    gemm(
+    // ∂x[m] = ∂z[m]·W(dx = 0) + ∂z[m + 1]·W(dx = −1): the two rows of ∂z as one overlapping
+    // K = 8h operand against both taps' weights stacked. The last map row is padding.
+    let stacked: Vec<f32> = [1, 0]
+        .into_iter()
+        .flat_map(|tap| rows_of(mat(&w[input_w + tap..], 2 * f, 2), 4 * h, f))
+        .collect();
+    gemm_rows(
         net.isa,
         rows - 1,
-        4 * h,
-        f,
-        mat(&d_z[4 * h..], 4 * h, 1),
-        mat(&w[input_w..], 2 * f, 2),
-        1.0,
-        d_feat,
-        f,
-    );
-    gemm(
-        net.isa,
-        rows,
-        4 * h,
+        8 * h,
         f,
         mat(d_z, 4 * h, 1),
-        mat(&w[input_w + 1..], 2 * f, 2),
+        &stacked,
+        f,
         1.0,
+        None,
         d_feat,
         f,
     );
