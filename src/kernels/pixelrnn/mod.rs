@@ -1146,6 +1146,16 @@ fn lstm_forward_cells<T: Target>(
     }
 }
 
+/// The Row LSTM's slot for image row `r`'s recurrent state, and the row above's (none for the
+/// first row): with `keep` the map's own rows, without two slots in turn.
+fn row_slots(r: usize, keep: bool) -> (usize, Option<usize>) {
+    if keep {
+        (r, r.checked_sub(1))
+    } else {
+        (r % 2, (r > 0).then_some((r + 1) % 2))
+    }
+}
+
 /// Slot `slot` of `buf` (slots of `len` values), mutable, and slot `above` (none: empty): a
 /// row's recurrent state and the row above's, which it reads.
 fn row_and_above(
@@ -1210,17 +1220,34 @@ fn lstm_backward_body<T: Target>(
         let (o, f, i, gg) = (&g[..h], &g[h..2 * h], &g[2 * h..3 * h], &g[3 * h..]);
         for u in 0..h {
             let at = k * h + u;
-            let tc = tanh_cell[at];
-            let dh = d_h[at];
-            let dc = fmadd::<T>(dh * o[u], 1.0 - tc * tc, d_c[at]);
             let prev = if c_prev.is_empty() { 0.0 } else { c_prev[at] };
-            dz[u] = dh * tc * o[u] * (1.0 - o[u]);
-            dz[h + u] = dc * prev * f[u] * (1.0 - f[u]);
-            dz[2 * h + u] = dc * gg[u] * i[u] * (1.0 - i[u]);
-            dz[3 * h + u] = dc * i[u] * (1.0 - gg[u] * gg[u]);
-            d_c[at] = dc * f[u];
+            let gates = [o[u], f[u], i[u], gg[u]];
+            let (z, dc) = unit_backward::<T>(gates, tanh_cell[at], prev, d_h[at], d_c[at]);
+            [dz[u], dz[h + u], dz[2 * h + u], dz[3 * h + u]] = z;
+            d_c[at] = dc;
         }
     }
+}
+
+/// One LSTM unit back through a step: from its gates after their nonlinearity `[o, f, i, g]`,
+/// tanh(c), the previous cell state, ∂h and the ∂c arriving from the next step, the gate
+/// pre-activations' gradient and the ∂c passed to the previous step (∂c ⊙ f).
+#[inline(always)]
+fn unit_backward<T: Target>(
+    [o, f, i, g]: [f32; 4],
+    tanh_cell: f32,
+    c_prev: f32,
+    d_h: f32,
+    d_c: f32,
+) -> ([f32; 4], f32) {
+    let dc = fmadd::<T>(d_h * o, 1.0 - tanh_cell * tanh_cell, d_c);
+    let d_z = [
+        d_h * tanh_cell * o * (1.0 - o),
+        dc * c_prev * f * (1.0 - f),
+        dc * g * i * (1.0 - i),
+        dc * i * (1.0 - g * g),
+    ];
+    (d_z, dc * f)
 }
 
 /// [`lstm_backward_body`] for h a multiple of 16: sixteen units at a time in fixed-size
@@ -1258,12 +1285,10 @@ fn lstm_backward_cells<T: Target>(
             let (dz_o, dz_f) = (sixteen_mut(&mut dz_o[u..]), sixteen_mut(&mut dz_f[u..]));
             let (dz_i, dz_g) = (sixteen_mut(&mut dz_i[u..]), sixteen_mut(&mut dz_g[u..]));
             for q in 0..16 {
-                let c = fmadd::<T>(dh[q] * o[q], 1.0 - tc[q] * tc[q], dc[q]);
-                dz_o[q] = dh[q] * tc[q] * o[q] * (1.0 - o[q]);
-                dz_f[q] = c * prev[q] * f[q] * (1.0 - f[q]);
-                dz_i[q] = c * gg[q] * i[q] * (1.0 - i[q]);
-                dz_g[q] = c * i[q] * (1.0 - gg[q] * gg[q]);
-                dc[q] = c * f[q];
+                let gates = [o[q], f[q], i[q], gg[q]];
+                let (z, c) = unit_backward::<T>(gates, tc[q], prev[q], dh[q], dc[q]);
+                [dz_o[q], dz_f[q], dz_i[q], dz_g[q]] = z;
+                dc[q] = c;
             }
         }
     }
@@ -1445,13 +1470,8 @@ fn row_lstm_forward(
     let block = g.n * g.p;
     for r in 0..rows {
         let (b0, b1) = (r * block, (r + 1) * block);
-        // The slot of this row's gates, cells and tanh, and of the row above's cells: with
-        // `keep` the map's own rows, without two slots in turn.
-        let (slot, above) = if keep {
-            (r, r.checked_sub(1))
-        } else {
-            (r % 2, (r > 0).then_some((r + 1) % 2))
-        };
+        // The slot of this row's gates, cells and tanh, and of the row above's cells.
+        let (slot, above) = row_slots(r, keep);
         let (s0, s1) = (slot * block, (slot + 1) * block);
         let zr = &mut z[s0 * 4 * h..s1 * 4 * h];
         // Both input taps at once: map rows m − 1 and m are 2·2h contiguous values, so A is an
@@ -1909,8 +1929,8 @@ fn row_lstm_backward(
     // block, m − block + 1 (3h contiguous values), for every map row m from the second image
     // row on. The padding map rows among them have ∂z = 0, so they add nothing.
     let mut d_state = vec![0f32; 3 * h * 4 * h];
-    let first = block + 1;
     if g.height > 1 {
+        let first = block + 1;
         gemm(
             net.isa,
             3 * h,
@@ -2350,6 +2370,37 @@ mod tests {
         (lls, grad)
     }
 
+    /// Asserts that `fast`'s Σ NLL over the images `x` and its gradient, every parameter, are
+    /// the reference's (`want_ll` per image and `want`, from [`reference_nll_gradient`]),
+    /// within 1e-4 of the NLL and of the largest gradient; `case` names the case on failure.
+    pub(super) fn assert_gradient_is_the_references(
+        fast: &Net<'_>,
+        x: &[u8],
+        (want_ll, want): (&[f64], &[f64]),
+        case: &str,
+    ) {
+        let mut grad = vec![0f32; fast.params.len()];
+        let nll = fast.gradient(x, &mut grad);
+        let want_nll = -want_ll.iter().sum::<f64>();
+        assert!(
+            (nll - want_nll).abs() < 1e-4 * want_nll.abs(),
+            "{case} {}: NLL {nll} vs {want_nll}",
+            fast.isa.name()
+        );
+        let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+        for (name, range, _) in fast.shape.tensors() {
+            for k in range {
+                assert!(
+                    (f64::from(grad[k]) - want[k]).abs() < 1e-4 * scale,
+                    "{case} {} {name} [{k}]: {} vs {}",
+                    fast.isa.name(),
+                    grad[k],
+                    want[k]
+                );
+            }
+        }
+    }
+
     /// The fast gradient of Σ NLL equals minus the reference's exact gradient of Σ log p, every
     /// parameter, on every instruction set.
     #[test]
@@ -2360,26 +2411,13 @@ mod tests {
                 let n = 10;
                 let x = images(shape, n, 9);
                 let (want_ll, want) = reference_nll_gradient(&p, &x, n, (H, W), flat.len());
-                let want_nll = -want_ll.iter().sum::<f64>();
-                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
                 for isa in Isa::for_tests() {
-                    let mut grad = vec![0f32; flat.len()];
-                    let nll = net(shape, &flat, isa).gradient(&x, &mut grad);
-                    assert!(
-                        (nll - want_nll).abs() < 1e-4 * want_nll.abs(),
-                        "{shape:?}: {nll} vs {want_nll}"
+                    assert_gradient_is_the_references(
+                        &net(shape, &flat, isa),
+                        &x,
+                        (&want_ll, &want),
+                        &format!("{shape:?}"),
                     );
-                    for (name, range, _) in shape.tensors() {
-                        for k in range {
-                            assert!(
-                                (f64::from(grad[k]) - want[k]).abs() < 1e-4 * scale,
-                                "{shape:?} {} {name} [{k}]: {} vs {}",
-                                isa.name(),
-                                grad[k],
-                                want[k]
-                            );
-                        }
-                    }
                 }
             }
         }
@@ -2397,7 +2435,6 @@ mod tests {
             let n = 9;
             let x = images(shape, n, 4);
             let (want_ll, want) = reference_nll_gradient(&p, &x, n, (H, W), flat.len());
-            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for isa in Isa::for_tests() {
                 let fast = net(shape, &flat, isa);
                 let mut ll = vec![0.0; n];
@@ -2409,19 +2446,12 @@ mod tests {
                         isa.name()
                     );
                 }
-                let mut grad = vec![0f32; flat.len()];
-                fast.gradient(&x, &mut grad);
-                for (name, range, _) in shape.tensors() {
-                    for k in range {
-                        assert!(
-                            (f64::from(grad[k]) - want[k]).abs() < 1e-4 * scale,
-                            "{arch:?} {} {name} [{k}]: {} vs {}",
-                            isa.name(),
-                            grad[k],
-                            want[k]
-                        );
-                    }
-                }
+                assert_gradient_is_the_references(
+                    &fast,
+                    &x,
+                    (&want_ll, &want),
+                    &format!("{arch:?}"),
+                );
             }
         }
     }

@@ -16,7 +16,8 @@
 //! layer's, and the backward pass) must read.
 
 use super::{
-    Architecture, Geometry, LayerAt, Net, Recurrence, mat, row_and_above, rows_of, taps_major,
+    Architecture, Geometry, LayerAt, Net, Recurrence, mat, row_and_above, row_slots, rows_of,
+    taps_major,
 };
 use crate::kernels::Target;
 
@@ -75,13 +76,7 @@ pub(super) fn layer(
     }
     for r in 0..rows {
         let span = r * block..(r + 1) * block;
-        // This row's slot, and the row above's: with `keep` the map's own rows, without two
-        // slots in turn.
-        let (slot, above) = if keep {
-            (r, r.checked_sub(1))
-        } else {
-            (r % 2, (r > 0).then_some((r + 1) % 2))
-        };
+        let (slot, above) = row_slots(r, keep);
         let (cell, c_above) = row_and_above(&mut rec.cell, slot, above, block * H);
         let (hidden, h_above) = row_and_above(&mut rec.hidden, slot, above, block * H);
         let above = above.map(|_| (h_above, c_above));
@@ -367,7 +362,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::super::reference::{self, Params, Shape};
-    use super::super::tests::reference_nll_gradient;
+    use super::super::tests::{assert_gradient_is_the_references, reference_nll_gradient};
     use super::super::{flatten, unflatten};
     use super::*;
     use crate::kernels::Isa;
@@ -469,20 +464,12 @@ mod tests {
                 }
                 let (want_ll, want) =
                     reference_nll_gradient(&p, &x, n, (height, width), flat.len());
-                let mut grad = vec![0f32; flat.len()];
-                let nll = net.gradient(&x, &mut grad);
-                let want_nll = -want_ll.iter().sum::<f64>();
-                assert!(
-                    (nll - want_nll).abs() < 1e-4 * want_nll.abs(),
-                    "width {width}, skip {skip}: NLL {nll} vs {want_nll}"
+                assert_gradient_is_the_references(
+                    &net,
+                    &x,
+                    (&want_ll, &want),
+                    &format!("width {width}, skip {skip}"),
                 );
-                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
-                for (k, (got, want)) in grad.iter().zip(&want).enumerate() {
-                    assert!(
-                        (f64::from(*got) - want).abs() < 1e-4 * scale,
-                        "width {width}, skip {skip}, parameter {k}: {got} vs {want}"
-                    );
-                }
             }
         }
     }
