@@ -11,7 +11,7 @@
 //! (Diagonal BiLSTM). The GEMMs are [`gemm_rows`](super::gemm::gemm_rows)' register tiles on
 //! strided views of the maps (a weight read across is copied into rows first); the gates' σ and
 //! tanh are the vectorized ones of [`math`](super::math), compiled for each instruction set.
-//! Scoring and sampling a Row LSTM of h = 16 on AVX-512 skip the GEMMs: `row_step.rs` fuses
+//! A Row LSTM's forward pass of h = 16 on AVX-512 or AVX2 skips the GEMMs: `row_step/` fuses
 //! a layer's products, gates and 1×1 output per tile of pixels in registers.
 //!
 //! Layouts inside a chunk of n images of H × W:

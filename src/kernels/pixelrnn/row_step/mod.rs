@@ -1,0 +1,347 @@
+//! A Row LSTM layer's forward pass fused for h = 16 on AVX-512 and on AVX2. Row by row, a tile
+//! of a few pixels accumulates both products (input-to-state and state-to-state, K = 4h + 3h)
+//! in registers; the gates' nonlinearities, the cell update, the output and the 1×1
+//! convolution back to 2h (added to the layer's input) follow at once. The gate
+//! pre-activations never reach memory, which the unfused path writes (a row of them is larger
+//! than L1) and reads back twice; the next map is written once. A pass that keeps activations
+//! for the backward pass (training) stores the gates after their nonlinearity, the cells,
+//! their tanh and the outputs of every row, as the unfused path does; one that keeps none
+//! (scoring, sampling) keeps the cells and outputs of two rows only.
+//!
+//! This file holds what both instruction sets share: which layers qualify, the weights' layout,
+//! the rows' loop and its padding. Each instruction set's tile (registers, σ and tanh of its
+//! own, with a reciprocal estimate and a Newton step instead of a division, tested against f64)
+//! is in the file named after it: 16 AVX-512 registers hold a tile's four gates of one pixel
+//! each, while AVX2, with half the registers of half the width, runs the tile gate by gate.
+//!
+//! Other widths and instruction sets take the GEMMs and [`lstm_forward`](super::lstm_forward).
+//! Only pixels are computed: the padding columns of everything written are set to zero, which
+//! is what the next row's taps (and the next layer's, and the backward pass) must read.
+
+use super::{
+    Architecture, Geometry, LayerAt, Net, Recurrence, mat, row_and_above, row_slots, rows_of,
+    taps_major,
+};
+use crate::kernels::Target;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// LSTM units this layer is written for.
+const H: usize = 16;
+/// Gate pre-activations per pixel (o, f, i, g).
+const GATES: usize = 4 * H;
+/// Features per map row, 2h.
+const F: usize = 2 * H;
+
+/// Whether [`layer`] can run a layer of `net`: a Row LSTM of h = 16 on AVX-512 or AVX2.
+pub(super) fn applies(net: &Net<'_>) -> bool {
+    net.shape.architecture == Architecture::RowLstm
+        && net.shape.hidden == H
+        && matches!(net.isa.target(), Target::Avx512 | Target::Avx2)
+}
+
+/// A Row LSTM layer (weights at `at`) over image rows `0..rows` of the chunk `g`: from its
+/// `input` map to the `next` map, input + 1×1(LSTM output) + bias (2h per map row, padding
+/// columns zero). With `keep`, `rec` receives every row's activations in the map's layout
+/// (what [`row_lstm_backward`](super::row_lstm_backward) reads); without, it is scratch for
+/// two rows of cells and outputs.
+///
+/// Panics unless [`applies`] holds and the maps (with `keep`, `rec` too) cover the chunk.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer(
+    net: &Net<'_>,
+    g: &Geometry,
+    at: &LayerAt,
+    input: &[f32],
+    next: &mut [f32],
+    rec: &mut Recurrence,
+    rows: usize,
+    keep: bool,
+) {
+    assert!(
+        applies(net),
+        "the fused Row LSTM needs AVX-512 or AVX2 and h = 16"
+    );
+    let w = net.params;
+    let block = g.n * g.p;
+    assert!(g.p == g.width + 2, "one padding column either side");
+    assert!(input.len() >= g.rows_up_to(rows) * F && next.len() >= g.rows_up_to(rows) * F);
+    let weights = Weights {
+        input: taps_major(&w[at.input[0]..], GATES, F, 2),
+        state: taps_major(&w[at.state[0]..], GATES, H, 3),
+        bias: w[at.input_bias[0]..at.input_bias[0] + GATES].to_vec(),
+        output: rows_of(mat(&w[at.output..], 1, H), H, F),
+        output_bias: w[at.output_bias..at.output_bias + F].to_vec(),
+    };
+    let slots = if keep { rows } else { 2 };
+    for buf in [&mut rec.cell, &mut rec.hidden] {
+        if buf.len() < slots * block * H {
+            buf.resize(slots * block * H, 0.0);
+        }
+    }
+    if keep {
+        assert!(rec.gates.len() >= rows * block * GATES && rec.tanh_cell.len() >= rows * block * H);
+    }
+    let tiles: Tiles = match net.isa.target() {
+        #[cfg(target_arch = "x86_64")]
+        Target::Avx512 => avx512::tiles,
+        #[cfg(target_arch = "x86_64")]
+        Target::Avx2 => avx2::tiles,
+        _ => unreachable!("`applies` holds for AVX-512 and AVX2 only"),
+    };
+    for r in 0..rows {
+        let span = r * block..(r + 1) * block;
+        let (slot, above) = row_slots(r, keep);
+        let (cell, c_above) = row_and_above(&mut rec.cell, slot, above, block * H);
+        let (hidden, h_above) = row_and_above(&mut rec.hidden, slot, above, block * H);
+        let above = above.map(|_| (h_above, c_above));
+        let mut kept = keep.then(|| {
+            (
+                &mut rec.gates[span.start * GATES..span.end * GATES],
+                &mut rec.tanh_cell[span.start * H..span.end * H],
+            )
+        });
+        let x = &input[span.start * F..span.end * F];
+        let y = &mut next[span.start * F..span.end * F];
+        for i in 0..g.n {
+            for q in [i * g.p, (i + 1) * g.p - 1] {
+                cell[q * H..(q + 1) * H].fill(0.0);
+                hidden[q * H..(q + 1) * H].fill(0.0);
+                y[q * F..(q + 1) * F].fill(0.0);
+                if let Some((gates, tanh_cell)) = &mut kept {
+                    gates[q * GATES..(q + 1) * GATES].fill(0.0);
+                    tanh_cell[q * H..(q + 1) * H].fill(0.0);
+                }
+            }
+        }
+        let (gates, tanh_cell) = match &mut kept {
+            Some((g, t)) => (g.as_mut_ptr(), t.as_mut_ptr()),
+            None => (std::ptr::null_mut(), std::ptr::null_mut()),
+        };
+        let args = Args {
+            x: x.as_ptr(),
+            h_above: above.map_or(std::ptr::null(), |(h, _)| h.as_ptr()),
+            c_above: above.map_or(std::ptr::null(), |(_, c)| c.as_ptr()),
+            w_in: weights.input.as_ptr(),
+            w_state: weights.state.as_ptr(),
+            bias: weights.bias.as_ptr(),
+            w_out: weights.output.as_ptr(),
+            out_bias: weights.output_bias.as_ptr(),
+            cell: cell.as_mut_ptr(),
+            hidden: hidden.as_mut_ptr(),
+            gates,
+            tanh_cell,
+            next: y.as_mut_ptr(),
+        };
+        for i in 0..g.n {
+            let end = (i + 1) * g.p - 1;
+            let mut q = i * g.p + 1;
+            while q < end {
+                // SAFETY: `applies` checked that the CPU runs the tile's instruction set (an
+                // `Isa`'s invariant); every pointer covers the row's `block` map rows (the
+                // weights their shapes), and pixels q .. end of image i, with the one map row
+                // either side their taps reach, lie within its map rows i·p .. (i + 1)·p.
+                q += unsafe { tiles(q, end - q, args) };
+            }
+        }
+    }
+}
+
+/// Runs the pixels at map rows q, q + 1, … (at most the given count, at least one) as one tile
+/// and returns how many it ran.
+///
+/// # Safety
+/// The CPU runs the tile's instruction set; the pointers of [`Args`] are as [`layer`] builds
+/// them, and the pixels' map rows with one either side lie within one image's row.
+type Tiles = unsafe fn(usize, usize, Args) -> usize;
+
+/// A layer's weights as the tiles read them: rows of 4h gates or 2h features.
+struct Weights {
+    /// Input-to-state, taps dx = −1, 0: 2 · 2h rows.
+    input: Vec<f32>,
+    /// State-to-state, taps dx = −1, 0, +1 of the row above: 3 · h rows.
+    state: Vec<f32>,
+    bias: Vec<f32>,
+    /// The 1×1 back to 2h: h rows.
+    output: Vec<f32>,
+    output_bias: Vec<f32>,
+}
+
+/// One image row's operands, for the tiles: the layer's input `x` (2h per map row), the row
+/// above's outputs and cells `h_above` and `c_above` (h each; null for the first row), the
+/// weights, and where this row's cells, outputs (h each) and next map (2h) go; `gates` (4h,
+/// after their nonlinearity) and `tanh_cell` (h) are null when nothing is kept.
+#[derive(Clone, Copy)]
+struct Args {
+    x: *const f32,
+    h_above: *const f32,
+    c_above: *const f32,
+    w_in: *const f32,
+    w_state: *const f32,
+    bias: *const f32,
+    w_out: *const f32,
+    out_bias: *const f32,
+    cell: *mut f32,
+    hidden: *mut f32,
+    gates: *mut f32,
+    tanh_cell: *mut f32,
+    next: *mut f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::super::reference::{self, Params, Shape};
+    use super::super::tests::{assert_gradient_is_the_references, reference_nll_gradient};
+    use super::super::{flatten, unflatten};
+    use super::*;
+    use crate::kernels::Isa;
+
+    /// σ and tanh (computed by `vector`) against f64 over the range the gates take and past
+    /// both ends.
+    fn assert_sigmoid_and_tanh_match_f64(
+        isa: &str,
+        vector: impl Fn(&[f32]) -> (Vec<f32>, Vec<f32>),
+    ) {
+        let grid: Vec<f32> = (-4000..=4000).map(|k| k as f32 * 0.025).collect();
+        for xs in grid.chunks_exact(16) {
+            let (s, t) = vector(xs);
+            for ((&x, s), t) in xs.iter().zip(s).zip(t) {
+                let x = f64::from(x);
+                let (want_s, want_t) = (1.0 / (1.0 + (-x).exp()), x.tanh());
+                // Relative to σ, growing with |x| as the f32 product x·log₂e rounds (absolute,
+                // which is what the gates feel, it stays below 2⁻²³).
+                assert!(
+                    (f64::from(s) - want_s).abs() <= 2e-7 * (1.0 + x.abs()) * want_s + 1e-30,
+                    "{isa}: σ({x}) = {s} vs {want_s}"
+                );
+                assert!(
+                    (f64::from(t) - want_t).abs() <= 2.5e-7,
+                    "{isa}: tanh({x}) = {t} vs {want_t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_sigmoid_and_tanh_match_f64() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipping the AVX-512 σ: this CPU lacks AVX-512");
+            return;
+        }
+        assert_sigmoid_and_tanh_match_f64("AVX-512", |xs| {
+            // SAFETY: the CPU has AVX-512F (checked above); `xs` holds 16 values.
+            unsafe {
+                use std::arch::x86_64::*;
+                let x = _mm512_loadu_ps(xs.as_ptr());
+                let (mut s, mut t) = (vec![0f32; 16], vec![0f32; 16]);
+                _mm512_storeu_ps(s.as_mut_ptr(), avx512::sigmoid(x));
+                _mm512_storeu_ps(t.as_mut_ptr(), avx512::tanh(x));
+                (s, t)
+            }
+        });
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_sigmoid_and_tanh_match_f64() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            eprintln!("skipping the AVX2 σ: this CPU lacks AVX2 or FMA");
+            return;
+        }
+        assert_sigmoid_and_tanh_match_f64("AVX2", |xs| {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); `xs` holds 16 values.
+            unsafe {
+                use std::arch::x86_64::*;
+                let (mut s, mut t) = (vec![0f32; 16], vec![0f32; 16]);
+                for v in [0, 8] {
+                    let x = _mm256_loadu_ps(xs.as_ptr().add(v));
+                    _mm256_storeu_ps(s.as_mut_ptr().add(v), avx2::sigmoid(x));
+                    _mm256_storeu_ps(t.as_mut_ptr().add(v), avx2::tanh(x));
+                }
+                (s, t)
+            }
+        });
+    }
+
+    /// Widths 1 to 13 give every tile size (1 to 6 pixels) and every remainder after full
+    /// tiles; 10 images are a full chunk and a partial one; skip connections on and off. The
+    /// fused layers' log-likelihoods, the logits of a pass over the first rows only
+    /// (sampling's), and the gradient (whose forward pass keeps the fused layers' activations)
+    /// are the f64 reference's.
+    #[test]
+    fn fused_rows_match_the_reference_at_every_width() {
+        let isas: Vec<Isa> = Isa::available()
+            .into_iter()
+            .filter(|i| matches!(i.target(), Target::Avx512 | Target::Avx2))
+            .collect();
+        if isas.is_empty() {
+            eprintln!("skipping the fused Row LSTM: this CPU has neither AVX-512 nor AVX2");
+            return;
+        }
+        for isa in isas {
+            let (n, height) = (10, 3);
+            for width in 1..=13 {
+                for skip in [false, true] {
+                    let shape = Shape {
+                        architecture: Architecture::RowLstm,
+                        hidden: H,
+                        layers: 2,
+                        channels: 1,
+                        levels: 2,
+                        skip,
+                    };
+                    let mut flat = flatten(&Params::random(shape, 0.5, width as u64));
+                    shape.apply_mask(&mut flat);
+                    let p = unflatten(shape, &flat);
+                    let net = Net {
+                        shape,
+                        params: &flat,
+                        height,
+                        width,
+                        isa,
+                        pool_grid: 1,
+                    };
+                    assert!(applies(&net));
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(width as u64);
+                    let d = height * width;
+                    let x: Vec<u8> = (0..n * d).map(|_| u8::from(rng.random_bool(0.4))).collect();
+                    let mut ll = vec![0.0; n];
+                    net.log_likelihood(&x, &mut ll, None);
+                    let mut logits = vec![f32::NAN; n * d];
+                    net.logits_up_to(&x, 2, &mut logits);
+                    for (i, (image, got)) in x.chunks_exact(d).zip(&ll).enumerate() {
+                        let want = reference::log_likelihood(&p, image, height, width);
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{isa:?}: width {width}, skip {skip}, image {i}: {got} vs {want}"
+                        );
+                        let want = reference::logits(&p, image, height, width);
+                        for (k, want) in want[..2 * width].iter().enumerate() {
+                            let got = f64::from(logits[i * d + k]);
+                            assert!(
+                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{isa:?}: width {width}, skip {skip}, image {i}, logit {k}: {got} vs {want}"
+                            );
+                        }
+                    }
+                    let (want_ll, want) =
+                        reference_nll_gradient(&p, &x, n, (height, width), flat.len());
+                    assert_gradient_is_the_references(
+                        &net,
+                        &x,
+                        (&want_ll, &want),
+                        &format!("{isa:?}: width {width}, skip {skip}"),
+                    );
+                }
+            }
+        }
+    }
+}
