@@ -370,21 +370,28 @@ mod x86 {
     /// Rows of an AVX2 tile: 12 accumulators of the 16 registers.
     const ROWS_256: usize = 6;
 
-    /// Depth of a block of K: every tile of a panel runs one block before any runs the next,
-    /// so the block's rows of B (at most 64 columns, 32 KiB) and its columns of A are read
-    /// from L1 by all but the first tile. A product with a long K (a weight's gradient, summed
-    /// over every pixel of a chunk) otherwise streams all of B from memory once per tile.
-    const KC: usize = 128;
+    /// Depth of a block of K on AVX-512: every tile of a panel runs one block before any runs
+    /// the next, so the block's rows of B (at most 64 columns, 32 KiB) and its columns of A
+    /// are read from L1 by all but the first tile. A product with a long K (a weight's
+    /// gradient, summed over every pixel of a chunk) otherwise streams all of B from memory
+    /// once per tile.
+    const KC_512: usize = 128;
 
-    /// The K blocks `(k0, k1, β, bias)` of a product over `k` values: the first with the
-    /// caller's β and bias, every later one adding to C.
+    /// [`KC_512`] for AVX2, half as deep: the CPUs with AVX2 and not AVX-512 have 32 KiB of
+    /// L1 data (AVX-512 ones 48), which a weight's gradient with A read across (48 rows, 24
+    /// KiB over 128 values of K) and its panel of B overflowed.
+    const KC_256: usize = 64;
+
+    /// The K blocks `(k0, k1, β, bias)` of a product over `k` values, `kc` deep: the first
+    /// with the caller's β and bias, every later one adding to C.
     fn k_blocks(
         k: usize,
+        kc: usize,
         beta: f32,
         bias: *const f32,
     ) -> impl Iterator<Item = (usize, usize, f32, *const f32)> {
-        (0..k.div_ceil(KC)).map(move |b| {
-            let (k0, k1) = (b * KC, ((b + 1) * KC).min(k));
+        (0..k.div_ceil(kc)).map(move |b| {
+            let (k0, k1) = (b * kc, ((b + 1) * kc).min(k));
             if b == 0 {
                 (k0, k1, beta, bias)
             } else {
@@ -489,7 +496,7 @@ mod x86 {
             } else {
                 (1u16 << rest) - 1
             };
-            for (k0, k1, beta, bias) in k_blocks(k, beta, bias) {
+            for (k0, k1, beta, bias) in k_blocks(k, KC_512, beta, bias) {
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = (m - i0).min(rows_512(vecs));
@@ -593,7 +600,7 @@ mod x86 {
             let lanes: [i32; 8] = std::array::from_fn(|l| if (l as i32) < rest { -1 } else { 0 });
             // SAFETY: reads eight i32 from an array of eight.
             let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
-            for (k0, k1, beta, bias) in k_blocks(k, beta, bias) {
+            for (k0, k1, beta, bias) in k_blocks(k, KC_256, beta, bias) {
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = (m - i0).min(ROWS_256);
