@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Args, F, H};
+use super::{Args, EXP2_SERIES, F, H, tile_of};
 
 /// Pixels per tile: 6 × 4 accumulators and the 4 weight vectors fill 28 of the 32
 /// registers.
@@ -18,14 +18,7 @@ const TILE: usize = 6;
 pub(super) unsafe fn tiles(q: usize, pixels: usize, a: Args) -> usize {
     // SAFETY: the caller's.
     unsafe {
-        match pixels.min(TILE) {
-            6 => tile::<6>(q, a),
-            5 => tile::<5>(q, a),
-            4 => tile::<4>(q, a),
-            3 => tile::<3>(q, a),
-            2 => tile::<2>(q, a),
-            _ => tile::<1>(q, a),
-        }
+        tile_of!(tile, pixels.min(TILE), q, a);
     }
     pixels.clamp(1, TILE)
 }
@@ -97,19 +90,10 @@ unsafe fn tile<const R: usize>(q: usize, a: Args) {
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
 fn exp2(t: __m512) -> __m512 {
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let r = _mm512_sub_ps(t, n);
-    let mut p = _mm512_set1_ps(C[6]);
-    for &c in C[..6].iter().rev() {
+    let mut p = _mm512_set1_ps(EXP2_SERIES[6]);
+    for &c in EXP2_SERIES[..6].iter().rev() {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     _mm512_scalef_ps(p, n)

@@ -158,6 +158,33 @@ pub(super) fn layer(
 /// them, and the pixels' map rows with one either side lie within one image's row.
 type Tiles = unsafe fn(usize, usize, Args) -> usize;
 
+/// 2^r for |r| ≤ ½: the coefficients of its degree-6 series, lowest first (error below 2⁻²³
+/// relative), for both instruction sets' σ and tanh.
+const EXP2_SERIES: [f32; 7] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+];
+
+/// Runs `$tile::<R>(q, args)` for the runtime tile size R, 1 to 6.
+macro_rules! tile_of {
+    ($tile:ident, $pixels:expr, $q:expr, $args:expr) => {
+        match $pixels {
+            6 => $tile::<6>($q, $args),
+            5 => $tile::<5>($q, $args),
+            4 => $tile::<4>($q, $args),
+            3 => $tile::<3>($q, $args),
+            2 => $tile::<2>($q, $args),
+            _ => $tile::<1>($q, $args),
+        }
+    };
+}
+use tile_of;
+
 /// A layer's weights as the tiles read them: rows of 4h gates or 2h features.
 struct Weights {
     /// Input-to-state, taps dx = −1, 0: 2 · 2h rows.
