@@ -35,10 +35,11 @@ pub(super) unsafe fn tiles(q: usize, pixels: usize, a: Args) -> usize {
 unsafe fn tile<const R: usize>(q: usize, a: Args) {
     // SAFETY (all accesses): the caller's.
     unsafe {
-        // The activated gates (o, f, i, g) of each pixel, 4h apart.
-        let mut scratch = [0f32; TILE * GATES];
+        // The activated gates (o, f, i, g) of each pixel, 4h apart. The scratch is read only
+        // where the gates' pass below has written it, so it needs no zeroing.
+        let mut scratch = std::mem::MaybeUninit::<[f32; TILE * GATES]>::uninit();
         let act = if a.gates.is_null() {
-            scratch.as_mut_ptr()
+            scratch.as_mut_ptr().cast::<f32>()
         } else {
             a.gates.add(q * GATES)
         };

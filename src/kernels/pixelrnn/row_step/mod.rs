@@ -11,8 +11,9 @@
 //! This file holds what both instruction sets share: which layers qualify, the weights' layout,
 //! the rows' loop and its padding. Each instruction set's tile (registers, σ and tanh of its
 //! own, with a reciprocal estimate and a Newton step instead of a division, tested against f64)
-//! is in the file named after it: 16 AVX-512 registers hold a tile's four gates of one pixel
-//! each, while AVX2, with half the registers of half the width, runs the tile gate by gate.
+//! is in the file named after it: on AVX-512 each of a tile's pixels holds its four gates in
+//! four 16-lane registers, while AVX2, with half the registers of half the width, runs the
+//! tile gate by gate.
 //!
 //! Other widths and instruction sets take the GEMMs and [`lstm_forward`](super::lstm_forward).
 //! Only pixels are computed: the padding columns of everything written are set to zero, which
@@ -106,17 +107,7 @@ pub(super) fn layer(
         });
         let x = &input[span.start * F..span.end * F];
         let y = &mut next[span.start * F..span.end * F];
-        for i in 0..g.n {
-            for q in [i * g.p, (i + 1) * g.p - 1] {
-                cell[q * H..(q + 1) * H].fill(0.0);
-                hidden[q * H..(q + 1) * H].fill(0.0);
-                y[q * F..(q + 1) * F].fill(0.0);
-                if let Some((gates, tanh_cell)) = &mut kept {
-                    gates[q * GATES..(q + 1) * GATES].fill(0.0);
-                    tanh_cell[q * H..(q + 1) * H].fill(0.0);
-                }
-            }
-        }
+        zero_padding(g, cell, hidden, y, &mut kept);
         let (gates, tanh_cell) = match &mut kept {
             Some((g, t)) => (g.as_mut_ptr(), t.as_mut_ptr()),
             None => (std::ptr::null_mut(), std::ptr::null_mut()),
@@ -145,6 +136,29 @@ pub(super) fn layer(
                 // weights their shapes), and pixels q .. end of image i, with the one map row
                 // either side their taps reach, lie within its map rows i·p .. (i + 1)·p.
                 q += unsafe { tiles(q, end - q, args) };
+            }
+        }
+    }
+}
+
+/// Zeroes one image row's padding columns (one map row either side of each image) in
+/// everything the row writes: what the next row's taps, the next layer and the backward pass
+/// read there.
+fn zero_padding(
+    g: &Geometry,
+    cell: &mut [f32],
+    hidden: &mut [f32],
+    next: &mut [f32],
+    kept: &mut Option<(&mut [f32], &mut [f32])>,
+) {
+    for i in 0..g.n {
+        for q in [i * g.p, (i + 1) * g.p - 1] {
+            cell[q * H..(q + 1) * H].fill(0.0);
+            hidden[q * H..(q + 1) * H].fill(0.0);
+            next[q * F..(q + 1) * F].fill(0.0);
+            if let Some((gates, tanh_cell)) = kept {
+                gates[q * GATES..(q + 1) * GATES].fill(0.0);
+                tanh_cell[q * H..(q + 1) * H].fill(0.0);
             }
         }
     }
