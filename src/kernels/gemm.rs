@@ -377,9 +377,12 @@ mod x86 {
     /// once per tile.
     const KC_512: usize = 128;
 
-    /// [`KC_512`] for AVX2, half as deep: the CPUs with AVX2 and not AVX-512 have 32 KiB of
-    /// L1 data (AVX-512 ones 48), which a weight's gradient with A read across (48 rows, 24
-    /// KiB over 128 values of K) and its panel of B overflowed.
+    /// [`KC_512`] for AVX2, half as deep. Each depth is the faster one on the machine it was
+    /// measured on: 128 on an Intel Xeon with AVX-512 and 48 KiB of L1 data, 64 on an AMD
+    /// EPYC with AVX2 only and 32 KiB, where a weight's gradient with A read across (48
+    /// rows, 24 KiB over 128 values of K) and its panel of B no longer fit L1 together. The
+    /// instruction set stands in for the L1 size, which it does not fix (an AVX-512 CPU with
+    /// 32 KiB would want 64 too).
     const KC_256: usize = 64;
 
     /// The K blocks `(k0, k1, β, bias)` of a product over `k` values, `kc` deep: the first

@@ -271,12 +271,12 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx512_sigmoid_and_tanh_match_f64() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if Isa::named("avx512").is_err() {
             eprintln!("skipping the AVX-512 σ: this CPU lacks AVX-512");
             return;
         }
         assert_sigmoid_and_tanh_match_f64("AVX-512", |xs| {
-            // SAFETY: the CPU has AVX-512F (checked above); `xs` holds 16 values.
+            // SAFETY: the CPU runs the `avx512` Isa (checked above), so it has AVX-512F; `xs` holds 16 values.
             unsafe {
                 use std::arch::x86_64::*;
                 let x = _mm512_loadu_ps(xs.as_ptr());
@@ -291,14 +291,12 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx2_sigmoid_and_tanh_match_f64() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if Isa::named("avx2").is_err() {
             eprintln!("skipping the AVX2 σ: this CPU lacks AVX2 or FMA");
             return;
         }
         assert_sigmoid_and_tanh_match_f64("AVX2", |xs| {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); `xs` holds 16 values.
+            // SAFETY: the CPU runs the `avx2` Isa (checked above), so it has AVX2 and FMA; `xs` holds 16 values.
             unsafe {
                 use std::arch::x86_64::*;
                 let (mut s, mut t) = (vec![0f32; 16], vec![0f32; 16]);
@@ -319,7 +317,7 @@ mod tests {
     /// are the f64 reference's.
     #[test]
     fn fused_rows_match_the_reference_at_every_width() {
-        let isas: Vec<Isa> = Isa::available()
+        let isas: Vec<Isa> = Isa::for_tests()
             .into_iter()
             .filter(|i| matches!(i.target(), Target::Avx512 | Target::Avx2))
             .collect();
@@ -362,14 +360,16 @@ mod tests {
                         let want = reference::log_likelihood(&p, image, height, width);
                         assert!(
                             (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{isa:?}: width {width}, skip {skip}, image {i}: {got} vs {want}"
+                            "{}: width {width}, skip {skip}, image {i}: {got} vs {want}",
+                            isa.name()
                         );
                         let want = reference::logits(&p, image, height, width);
                         for (k, want) in want[..2 * width].iter().enumerate() {
                             let got = f64::from(logits[i * d + k]);
                             assert!(
                                 (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{isa:?}: width {width}, skip {skip}, image {i}, logit {k}: {got} vs {want}"
+                                "{}: width {width}, skip {skip}, image {i}, logit {k}: {got} vs {want}",
+                                isa.name()
                             );
                         }
                     }
@@ -379,7 +379,7 @@ mod tests {
                         &net,
                         &x,
                         (&want_ll, &want),
-                        &format!("{isa:?}: width {width}, skip {skip}"),
+                        &format!("{}: width {width}, skip {skip}", isa.name()),
                     );
                 }
             }
