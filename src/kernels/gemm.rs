@@ -6,10 +6,10 @@
 //! AVX2's 8 × 8, which on the per-row products of PixelRNN (M ≈ 240, K = 48, N = 64, hundreds
 //! of calls per image) left most of the machine idle. Here a register tile of rows × 64 columns
 //! (AVX-512: 6 × 4 vectors of 16, up to 12 × 2 for narrow products; AVX2: 6 × 2 vectors of
-//! 8) runs down K with B's rows streaming from L1, every tile of a panel through one block of
-//! K before any starts the next (so a long K, a weight's gradient summed over a chunk's
-//! pixels, is not streamed from memory once per tile); edges are the same tile with fewer rows
-//! and a masked last vector. The portable build hands the product to matrixmultiply (through
+//! 8) runs down K with B's rows streaming from L1, every tile of every panel through one block
+//! of K before any starts the next (so a long K, a weight's gradient summed over a chunk's
+//! pixels, is streamed from memory once, not once per tile or per panel); edges are the same
+//! tile with fewer rows and a masked last vector. The portable build hands the product to matrixmultiply (through
 //! ndarray), as before.
 //!
 //! Every instruction set is held to a plain f64 triple loop on odd sizes (tests below).
@@ -370,11 +370,11 @@ mod x86 {
     /// Rows of an AVX2 tile: 12 accumulators of the 16 registers.
     const ROWS_256: usize = 6;
 
-    /// Depth of a block of K on AVX-512: every tile of a panel runs one block before any runs
-    /// the next, so the block's rows of B (at most 64 columns, 32 KiB) and its columns of A
-    /// are read from L1 by all but the first tile. A product with a long K (a weight's
+    /// Depth of a block of K on AVX-512: every tile of every panel runs one block before any
+    /// runs the next, so the block's rows of B (at most 64 columns, 32 KiB) and its columns of
+    /// A are read from L1 by all but the first tile. A product with a long K (a weight's
     /// gradient, summed over every pixel of a chunk) otherwise streams all of B from memory
-    /// once per tile.
+    /// once per tile, and all of A once per panel.
     const KC_512: usize = 128;
 
     /// [`KC_512`] for AVX2, half as deep. Each depth is the faster one on the machine it was
@@ -489,17 +489,16 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let mut j0 = 0;
-        while j0 < n {
-            let width = (n - j0).min(64);
-            let vecs = width.div_ceil(16);
-            let rest = width - 16 * (vecs - 1);
-            let tail: __mmask16 = if rest == 16 {
-                0xffff
-            } else {
-                (1u16 << rest) - 1
-            };
-            for (k0, k1, beta, bias) in k_blocks(k, KC_512, beta, bias) {
+        for (k0, k1, beta, bias) in k_blocks(k, KC_512, beta, bias) {
+            for j0 in (0..n).step_by(64) {
+                let width = (n - j0).min(64);
+                let vecs = width.div_ceil(16);
+                let rest = width - 16 * (vecs - 1);
+                let tail: __mmask16 = if rest == 16 {
+                    0xffff
+                } else {
+                    (1u16 << rest) - 1
+                };
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = (m - i0).min(rows_512(vecs));
@@ -514,7 +513,6 @@ mod x86 {
                     i0 += rows;
                 }
             }
-            j0 += 64;
         }
     }
 
@@ -594,16 +592,16 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let mut j0 = 0;
-        while j0 < n {
-            let width = (n - j0).min(16);
-            let vecs = width.div_ceil(8);
-            let rest = (width - 8 * (vecs - 1)) as i32;
-            let full = rest == 8;
-            let lanes: [i32; 8] = std::array::from_fn(|l| if (l as i32) < rest { -1 } else { 0 });
-            // SAFETY: reads eight i32 from an array of eight.
-            let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
-            for (k0, k1, beta, bias) in k_blocks(k, KC_256, beta, bias) {
+        for (k0, k1, beta, bias) in k_blocks(k, KC_256, beta, bias) {
+            for j0 in (0..n).step_by(16) {
+                let width = (n - j0).min(16);
+                let vecs = width.div_ceil(8);
+                let rest = (width - 8 * (vecs - 1)) as i32;
+                let full = rest == 8;
+                let lanes: [i32; 8] =
+                    std::array::from_fn(|l| if (l as i32) < rest { -1 } else { 0 });
+                // SAFETY: reads eight i32 from an array of eight.
+                let tail = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = (m - i0).min(ROWS_256);
@@ -619,7 +617,6 @@ mod x86 {
                     i0 += rows;
                 }
             }
-            j0 += 16;
         }
     }
 
