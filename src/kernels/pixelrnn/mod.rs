@@ -1874,9 +1874,15 @@ fn row_lstm_backward(
     let d_c = &mut s.d_c[..block * h];
     d_c.fill(0.0);
     let state = at.state[0];
-    let w_state = taps_major(&w[state..], 4 * h, h, 3);
-    let w_state_t = rows_of(mat(&w_state, 1, 4 * h), 4 * h, 3 * h);
-    let mut d_taps = vec![0f32; block * 3 * h];
+    // ∂ of the row above at map row a is Σ_t ∂z[a + 1 − t]·W_tᵀ (tap t reads column
+    // c − 1 + t): the three rows of ∂z from a − 1 on as one overlapping K = 12h operand against
+    // the taps' weights stacked transposed, last tap first.
+    let stacked: Vec<f32> = (0..3)
+        .rev()
+        .flat_map(|t| {
+            (0..4 * h).flat_map(move |z| (0..h).map(move |u| w[state + (z * h + u) * 3 + t]))
+        })
+        .collect();
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);
         // The padding columns' states are not the model's; what reached them goes nowhere.
@@ -1900,29 +1906,21 @@ fn row_lstm_backward(
             h,
         );
         if r > 0 {
-            // As in the forward pass: the three taps of the row above as one K = 3h operand.
-            let dz = &d_z[(b0 + 1) * 4 * h..(b1 - 1) * 4 * h];
-            gemm(
+            // The row above's first and last map rows are padding: only 1..block − 1 are
+            // written, so every ∂z read is this row's.
+            gemm_rows(
                 net.isa,
                 block - 2,
-                4 * h,
-                3 * h,
-                mat(dz, 4 * h, 1),
-                mat(&w_state_t, 3 * h, 1),
-                0.0,
-                &mut d_taps,
-                3 * h,
+                12 * h,
+                h,
+                mat(&d_z[b0 * 4 * h..b1 * 4 * h], 4 * h, 1),
+                &stacked,
+                h,
+                1.0,
+                None,
+                &mut d_h[(b0 - block + 1) * h..b0 * h],
+                h,
             );
-            let above = &mut d_h[(b0 - block) * h..b0 * h];
-            for (m, taps) in d_taps[..(block - 2) * 3 * h]
-                .chunks_exact(3 * h)
-                .enumerate()
-            {
-                above[m * h..(m + 3) * h]
-                    .iter_mut()
-                    .zip(taps)
-                    .for_each(|(a, d)| *a += d);
-            }
         }
     }
     // State-to-state, every row at once: z[m] read the hidden state at m − block − 1, m −
