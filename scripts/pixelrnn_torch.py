@@ -8,6 +8,10 @@ loop, as a user would write it. Times training steps (Adam) and scoring on rando
 images and prints one JSON object: torch, train_images_per_s, score_images_per_s (medians).
 
     python3 scripts/pixelrnn_torch.py --architecture row_lstm --threads 2
+
+With --serve it times one pass per request instead, so that a caller can alternate its own
+passes with these and both see the same machine: it prints {"torch": version} once warm, then
+for each line "train" or "score" read from stdin one line {"images_per_s": rate}, until EOF.
 """
 
 import argparse
@@ -129,13 +133,24 @@ class PixelRnn(nn.Module):
         return self.logit(F.relu(self.head(F.relu(y))))
 
 
+def rate(count, run):
+    start = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - start)
+
+
 def median_rate(repeats, count, run):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return count / statistics.median(times)
+    return statistics.median(rate(count, run) for _ in range(repeats))
+
+
+def serve(count, passes):
+    print(json.dumps({"torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        what = line.strip()
+        if what not in passes:
+            print(f"unknown request {what!r}: expected one of {sorted(passes)}", file=sys.stderr)
+            sys.exit(2)
+        print(json.dumps({"images_per_s": rate(count, passes[what])}), flush=True)
 
 
 def main():
@@ -149,6 +164,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="training steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve", action="store_true", help="time one pass per line of stdin")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -171,6 +187,9 @@ def main():
                 F.binary_cross_entropy_with_logits(model(batch), batch, reduction="none").sum((1, 2, 3))
 
     train()  # warm-up
+    if args.serve:
+        serve(args.batch * args.steps, {"train": train, "score": score})
+        return
     result = {
         "torch": torch.__version__,
         "threads": args.threads,

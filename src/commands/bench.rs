@@ -2,7 +2,9 @@
 //! trains and scores here, measured against baselines taken in the same run — the naive
 //! reference kernels, the machine's own SGEMM rate for the fraction of peak, and for PixelRNN a
 //! PyTorch implementation of the same network on the same threads
-//! (`scripts/pixelrnn_torch.py`). Medians of `--repeats` timings; nothing is asserted.
+//! (`scripts/pixelrnn_torch.py`), whose passes alternate with ours so that both see the same
+//! machine. Medians of `--repeats` timings (for the comparison, the median of the rounds'
+//! ratios); nothing is asserted.
 
 use std::io::Write;
 use std::time::Instant;
@@ -190,8 +192,80 @@ fn report<M: Measured>(
     .and_then(|report| write_json(a, &report))
 }
 
-/// [`report`], with the rates of a comparison implementation measured in the same run (its
-/// name and rates), printed as ratios; returns the figures as JSON.
+/// Another implementation of the same model, timed one pass at a time in turn with ours, so
+/// that both see the same machine: a neighbour's load then moves both rates, not their ratio.
+trait Rival {
+    /// What it is, as printed ("PyTorch 2.15.0").
+    fn name(&self) -> String;
+    /// Images per second of one training pass.
+    fn train_rate(&mut self) -> std::result::Result<f64, String>;
+    /// Images per second of one scoring pass.
+    fn score_rate(&mut self) -> std::result::Result<f64, String>;
+}
+
+/// Our rates and a rival's from `repeats` rounds of one pass each, ours first: the medians of
+/// both, and the median of the rounds' ratios (ours / theirs), which is what is quoted.
+struct Paired {
+    ours: Rates,
+    theirs: Rates,
+    ratio: Rates,
+}
+
+/// Alternates our training passes with the rival's, then our scoring passes with its; the
+/// rival's first failure ends the comparison (with its reason).
+fn paired<M: Measured>(
+    repeats: usize,
+    model: &M,
+    pixels: ArrayView2<'_, u8>,
+    batch: usize,
+    rival: &mut dyn Rival,
+) -> std::result::Result<Paired, String> {
+    let n = pixels.nrows();
+    let train = alternate(
+        repeats,
+        || rate_of(n, || train_pass(model, pixels, batch)),
+        || rival.train_rate(),
+    )?;
+    let score = alternate(
+        repeats,
+        || rate_of(n, || score_pass(model, pixels)),
+        || rival.score_rate(),
+    )?;
+    Ok(Paired {
+        ours: Rates {
+            train: train.0,
+            score: score.0,
+        },
+        theirs: Rates {
+            train: train.1,
+            score: score.1,
+        },
+        ratio: Rates {
+            train: train.2,
+            score: score.2,
+        },
+    })
+}
+
+/// `repeats` rounds of `ours` then `theirs` (each a rate): the median of ours, of theirs and
+/// of the rounds' ratios.
+fn alternate(
+    repeats: usize,
+    mut ours: impl FnMut() -> f64,
+    mut theirs: impl FnMut() -> std::result::Result<f64, String>,
+) -> std::result::Result<(f64, f64, f64), String> {
+    let (mut a, mut b, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (x, y) = (ours(), theirs()?);
+        a.push(x);
+        b.push(y);
+        ratio.push(x / y);
+    }
+    Ok((median(a), median(b), median(ratio)))
+}
+
+/// [`report`], with a rival implementation timed in turn with our kernels on the chosen
+/// instruction set (or why it could not be), printed as ratios; returns the figures as JSON.
 #[allow(clippy::too_many_arguments)]
 fn report_with<M: Measured>(
     a: &BenchArgs,
@@ -201,7 +275,7 @@ fn report_with<M: Measured>(
     pixels: ArrayView2<'_, u8>,
     baseline: &Baseline,
     quote_pytorch: bool,
-    comparison: Option<&dyn Fn() -> std::result::Result<(String, Rates), String>>,
+    mut rival: Option<std::result::Result<Box<dyn Rival>, String>>,
 ) -> Result<serde_json::Value> {
     let n = pixels.nrows();
     let threads = rayon::current_num_threads();
@@ -217,11 +291,24 @@ fn report_with<M: Measured>(
             .join(", ")
     ));
     let mut fast = Vec::new();
+    let mut compared = None;
     for isa in Isa::available() {
         let m = model.on(isa);
-        let rates = Rates {
-            train: median_rate(a.repeats, n, || train_pass(&m, pixels, a.batch)),
-            score: median_rate(a.repeats, n, || score_pass(&m, pixels)),
+        let rates = match &mut rival {
+            Some(Ok(r)) if isa == chosen => {
+                let name = r.name();
+                match paired(a.repeats, &m, pixels, a.batch, r.as_mut()) {
+                    Ok(p) => {
+                        compared = Some(Ok((name, p.theirs, p.ratio)));
+                        p.ours
+                    }
+                    Err(why) => {
+                        compared = Some(Err(why));
+                        measure(a, &m, pixels)
+                    }
+                }
+            }
+            _ => measure(a, &m, pixels),
         };
         say(format_args!(
             "  fast kernels ({:<8})  train {:>9.0} img/s   score {:>9.0} img/s\n",
@@ -288,19 +375,26 @@ fn report_with<M: Measured>(
             best.score / PYTORCH_QUOTED.1
         ));
     }
-    let compared = comparison.map(|run| run());
+    if let Some(Err(why)) = rival {
+        compared = Some(Err(why));
+    }
     let compared_json = match &compared {
-        Some(Ok((name, r))) => {
+        Some(Ok((name, r, ratio))) => {
             say(format_args!(
-                "  {name:<24}train {:>9.1} img/s   score {:>9.1} img/s   (same threads, measured now)\n",
+                "  {name:<24}train {:>9.1} img/s   score {:>9.1} img/s   (same threads, its passes alternating with ours)\n",
                 r.train, r.score
             ));
             say(format_args!(
-                "  speed-up over it        train {:>9.1}×        score {:>9.1}×\n",
-                best.train / r.train,
-                best.score / r.score
+                "  speed-up over it        train {:>9.1}×        score {:>9.1}×   (median of {} paired passes)\n",
+                ratio.train, ratio.score, a.repeats
             ));
-            json!({ "name": name, "train_images_per_s": r.train, "score_images_per_s": r.score })
+            json!({
+                "name": name,
+                "train_images_per_s": r.train,
+                "score_images_per_s": r.score,
+                "train_speedup": ratio.train,
+                "score_speedup": ratio.score,
+            })
         }
         Some(Err(why)) => {
             say(format_args!("  comparison skipped: {why}\n"));
@@ -386,17 +480,32 @@ fn load_images(a: &BenchArgs, ctx: &Context, binary: bool) -> Result<(ImageShape
     Ok((shape, pixels))
 }
 
-/// `count / t` for the median time t of `repeats` runs of `pass`.
+/// The median of `count / t` over `repeats` runs of `pass` taking t each.
 fn median_rate(repeats: usize, count: usize, mut pass: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            pass();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    count as f64 / times[times.len() / 2].max(1e-12)
+    median((0..repeats).map(|_| rate_of(count, &mut pass)).collect())
+}
+
+/// `count / t` for the time t of one run of `pass`.
+fn rate_of(count: usize, pass: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    pass();
+    count as f64 / start.elapsed().as_secs_f64().max(1e-12)
+}
+
+/// The middle value (the upper of the two middle ones for an even count); `values` is not
+/// empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Training and scoring rates of `m`, medians of `--repeats` passes each.
+fn measure<M: Measured>(a: &BenchArgs, m: &M, pixels: ArrayView2<'_, u8>) -> Rates {
+    let n = pixels.nrows();
+    Rates {
+        train: median_rate(a.repeats, n, || train_pass(m, pixels, a.batch)),
+        score: median_rate(a.repeats, n, || score_pass(m, pixels)),
+    }
 }
 
 /// One epoch of real training steps (sharded gradient, reduction, Adam) over `pixels`.
@@ -525,7 +634,35 @@ fn rate(v: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::rate;
+    use super::{alternate, rate};
+
+    /// The quoted ratio is the median of the rounds' ratios, which one round where only the
+    /// rival was slowed does not move, and not the ratio of the medians.
+    #[test]
+    fn alternating_rounds_quote_the_median_of_their_ratios() {
+        // Ours 10, 30, 20 and theirs 5, 15, 5 (its third pass slowed): ratios 2, 2, 4, while
+        // the ratio of the medians is 20 / 5 = 4.
+        let mut ours = [10.0, 30.0, 20.0].into_iter();
+        let mut theirs = [5.0, 15.0, 5.0].into_iter();
+        let (a, b, ratio) =
+            alternate(3, || ours.next().unwrap(), || Ok(theirs.next().unwrap())).unwrap();
+        assert_eq!((a, b, ratio), (20.0, 5.0, 2.0));
+        // The rival's failure ends the comparison with its reason.
+        let mut calls = 0;
+        let failed = alternate(
+            3,
+            || 1.0,
+            || {
+                calls += 1;
+                if calls < 2 {
+                    Ok(1.0)
+                } else {
+                    Err("it stopped".to_string())
+                }
+            },
+        );
+        assert_eq!(failed, Err("it stopped".to_string()));
+    }
 
     #[test]
     fn rates_keep_three_significant_figures() {

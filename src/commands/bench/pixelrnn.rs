@@ -2,11 +2,12 @@
 //! reference, the machine's SGEMM and a PyTorch implementation of the same network
 //! (`scripts/pixelrnn_torch.py`) on the same threads, all measured in this run.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use rayon::prelude::*;
 
-use super::{Baseline, Rates, load_images, median_rate, report_with, write_json};
+use super::{Baseline, Rates, Rival, load_images, median_rate, report_with, write_json};
 use crate::cli::BenchArgs;
 use crate::error::{Error, Result};
 use crate::kernels::pixelrnn::{Architecture, Shape, reference, unflatten};
@@ -98,8 +99,8 @@ pub fn bench(a: &BenchArgs, ctx: &Context) -> Result<()> {
             "PixelRNN {name} ({} layers, h = {}, {pixels_are})",
             net.layers, net.hidden
         );
-        let torch = || pytorch(a, net, height, width);
-        let torch: Option<&dyn Fn() -> _> = (!a.eight_bit).then_some(&torch);
+        let torch = (!a.eight_bit)
+            .then(|| PyTorch::start(a, net, height, width).map(|t| Box::new(t) as Box<dyn Rival>));
         reports.push(report_with(
             a,
             &label,
@@ -128,53 +129,118 @@ fn flops(net: Shape, d: usize) -> (f64, f64) {
     (3.0 * score, score)
 }
 
-/// Runs `scripts/pixelrnn_torch.py` on the same threads and sizes; its rates, or why not.
-fn pytorch(
-    a: &BenchArgs,
-    net: Shape,
-    height: usize,
-    width: usize,
-) -> std::result::Result<(String, Rates), String> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pixelrnn_torch.py");
-    if !script.exists() {
-        return Err(format!("{} is not here", script.display()));
+/// `scripts/pixelrnn_torch.py --serve`, running on the same threads and sizes: one timed pass
+/// per request, so the bench can alternate them with its own.
+struct PyTorch {
+    child: Child,
+    requests: Option<ChildStdin>,
+    answers: BufReader<ChildStdout>,
+    version: String,
+    /// How the script was started, for messages.
+    command: String,
+}
+
+impl PyTorch {
+    /// Starts the script and waits until it is warm (its first line), or says why it did not.
+    fn start(
+        a: &BenchArgs,
+        net: Shape,
+        height: usize,
+        width: usize,
+    ) -> std::result::Result<Self, String> {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pixelrnn_torch.py");
+        if !script.exists() {
+            return Err(format!("{} is not here", script.display()));
+        }
+        let architecture = match net.architecture {
+            Architecture::RowLstm => "row_lstm",
+            Architecture::DiagonalBiLstm => "diagonal_bilstm",
+        };
+        let mut child = Command::new(&a.python)
+            .arg(&script)
+            .args(["--architecture", architecture])
+            .args(["--layers", &net.layers.to_string()])
+            .args(["--hidden", &net.hidden.to_string()])
+            .args(["--height", &height.to_string()])
+            .args(["--width", &width.to_string()])
+            .args(["--batch", &a.batch.to_string()])
+            .args(["--threads", &rayon::current_num_threads().to_string()])
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{} did not start: {e}", a.python))?;
+        let requests = child.stdin.take();
+        let answers = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut torch = Self {
+            child,
+            requests,
+            answers,
+            version: String::new(),
+            command: format!("{} {}", a.python, script.display()),
+        };
+        let first = torch.answer()?;
+        torch.version = first["torch"].as_str().unwrap_or("?").to_string();
+        Ok(torch)
     }
-    let architecture = match net.architecture {
-        Architecture::RowLstm => "row_lstm",
-        Architecture::DiagonalBiLstm => "diagonal_bilstm",
-    };
-    let output = Command::new(&a.python)
-        .arg(&script)
-        .args(["--architecture", architecture])
-        .args(["--layers", &net.layers.to_string()])
-        .args(["--hidden", &net.hidden.to_string()])
-        .args([
-            "--height",
-            &height.to_string(),
-            "--width",
-            &width.to_string(),
-        ])
-        .args(["--batch", &a.batch.to_string()])
-        .args(["--threads", &rayon::current_num_threads().to_string()])
-        .args(["--repeats", &a.repeats.min(3).to_string()])
-        .output()
-        .map_err(|e| format!("{} did not start: {e}", a.python))?;
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let last = err.lines().last().unwrap_or("no message");
-        return Err(format!("{} {}: {last}", a.python, script.display()));
+
+    /// The next line of output as JSON; when there is none, why (the last line the script
+    /// wrote to stderr).
+    fn answer(&mut self) -> std::result::Result<serde_json::Value, String> {
+        let mut line = String::new();
+        let read = self.answers.read_line(&mut line);
+        if matches!(read, Ok(0) | Err(_)) {
+            self.requests = None;
+            let mut err = String::new();
+            if let Some(stderr) = self.child.stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            let _ = self.child.wait();
+            let last = err.lines().last().unwrap_or("no message");
+            return Err(format!("{}: {last}", self.command));
+        }
+        serde_json::from_str(&line).map_err(|e| {
+            format!(
+                "unreadable output of {}: {e}: {}",
+                self.command,
+                line.trim_end()
+            )
+        })
     }
-    let v: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .map_err(|e| format!("unreadable output of {}: {e}", script.display()))?;
-    let rate = |k: &str| {
-        v[k].as_f64()
-            .ok_or_else(|| format!("no `{k}` in its output"))
-    };
-    Ok((
-        format!("PyTorch {}", v["torch"].as_str().unwrap_or("?")),
-        Rates {
-            train: rate("train_images_per_s")?,
-            score: rate("score_images_per_s")?,
-        },
-    ))
+
+    /// Asks for one pass of `what` ("train" or "score") and returns its rate.
+    fn rate(&mut self, what: &str) -> std::result::Result<f64, String> {
+        if let Some(requests) = self.requests.as_mut() {
+            // A failed write shows as the missing answer below.
+            let _ = writeln!(requests, "{what}").and_then(|()| requests.flush());
+        }
+        let answer = self.answer()?;
+        answer["images_per_s"]
+            .as_f64()
+            .ok_or_else(|| format!("no `images_per_s` in {answer} from {}", self.command))
+    }
+}
+
+impl Rival for PyTorch {
+    fn name(&self) -> String {
+        format!("PyTorch {}", self.version)
+    }
+
+    fn train_rate(&mut self) -> std::result::Result<f64, String> {
+        self.rate("train")
+    }
+
+    fn score_rate(&mut self) -> std::result::Result<f64, String> {
+        self.rate("score")
+    }
+}
+
+impl Drop for PyTorch {
+    /// Closes the script's input (it ends at EOF) and waits for it.
+    fn drop(&mut self) {
+        self.requests = None;
+        let _ = self.child.wait();
+    }
 }
