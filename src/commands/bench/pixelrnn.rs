@@ -238,9 +238,17 @@ impl Rival for PyTorch {
 }
 
 impl Drop for PyTorch {
-    /// Closes the script's input (it ends at EOF) and waits for it.
+    /// Closes the script's input (it ends at EOF) and waits for it a few seconds, then ends
+    /// it, so that a script which stopped reading cannot hold the bench.
     fn drop(&mut self) {
         self.requests = None;
+        for _ in 0..50 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
