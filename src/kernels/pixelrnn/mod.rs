@@ -1954,7 +1954,8 @@ fn row_lstm_backward(
         );
         if r > 0 {
             // The row above's first and last map rows are padding: only 1..block − 1 are
-            // written, so every ∂z read is this row's.
+            // written, so every ∂z read is this row's (zero on its padding columns, whose ∂h
+            // was zeroed above).
             gemm_rows(
                 net.isa,
                 block - 2,
