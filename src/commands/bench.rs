@@ -203,23 +203,25 @@ trait Rival {
     fn score_rate(&mut self) -> std::result::Result<f64, String>;
 }
 
-/// Our rates and a rival's from `repeats` rounds of one pass each, ours first: the medians of
-/// both, and the median of the rounds' ratios (ours / theirs), which is what is quoted.
+/// One kind of pass (training or scoring) from `repeats` rounds of one pass each, ours first:
+/// the median rates of both, and the median of the rounds' ratios (ours / theirs), which is
+/// what is quoted.
+#[derive(Debug, PartialEq)]
 struct Paired {
-    ours: Rates,
-    theirs: Rates,
-    ratio: Rates,
+    ours: f64,
+    theirs: f64,
+    ratio: f64,
 }
 
-/// Alternates our training passes with the rival's, then our scoring passes with its; the
-/// rival's first failure ends the comparison (with its reason).
+/// Alternates our training passes with the rival's, then our scoring passes with its:
+/// (training, scoring). The rival's first failure ends the comparison (with its reason).
 fn paired<M: Measured>(
     repeats: usize,
     model: &M,
     pixels: ArrayView2<'_, u8>,
     batch: usize,
     rival: &mut dyn Rival,
-) -> std::result::Result<Paired, String> {
+) -> std::result::Result<(Paired, Paired), String> {
     let n = pixels.nrows();
     let train = alternate(
         repeats,
@@ -231,29 +233,15 @@ fn paired<M: Measured>(
         || rate_of(n, || score_pass(model, pixels)),
         || rival.score_rate(),
     )?;
-    Ok(Paired {
-        ours: Rates {
-            train: train.0,
-            score: score.0,
-        },
-        theirs: Rates {
-            train: train.1,
-            score: score.1,
-        },
-        ratio: Rates {
-            train: train.2,
-            score: score.2,
-        },
-    })
+    Ok((train, score))
 }
 
-/// `repeats` rounds of `ours` then `theirs` (each a rate): the median of ours, of theirs and
-/// of the rounds' ratios.
+/// `repeats` rounds of `ours` then `theirs`, each returning a rate.
 fn alternate(
     repeats: usize,
     mut ours: impl FnMut() -> f64,
     mut theirs: impl FnMut() -> std::result::Result<f64, String>,
-) -> std::result::Result<(f64, f64, f64), String> {
+) -> std::result::Result<Paired, String> {
     let (mut a, mut b, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
         let (x, y) = (ours(), theirs()?);
@@ -261,7 +249,11 @@ fn alternate(
         b.push(y);
         ratio.push(x / y);
     }
-    Ok((median(a), median(b), median(ratio)))
+    Ok(Paired {
+        ours: median(a),
+        theirs: median(b),
+        ratio: median(ratio),
+    })
 }
 
 /// [`report`], with a rival implementation timed in turn with our kernels on the chosen
@@ -298,9 +290,13 @@ fn report_with<M: Measured>(
             Some(Ok(r)) if isa == chosen => {
                 let name = r.name();
                 match paired(a.repeats, &m, pixels, a.batch, r.as_mut()) {
-                    Ok(p) => {
-                        compared = Some(Ok((name, p.theirs, p.ratio)));
-                        p.ours
+                    Ok((train, score)) => {
+                        let ours = Rates {
+                            train: train.ours,
+                            score: score.ours,
+                        };
+                        compared = Some(Ok((name, train, score)));
+                        ours
                     }
                     Err(why) => {
                         compared = Some(Err(why));
@@ -379,21 +375,21 @@ fn report_with<M: Measured>(
         compared = Some(Err(why));
     }
     let compared_json = match &compared {
-        Some(Ok((name, r, ratio))) => {
+        Some(Ok((name, train, score))) => {
             say(format_args!(
                 "  {name:<24}train {:>9.1} img/s   score {:>9.1} img/s   (same threads, its passes alternating with ours)\n",
-                r.train, r.score
+                train.theirs, score.theirs
             ));
             say(format_args!(
                 "  speed-up over it        train {:>9.1}×        score {:>9.1}×   (median of {} paired passes)\n",
-                ratio.train, ratio.score, a.repeats
+                train.ratio, score.ratio, a.repeats
             ));
             json!({
                 "name": name,
-                "train_images_per_s": r.train,
-                "score_images_per_s": r.score,
-                "train_speedup": ratio.train,
-                "score_speedup": ratio.score,
+                "train_images_per_s": train.theirs,
+                "score_images_per_s": score.theirs,
+                "train_speedup": train.ratio,
+                "score_speedup": score.ratio,
             })
         }
         Some(Err(why)) => {
@@ -634,7 +630,7 @@ fn rate(v: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{alternate, rate};
+    use super::{Paired, alternate, rate};
 
     /// The quoted ratio is the median of the rounds' ratios, which one round where only the
     /// rival was slowed does not move, and not the ratio of the medians.
@@ -644,9 +640,13 @@ mod tests {
         // the ratio of the medians is 20 / 5 = 4.
         let mut ours = [10.0, 30.0, 20.0].into_iter();
         let mut theirs = [5.0, 15.0, 5.0].into_iter();
-        let (a, b, ratio) =
-            alternate(3, || ours.next().unwrap(), || Ok(theirs.next().unwrap())).unwrap();
-        assert_eq!((a, b, ratio), (20.0, 5.0, 2.0));
+        let paired = alternate(3, || ours.next().unwrap(), || Ok(theirs.next().unwrap())).unwrap();
+        let want = Paired {
+            ours: 20.0,
+            theirs: 5.0,
+            ratio: 2.0,
+        };
+        assert_eq!(paired, want);
         // The rival's failure ends the comparison with its reason.
         let mut calls = 0;
         let failed = alternate(
