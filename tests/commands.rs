@@ -237,6 +237,41 @@ fn bench_measures_every_kernel_and_writes_its_figures() {
                 .contains("no-such-python")
         );
     }
+    // An interpreter that starts but fails: the comparison says why, in the last line it wrote
+    // to stderr (`ls` rejects the script's arguments and ends with where to read its help).
+    let out = pipeline(
+        &repo(),
+        &[
+            "bench",
+            "--model",
+            "pixelrnn",
+            "--architecture",
+            "row_lstm",
+            "--layers",
+            "1",
+            "--hidden",
+            "3",
+            "--images",
+            "8",
+            "--reference-images",
+            "1",
+            "--repeats",
+            "1",
+            "--python",
+            "ls",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    out.expect(0);
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let skipped = reports[0]["comparison"]["skipped"].as_str().unwrap();
+    assert!(
+        skipped.starts_with("ls ") && skipped.contains("--help"),
+        "{skipped}"
+    );
     // Bad arguments are usage errors, not panics.
     pipeline(&repo(), &["bench", "--repeats", "0"], &[])
         .expect(64)

@@ -135,6 +135,9 @@ struct PyTorch {
     child: Child,
     requests: Option<ChildStdin>,
     answers: BufReader<ChildStdout>,
+    /// Everything the script writes to stderr, read as it comes (so that a script warning at
+    /// length cannot fill the pipe and stall), for the message when it fails.
+    errors: Option<std::thread::JoinHandle<String>>,
     version: String,
     /// How the script was started, for messages.
     command: String,
@@ -174,10 +177,17 @@ impl PyTorch {
             .map_err(|e| format!("{} did not start: {e}", a.python))?;
         let requests = child.stdin.take();
         let answers = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let errors = std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
         let mut torch = Self {
             child,
             requests,
             answers,
+            errors: Some(errors),
             version: String::new(),
             command: format!("{} {}", a.python, script.display()),
         };
@@ -193,11 +203,12 @@ impl PyTorch {
         let read = self.answers.read_line(&mut line);
         if matches!(read, Ok(0) | Err(_)) {
             self.requests = None;
-            let mut err = String::new();
-            if let Some(stderr) = self.child.stderr.as_mut() {
-                let _ = stderr.read_to_string(&mut err);
-            }
             let _ = self.child.wait();
+            let err = self
+                .errors
+                .take()
+                .and_then(|e| e.join().ok())
+                .unwrap_or_default();
             let last = err.lines().last().unwrap_or("no message");
             return Err(format!("{}: {last}", self.command));
         }

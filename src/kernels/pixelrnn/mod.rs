@@ -1926,9 +1926,7 @@ fn row_lstm_backward(
     // the taps' weights stacked transposed, last tap first.
     let stacked: Vec<f32> = (0..3)
         .rev()
-        .flat_map(|t| {
-            (0..4 * h).flat_map(move |z| (0..h).map(move |u| w[state + (z * h + u) * 3 + t]))
-        })
+        .flat_map(|tap| rows_of(mat(&w[state + tap..], 3 * h, 3), 4 * h, h))
         .collect();
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);

@@ -4,7 +4,7 @@
 //! the pass keeps activations, straight where the backward pass reads them); then the cells,
 //! the outputs and the 1×1 back to 2h. Pixels go in pairs whose products share terms
 //! ([`pair_tile`]), which takes 5h multiply-adds per gate and pixel instead of 7h; a row of
-//! odd width ends with one pixel alone ([`tile`]). Its σ and tanh build 2ˣ from integer
+//! odd width ends with one pixel alone ([`pixel`]). Its σ and tanh build 2ˣ from integer
 //! operations.
 
 use std::arch::x86_64::*;
@@ -26,7 +26,7 @@ pub(super) unsafe fn tiles(q: usize, pixels: usize, a: Args) -> usize {
     // SAFETY: the caller's.
     unsafe {
         if pairs == 0 {
-            tile::<1>(q, a);
+            pixel(q, a);
             return 1;
         }
         let block = pairs.div_ceil(pairs.div_ceil(TILE));
@@ -35,19 +35,19 @@ pub(super) unsafe fn tiles(q: usize, pixels: usize, a: Args) -> usize {
     }
 }
 
-/// R pixels from map row q on, each gate's products straight from the taps, then their cells,
-/// outputs and next features: the last pixel of a row of odd width.
+/// The pixel at map row q alone, each gate's products straight from the taps, then its cell,
+/// output and next features: the last pixel of a row of odd width.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; map rows q − 1 .. q + R + 1 lie within the row.
+/// The CPU has AVX2 and FMA; map rows q − 1 .. q + 2 lie within the row.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const R: usize>(q: usize, a: Args) {
+unsafe fn pixel(q: usize, a: Args) {
     // SAFETY (all accesses): the caller's.
     unsafe {
-        // The activated gates (o, f, i, g) of each pixel, 4h apart. The scratch is read only
-        // where the gates' pass below has written it, so it needs no zeroing.
-        let mut scratch = std::mem::MaybeUninit::<[f32; TILE * GATES]>::uninit();
+        // The activated gates (o, f, i, g), 4h. The scratch is read only where the gates' pass
+        // below has written it, so it needs no zeroing.
+        let mut scratch = std::mem::MaybeUninit::<[f32; GATES]>::uninit();
         let act = if a.gates.is_null() {
             scratch.as_mut_ptr().cast::<f32>()
         } else {
@@ -56,7 +56,7 @@ unsafe fn tile<const R: usize>(q: usize, a: Args) {
         for gate in 0..4 {
             let column = gate * H;
             let bias = [0, 8].map(|v| _mm256_loadu_ps(a.bias.add(column + v)));
-            let mut acc = [bias; R];
+            let mut acc = [bias];
             // Input-to-state: taps dx = −1, 0 are map rows q − 1 and q, 2·2h contiguous values.
             accumulate(
                 &mut acc,
@@ -71,12 +71,10 @@ unsafe fn tile<const R: usize>(q: usize, a: Args) {
                 let h_above = a.h_above.add((q - 1) * H);
                 accumulate(&mut acc, h_above, H, a.w_state.add(column), GATES, 3 * H);
             }
-            for (r, acc) in acc.iter().enumerate() {
-                activate(gate, acc, act.add(r * GATES + column));
-            }
+            activate(gate, &acc[0], act.add(column));
         }
-        cells(q, R, act, a);
-        next_features::<R>(q, a);
+        cells(q, 1, act, a);
+        next_features::<1>(q, a);
     }
 }
 
