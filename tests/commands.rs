@@ -187,34 +187,28 @@ fn bench_measures_every_kernel_and_writes_its_figures() {
         }
         assert!(report["sgemm_flops_per_s"].as_f64().unwrap() > 0.0);
     }
-    // PixelRNN: both architectures, each with its comparison (skipped here: no such python).
+    // PixelRNN (1 layer, h = 3) with `python` as the comparison's interpreter and `more`
+    // arguments; the JSON report it wrote.
     let json = dir.path().join("pixelrnn.json");
-    let out = pipeline(
-        &repo(),
-        &[
-            "bench",
-            "--model",
-            "pixelrnn",
-            "--layers",
-            "1",
-            "--hidden",
-            "3",
-            "--images",
-            "24",
+    let pixelrnn = |python: &str, more: &[&str]| {
+        let mut args = vec![
+            "bench", "--model", "pixelrnn", "--layers", "1", "--hidden", "3",
+        ];
+        args.extend([
             "--reference-images",
             "1",
             "--repeats",
             "1",
             "--python",
-            "no-such-python",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    out.expect(0);
-    let reports: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+            python,
+        ]);
+        args.extend(["--json", json.to_str().unwrap()]);
+        args.extend(more);
+        pipeline(&repo(), &args, &[]).expect(0);
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    // Both architectures, each with its comparison (skipped here: no such python).
+    let reports = pixelrnn("no-such-python", &["--images", "24"]);
     let reports = reports.as_array().unwrap();
     assert_eq!(reports.len(), 2, "{reports:?}");
     for (report, name) in reports.iter().zip(["Row LSTM", "Diagonal BiLSTM"]) {
@@ -239,34 +233,7 @@ fn bench_measures_every_kernel_and_writes_its_figures() {
     }
     // An interpreter that starts but fails: the comparison says why, in the last line it wrote
     // to stderr (`ls` rejects the script's arguments and ends with where to read its help).
-    let out = pipeline(
-        &repo(),
-        &[
-            "bench",
-            "--model",
-            "pixelrnn",
-            "--architecture",
-            "row_lstm",
-            "--layers",
-            "1",
-            "--hidden",
-            "3",
-            "--images",
-            "8",
-            "--reference-images",
-            "1",
-            "--repeats",
-            "1",
-            "--python",
-            "ls",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    out.expect(0);
-    let reports: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let reports = pixelrnn("ls", &["--architecture", "row_lstm", "--images", "8"]);
     let skipped = reports[0]["comparison"]["skipped"].as_str().unwrap();
     assert!(
         skipped.starts_with("ls ") && skipped.contains("--help"),
