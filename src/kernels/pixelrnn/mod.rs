@@ -26,6 +26,7 @@
 //! The backward pass keeps every layer's activations from the forward pass in a workspace that
 //! is allocated once per thread and geometry, and runs back through the rows or skewed columns.
 
+mod paired_backward;
 pub mod reference;
 mod row_step;
 
@@ -821,7 +822,8 @@ impl Workspace {
             d_final: zeros(if net.shape.skip { g.rows * f } else { 0 }),
             d_tmp: zeros(g.rows * f),
             d_h: zeros(grid.max(g.rows) * h),
-            d_z: zeros(g.rows * 4 * h),
+            // One zero row past the map, which the paired products read.
+            d_z: zeros((g.rows + 1) * 4 * h),
             d_c: zeros(g.rows.max(g.height * n) * h),
             d_block: zeros(g.height * n * 4 * h),
         };
@@ -989,6 +991,22 @@ fn add_assign(dst: &mut [f32], src: &[f32]) {
     }
     for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
         *d += s;
+    }
+}
+
+dispatch! {
+    /// ∂ through a ReLU: `d` zeroed wherever the ReLU's output (or input) `v` is not positive.
+    fn through_relu(d: &mut [f32], v: &[f32]) -> ()
+        => through_relu_body
+}
+
+// `T` only names the copy `dispatch!` compiles: its target features vectorize the loops.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn through_relu_body<T: Target>(d: &mut [f32], v: &[f32]) {
+    // Branch-free, so it compiles to a compare and a mask per vector.
+    for (d, &v) in d.iter_mut().zip(v) {
+        *d = if v > 0.0 { *d } else { 0.0 };
     }
 }
 
@@ -1703,14 +1721,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         d_head,
         f,
     );
-    d_head[..plane]
-        .iter_mut()
-        .zip(&ws.head[..plane])
-        .for_each(|(dh, &hv)| {
-            if hv <= 0.0 {
-                *dh = 0.0
-            }
-        });
+    through_relu(net.isa, &mut d_head[..plane], &ws.head[..plane]);
     gemm(
         net.isa,
         f,
@@ -1744,14 +1755,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
     } else {
         &ws.feats[net.shape.layers * plane..]
     };
-    ws.d_feat[..plane]
-        .iter_mut()
-        .zip(&last[..plane])
-        .for_each(|(df, v)| {
-            if *v <= 0.0 {
-                *df = 0.0
-            }
-        });
+    through_relu(net.isa, &mut ws.d_feat[..plane], &last[..plane]);
     if net.shape.skip {
         ws.d_final[..plane].copy_from_slice(&ws.d_feat[..plane]);
     }
@@ -1917,17 +1921,14 @@ fn row_lstm_backward(
     let block = g.n * g.p;
     let d_h = &mut s.d_h[..rows * h];
     d_h.copy_from_slice(d_lstm);
-    let d_z = &mut s.d_z[..rows * 4 * h];
+    // With the zero row past the map, which the last row's ∂ of the row above reads.
+    let d_z = &mut s.d_z[..(rows + 1) * 4 * h];
     let d_c = &mut s.d_c[..block * h];
     d_c.fill(0.0);
     let state = at.state[0];
-    // ∂ of the row above at map row a is Σ_t ∂z[a + 1 − t]·W_tᵀ (tap t reads column
-    // c − 1 + t): the three rows of ∂z from a − 1 on as one overlapping K = 12h operand against
-    // the taps' weights stacked transposed, last tap first.
-    let stacked: Vec<f32> = (0..3)
-        .rev()
-        .flat_map(|tap| rows_of(mat(&w[state + tap..], 3 * h, 3), 4 * h, h))
-        .collect();
+    let taps = [0, 1, 2].map(|tap| rows_of(mat(&w[state + tap..], 3 * h, 3), 4 * h, h));
+    let above = paired_backward::RowAboveWeights::new([&taps[0], &taps[1], &taps[2]]);
+    let mut above_scratch = Vec::new();
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);
         // The padding columns' states are not the model's; what reached them goes nowhere.
@@ -1951,82 +1952,52 @@ fn row_lstm_backward(
             h,
         );
         if r > 0 {
-            // The row above's first and last map rows are padding: only 1..block − 1 are
-            // written, so every ∂z read is this row's (zero on its padding columns, whose ∂h
-            // was zeroed above).
-            gemm_rows(
+            // ∂ of the row above at its map rows 1..block − 1 (the first and last are padding),
+            // each read by the map rows below it from a + block − 1 on: this row's (zero on
+            // its padding columns, whose ∂h was zeroed above) and, past its end, the next
+            // row's first (padding, zero) or ∂z's zero row past the map. A write past the
+            // outputs lands on the last padding column, which the next step zeroes.
+            paired_backward::row_above_gradient(
                 net.isa,
+                h,
                 block - 2,
-                12 * h,
-                h,
-                mat(&d_z[b0 * 4 * h..b1 * 4 * h], 4 * h, 1),
-                &stacked,
-                h,
-                1.0,
-                None,
+                &d_z[b0 * 4 * h..(b1 + 1) * 4 * h],
+                &above,
+                &mut above_scratch,
                 &mut d_h[(b0 - block + 1) * h..b0 * h],
-                h,
             );
         }
     }
-    // State-to-state, every row at once: z[m] read the hidden state at m − block − 1, m −
-    // block, m − block + 1 (3h contiguous values), for every map row m from the second image
-    // row on. The padding map rows among them have ∂z = 0, so they add nothing.
-    let mut d_state = vec![0f32; 3 * h * 4 * h];
-    if g.height > 1 {
-        let first = block + 1;
-        gemm(
-            net.isa,
-            3 * h,
-            rows - 1 - first,
-            4 * h,
-            mat(&rec.hidden, 1, h),
-            mat(&d_z[first * 4 * h..], 4 * h, 1),
-            0.0,
-            &mut d_state,
-            4 * h,
-        );
-    }
-    add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 3);
-    // Input-to-state: dx = −1 (z[m] read x[m − 1]) and dx = 0, as one K = 4h operand.
+    // Both weights' gradients and ∂ of the input, every row at once (the padding map rows
+    // have ∂z = 0, so they add nothing).
     let input_w = at.input[0];
+    let [left, centre] = [0, 1].map(|tap| rows_of(mat(&w[input_w + tap..], 2 * f, 2), 4 * h, f));
     let mut d_input = vec![0f32; 2 * f * 4 * h];
-    gemm(
+    let mut d_state = vec![0f32; 3 * h * 4 * h];
+    paired_backward::backward_products(
         net.isa,
-        2 * f,
-        rows - 1,
-        4 * h,
-        mat(input, 1, f),
-        mat(&d_z[4 * h..], 4 * h, 1),
-        0.0,
-        &mut d_input,
-        4 * h,
+        h,
+        block,
+        &s.d_z[..(rows + 1) * 4 * h],
+        input,
+        &rec.hidden[..rows * h],
+        paired_backward::InputWeights {
+            left: &left,
+            centre: &centre,
+        },
+        paired_backward::Gradients {
+            input_weights: &mut d_input,
+            state_weights: &mut d_state,
+            input: &mut d_feat[..rows * f],
+        },
     );
+    add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 3);
     add_taps_major(&d_input, &mut grad[input_w..], 4 * h, f, 2);
     add_column_sums(
         net.isa,
-        d_z,
+        &s.d_z[..rows * 4 * h],
         rows,
         &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h],
-    );
-    // ∂x[m] = ∂z[m]·W(dx = 0) + ∂z[m + 1]·W(dx = −1): the two rows of ∂z as one overlapping
-    // K = 8h operand against both taps' weights stacked. The last map row is padding.
-    let stacked: Vec<f32> = [1, 0]
-        .into_iter()
-        .flat_map(|tap| rows_of(mat(&w[input_w + tap..], 2 * f, 2), 4 * h, f))
-        .collect();
-    gemm_rows(
-        net.isa,
-        rows - 1,
-        8 * h,
-        f,
-        mat(d_z, 4 * h, 1),
-        &stacked,
-        f,
-        1.0,
-        None,
-        d_feat,
-        f,
     );
 }
 
