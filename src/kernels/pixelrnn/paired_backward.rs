@@ -259,7 +259,8 @@ pub(super) fn backward_products(
     let (s1, s2) = rest.split_at_mut(h * n);
     s0.fill(0.0);
     s2.fill(0.0);
-    // C += Aᵀ·B over `k` pairs: A's rows and B's are `lda` and `ldb` apart, one a pair.
+    // C += A·B over `k` pairs: A (`lhs`) holds a pair's values in a column, B (`rhs`) in a
+    // row, its rows `ldb` apart.
     let outer =
         |rows_of_c: usize, k: usize, lhs: Mat<'_>, rhs: &[f32], ldb: usize, c: &mut [f32]| {
             gemm_rows(isa, rows_of_c, k, n, lhs, rhs, ldb, 1.0, None, c, n);
