@@ -129,6 +129,10 @@ fn flops(net: Shape, d: usize) -> (f64, f64) {
     (3.0 * score, score)
 }
 
+/// The PyTorch implementation the bench compares with, built into the binary (run as
+/// `python -c`), so a binary installed or moved away from its checkout still compares.
+const TORCH_SCRIPT: &str = include_str!("../../../scripts/pixelrnn_torch.py");
+
 /// `scripts/pixelrnn_torch.py --serve`, running on the same threads and sizes: one timed pass
 /// per request, so the bench can alternate them with its own.
 struct PyTorch {
@@ -151,17 +155,12 @@ impl PyTorch {
         height: usize,
         width: usize,
     ) -> std::result::Result<Self, String> {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pixelrnn_torch.py");
-        if !script.exists() {
-            return Err(format!("{} is not here", script.display()));
-        }
         let architecture = match net.architecture {
             Architecture::RowLstm => "row_lstm",
             Architecture::DiagonalBiLstm => "diagonal_bilstm",
         };
         let mut child = Command::new(&a.python)
-            .arg(&script)
+            .args(["-c", TORCH_SCRIPT])
             .args(["--architecture", architecture])
             .args(["--layers", &net.layers.to_string()])
             .args(["--hidden", &net.hidden.to_string()])
@@ -189,7 +188,7 @@ impl PyTorch {
             answers,
             errors: Some(errors),
             version: String::new(),
-            command: format!("{} {}", a.python, script.display()),
+            command: format!("{} -c <scripts/pixelrnn_torch.py, built in>", a.python),
         };
         let first = torch.answer()?;
         torch.version = first["torch"].as_str().unwrap_or("?").to_string();
