@@ -2,52 +2,56 @@
 //! so the tile runs gate by gate: the products of one gate (16 values, two registers a pixel)
 //! for all its pixels, then that gate's nonlinearity, into a small buffer in L1 (or, when
 //! the pass keeps activations, straight where the backward pass reads them); then the cells,
-//! the outputs and the 1×1 back to 2h. Pixels go in pairs whose products share terms
-//! ([`pair_tile`]), which takes 5h multiply-adds per gate and pixel instead of 7h; a row of
-//! odd width ends with one pixel alone ([`pixel`]). Its σ and tanh build 2ˣ from integer
-//! operations.
+//! the outputs and the 1×1 back to 2h. Pixels go in fours whose products share terms
+//! ([`quad_tile`]), which takes 4h multiply-adds per gate and pixel instead of 7h; the 1 to 3
+//! a row of width not a multiple of 4 leaves over take the taps directly ([`leftover`]). Its σ
+//! and tanh build 2ˣ from integer operations.
 
 use std::arch::x86_64::*;
 
-use super::{Args, EXP2_SERIES, F, GATES, H, tile_of};
+use super::{Args, EXP2_SERIES, F, GATES, H, QUAD_POINTS, tile_of};
 
-/// Pixels, or pairs of pixels, per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast
-/// fill 15 of the 16 registers.
+/// Fours of pixels per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast fill 15 of
+/// the 16 registers.
 const TILE: usize = 6;
 
-/// [`Tiles`](super::Tiles) for AVX2: up to [`TILE`] pairs of pixels (what is left of the row,
-/// in near-equal blocks), or a last pixel of odd count alone.
+/// [`Tiles`](super::Tiles) for AVX2: up to [`TILE`] fours of pixels (what is left of the row,
+/// in near-equal blocks), or the 1 to 3 pixels left over at its end.
 ///
 /// # Safety
 /// As [`Tiles`](super::Tiles); the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tiles(q: usize, pixels: usize, a: Args) -> usize {
-    let pairs = pixels / 2;
     // SAFETY: the caller's.
     unsafe {
-        if pairs == 0 {
-            pixel(q, a);
-            return 1;
+        let quads = pixels / 4;
+        if quads > 0 {
+            let block = quads.div_ceil(quads.div_ceil(TILE));
+            tile_of!(quad_tile, block, q, a);
+            return 4 * block;
         }
-        let block = pairs.div_ceil(pairs.div_ceil(TILE));
-        tile_of!(pair_tile, block, q, a);
-        2 * block
+        match pixels {
+            1 => leftover::<1>(q, a),
+            2 => leftover::<2>(q, a),
+            _ => leftover::<3>(q, a),
+        }
+        pixels.min(3)
     }
 }
 
-/// The pixel at map row q alone, each gate's products straight from the taps, then its cell,
-/// output and next features: the last pixel of a row of odd width.
+/// The last R pixels of a row, from map row q, too few (1 to 3) to make a four: each gate's
+/// products straight from the taps, then their cells, outputs and next features.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; map rows q − 1 .. q + 2 lie within the row.
+/// The CPU has AVX2 and FMA; map rows q − 1 .. q + R + 1 lie within the row.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn pixel(q: usize, a: Args) {
+unsafe fn leftover<const R: usize>(q: usize, a: Args) {
     // SAFETY (all accesses): the caller's.
     unsafe {
-        // The activated gates (o, f, i, g), 4h. The scratch is read only where the gates' pass
-        // below has written it, so it needs no zeroing.
-        let mut scratch = std::mem::MaybeUninit::<[f32; GATES]>::uninit();
+        // The activated gates (o, f, i, g), 4h a pixel. The scratch is read only where the
+        // gates' pass below has written it, so it needs no zeroing.
+        let mut scratch = std::mem::MaybeUninit::<[f32; 3 * GATES]>::uninit();
         let act = if a.gates.is_null() {
             scratch.as_mut_ptr().cast::<f32>()
         } else {
@@ -56,123 +60,160 @@ unsafe fn pixel(q: usize, a: Args) {
         for gate in 0..4 {
             let column = gate * H;
             let bias = [0, 8].map(|v| _mm256_loadu_ps(a.bias.add(column + v)));
-            let mut acc = [bias];
-            // Input-to-state: taps dx = −1, 0 are map rows q − 1 and q, 2·2h contiguous values.
-            accumulate(
-                &mut acc,
-                a.x.add((q - 1) * F),
-                F,
-                a.w_in.add(column),
-                GATES,
-                2 * F,
-            );
+            let mut acc = [bias; R];
+            // Input-to-state: taps dx = −1, 0 are map rows q + r − 1 and q + r, 2·2h contiguous
+            // values.
+            let x = a.x.add((q - 1) * F);
+            accumulate_in_halves(&mut acc, x, F, a.w_in.add(column), GATES, 2 * F);
             // State-to-state: the row above at dx = −1, 0, +1, 3h contiguous values.
             if !a.h_above.is_null() {
                 let h_above = a.h_above.add((q - 1) * H);
-                accumulate(&mut acc, h_above, H, a.w_state.add(column), GATES, 3 * H);
+                accumulate_in_halves(&mut acc, h_above, H, a.w_state.add(column), GATES, 3 * H);
             }
-            activate(gate, &acc[0], act.add(column));
+            for (r, acc) in acc.iter().enumerate() {
+                activate(gate, acc, act.add(r * GATES + column));
+            }
         }
-        cells(q, 1, act, a);
-        next_features::<1>(q, a);
+        cells(q, R, act, a);
+        next_features::<R>(q, a);
     }
 }
 
-/// R pairs of pixels from map row q on (pixels q + 2j and q + 2j + 1), by minimal filtering:
-/// per pair, three products of the input (K = 2h) and four of the row above (K = h) where the
-/// taps take four and six (K = 5h per pixel instead of 7h). With W₋₁, W₀ the input taps,
-/// V₋₁, V₀, V₊₁ the state taps, x the layer's input and s the row above's outputs at columns
-/// c − 1 … c + 2 (c = q + 2j):
+/// R fours of pixels from map row q on (pixels c … c + 3 for c = q + 4j), by Winograd's
+/// F(4, 3) over the points of [`QUAD_FILTER`](super::QUAD_FILTER): per four, five products of
+/// K = 3h (the input and the row above at the same point) and one of K = h (the row above at
+/// ∞, which the input's two taps do not reach), 16h multiply-adds per gate where the taps take
+/// 4 · 7h. With d₀ … d₅ the input's (and the row above's) values at columns c − 1 … c + 4, each
+/// point's transformed values are
 ///
-/// - shared  = x_c·(W₋₁ + W₀) + (s_c + s_{c+1})·(V₋₁ + V₀ + V₊₁)/2
-/// - odd     = (s_{c+1} − s_c)·(V₋₁ − V₀ + V₊₁)/2
-/// - z_c     = bias + shared + odd + (x_{c−1} − x_c)·W₋₁ + (s_{c−1} − s_{c+1})·V₋₁
-/// - z_{c+1} = bias + shared − odd + (x_{c+1} − x_c)·W₀ + (s_{c+2} − s_c)·V₊₁
+/// - t₀ = 4d₀ − 5d₂ + d₄,  t₁ = d₃ + d₄ − 4(d₁ + d₂),  t₂ = d₄ − d₃ + 4(d₁ − d₂),
+/// - t₃ = d₄ − d₂ + 2(d₃ − d₁),  t₄ = d₄ − d₂ − 2(d₃ − d₁),  t₅ = 4d₁ − 5d₃ + d₅ (row above only),
 ///
-/// which expand to the direct z_c = x_{c−1}·W₋₁ + x_c·W₀ + Σ_t s_{c+t}·V_t (the Toom–Cook
-/// F(2, 2) and Winograd F(2, 3) algorithms sharing their middle products).
+/// the products are m_k = t_k · U_k against the transformed weights U_k of [`Quads`](super::Quads),
+/// and the four pixels' pre-activations (bias added through m₁, which all four take once)
+///
+/// - z_c = m₀ + m₁ + m₂ + m₃ + m₄,  z_{c+1} = m₁ − m₂ + 2(m₃ − m₄),
+/// - z_{c+2} = m₁ + m₂ + 4(m₃ + m₄),  z_{c+3} = m₁ − m₂ + 8(m₃ − m₄) + m₅,
+///
+/// which expand to the direct z = x_{−1}·W₋₁ + x₀·W₀ + Σ_t s_t·V_t at each pixel.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; map rows q − 1 .. q + 2R + 1 lie within the row.
+/// The CPU has AVX2 and FMA; map rows q − 1 .. q + 4R + 1 lie within the row.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn pair_tile<const R: usize>(q: usize, a: Args) {
+unsafe fn quad_tile<const R: usize>(q: usize, a: Args) {
+    /// K of a point's product: the input's 2h values, then the row above's h.
+    const K: usize = 3 * H;
     // SAFETY (all accesses): the caller's.
     unsafe {
-        let mut scratch = std::mem::MaybeUninit::<[f32; 2 * TILE * GATES]>::uninit();
+        let mut scratch = std::mem::MaybeUninit::<[f32; 4 * TILE * GATES]>::uninit();
         let act = if a.gates.is_null() {
             scratch.as_mut_ptr().cast::<f32>()
         } else {
             a.gates.add(q * GATES)
         };
-        // The pairs' transformed inputs: x_{c−1} − x_c and x_{c+1} − x_c (2h each), and of the
-        // row above s_{c−1} − s_{c+1}, s_c + s_{c+1}, s_{c+1} − s_c, s_{c+2} − s_c (h each). Read
-        // only where written.
-        let mut sides = std::mem::MaybeUninit::<[f32; 2 * TILE * F]>::uninit();
-        let mut state = std::mem::MaybeUninit::<[f32; 4 * TILE * H]>::uninit();
-        let [left, right] = [0, 1].map(|k| sides.as_mut_ptr().cast::<f32>().add(k * TILE * F));
-        let s = [0, 1, 2, 3].map(|k| state.as_mut_ptr().cast::<f32>().add(k * TILE * H));
+        // Transformed values, point by point, four by four: K each. Read only where written
+        // (the input's part at ∞ never is).
+        let mut transformed = std::mem::MaybeUninit::<[f32; QUAD_POINTS * TILE * K]>::uninit();
+        let t = transformed.as_mut_ptr().cast::<f32>();
+        let at = |k: usize, j: usize| t.add((k * TILE + j) * K);
         let above = !a.h_above.is_null();
         for j in 0..R {
-            let x = a.x.add((q + 2 * j) * F);
+            let c = q + 4 * j;
+            let x = a.x.add((c - 1) * F);
             for v in (0..F).step_by(8) {
-                let [before, here, after] =
-                    [x.sub(F), x, x.add(F)].map(|p| _mm256_loadu_ps(p.add(v)));
-                _mm256_storeu_ps(left.add(j * F + v), _mm256_sub_ps(before, here));
-                _mm256_storeu_ps(right.add(j * F + v), _mm256_sub_ps(after, here));
+                let d: [__m256; 5] = std::array::from_fn(|i| _mm256_loadu_ps(x.add(i * F + v)));
+                for (k, t) in transform(&d).into_iter().enumerate() {
+                    _mm256_storeu_ps(at(k, j).add(v), t);
+                }
             }
             if above {
-                let h = a.h_above.add((q + 2 * j - 1) * H);
+                let s = a.h_above.add((c - 1) * H);
                 for v in (0..H).step_by(8) {
-                    let [d0, d1, d2, d3] = [0, 1, 2, 3].map(|k| _mm256_loadu_ps(h.add(k * H + v)));
-                    let at = j * H + v;
-                    _mm256_storeu_ps(s[0].add(at), _mm256_sub_ps(d0, d2));
-                    _mm256_storeu_ps(s[1].add(at), _mm256_add_ps(d1, d2));
-                    _mm256_storeu_ps(s[2].add(at), _mm256_sub_ps(d2, d1));
-                    _mm256_storeu_ps(s[3].add(at), _mm256_sub_ps(d3, d1));
+                    let d: [__m256; 6] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * H + v)));
+                    let four = transform(&[d[0], d[1], d[2], d[3], d[4]]);
+                    for (k, t) in four.into_iter().enumerate() {
+                        _mm256_storeu_ps(at(k, j).add(F + v), t);
+                    }
+                    let infinity = _mm256_fmadd_ps(
+                        _mm256_set1_ps(4.0),
+                        d[1],
+                        _mm256_fmadd_ps(_mm256_set1_ps(-5.0), d[3], d[5]),
+                    );
+                    _mm256_storeu_ps(at(5, j).add(F + v), infinity);
                 }
             }
         }
-        // Each product's weights: 2h input rows, then h state rows.
-        let state_rows = F * GATES;
+        let mut products = std::mem::MaybeUninit::<[f32; QUAD_POINTS * TILE * H]>::uninit();
+        let m = products.as_mut_ptr().cast::<f32>();
         for gate in 0..4 {
             let column = gate * H;
-            let zero = [_mm256_setzero_ps(); 2];
-            let mut shared = [zero; R];
-            let w = a.w_pair_shared.add(column);
-            accumulate(&mut shared, a.x.add(q * F), 2 * F, w, GATES, F);
-            let mut odd = [zero; R];
-            if above {
-                accumulate(&mut shared, s[1], H, w.add(state_rows), GATES, H);
-                accumulate(&mut odd, s[2], H, a.w_pair_odd.add(column), GATES, H);
-            }
             let bias = [0, 8].map(|v| _mm256_loadu_ps(a.bias.add(column + v)));
-            for (side, inputs, state, w) in [
-                (0, left, s[0], a.w_pair_left.add(column)),
-                (1, right, s[3], a.w_pair_right.add(column)),
-            ] {
-                let mut acc = [bias; R];
-                accumulate(&mut acc, inputs, F, w, GATES, F);
-                if above {
-                    accumulate(&mut acc, state, H, w.add(state_rows), GATES, H);
+            let w = a.w_quads.add(gate * QUAD_POINTS * K * H);
+            for k in 0..QUAD_POINTS {
+                let mut acc = [if k == 1 {
+                    bias
+                } else {
+                    [_mm256_setzero_ps(); 2]
+                }; R];
+                let w = w.add(k * K * H);
+                let (x, w, rows) = match (k, above) {
+                    (5, false) => (at(5, 0), w, 0),
+                    (5, true) => (at(5, 0).add(F), w.add(F * H), H),
+                    (_, true) => (at(k, 0), w, K),
+                    (_, false) => (at(k, 0), w, F),
+                };
+                if R <= 3 {
+                    accumulate_in_halves(&mut acc, x, K, w, H, rows);
+                } else {
+                    accumulate(&mut acc, x, K, w, H, rows);
                 }
                 for (j, acc) in acc.iter().enumerate() {
-                    let z = [0, 1].map(|v| {
-                        let with_shared = _mm256_add_ps(acc[v], shared[j][v]);
-                        if side == 0 {
-                            _mm256_add_ps(with_shared, odd[j][v])
-                        } else {
-                            _mm256_sub_ps(with_shared, odd[j][v])
-                        }
-                    });
-                    activate(gate, &z, act.add((2 * j + side) * GATES + column));
+                    for (v, &acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(m.add((k * TILE + j) * H + 8 * v), acc);
+                    }
+                }
+            }
+            for j in 0..R {
+                let mut z = [[_mm256_setzero_ps(); 2]; 4];
+                for v in 0..2 {
+                    let [m0, m1, m2, m3, m4, m5] =
+                        std::array::from_fn(|k| _mm256_loadu_ps(m.add((k * TILE + j) * H + 8 * v)));
+                    let (sum12, diff12) = (_mm256_add_ps(m1, m2), _mm256_sub_ps(m1, m2));
+                    let (sum34, diff34) = (_mm256_add_ps(m3, m4), _mm256_sub_ps(m3, m4));
+                    let [two, four, eight] = [2.0, 4.0, 8.0].map(|c| _mm256_set1_ps(c));
+                    z[0][v] = _mm256_add_ps(_mm256_add_ps(m0, sum12), sum34);
+                    z[1][v] = _mm256_fmadd_ps(two, diff34, diff12);
+                    z[2][v] = _mm256_fmadd_ps(four, sum34, sum12);
+                    z[3][v] = _mm256_add_ps(_mm256_fmadd_ps(eight, diff34, diff12), m5);
+                }
+                for (i, z) in z.iter().enumerate() {
+                    activate(gate, z, act.add((4 * j + i) * GATES + column));
                 }
             }
         }
-        cells(q, 2 * R, act, a);
-        next_features::<R>(q, a);
-        next_features::<R>(q + R, a);
+        cells(q, 4 * R, act, a);
+        for i in 0..4 {
+            next_features::<R>(q + i * R, a);
+        }
     }
+}
+
+/// The transformed values t₀ … t₄ of [`quad_tile`] from d₀ … d₄.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn transform(d: &[__m256; 5]) -> [__m256; 5] {
+    let [d0, d1, d2, d3, d4] = *d;
+    let [two, four, minus_five] = [2.0, 4.0, -5.0].map(|c| _mm256_set1_ps(c));
+    let (sum12, diff12) = (_mm256_add_ps(d1, d2), _mm256_sub_ps(d1, d2));
+    let (d4_minus_d2, diff31) = (_mm256_sub_ps(d4, d2), _mm256_sub_ps(d3, d1));
+    [
+        _mm256_fmadd_ps(four, d0, _mm256_fmadd_ps(minus_five, d2, d4)),
+        _mm256_fnmadd_ps(four, sum12, _mm256_add_ps(d3, d4)),
+        _mm256_fmadd_ps(four, diff12, _mm256_sub_ps(d4, d3)),
+        _mm256_fmadd_ps(two, diff31, d4_minus_d2),
+        _mm256_fnmadd_ps(two, diff31, d4_minus_d2),
+    ]
 }
 
 /// Gate `gate`'s nonlinearity (σ, or tanh for g) of 16 pre-activations, stored at `out`.
@@ -324,6 +365,42 @@ unsafe fn accumulate<const R: usize>(
                 acc[0] = _mm256_fmadd_ps(xv, wv[0], acc[0]);
                 acc[1] = _mm256_fmadd_ps(xv, wv[1], acc[1]);
             }
+        }
+    }
+}
+
+/// [`accumulate`] for few rows `R`, whose 2R sums alone would leave the FMA units waiting on
+/// each other: even and odd j go to separate sums, added at the end. `k` is even.
+///
+/// # Safety
+/// As [`accumulate`].
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn accumulate_in_halves<const R: usize>(
+    acc: &mut [[__m256; 2]; R],
+    x: *const f32,
+    stride: usize,
+    w: *const f32,
+    w_stride: usize,
+    k: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        let mut odd = [[_mm256_setzero_ps(); 2]; R];
+        for j in (0..k).step_by(2) {
+            for (half, acc) in [(0, &mut *acc), (1, &mut odd)] {
+                let row = w.add((j + half) * w_stride);
+                let wv = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_ps(*x.add(r * stride + j + half));
+                    acc[0] = _mm256_fmadd_ps(xv, wv[0], acc[0]);
+                    acc[1] = _mm256_fmadd_ps(xv, wv[1], acc[1]);
+                }
+            }
+        }
+        for (acc, odd) in acc.iter_mut().zip(&odd) {
+            acc[0] = _mm256_add_ps(acc[0], odd[0]);
+            acc[1] = _mm256_add_ps(acc[1], odd[1]);
         }
     }
 }

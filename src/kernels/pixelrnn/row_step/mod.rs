@@ -13,8 +13,8 @@
 //! own, with a reciprocal estimate and a Newton step instead of a division, tested against f64)
 //! is in the file named after it: on AVX-512 each of a tile's pixels holds its four gates in
 //! four 16-lane registers, while AVX2, with half the registers of half the width, runs the
-//! tile gate by gate, and takes pixels in pairs whose products share terms (minimal filtering:
-//! 5h multiply-adds per gate and pixel instead of 7h).
+//! tile gate by gate, and takes pixels in fours whose products share terms (minimal
+//! filtering: 4h multiply-adds per gate and pixel instead of 7h).
 //!
 //! Other widths and instruction sets take the GEMMs and [`lstm_forward`](super::lstm_forward).
 //! Only pixels are computed: the padding columns of everything written are set to zero, which
@@ -73,7 +73,8 @@ pub(super) fn layer(
     assert!(input.len() >= g.rows_up_to(rows) * F && next.len() >= g.rows_up_to(rows) * F);
     let input_taps = taps_major(&w[at.input[0]..], GATES, F, 2);
     let state_taps = taps_major(&w[at.state[0]..], GATES, H, 3);
-    let pairs = Pairs::new(&input_taps, &state_taps);
+    // Only AVX2's tiles filter minimally: AVX-512's hold all four gates of a pixel at once.
+    let quads = (net.isa.target() == Target::Avx2).then(|| Quads::new(&input_taps, &state_taps));
     let weights = Weights {
         input: input_taps,
         state: state_taps,
@@ -122,10 +123,7 @@ pub(super) fn layer(
             c_above: above.map_or(std::ptr::null(), |(_, c)| c.as_ptr()),
             w_in: weights.input.as_ptr(),
             w_state: weights.state.as_ptr(),
-            w_pair_shared: pairs.shared.as_ptr(),
-            w_pair_odd: pairs.odd.as_ptr(),
-            w_pair_left: pairs.left.as_ptr(),
-            w_pair_right: pairs.right.as_ptr(),
+            w_quads: quads.as_ref().map_or(std::ptr::null(), |q| q.0.as_ptr()),
             bias: weights.bias.as_ptr(),
             w_out: weights.output.as_ptr(),
             out_bias: weights.output_bias.as_ptr(),
@@ -207,40 +205,75 @@ macro_rules! tile_of {
 }
 use tile_of;
 
-/// A layer's weights as the AVX2 tile's pairs of pixels read them (its `pair_tile` says
-/// why): rows of 4h gates, 2h input rows then h state rows in each but `odd`.
-struct Pairs {
-    /// W₋₁ + W₀ of the input, then (V₋₁ + V₀ + V₊₁) / 2 of the state.
-    shared: Vec<f32>,
-    /// (V₋₁ − V₀ + V₊₁) / 2 of the state alone.
-    odd: Vec<f32>,
-    /// W₋₁, then V₋₁.
-    left: Vec<f32>,
-    /// W₀, then V₊₁.
-    right: Vec<f32>,
+/// A matrix of rows of 4h gate pre-activations rearranged gate by gate (every row's 16 values
+/// of gate o, then of f, i and g) from a cache line's start: a tile running one gate reads one
+/// contiguous stretch of whole lines, where the rows' layout would have it read a quarter of
+/// each row, split across two lines wherever the allocation is not aligned.
+struct GateMajor(Vec<Line>);
+
+/// One gate's values of one row, a cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([f32; H]);
+
+impl GateMajor {
+    /// From rows of 4h (o, f, i, g).
+    fn new(rows_of_gates: &[f32]) -> Self {
+        let rows = rows_of_gates.len() / GATES;
+        let mut lines = vec![Line([0.0; H]); 4 * rows];
+        for (gate, lines) in lines.chunks_exact_mut(rows).enumerate() {
+            for (line, row) in lines.iter_mut().zip(rows_of_gates.chunks_exact(GATES)) {
+                line.0.copy_from_slice(&row[gate * H..][..H]);
+            }
+        }
+        Self(lines)
+    }
+
+    fn as_ptr(&self) -> *const f32 {
+        self.0.as_ptr().cast()
+    }
 }
 
-impl Pairs {
+/// Σ_t k_t · tap_t over the taps of `taps` (consecutive matrices of `len` values) that have a
+/// coefficient in `k`.
+fn combine(taps: &[f32], len: usize, k: &[f32]) -> Vec<f32> {
+    let mut sum = vec![0f32; len];
+    for (tap, &k) in taps.chunks_exact(len).zip(k) {
+        sum.iter_mut().zip(tap).for_each(|(s, &w)| *s += k * w);
+    }
+    sum
+}
+
+/// The filter transform of Winograd's F(4, 3) (Lavin and Gray's points 0, ±1, ±2, ∞): row k
+/// gives the coefficients of taps dx = −1, 0, +1 in the weights of point k. The input's two
+/// taps take the first two of each row; its third tap is zero, so it has no product at ∞.
+const QUAD_FILTER: [[f32; 3]; QUAD_POINTS] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Points of [`QUAD_FILTER`].
+const QUAD_POINTS: usize = 6;
+
+/// A layer's weights as the AVX2 tile's fours of pixels read them (its `quad_tile` says why):
+/// per point k of [`QUAD_FILTER`], 2h rows of the input's transformed taps then h of the
+/// state's (3h rows; at ∞ the input's 2h are zero and never read), [`GateMajor`].
+struct Quads(GateMajor);
+
+impl Quads {
     /// From the input taps W₋₁, W₀ and the state taps V₋₁, V₀, V₊₁ ([`taps_major`] layout).
     fn new(input: &[f32], state: &[f32]) -> Self {
         let (w, v) = (F * GATES, H * GATES);
-        let sum = |taps: &[f32], len: usize, k: [f32; 3]| -> Vec<f32> {
-            let mut sum = vec![0f32; len];
-            for (tap, &k) in taps.chunks_exact(len).zip(&k) {
-                sum.iter_mut().zip(tap).for_each(|(s, &w)| *s += k * w);
-            }
-            sum
-        };
-        Self {
-            shared: [
-                sum(input, w, [1.0, 1.0, 0.0]),
-                sum(state, v, [0.5, 0.5, 0.5]),
-            ]
-            .concat(),
-            odd: sum(state, v, [0.5, -0.5, 0.5]),
-            left: [&input[..w], &state[..v]].concat(),
-            right: [&input[w..], &state[2 * v..]].concat(),
+        let mut rows = Vec::with_capacity(QUAD_POINTS * (w + v));
+        for k in &QUAD_FILTER {
+            rows.extend(combine(input, w, &k[..2]));
+            rows.extend(combine(state, v, k));
         }
+        Self(GateMajor::new(&rows))
     }
 }
 
@@ -258,8 +291,9 @@ struct Weights {
 
 /// One image row's operands, for the tiles: the layer's input `x` (2h per map row), the row
 /// above's outputs and cells `h_above` and `c_above` (h each; null for the first row), the
-/// weights (also as [`Pairs`]), and where this row's cells, outputs (h each) and next map (2h)
-/// go; `gates` (4h, after their nonlinearity) and `tanh_cell` (h) are null when nothing is kept.
+/// weights (on AVX2 also as [`Quads`]; null elsewhere), and where this row's cells, outputs
+/// (h each) and next map (2h) go; `gates` (4h, after their nonlinearity) and `tanh_cell` (h)
+/// are null when nothing is kept.
 #[derive(Clone, Copy)]
 struct Args {
     x: *const f32,
@@ -267,10 +301,7 @@ struct Args {
     c_above: *const f32,
     w_in: *const f32,
     w_state: *const f32,
-    w_pair_shared: *const f32,
-    w_pair_odd: *const f32,
-    w_pair_left: *const f32,
-    w_pair_right: *const f32,
+    w_quads: *const f32,
     bias: *const f32,
     w_out: *const f32,
     out_bias: *const f32,
@@ -358,12 +389,13 @@ mod tests {
         });
     }
 
-    /// Widths 1 to 13 give every tile size (1 to 6 pixels, or on AVX2 1 to 6 pairs and a pixel
-    /// alone) and every remainder after full tiles, and 26 a row of several AVX2 tiles of pairs
-    /// (5, 4 and 4); 10 images are a full chunk and a partial one; skip connections on
-    /// and off. The fused layers' log-likelihoods, the logits of a pass over the first rows
-    /// only (sampling's), and the gradient (whose forward pass keeps the fused layers'
-    /// activations) are the f64 reference's.
+    /// Widths 1 to 13 give every AVX-512 tile size (1 to 6 pixels) and every remainder after
+    /// full tiles, and on AVX2 tiles of 1 to 3 fours of pixels with 0 to 3 pixels left over;
+    /// 17, 22 and 26 AVX2 tiles of 4, 5 and 6 fours, 28 (MNIST's) a row of two (4 and 3
+    /// fours); 10 images are a full chunk and a partial one; skip connections on and off (off
+    /// only at the wider widths). The fused layers' log-likelihoods, the logits of a pass over
+    /// the first rows only (sampling's), and the gradient (whose forward pass keeps the fused
+    /// layers' activations) are the f64 reference's.
     #[test]
     fn fused_rows_match_the_reference_at_every_width() {
         let isas: Vec<Isa> = Isa::for_tests()
@@ -376,8 +408,14 @@ mod tests {
         }
         for isa in isas {
             let (n, height) = (10, 3);
-            for width in (1..=13).chain([26]) {
-                for skip in [false, true] {
+            for width in (1..=13).chain([17, 22, 26, 28]) {
+                // Skip connections do not reach the tiles: on and off at the narrow widths only.
+                let skips: &[bool] = if width <= 13 {
+                    &[false, true]
+                } else {
+                    &[false]
+                };
+                for &skip in skips {
                     let shape = Shape {
                         architecture: Architecture::RowLstm,
                         hidden: H,
