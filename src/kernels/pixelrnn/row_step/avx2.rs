@@ -64,11 +64,11 @@ unsafe fn leftover<const R: usize>(q: usize, a: Args) {
             // Input-to-state: taps dx = −1, 0 are map rows q + r − 1 and q + r, 2·2h contiguous
             // values.
             let x = a.x.add((q - 1) * F);
-            accumulate_in_halves(&mut acc, x, F, a.w_in.add(column), GATES, 2 * F);
+            accumulate(&mut acc, x, F, a.w_in.add(column), GATES, 2 * F);
             // State-to-state: the row above at dx = −1, 0, +1, 3h contiguous values.
             if !a.h_above.is_null() {
                 let h_above = a.h_above.add((q - 1) * H);
-                accumulate_in_halves(&mut acc, h_above, H, a.w_state.add(column), GATES, 3 * H);
+                accumulate(&mut acc, h_above, H, a.w_state.add(column), GATES, 3 * H);
             }
             for (r, acc) in acc.iter().enumerate() {
                 activate(gate, acc, act.add(r * GATES + column));
@@ -163,11 +163,7 @@ unsafe fn quad_tile<const R: usize>(q: usize, a: Args) {
                     (_, true) => (at(k, 0), w, K),
                     (_, false) => (at(k, 0), w, F),
                 };
-                if R <= 3 {
-                    accumulate_in_halves(&mut acc, x, K, w, H, rows);
-                } else {
-                    accumulate(&mut acc, x, K, w, H, rows);
-                }
+                accumulate(&mut acc, x, K, w, H, rows);
                 for (j, acc) in acc.iter().enumerate() {
                     for (v, &acc) in acc.iter().enumerate() {
                         _mm256_storeu_ps(m.add((k * TILE + j) * H + 8 * v), acc);
@@ -340,7 +336,9 @@ pub(super) fn tanh(x: __m256) -> __m256 {
     _mm256_fmsub_ps(_mm256_set1_ps(2.0), s, _mm256_set1_ps(1.0))
 }
 
-/// acc[r] += Σ_j x[r·stride + j] · w[j·w_stride ..][..16] over j < `k`.
+/// acc[r] += Σ_j x[r·stride + j] · w[j·w_stride ..][..16] over j < `k`. For R ≤ 3 the 2R
+/// running sums alone would leave the FMA units waiting on each other's latency, so even and
+/// odd j go to separate sums, added at the end (at R ≥ 4 that many sums spill registers).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `x` holds R rows `stride` apart of `k` values, `w` k rows
@@ -355,52 +353,32 @@ unsafe fn accumulate<const R: usize>(
     w_stride: usize,
     k: usize,
 ) {
-    // SAFETY: the caller's.
+    // SAFETY (all accesses): the caller's.
     unsafe {
-        for j in 0..k {
+        let term = |sums: &mut [[__m256; 2]; R], j: usize| {
             let row = w.add(j * w_stride);
             let wv = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
-            for (r, acc) in acc.iter_mut().enumerate() {
+            for (r, sum) in sums.iter_mut().enumerate() {
                 let xv = _mm256_set1_ps(*x.add(r * stride + j));
-                acc[0] = _mm256_fmadd_ps(xv, wv[0], acc[0]);
-                acc[1] = _mm256_fmadd_ps(xv, wv[1], acc[1]);
+                sum[0] = _mm256_fmadd_ps(xv, wv[0], sum[0]);
+                sum[1] = _mm256_fmadd_ps(xv, wv[1], sum[1]);
             }
+        };
+        if R > 3 {
+            (0..k).for_each(|j| term(acc, j));
+            return;
         }
-    }
-}
-
-/// [`accumulate`] for few rows `R`, whose 2R sums alone would leave the FMA units waiting on
-/// each other: even and odd j go to separate sums, added at the end. `k` is even.
-///
-/// # Safety
-/// As [`accumulate`].
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn accumulate_in_halves<const R: usize>(
-    acc: &mut [[__m256; 2]; R],
-    x: *const f32,
-    stride: usize,
-    w: *const f32,
-    w_stride: usize,
-    k: usize,
-) {
-    // SAFETY: the caller's.
-    unsafe {
         let mut odd = [[_mm256_setzero_ps(); 2]; R];
-        for j in (0..k).step_by(2) {
-            for (half, acc) in [(0, &mut *acc), (1, &mut odd)] {
-                let row = w.add((j + half) * w_stride);
-                let wv = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_set1_ps(*x.add(r * stride + j + half));
-                    acc[0] = _mm256_fmadd_ps(xv, wv[0], acc[0]);
-                    acc[1] = _mm256_fmadd_ps(xv, wv[1], acc[1]);
-                }
-            }
+        for j in (0..k - k % 2).step_by(2) {
+            term(acc, j);
+            term(&mut odd, j + 1);
         }
-        for (acc, odd) in acc.iter_mut().zip(&odd) {
-            acc[0] = _mm256_add_ps(acc[0], odd[0]);
-            acc[1] = _mm256_add_ps(acc[1], odd[1]);
+        if k % 2 == 1 {
+            term(acc, k - 1);
+        }
+        for (sum, odd) in acc.iter_mut().zip(&odd) {
+            sum[0] = _mm256_add_ps(sum[0], odd[0]);
+            sum[1] = _mm256_add_ps(sum[1], odd[1]);
         }
     }
 }
