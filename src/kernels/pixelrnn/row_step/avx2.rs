@@ -171,20 +171,22 @@ unsafe fn quad_tile<const R: usize>(q: usize, a: Args) {
                 }
             }
             for j in 0..R {
-                let mut z = [[_mm256_setzero_ps(); 2]; 4];
-                for v in 0..2 {
+                // The four pixels' pre-activations, for each half of the gate's 16 values.
+                let [low, high] = [0, 8].map(|v| {
                     let [m0, m1, m2, m3, m4, m5] =
-                        std::array::from_fn(|k| _mm256_loadu_ps(m.add((k * TILE + j) * H + 8 * v)));
+                        std::array::from_fn(|k| _mm256_loadu_ps(m.add((k * TILE + j) * H + v)));
                     let (sum12, diff12) = (_mm256_add_ps(m1, m2), _mm256_sub_ps(m1, m2));
                     let (sum34, diff34) = (_mm256_add_ps(m3, m4), _mm256_sub_ps(m3, m4));
                     let [two, four, eight] = [2.0, 4.0, 8.0].map(|c| _mm256_set1_ps(c));
-                    z[0][v] = _mm256_add_ps(_mm256_add_ps(m0, sum12), sum34);
-                    z[1][v] = _mm256_fmadd_ps(two, diff34, diff12);
-                    z[2][v] = _mm256_fmadd_ps(four, sum34, sum12);
-                    z[3][v] = _mm256_add_ps(_mm256_fmadd_ps(eight, diff34, diff12), m5);
-                }
-                for (i, z) in z.iter().enumerate() {
-                    activate(gate, z, act.add((4 * j + i) * GATES + column));
+                    [
+                        _mm256_add_ps(_mm256_add_ps(m0, sum12), sum34),
+                        _mm256_fmadd_ps(two, diff34, diff12),
+                        _mm256_fmadd_ps(four, sum34, sum12),
+                        _mm256_add_ps(_mm256_fmadd_ps(eight, diff34, diff12), m5),
+                    ]
+                });
+                for (i, (&low, &high)) in low.iter().zip(&high).enumerate() {
+                    activate(gate, &[low, high], act.add((4 * j + i) * GATES + column));
                 }
             }
         }
