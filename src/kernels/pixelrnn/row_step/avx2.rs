@@ -131,8 +131,8 @@ unsafe fn quad_tile<const R: usize>(q: usize, a: Args) {
                 let s = a.h_above.add((c - 1) * H);
                 for v in (0..H).step_by(8) {
                     let d: [__m256; 6] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * H + v)));
-                    let four = transform(&[d[0], d[1], d[2], d[3], d[4]]);
-                    for (k, t) in four.into_iter().enumerate() {
+                    let finite = transform(&[d[0], d[1], d[2], d[3], d[4]]);
+                    for (k, t) in finite.into_iter().enumerate() {
                         _mm256_storeu_ps(at(k, j).add(F + v), t);
                     }
                     let infinity = _mm256_fmadd_ps(
