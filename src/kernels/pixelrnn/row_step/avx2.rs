@@ -157,13 +157,14 @@ unsafe fn quad_tile<const R: usize>(q: usize, a: Args) {
                     [_mm256_setzero_ps(); 2]
                 }; R];
                 let w = w.add(k * K * H);
-                let (x, w, rows) = match (k, above) {
-                    (5, false) => (at(5, 0), w, 0),
-                    (5, true) => (at(5, 0).add(F), w.add(F * H), H),
-                    (_, true) => (at(k, 0), w, K),
-                    (_, false) => (at(k, 0), w, F),
-                };
-                accumulate(&mut acc, x, K, w, H, rows);
+                // At ∞ only the row above has a product (its h rows after the input's 2h); the
+                // first row has no row above.
+                let state = if above { H } else { 0 };
+                if k == QUAD_POINTS - 1 {
+                    accumulate(&mut acc, at(k, 0).add(F), K, w.add(F * H), H, state);
+                } else {
+                    accumulate(&mut acc, at(k, 0), K, w, H, F + state);
+                }
                 for (j, acc) in acc.iter().enumerate() {
                     for (v, &acc) in acc.iter().enumerate() {
                         _mm256_storeu_ps(m.add((k * TILE + j) * H + 8 * v), acc);
