@@ -1868,10 +1868,7 @@ fn backward(net: &Net<'_>, g: &Geometry, ws: &mut Workspace, x: &[u8], grad: &mu
         for i in 0..g.n {
             on_readers(&x[i * d..(i + 1) * d], g.width, ch, g.height, |r, c, t| {
                 let m = g.pix(r, i, c);
-                d_taps[t * f..(t + 1) * f]
-                    .iter_mut()
-                    .zip(&d_feat[m * f..(m + 1) * f])
-                    .for_each(|(a, b)| *a += b);
+                add_assign(&mut d_taps[t * f..(t + 1) * f], &d_feat[m * f..(m + 1) * f]);
             });
         }
     } else {

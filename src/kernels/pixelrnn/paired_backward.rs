@@ -445,10 +445,7 @@ pub(super) fn row_above_gradient(
         .zip(m3.chunks_exact(h))
     {
         let (y0, y1) = pair.split_at_mut(h);
-        for (((y0, y1), &a), &b) in y0.iter_mut().zip(y1.iter_mut()).zip(m2).zip(m3) {
-            *y0 += a + b;
-            *y1 += a - b;
-        }
+        add_sum_and_difference(y0, y1, m2, m3);
     }
     gemm_rows(isa, pairs, n, h, lhs(0), g1, h, 1.0, None, d_above, 2 * h);
     gemm_rows(
@@ -464,6 +461,39 @@ pub(super) fn row_above_gradient(
         &mut d_above[h..],
         2 * h,
     );
+}
+
+/// `y0` += a + b and `y1` += a − b, value by value, eight at a time so that the loop is
+/// vectorized in any build (its callers are compiled for no instruction set in particular).
+fn add_sum_and_difference(y0: &mut [f32], y1: &mut [f32], a: &[f32], b: &[f32]) {
+    const LANES: usize = 8;
+    let len = y0.len();
+    let (y1, a, b) = (&mut y1[..len], &a[..len], &b[..len]);
+    let eights = len / LANES * LANES;
+    let (y0_eights, y0_rest) = y0.split_at_mut(eights);
+    let (y1_eights, y1_rest) = y1.split_at_mut(eights);
+    for (((y0, y1), a), b) in y0_eights
+        .chunks_exact_mut(LANES)
+        .zip(y1_eights.chunks_exact_mut(LANES))
+        .zip(a.chunks_exact(LANES))
+        .zip(b.chunks_exact(LANES))
+    {
+        let y0: &mut [f32; LANES] = y0.try_into().expect("eight values");
+        let y1: &mut [f32; LANES] = y1.try_into().expect("eight values");
+        for l in 0..LANES {
+            y0[l] += a[l] + b[l];
+            y1[l] += a[l] - b[l];
+        }
+    }
+    for (((y0, y1), &a), &b) in y0_rest
+        .iter_mut()
+        .zip(y1_rest)
+        .zip(&a[eights..])
+        .zip(&b[eights..])
+    {
+        *y0 += a + b;
+        *y1 += a - b;
+    }
 }
 
 #[cfg(test)]
