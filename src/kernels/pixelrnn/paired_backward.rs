@@ -445,7 +445,7 @@ pub(super) fn row_above_gradient(
         .zip(m3.chunks_exact(h))
     {
         let (y0, y1) = pair.split_at_mut(h);
-        add_sum_and_difference(y0, y1, m2, m3);
+        add_sum_and_difference(isa, y0, y1, m2, m3);
     }
     gemm_rows(isa, pairs, n, h, lhs(0), g1, h, 1.0, None, d_above, 2 * h);
     gemm_rows(
@@ -463,34 +463,20 @@ pub(super) fn row_above_gradient(
     );
 }
 
-/// `y0` += a + b and `y1` += a − b, value by value, eight at a time so that the loop is
-/// vectorized in any build (its callers are compiled for no instruction set in particular).
-fn add_sum_and_difference(y0: &mut [f32], y1: &mut [f32], a: &[f32], b: &[f32]) {
-    const LANES: usize = 8;
+dispatch! {
+    /// `y0` += a + b and `y1` += a − b, value by value, compiled for each instruction set so the
+    /// loop is as wide as its vectors (its caller is compiled for none in particular).
+    fn add_sum_and_difference(y0: &mut [f32], y1: &mut [f32], a: &[f32], b: &[f32]) -> ()
+        => add_sum_and_difference_body
+}
+
+// `T` only names the copy `dispatch!` compiles: its target features vectorize the loop.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn add_sum_and_difference_body<T: Target>(y0: &mut [f32], y1: &mut [f32], a: &[f32], b: &[f32]) {
     let len = y0.len();
     let (y1, a, b) = (&mut y1[..len], &a[..len], &b[..len]);
-    let eights = len / LANES * LANES;
-    let (y0_eights, y0_rest) = y0.split_at_mut(eights);
-    let (y1_eights, y1_rest) = y1.split_at_mut(eights);
-    for (((y0, y1), a), b) in y0_eights
-        .chunks_exact_mut(LANES)
-        .zip(y1_eights.chunks_exact_mut(LANES))
-        .zip(a.chunks_exact(LANES))
-        .zip(b.chunks_exact(LANES))
-    {
-        let y0: &mut [f32; LANES] = y0.try_into().expect("eight values");
-        let y1: &mut [f32; LANES] = y1.try_into().expect("eight values");
-        for l in 0..LANES {
-            y0[l] += a[l] + b[l];
-            y1[l] += a[l] - b[l];
-        }
-    }
-    for (((y0, y1), &a), &b) in y0_rest
-        .iter_mut()
-        .zip(y1_rest)
-        .zip(&a[eights..])
-        .zip(&b[eights..])
-    {
+    for (((y0, y1), &a), &b) in y0.iter_mut().zip(y1).zip(a).zip(b) {
         *y0 += a + b;
         *y1 += a - b;
     }
