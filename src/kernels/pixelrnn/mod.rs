@@ -1926,6 +1926,7 @@ fn row_lstm_backward(
     let taps = [0, 1, 2].map(|tap| rows_of(mat(&w[state + tap..], 3 * h, 3), 4 * h, h));
     let above = paired_backward::RowAboveWeights::new([&taps[0], &taps[1], &taps[2]]);
     let mut above_scratch = Vec::new();
+    let bias_grad = &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h];
     for r in (0..g.height).rev() {
         let (b0, b1) = (r * block, (r + 1) * block);
         // The padding columns' states are not the model's; what reached them goes nowhere.
@@ -1948,6 +1949,9 @@ fn row_lstm_backward(
             &mut d_z[b0 * 4 * h..b1 * 4 * h],
             h,
         );
+        // The input-to-state bias's gradient, while the row's ∂z is in cache (the padding map
+        // rows' ∂z is zero).
+        add_column_sums(net.isa, &d_z[b0 * 4 * h..b1 * 4 * h], block, bias_grad);
         if r > 0 {
             // ∂ of the row above at its map rows 1..block − 1 (the first and last are padding),
             // each read by the map rows below it from a + block − 1 on: this row's (zero on
@@ -1990,12 +1994,6 @@ fn row_lstm_backward(
     );
     add_taps_major(&d_state, &mut grad[state..], 4 * h, h, 3);
     add_taps_major(&d_input, &mut grad[input_w..], 4 * h, f, 2);
-    add_column_sums(
-        net.isa,
-        &s.d_z[..rows * 4 * h],
-        rows,
-        &mut grad[at.input_bias[0]..at.input_bias[0] + 4 * h],
-    );
 }
 
 /// Diagonal BiLSTM backward: the output map's gradient scattered onto both skewed grids, back
