@@ -1897,8 +1897,9 @@ struct Scratch<'a> {
     d_block: &'a mut [f32],
 }
 
-/// Row LSTM backward: back through the rows (gates, then the state-to-state into the row
-/// above), then both weights' gradients and ∂ of the input for all rows at once. `d_lstm` is
+/// Row LSTM backward: back through the rows (gates and the input-to-state bias's gradient,
+/// then the state-to-state into the row above), then both weights' gradients and ∂ of the input
+/// for all rows at once. `d_lstm` is
 /// ∂ of the layer's LSTM output map; adds ∂ of the layer's input into `d_feat`.
 #[allow(clippy::too_many_arguments)]
 fn row_lstm_backward(
