@@ -9,9 +9,10 @@
 //! 8) runs down K with B's rows streaming from L1, every tile of every panel through one block
 //! of K before any starts the next (so a long K, a weight's gradient summed over a chunk's
 //! pixels, is streamed from memory once, not once per tile or per panel); edges are the same
-//! tile with fewer rows and a masked last vector. A product of one column (A's columns
-//! adjacent, K a multiple of 16) is a dot product a row instead, which fills whole vectors.
-//! The portable build hands the product to matrixmultiply (through ndarray), as before.
+//! tile with fewer rows and a masked last vector. The portable build hands the product to
+//! matrixmultiply (through ndarray), as before. On every instruction set, a product of one
+//! column (A's columns adjacent, K a multiple of 16) is a dot product a row instead, which
+//! fills whole vectors where a tile would use one lane.
 //!
 //! Every instruction set is held to a plain f64 triple loop on odd sizes (tests below).
 
@@ -126,10 +127,10 @@ enum Operand<'a> {
 }
 
 dispatch! {
-    /// C's one column (m values `ldc` apart) = A (m × k, rows `rs` apart, columns adjacent) ·
-    /// `b` (k values) + β·C + `bias`, a dot product a row ([`math::Target::dot`], so k is a multiple
-    /// of [`LANES`]): a register tile would run it in one lane of its eight or sixteen (the
-    /// binary model's logits, one output per pixel).
+    /// C's one column (m values `ldc` apart) = A (m × k, rows `rs` apart, columns adjacent)
+    /// · `b` (k values) + β·C + `bias`, a dot product a row ([`math::Target::dot`], so k is
+    /// a multiple of [`LANES`]): a register tile would run it in one lane of its eight or
+    /// sixteen (the binary model's logits, one output per pixel).
     #[allow(clippy::too_many_arguments)]
     fn column(m: usize, k: usize, a: &[f32], rs: usize, b: &[f32], beta: f32, bias: f32, c: &mut [f32], ldc: usize) -> ()
         => column_body
@@ -201,21 +202,21 @@ fn product(
         ),
     }
     assert!(b.len() >= span(k, n, ldb, 1), "B lies in its buffer");
+    if let Operand::Strided(a) = a
+        && n == 1
+        && a.cs == 1
+        && k.is_multiple_of(LANES)
+    {
+        let b: Cow<'_, [f32]> = if ldb == 1 {
+            Cow::Borrowed(&b[..k])
+        } else {
+            Cow::Owned((0..k).map(|p| b[p * ldb]).collect())
+        };
+        let bias = bias.map_or(0.0, |bias| bias[0]);
+        return column(isa, m, k, a.data, a.rs, &b, beta, bias, c, ldc);
+    }
     #[cfg(target_arch = "x86_64")]
     if let target @ (Target::Avx512 | Target::Avx2) = isa.target() {
-        if let Operand::Strided(a) = a
-            && n == 1
-            && a.cs == 1
-            && k.is_multiple_of(LANES)
-        {
-            let b: Cow<'_, [f32]> = if ldb == 1 {
-                Cow::Borrowed(&b[..k])
-            } else {
-                Cow::Owned((0..k).map(|p| b[p * ldb]).collect())
-            };
-            let bias = bias.map_or(0.0, |bias| bias[0]);
-            return column(isa, m, k, a.data, a.rs, &b, beta, bias, c, ldc);
-        }
         let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
         let (b, c) = (b.as_ptr(), c.as_mut_ptr());
         // SAFETY (both arms): an `Isa` exists only for an instruction set the CPU runs, and
