@@ -160,7 +160,8 @@ fn column_body<T: math::Target>(
     }
 }
 
-/// C = A·B + β·C (+ bias on every row): checks the operands and runs the widest tiles.
+/// C = A·B + β·C (+ bias on every row): checks the operands and runs the widest tiles, or
+/// for one column with A's columns adjacent, [`column`].
 #[allow(clippy::too_many_arguments)]
 fn product(
     isa: Isa,
@@ -810,12 +811,12 @@ mod tests {
             (9, 129, 20),
         ] {
             // A as: a padded row-major matrix, an overlapping view (rows one element apart as
-            // the Row LSTM's taps are), and a transposed view.
+            // the Row LSTM's taps are), and a transposed view; B's rows padded or adjacent.
             let lays = [(k + 3, 1), (1, m + 2), (2, 1)];
-            for (rs, cs) in lays {
+            for ((rs, cs), ldb) in lays.into_iter().flat_map(|l| [(l, n + 5), (l, n)]) {
                 let a_data: Vec<f32> = (0..span(m, k, rs, cs)).map(value).collect();
                 let a = mat(&a_data, rs, cs);
-                let (ldb, ldc) = (n + 5, n + 2);
+                let ldc = n + 2;
                 let b: Vec<f32> = (0..span(k, n, ldb, 1)).map(|i| value(i + 11)).collect();
                 for beta in [0.0f32, 1.0] {
                     let fill = if beta == 0.0 { f32::NAN } else { 0.25 };
@@ -845,7 +846,7 @@ mod tests {
                                     let (got, want) = (c[i * ldc + j], want[i * n + j]);
                                     assert!(
                                         (f64::from(got) - want).abs() < 1e-5 * (1.0 + k as f64),
-                                        "{} {m}x{k}x{n} A({rs},{cs}) β {beta} [{i},{j}]: {got} vs {want}",
+                                        "{} {m}x{k}x{n} A({rs},{cs}) ldb {ldb} β {beta} [{i},{j}]: {got} vs {want}",
                                         isa.name()
                                     );
                                 }

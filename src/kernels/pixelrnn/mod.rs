@@ -1899,8 +1899,8 @@ struct Scratch<'a> {
 
 /// Row LSTM backward: back through the rows (gates and the input-to-state bias's gradient,
 /// then the state-to-state into the row above), then both weights' gradients and ∂ of the input
-/// for all rows at once. `d_lstm` is
-/// ∂ of the layer's LSTM output map; adds ∂ of the layer's input into `d_feat`.
+/// for all rows at once. `d_lstm` is ∂ of the layer's LSTM output map; adds ∂ of the layer's
+/// input into `d_feat`.
 #[allow(clippy::too_many_arguments)]
 fn row_lstm_backward(
     net: &Net<'_>,
